@@ -1,0 +1,13 @@
+//! KV memory accounting for Arbor, free of any tensor dependency.
+//!
+//! The KV cache is a pool of *token slots*: slot `i` holds one token's keys and values for every
+//! layer (the tensors themselves live in `arbor-model`'s `KvPool`). A sequence is a list of slot
+//! indices, so sequences of any length share one pool without fragmentation, and a cached prefix
+//! can be handed from one request to the next by passing slot indices around.
+//!
+//! This crate owns which slots are free. [`SlotAllocator`] hands out and takes back slot indices;
+//! the radix prefix cache (a later issue) builds on it.
+
+mod slots;
+
+pub use slots::{SlotAllocator, SlotError, SlotId};

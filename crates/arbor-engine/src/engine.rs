@@ -1,0 +1,463 @@
+//! The engine: owns the model, the KV pool and the running requests, and advances them one
+//! batched step at a time (continuous batching with chunked prefill).
+//!
+//! Each [`Engine::step`]:
+//! 1. admits waiting requests in arrival order while their KV slots can be reserved;
+//! 2. builds one batch: a decode token for every running sequence that is generating, then
+//!    prefill chunks of the others until the step's token budget is spent (a long prompt is cut
+//!    into chunks so it never stalls the running decodes for long);
+//! 3. runs the model once, samples a token for every sequence that finished its prompt, and
+//!    reports tokens, text and finished requests as [`Event`]s.
+//!
+//! Slots are reserved for the whole request (prompt + max_tokens) at admission, so a running
+//! request can never run out of KV memory mid-generation; the radix cache issue replaces this
+//! with on-demand allocation, prefix sharing and preemption.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arbor_cache::{SlotAllocator, SlotId};
+use arbor_model::{IncrementalDecoder, KvPool, Llama, LogitsWanted, SeqStep, Tokenizer};
+
+use crate::error::EngineError;
+use crate::sampler::{Sampler, SamplingParams};
+use crate::stop::{StopMatcher, StopScan};
+
+pub type RequestId = u64;
+
+/// Default tokens per step: big enough that prefill runs as efficient GEMMs, small enough that
+/// running decodes are not held up for long by a long prompt.
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 512;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Token slots in the KV pool.
+    pub kv_slots: usize,
+    /// Tokens per forward step (prefill chunk budget plus decodes).
+    pub max_batch_tokens: usize,
+    /// Sequences running at once.
+    pub max_running: usize,
+}
+
+impl EngineConfig {
+    pub fn for_model(model: &Llama) -> Self {
+        Self {
+            kv_slots: model.config.max_position_embeddings.min(32_768),
+            max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
+            max_running: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StopConditions {
+    /// Tokens to generate at most (clipped to what the context leaves).
+    pub max_tokens: usize,
+    /// Generate at least this many tokens before a stop token may end the request.
+    pub min_tokens: usize,
+    /// Extra stop tokens, besides the model's EOS/end-of-turn tokens.
+    pub stop_token_ids: Vec<u32>,
+    pub stop_strings: Vec<String>,
+    /// Do not stop at the model's EOS/end-of-turn tokens.
+    pub ignore_eos: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub stop: StopConditions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// max_tokens or the end of the context.
+    Length,
+    /// Cancelled by the caller.
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens whose KV came from the cache rather than being computed.
+    pub cached_tokens: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub queued_at: Instant,
+    pub first_token_at: Option<Instant>,
+    pub finished_at: Option<Instant>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A token was generated; `text` is what it adds to the output (may be empty while a
+    /// multi-byte character or a possible stop string is incomplete).
+    Token { id: RequestId, token: u32, text: String },
+    Finished {
+        id: RequestId,
+        reason: FinishReason,
+        /// Text released at the end (held back until now).
+        text: String,
+        usage: Usage,
+        timing: Timing,
+    },
+}
+
+#[derive(Debug)]
+struct Sequence {
+    id: RequestId,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Slots holding K/V of `tokens[..computed.len()]`.
+    computed: Vec<SlotId>,
+    /// Slots reserved for tokens not yet computed, used from the back.
+    reserved: Vec<SlotId>,
+    max_new: usize,
+    stop: StopConditions,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    matcher: StopMatcher,
+    timing: Timing,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.computed.len()
+    }
+}
+
+pub struct Engine {
+    model: Arc<Llama>,
+    tokenizer: Tokenizer,
+    pool: KvPool,
+    slots: SlotAllocator,
+    config: EngineConfig,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    next_id: RequestId,
+}
+
+/// What one step did, for logs and benchmarks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepStats {
+    pub prefill_tokens: usize,
+    pub decode_tokens: usize,
+}
+
+impl Engine {
+    pub fn new(model: Arc<Llama>, tokenizer: Tokenizer, config: EngineConfig) -> Self {
+        let pool = KvPool::new(&model.config, config.kv_slots);
+        tracing::info!(
+            slots = config.kv_slots,
+            mib = (config.kv_slots * model.config.kv_bytes_per_slot()) >> 20,
+            "KV pool"
+        );
+        Self {
+            slots: SlotAllocator::new(config.kv_slots),
+            model,
+            tokenizer,
+            pool,
+            config,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 0,
+        }
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn free_slots(&self) -> usize {
+        self.slots.free_count()
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// Validates and queues a request.
+    pub fn add_request(&mut self, req: Request) -> Result<RequestId, EngineError> {
+        req.sampling.validate()?;
+        if req.prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let vocab = self.model.config.vocab_size;
+        if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(arbor_model::ModelError::TokenOutOfRange { token: t, vocab }.into());
+        }
+        let context = self.model.config.max_position_embeddings;
+        if req.prompt.len() >= context {
+            return Err(EngineError::ContextOverflow {
+                prompt: req.prompt.len(),
+                max_tokens: req.stop.max_tokens,
+                needed: req.prompt.len() + 1,
+                context,
+            });
+        }
+        let max_new = req.stop.max_tokens.min(context - req.prompt.len());
+        // The last generated token is never fed back, so it needs no slot.
+        let needed = req.prompt.len() + max_new.saturating_sub(1);
+        if needed > self.slots.total() {
+            return Err(EngineError::PoolTooSmall {
+                needed,
+                total: self.slots.total(),
+            });
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let sampler = Sampler::new(req.sampling, &req.prompt);
+        self.waiting.push_back(Sequence {
+            id,
+            prompt_len: req.prompt.len(),
+            tokens: req.prompt,
+            computed: Vec::new(),
+            reserved: Vec::new(),
+            max_new,
+            matcher: StopMatcher::new(req.stop.stop_strings.clone()),
+            stop: req.stop,
+            sampler,
+            decoder: IncrementalDecoder::new(),
+            timing: Timing {
+                queued_at: Instant::now(),
+                first_token_at: None,
+                finished_at: None,
+            },
+        });
+        Ok(id)
+    }
+
+    /// Cancels a waiting or running request and frees its slots at once.
+    pub fn cancel(&mut self, id: RequestId) -> Option<Event> {
+        let seq = if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+            self.waiting.remove(i)
+        } else if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            Some(self.running.swap_remove(i))
+        } else {
+            None
+        }?;
+        Some(self.finish(seq, FinishReason::Cancelled, String::new()))
+    }
+
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_running {
+            let Some(seq) = self.waiting.front() else { break };
+            let need = seq.prompt_len + seq.max_new.saturating_sub(1);
+            let Ok(mut slots) = self.slots.allocate(need) else { break };
+            let mut seq = self.waiting.pop_front().expect("front() was Some");
+            // Used from the back: reverse so the sequence takes them in allocation order.
+            slots.reverse();
+            seq.reserved = slots;
+            self.running.push(seq);
+        }
+    }
+
+    /// Runs one batched forward step.
+    pub fn step(&mut self) -> Result<(Vec<Event>, StepStats), EngineError> {
+        self.admit();
+        let mut stats = StepStats::default();
+        let mut budget = self.config.max_batch_tokens;
+        // (index into running, tokens to run now)
+        let mut plan: Vec<(usize, usize)> = Vec::new();
+        // Decodes first: one token each, they keep the running requests moving.
+        for (i, s) in self.running.iter().enumerate() {
+            if s.computed.len() >= s.prompt_len && s.pending() == 1 && budget > 0 {
+                plan.push((i, 1));
+                budget -= 1;
+                stats.decode_tokens += 1;
+            }
+        }
+        // Then prefill chunks in admission order.
+        for (i, s) in self.running.iter().enumerate() {
+            if budget == 0 {
+                break;
+            }
+            if s.computed.len() < s.prompt_len {
+                let n = s.pending().min(budget);
+                plan.push((i, n));
+                budget -= n;
+                stats.prefill_tokens += n;
+            }
+        }
+        if plan.is_empty() {
+            return Ok((Vec::new(), stats));
+        }
+        // Move the new tokens' slots from reserved to computed before the step: the forward
+        // pass writes their K/V and attends over the whole list.
+        for &(i, n) in &plan {
+            let s = &mut self.running[i];
+            for _ in 0..n {
+                let slot = s.reserved.pop().expect("slots for the whole request were reserved at admission");
+                s.computed.push(slot);
+            }
+        }
+        let steps: Vec<SeqStep> = plan
+            .iter()
+            .map(|&(i, n)| {
+                let s = &self.running[i];
+                let start = s.computed.len() - n;
+                SeqStep {
+                    tokens: &s.tokens[start..s.computed.len()],
+                    slots: &s.computed,
+                    logits: if s.computed.len() == s.tokens.len() {
+                        LogitsWanted::Last
+                    } else {
+                        LogitsWanted::None
+                    },
+                }
+            })
+            .collect();
+        let wants: Vec<usize> = plan
+            .iter()
+            .zip(&steps)
+            .filter(|(_, st)| st.logits == LogitsWanted::Last)
+            .map(|(&(i, _), _)| i)
+            .collect();
+        let logits = match self.model.forward(&steps, &mut self.pool) {
+            Ok(l) => l,
+            Err(e) => {
+                // Undo the slot moves so that state stays consistent, then report.
+                drop(steps);
+                for &(i, n) in &plan {
+                    let s = &mut self.running[i];
+                    for _ in 0..n {
+                        let slot = s.computed.pop().expect("pushed above");
+                        s.reserved.push(slot);
+                    }
+                }
+                return Err(e.into());
+            }
+        };
+
+        let mut events = Vec::new();
+        let mut finished: Vec<(usize, FinishReason)> = Vec::new();
+        for (i, mut row) in wants.into_iter().zip(logits) {
+            let s = &mut self.running[i];
+            let eos_banned = s.generated() < s.stop.min_tokens;
+            let banned: Vec<u32> = if eos_banned {
+                self.tokenizer.stop_ids.iter().chain(&s.stop.stop_token_ids).copied().collect()
+            } else {
+                Vec::new()
+            };
+            let token = s.sampler.sample(&mut row, &banned);
+            s.sampler.observe(token);
+            s.tokens.push(token);
+            let now = Instant::now();
+            s.timing.first_token_at.get_or_insert(now);
+            let is_stop_token = s.stop.stop_token_ids.contains(&token)
+                || (!s.stop.ignore_eos && self.tokenizer.is_stop(token));
+            if is_stop_token {
+                events.push(Event::Token { id: s.id, token, text: String::new() });
+                finished.push((i, FinishReason::Stop));
+                continue;
+            }
+            let delta = s.decoder.push(&self.tokenizer, token)?;
+            match s.matcher.push(&delta) {
+                StopScan::Stopped(text) => {
+                    events.push(Event::Token { id: s.id, token, text });
+                    finished.push((i, FinishReason::Stop));
+                }
+                StopScan::Continue(text) => {
+                    events.push(Event::Token { id: s.id, token, text });
+                    if s.generated() >= s.max_new {
+                        finished.push((i, FinishReason::Length));
+                    }
+                }
+            }
+        }
+        // Remove finished sequences back to front so indices stay valid.
+        finished.sort_by(|a, b| b.0.cmp(&a.0));
+        for (i, reason) in finished {
+            let mut seq = self.running.swap_remove(i);
+            let tail = if reason == FinishReason::Stop { String::new() } else { seq.matcher.flush() };
+            events.push(self.finish(seq, reason, tail));
+        }
+        Ok((events, stats))
+    }
+
+    fn finish(&mut self, mut seq: Sequence, reason: FinishReason, text: String) -> Event {
+        let mut slots = std::mem::take(&mut seq.computed);
+        slots.append(&mut seq.reserved);
+        self.slots
+            .free(&slots)
+            .expect("a sequence owns its slots exclusively, so freeing them cannot fail");
+        seq.timing.finished_at = Some(Instant::now());
+        Event::Finished {
+            id: seq.id,
+            reason,
+            text,
+            usage: Usage {
+                prompt_tokens: seq.prompt_len,
+                completion_tokens: seq.generated(),
+                cached_tokens: 0,
+            },
+            timing: seq.timing,
+        }
+    }
+
+    /// Runs one request to completion (other queued requests advance alongside it), calling
+    /// `on_text` with each piece of output text as it is released.
+    pub fn generate(&mut self, req: Request, mut on_text: impl FnMut(&str)) -> Result<Completion, EngineError> {
+        let id = self.add_request(req)?;
+        let mut tokens = Vec::new();
+        let mut text = String::new();
+        loop {
+            let (events, _) = self.step()?;
+            for ev in events {
+                match ev {
+                    Event::Token { id: rid, token, text: t } if rid == id => {
+                        tokens.push(token);
+                        on_text(&t);
+                        text.push_str(&t);
+                    }
+                    Event::Finished { id: rid, reason, text: t, usage, timing } if rid == id => {
+                        on_text(&t);
+                        text.push_str(&t);
+                        return Ok(Completion { tokens, text, reason, usage, timing });
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// A finished request's output.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// Generated tokens, including a final stop token if one ended the request.
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub reason: FinishReason,
+    pub usage: Usage,
+    pub timing: Timing,
+}

@@ -1,0 +1,358 @@
+//! Loading a Llama-family model, its tokenizer and chat template from one GGUF file.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::Device;
+
+use crate::chat::{ChatTemplate, CHATML_TEMPLATE};
+use crate::config::{ModelConfig, RopeScaling, RopeStyle};
+use crate::error::{ModelError, Result};
+use crate::linear::{Linear, WeightPolicy};
+use crate::llama::{Embedding, Layer, Llama};
+use crate::tokenizer::{tokenizer_from_gguf, GgufVocab, Tokenizer};
+use crate::LoadedModel;
+
+/// GGUF architectures of the Llama decoder family and how RoPE pairs their dimensions.
+fn rope_style_for(arch: &str) -> Option<RopeStyle> {
+    match arch {
+        "llama" | "mistral" | "smollm" => Some(RopeStyle::Interleaved),
+        "qwen2" => Some(RopeStyle::Halves),
+        _ => None,
+    }
+}
+
+struct Meta<'a> {
+    md: &'a HashMap<String, Value>,
+    arch: String,
+}
+
+impl Meta<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.md.get(key)
+    }
+    fn arch_key(&self, key: &str) -> String {
+        format!("{}.{key}", self.arch)
+    }
+    fn u64_opt(&self, key: &str) -> Option<u64> {
+        let v = self.get(key)?;
+        v.to_u64()
+            .ok()
+            .or_else(|| v.to_u32().ok().map(u64::from))
+            .or_else(|| v.to_i32().ok().and_then(|x| u64::try_from(x).ok()))
+            .or_else(|| v.to_i64().ok().and_then(|x| u64::try_from(x).ok()))
+    }
+    fn usize(&self, key: &str) -> Result<usize> {
+        let k = self.arch_key(key);
+        self.u64_opt(&k)
+            .map(|v| v as usize)
+            .ok_or(ModelError::MissingMetadata(k))
+    }
+    fn f32_opt(&self, key: &str) -> Option<f32> {
+        let v = self.get(key)?;
+        v.to_f32().ok().or_else(|| v.to_f64().ok().map(|x| x as f32))
+    }
+    fn str_opt(&self, key: &str) -> Option<&str> {
+        self.get(key)?.to_string().ok().map(String::as_str)
+    }
+    fn bool_opt(&self, key: &str) -> Option<bool> {
+        self.get(key)?.to_bool().ok()
+    }
+    fn u32_opt(&self, key: &str) -> Option<u32> {
+        self.u64_opt(key).and_then(|v| u32::try_from(v).ok())
+    }
+    fn strings(&self, key: &str) -> Result<Option<Vec<String>>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let arr = v
+            .to_vec()
+            .map_err(|_| ModelError::Tokenizer(format!("{key} is not an array")))?;
+        arr.iter()
+            .map(|x| {
+                x.to_string()
+                    .cloned()
+                    .map_err(|_| ModelError::Tokenizer(format!("{key} holds a non-string")))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+    fn numbers<T>(&self, key: &str, f: impl Fn(&Value) -> Option<T>) -> Option<Vec<T>> {
+        let arr = self.get(key)?.to_vec().ok()?;
+        arr.iter().map(f).collect()
+    }
+}
+
+fn bad_gguf(path: &Path, reason: impl std::fmt::Display) -> ModelError {
+    ModelError::BadGguf {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+pub fn load_gguf(path: &Path, device: &Device, policy: Option<WeightPolicy>) -> Result<LoadedModel> {
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    let mut reader = BufReader::new(file);
+    let content = Content::read(&mut reader).map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains("unknown dtype") {
+            ModelError::UnsupportedDType {
+                tensor: "(in header)".into(),
+                dtype: msg,
+            }
+        } else {
+            bad_gguf(path, msg)
+        }
+    })?;
+
+    // A cut-off download parses fine (the header is at the front): check the data is all there.
+    let needed = content
+        .tensor_infos
+        .values()
+        .map(|t| {
+            let bytes = t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size();
+            content.tensor_data_offset + t.offset + bytes as u64
+        })
+        .max()
+        .unwrap_or(content.tensor_data_offset);
+    if needed > file_len {
+        return Err(ModelError::Truncated {
+            path: path.to_path_buf(),
+            needed,
+            actual: file_len,
+        });
+    }
+
+    let arch = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| ModelError::MissingMetadata("general.architecture".into()))?;
+    let rope_style = rope_style_for(&arch).ok_or_else(|| ModelError::UnsupportedArchitecture(arch.clone()))?;
+    let meta = Meta {
+        md: &content.metadata,
+        arch: arch.clone(),
+    };
+
+    let hidden_size = meta.usize("embedding_length")?;
+    let num_heads = meta.usize("attention.head_count")?;
+    let num_layers = meta.usize("block_count")?;
+    let head_dim = meta
+        .u64_opt(&meta.arch_key("attention.key_length"))
+        .map(|v| v as usize)
+        .unwrap_or(hidden_size / num_heads.max(1));
+    let embd_info = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+    let vocab_size = embd_info.shape.dims().first().copied().unwrap_or(0);
+
+    let freq_factors = if content.tensor_infos.contains_key("rope_freqs.weight") {
+        let t = content.tensor(&mut reader, "rope_freqs.weight", device)?;
+        Some(t.dequantize(device)?.flatten_all()?.to_vec1::<f32>()?)
+    } else {
+        None
+    };
+    let rope_scaling = match (freq_factors, meta.str_opt(&meta.arch_key("rope.scaling.type"))) {
+        (Some(f), _) => RopeScaling::FreqFactors(f),
+        (None, Some("linear")) => RopeScaling::Linear {
+            factor: meta.f32_opt(&meta.arch_key("rope.scaling.factor")).unwrap_or(1.0),
+        },
+        (None, Some("none")) | (None, None) => RopeScaling::None,
+        (None, Some(other)) => {
+            return Err(ModelError::BadConfig(format!("unsupported RoPE scaling {other:?}")))
+        }
+    };
+
+    let config = ModelConfig {
+        architecture: arch.clone(),
+        vocab_size,
+        hidden_size,
+        intermediate_size: meta.usize("feed_forward_length")?,
+        num_layers,
+        num_heads,
+        num_kv_heads: meta
+            .u64_opt(&meta.arch_key("attention.head_count_kv"))
+            .map(|v| v as usize)
+            .unwrap_or(num_heads),
+        head_dim,
+        rms_norm_eps: meta
+            .f32_opt(&meta.arch_key("attention.layer_norm_rms_epsilon"))
+            .unwrap_or(1e-5),
+        rope_theta: meta.f32_opt(&meta.arch_key("rope.freq_base")).unwrap_or(10_000.0),
+        rope_style,
+        rope_scaling,
+        max_position_embeddings: meta.usize("context_length")?,
+        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+    };
+    config.validate()?;
+
+    let tokenizer = gguf_tokenizer(&meta, &config)?;
+
+    let policy = policy.unwrap_or_else(|| WeightPolicy::auto(&config));
+    let mut src = TensorSource {
+        content: &content,
+        reader: &mut reader,
+        device,
+        path,
+        policy,
+    };
+    let (h, q_dim, kv_dim, ffn) = (
+        config.hidden_size,
+        config.q_dim(),
+        config.kv_dim(),
+        config.intermediate_size,
+    );
+    let bias = config.qkv_bias;
+    let mut layers = Vec::with_capacity(num_layers);
+    for i in 0..num_layers {
+        let p = format!("blk.{i}");
+        layers.push(Layer {
+            wq: src.linear(&format!("{p}.attn_q"), q_dim, h, bias)?,
+            wk: src.linear(&format!("{p}.attn_k"), kv_dim, h, bias)?,
+            wv: src.linear(&format!("{p}.attn_v"), kv_dim, h, bias)?,
+            wo: src.linear(&format!("{p}.attn_output"), h, q_dim, false)?,
+            w_gate: src.linear(&format!("{p}.ffn_gate"), ffn, h, false)?,
+            w_up: src.linear(&format!("{p}.ffn_up"), ffn, h, false)?,
+            w_down: src.linear(&format!("{p}.ffn_down"), h, ffn, false)?,
+            attn_norm: src.norm(&format!("{p}.attn_norm.weight"), h)?,
+            ffn_norm: src.norm(&format!("{p}.ffn_norm.weight"), h)?,
+        });
+    }
+    let final_norm = src.norm("output_norm.weight", h)?;
+    let lm_head_name = if config.tie_word_embeddings { "token_embd" } else { "output" };
+    let lm_head = src.linear(lm_head_name, config.vocab_size, h, false)?;
+    let embedding = Embedding::Quantized(src.tensor("token_embd.weight")?);
+
+    let chat_template = match meta.str_opt("tokenizer.chat_template") {
+        Some(src) => ChatTemplate::new(src, &tokenizer.token_text(tokenizer.bos_id), &tokenizer.token_text(tokenizer.eos_id))?,
+        None => {
+            tracing::warn!("{} has no chat template; using ChatML", path.display());
+            ChatTemplate::new(CHATML_TEMPLATE, &tokenizer.token_text(tokenizer.bos_id), &tokenizer.token_text(tokenizer.eos_id))?
+        }
+    };
+    let model = Llama::new(config, embedding, layers, final_norm, lm_head, device.clone())?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        chat_template,
+    })
+}
+
+fn check_dtype(name: &str, dtype: GgmlDType) -> Result<()> {
+    match dtype {
+        GgmlDType::Q8_1 | GgmlDType::Q8K => Err(ModelError::UnsupportedDType {
+            tensor: name.into(),
+            dtype: format!("{dtype:?}"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn gguf_tokenizer(meta: &Meta, config: &ModelConfig) -> Result<Tokenizer> {
+    let model = meta
+        .str_opt("tokenizer.ggml.model")
+        .ok_or_else(|| ModelError::MissingMetadata("tokenizer.ggml.model".into()))?;
+    let tokens = meta
+        .strings("tokenizer.ggml.tokens")?
+        .ok_or_else(|| ModelError::MissingMetadata("tokenizer.ggml.tokens".into()))?;
+    if tokens.len() > config.vocab_size {
+        return Err(ModelError::TokenizerMismatch(format!(
+            "the tokenizer has {} tokens but the embedding only {} rows",
+            tokens.len(),
+            config.vocab_size
+        )));
+    }
+    let merges = meta.strings("tokenizer.ggml.merges")?;
+    let token_types = meta.numbers("tokenizer.ggml.token_type", |v| v.to_i32().ok());
+    let scores = meta.numbers("tokenizer.ggml.scores", |v| v.to_f32().ok());
+    let vocab = GgufVocab {
+        model,
+        pre: meta.str_opt("tokenizer.ggml.pre"),
+        tokens: &tokens,
+        token_types: token_types.as_deref(),
+        merges: merges.as_deref(),
+        scores: scores.as_deref(),
+        unk_id: meta.u32_opt("tokenizer.ggml.unknown_token_id"),
+    };
+    let bos = meta.u32_opt("tokenizer.ggml.bos_token_id");
+    let eos = meta.u32_opt("tokenizer.ggml.eos_token_id");
+    let add_bos = meta.bool_opt("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama");
+    let extra: Vec<u32> = ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
+        .iter()
+        .filter_map(|k| meta.u32_opt(k))
+        .collect();
+    for id in bos.iter().chain(eos.iter()).chain(extra.iter()) {
+        if *id as usize >= tokens.len() {
+            return Err(ModelError::TokenizerMismatch(format!(
+                "special token id {id} is outside the {}-token vocabulary",
+                tokens.len()
+            )));
+        }
+    }
+    tokenizer_from_gguf(&vocab, bos, eos, add_bos, &extra)
+}
+
+/// Reads named tensors out of an open GGUF file.
+struct TensorSource<'a, R> {
+    content: &'a Content,
+    reader: &'a mut R,
+    device: &'a Device,
+    path: &'a Path,
+    policy: WeightPolicy,
+}
+
+impl<R: std::io::Read + std::io::Seek> TensorSource<'_, R> {
+    fn tensor(&mut self, name: &str) -> Result<QTensor> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        check_dtype(name, info.ggml_dtype)?;
+        self.content
+            .tensor(self.reader, name, self.device)
+            .map_err(|e| bad_gguf(self.path, format!("{name}: {e}")))
+    }
+
+    fn norm(&mut self, name: &str, len: usize) -> Result<candle_core::Tensor> {
+        let t = self.tensor(name)?.dequantize(self.device)?;
+        if t.dims() != [len] {
+            return Err(ModelError::BadShape {
+                name: name.into(),
+                actual: t.dims().to_vec(),
+                expected: vec![len],
+            });
+        }
+        Ok(t)
+    }
+
+    fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let weight_name = format!("{name}.weight");
+        let w = self.tensor(&weight_name)?;
+        if w.shape().dims() != [out, inp] {
+            return Err(ModelError::BadShape {
+                name: weight_name,
+                actual: w.shape().dims().to_vec(),
+                expected: vec![out, inp],
+            });
+        }
+        let b = if bias {
+            Some(self.tensor(&format!("{name}.bias"))?.dequantize(self.device)?)
+        } else {
+            None
+        };
+        Linear::from_qtensor(w, b, self.policy, self.device)
+    }
+}

@@ -1,0 +1,80 @@
+//! The KV pool: one slot per token, for every layer.
+//!
+//! ```text
+//!   layer l:   k[l] = [ slot 0 | slot 1 | slot 2 | ... | slot N-1 ]   each slot: kv_heads x head_dim f32
+//!              v[l] = [ slot 0 | slot 1 | slot 2 | ... | slot N-1 ]
+//!
+//!   sequence A = [7, 2, 9]        sequence B = [7, 2, 4, 5]   (B shares A's first two slots)
+//! ```
+//!
+//! A sequence is only a list of slot indices (owned by the engine, allocated by
+//! `arbor_cache::SlotAllocator`); attention reads K/V through that list in place, so a cached
+//! prefix is shared by handing its slot indices to another sequence, never by copying tensors.
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+
+#[derive(Debug)]
+pub struct LayerKv {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+#[derive(Debug)]
+pub struct KvPool {
+    layers: Vec<LayerKv>,
+    kv_dim: usize,
+    num_slots: usize,
+}
+
+impl KvPool {
+    /// Allocates the pool. The zeroed memory is mapped lazily by the OS, so an unused pool costs
+    /// address space, not RAM.
+    pub fn new(config: &ModelConfig, num_slots: usize) -> Self {
+        let kv_dim = config.kv_dim();
+        let layers = (0..config.num_layers)
+            .map(|_| LayerKv {
+                k: vec![0.0; num_slots * kv_dim],
+                v: vec![0.0; num_slots * kv_dim],
+            })
+            .collect();
+        Self {
+            layers,
+            kv_dim,
+            num_slots,
+        }
+    }
+
+    pub fn num_slots(&self) -> usize {
+        self.num_slots
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.kv_dim
+    }
+
+    pub fn layer(&self, layer: usize) -> &LayerKv {
+        &self.layers[layer]
+    }
+
+    pub fn check_slots(&self, slots: &[u32]) -> Result<()> {
+        match slots.iter().find(|&&s| s as usize >= self.num_slots) {
+            Some(s) => Err(ModelError::BadBatch(format!(
+                "slot {s} is outside the pool of {} slots",
+                self.num_slots
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the K and V rows (`[slots.len(), kv_dim]`) of one layer into their slots.
+    pub fn write(&mut self, layer: usize, slots: &[u32], k: &[f32], v: &[f32]) {
+        let d = self.kv_dim;
+        let l = &mut self.layers[layer];
+        for (i, &s) in slots.iter().enumerate() {
+            let dst = s as usize * d..(s as usize + 1) * d;
+            l.k[dst.clone()].copy_from_slice(&k[i * d..(i + 1) * d]);
+            l.v[dst].copy_from_slice(&v[i * d..(i + 1) * d]);
+        }
+    }
+}

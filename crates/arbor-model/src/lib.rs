@@ -1,0 +1,61 @@
+//! Arbor's model layer: everything that turns token ids into logits.
+//!
+//! - [`load_model`] reads a GGUF file ([`gguf`]) or a Hugging Face folder ([`hf`]) into a
+//!   [`LoadedModel`]: the [`Llama`] weights, its [`Tokenizer`] and [`ChatTemplate`].
+//! - [`KvPool`] holds K/V per token slot; [`Llama::forward`] runs one batched step of any mix of
+//!   prefill chunks and decodes, reading each sequence's K/V through its slot list
+//!   ([`attention`]).
+//! - [`linear`] picks the weight format per call: quantized for decode, dense GEMM for prefill.
+
+pub mod attention;
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod gguf;
+pub mod hf;
+pub mod kv_pool;
+pub mod linear;
+pub mod llama;
+pub mod rope;
+pub mod tokenizer;
+
+use std::path::Path;
+
+pub use candle_core::Device;
+pub use chat::{ChatMessage, ChatTemplate};
+pub use config::ModelConfig;
+pub use error::{ModelError, Result};
+pub use kv_pool::KvPool;
+pub use linear::WeightPolicy;
+pub use llama::{Llama, LogitsWanted, SeqStep};
+pub use tokenizer::{IncrementalDecoder, Tokenizer};
+
+/// A model ready to run, with the text side that belongs to it.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub chat_template: ChatTemplate,
+}
+
+/// Loads a GGUF file or a Hugging Face folder. `policy` overrides the automatic choice of
+/// keeping dense prefill copies of quantized weights.
+pub fn load_model(path: &Path, device: &Device, policy: Option<WeightPolicy>) -> Result<LoadedModel> {
+    if !path.exists() {
+        return Err(ModelError::NotFound(path.to_path_buf()));
+    }
+    let started = std::time::Instant::now();
+    let loaded = if path.is_dir() {
+        hf::load_hf(path, device)?
+    } else {
+        gguf::load_gguf(path, device, policy)?
+    };
+    let c = &loaded.model.config;
+    tracing::info!(
+        arch = %c.architecture, layers = c.num_layers, hidden = c.hidden_size,
+        heads = c.num_heads, kv_heads = c.num_kv_heads, vocab = c.vocab_size,
+        context = c.max_position_embeddings,
+        "loaded {} in {:.2}s", path.display(), started.elapsed().as_secs_f64()
+    );
+    Ok(loaded)
+}

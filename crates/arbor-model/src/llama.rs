@@ -1,0 +1,196 @@
+//! The Llama-family decoder (Llama 2/3, Mistral, SmolLM, Qwen2) and its batched forward step.
+//!
+//! One [`Llama::forward`] call runs any mix of sequences: prefill chunks of any length next to
+//! single-token decodes. The new tokens of all sequences are flattened into one `[T, hidden]`
+//! matrix, so every linear layer is a single matmul for the whole step; only attention looks at
+//! sequence boundaries, through each sequence's slot list.
+
+use candle_core::quantized::QTensor;
+use candle_core::{Device, Tensor};
+
+use crate::attention::{attention, AttnSeq, AttnShape};
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::kv_pool::KvPool;
+use crate::linear::Linear;
+use crate::rope::Rope;
+
+#[derive(Debug)]
+pub enum Embedding {
+    /// GGUF rows, dequantized on lookup (exact, and no f32 copy of a large vocabulary).
+    Quantized(QTensor),
+    /// `[vocab, hidden]` f32.
+    Dense(Tensor),
+}
+
+impl Embedding {
+    fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Embedding::Quantized(q) => q.embedding(ids)?,
+            Embedding::Dense(t) => t.index_select(ids, 0)?,
+        })
+    }
+
+    pub fn rows(&self) -> Result<usize> {
+        Ok(match self {
+            Embedding::Quantized(q) => q.shape().dims2()?.0,
+            Embedding::Dense(t) => t.dims2()?.0,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct Layer {
+    pub attn_norm: Tensor,
+    pub wq: Linear,
+    pub wk: Linear,
+    pub wv: Linear,
+    pub wo: Linear,
+    pub ffn_norm: Tensor,
+    pub w_gate: Linear,
+    pub w_up: Linear,
+    pub w_down: Linear,
+}
+
+#[derive(Debug)]
+pub struct Llama {
+    pub config: ModelConfig,
+    pub embedding: Embedding,
+    pub layers: Vec<Layer>,
+    pub final_norm: Tensor,
+    pub lm_head: Linear,
+    rope: Rope,
+    device: Device,
+}
+
+/// Which logits a sequence wants from a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// A prefill chunk that does not end the prompt.
+    None,
+    /// The next-token distribution after the last new token.
+    Last,
+    /// One row per new token (prompt log-probabilities, reference tests).
+    All,
+}
+
+/// One sequence's part of a forward step.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqStep<'a> {
+    /// Tokens to run now (a prefill chunk, or the last sampled token for a decode).
+    pub tokens: &'a [u32],
+    /// Slots of the whole context after this step: the stored prefix, then one per new token.
+    pub slots: &'a [u32],
+    /// Which of the new tokens' logits to return.
+    pub logits: LogitsWanted,
+}
+
+impl Llama {
+    pub fn new(
+        config: ModelConfig,
+        embedding: Embedding,
+        layers: Vec<Layer>,
+        final_norm: Tensor,
+        lm_head: Linear,
+        device: Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        let rope = Rope::new(&config);
+        Ok(Self {
+            config,
+            embedding,
+            layers,
+            final_norm,
+            lm_head,
+            rope,
+            device,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs one step and returns the requested logit rows, sequence by sequence in batch order.
+    pub fn forward(&self, batch: &[SeqStep], kv: &mut KvPool) -> Result<Vec<Vec<f32>>> {
+        let cfg = &self.config;
+        let vocab = cfg.vocab_size;
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut new_slots = Vec::new();
+        let mut attn_seqs = Vec::with_capacity(batch.len());
+        let mut logit_rows = Vec::new();
+        for s in batch {
+            if s.tokens.is_empty() || s.slots.len() < s.tokens.len() {
+                return Err(ModelError::BadBatch(format!(
+                    "{} new tokens with {} slots",
+                    s.tokens.len(),
+                    s.slots.len()
+                )));
+            }
+            if s.slots.len() > cfg.max_position_embeddings {
+                return Err(ModelError::ContextOverflow {
+                    len: s.slots.len(),
+                    max: cfg.max_position_embeddings,
+                });
+            }
+            if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(ModelError::TokenOutOfRange { token: t, vocab });
+            }
+            kv.check_slots(s.slots)?;
+            let past = s.slots.len() - s.tokens.len();
+            attn_seqs.push(AttnSeq {
+                row_offset: tokens.len(),
+                n_new: s.tokens.len(),
+                slots: s.slots,
+            });
+            tokens.extend_from_slice(s.tokens);
+            positions.extend(past..s.slots.len());
+            new_slots.extend_from_slice(&s.slots[past..]);
+            match s.logits {
+                LogitsWanted::None => {}
+                LogitsWanted::Last => logit_rows.push((tokens.len() - 1) as u32),
+                LogitsWanted::All => logit_rows.extend((tokens.len() - s.tokens.len()) as u32..tokens.len() as u32),
+            }
+        }
+        let n_tokens = tokens.len();
+        if n_tokens == 0 {
+            return Ok(Vec::new());
+        }
+        let shape = AttnShape {
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        };
+        let rope_tables = self.rope.tables(&positions);
+        let ids = Tensor::from_vec(tokens, n_tokens, &self.device)?;
+        let mut x = self.embedding.lookup(&ids)?;
+        let mut attn_out = vec![0f32; n_tokens * cfg.q_dim()];
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps)?;
+            let mut q = layer.wq.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut k = layer.wk.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let v = layer.wv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            self.rope.apply(&mut q, cfg.num_heads, &rope_tables);
+            self.rope.apply(&mut k, cfg.num_kv_heads, &rope_tables);
+            kv.write(l, &new_slots, &k, &v);
+            let pool = kv.layer(l);
+            attention(&q, &pool.k, &pool.v, &attn_seqs, shape, &mut attn_out);
+            let a = Tensor::from_slice(&attn_out, (n_tokens, cfg.q_dim()), &self.device)?;
+            x = (x + layer.wo.forward(&a)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps)?;
+            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
+            let up = layer.w_up.forward(&h)?;
+            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+        }
+        if logit_rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n_rows = logit_rows.len();
+        let rows = Tensor::from_vec(logit_rows, n_rows, &self.device)?;
+        let last = x.index_select(&rows, 0)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.final_norm, cfg.rms_norm_eps)?;
+        let logits = self.lm_head.forward(&last)?;
+        Ok(logits.to_vec2::<f32>()?)
+    }
+}

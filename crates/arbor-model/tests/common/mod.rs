@@ -1,0 +1,41 @@
+//! Shared helpers of the integration tests: where the default model and fixtures live.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use arbor_model::{Device, LoadedModel};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn fixtures() -> PathBuf {
+    repo_root().join("fixtures")
+}
+
+pub fn read_fixture(name: &str) -> serde_json::Value {
+    let path = fixtures().join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).expect("fixtures are valid JSON")
+}
+
+/// The default model (SmolLM2-135M-Instruct Q4_1). The README's test command fetches it.
+pub fn default_model_path() -> PathBuf {
+    let dir = std::env::var_os("ARBOR_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models"));
+    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo run --release -- fetch-model` (the README's test command does)",
+        p.display()
+    );
+    p
+}
+
+/// Loaded once per test binary; the forward pass takes `&self`, so tests share it.
+pub fn default_model() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| arbor_model::load_model(&default_model_path(), &Device::Cpu, None).expect("default model loads"))
+}

@@ -1,0 +1,265 @@
+//! The `arbor` command: a thin layer over `arbor-model` and `arbor-engine`.
+
+mod model_fetch;
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use arbor_engine::{Engine, EngineConfig, Request, SamplingParams, StopConditions};
+use arbor_model::{ChatMessage, Device};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "arbor", version, about = "An LLM inference server whose KV cache is a radix tree over token ids")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate one completion, streamed to stdout; speeds are printed to stderr.
+    Generate(GenerateArgs),
+    /// An interactive multi-turn chat in the terminal.
+    Chat(ChatArgs),
+    /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) if it is missing.
+    FetchModel,
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// A GGUF file or a Hugging Face folder. Default: the SmolLM2-135M-Instruct Q4_1 GGUF,
+    /// fetched into ./models on first use.
+    #[arg(long, env = "ARBOR_MODEL")]
+    model: Option<PathBuf>,
+    /// KV pool size in token slots (default: the model's context length, at most 32768).
+    #[arg(long, env = "ARBOR_KV_SLOTS")]
+    kv_slots: Option<usize>,
+    /// Tokens per forward step: the prefill chunk budget.
+    #[arg(long, default_value_t = arbor_engine::DEFAULT_MAX_BATCH_TOKENS)]
+    max_batch_tokens: usize,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when this text is generated (repeatable); it is not printed.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep generating past the model's end-of-turn tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+        }
+    }
+    fn stop(&self) -> StopConditions {
+        StopConditions {
+            max_tokens: self.max_tokens,
+            stop_strings: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The user's message (rendered with the model's chat template unless --raw).
+    #[arg(long, short, conflicts_with = "messages")]
+    prompt: Option<String>,
+    /// A JSON list of {"role", "content"} messages.
+    #[arg(long)]
+    messages: Option<String>,
+    /// A system message to put before --prompt.
+    #[arg(long, requires = "prompt")]
+    system: Option<String>,
+    /// Send --prompt to the model as it is, without the chat template.
+    #[arg(long, requires = "prompt")]
+    raw: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// A system message that opens the conversation.
+    #[arg(long)]
+    system: Option<String>,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ARBOR_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Chat(a) => chat(a),
+        Command::FetchModel => model_fetch::default_model_path(true).map(|p| println!("{}", p.display())),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Loads the model (fetching the default one if none is given) into an engine.
+fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
+    let path = match &args.model {
+        Some(p) => p.clone(),
+        None => model_fetch::default_model_path(true)?,
+    };
+    let loaded = arbor_model::load_model(&path, &Device::Cpu, None).with_context(|| format!("loading {}", path.display()))?;
+    let mut config = EngineConfig::for_model(&loaded.model);
+    if let Some(n) = args.kv_slots {
+        config.kv_slots = n;
+    }
+    if args.max_batch_tokens == 0 {
+        bail!("--max-batch-tokens must be at least 1");
+    }
+    config.max_batch_tokens = args.max_batch_tokens;
+    Ok((Engine::new(std::sync::Arc::new(loaded.model), loaded.tokenizer, config), loaded.chat_template))
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let (mut engine, template) = load(&a.model)?;
+    let prompt_ids = if a.raw {
+        let text = a.prompt.as_deref().unwrap_or_default();
+        engine.tokenizer().encode(text, true)?
+    } else {
+        let messages: Vec<ChatMessage> = match (&a.prompt, &a.messages) {
+            (Some(p), _) => a
+                .system
+                .iter()
+                .map(|s| ChatMessage::new("system", s))
+                .chain(std::iter::once(ChatMessage::new("user", p)))
+                .collect(),
+            (None, Some(m)) => serde_json::from_str(m).context("--messages must be a JSON list of {\"role\", \"content\"}")?,
+            (None, None) => bail!("give --prompt or --messages"),
+        };
+        let text = template.render(&messages, true)?;
+        engine.tokenizer().encode(&text, true)?
+    };
+    let req = Request {
+        prompt: prompt_ids,
+        sampling: a.sampling.params(),
+        stop: a.sampling.stop(),
+    };
+    let mut out = std::io::stdout();
+    let done = engine.generate(req, |t| {
+        let _ = out.write_all(t.as_bytes());
+        let _ = out.flush();
+    })?;
+    println!();
+    report_speed(&done);
+    Ok(())
+}
+
+fn report_speed(done: &arbor_engine::Completion) {
+    let t = &done.timing;
+    let first = t.first_token_at.unwrap_or(t.queued_at);
+    let end = t.finished_at.unwrap_or(first);
+    let prefill_s = (first - t.queued_at).as_secs_f64();
+    let decode_s = (end - first).as_secs_f64();
+    let decoded = done.usage.completion_tokens.saturating_sub(1);
+    eprintln!(
+        "prompt: {} tokens in {:.3}s ({:.1} tok/s); generated: {} tokens, decode {:.1} tok/s; finish: {}",
+        done.usage.prompt_tokens,
+        prefill_s,
+        done.usage.prompt_tokens as f64 / prefill_s.max(1e-9),
+        done.usage.completion_tokens,
+        decoded as f64 / decode_s.max(1e-9),
+        done.reason.as_str(),
+    );
+}
+
+fn chat(a: ChatArgs) -> Result<()> {
+    let (mut engine, template) = load(&a.model)?;
+    let mut messages: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    eprintln!("arbor chat: type a message and press Enter; /reset starts over, /exit (or Ctrl-D) quits.");
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        match line.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                messages.retain(|m| m.role == "system");
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(ChatMessage::new("user", line));
+        let text = template.render(&messages, true)?;
+        let prompt = engine.tokenizer().encode(&text, true)?;
+        let req = Request {
+            prompt,
+            sampling: a.sampling.params(),
+            stop: a.sampling.stop(),
+        };
+        match engine.generate(req, |t| {
+            let _ = out.write_all(t.as_bytes());
+            let _ = out.flush();
+        }) {
+            Ok(done) => {
+                println!();
+                messages.push(ChatMessage::new("assistant", done.text.clone()));
+                report_speed(&done);
+            }
+            Err(e) => {
+                // The turn failed (e.g. the conversation outgrew the context): say so, keep going.
+                messages.pop();
+                eprintln!("error: {e:#}");
+            }
+        }
+    }
+    Ok(())
+}
