@@ -3,7 +3,9 @@
 Writes fixtures/llamacpp_smollm2.json with, for the default model:
   - tokenizations of tricky strings (special-token text parsed, no BOS);
   - greedy continuations (32 tokens) of chat prompts, with the top-20 logits at the first
-    generated position and the top-5 at every position (to tell a near-tie from a bug).
+    generated position and the top-5 at every position (to tell a near-tie from a bug);
+  - next-token logits of short token sequences (top 20), where llama.cpp's arithmetic and
+    Arbor's coincide operation for operation (see docs/CORRECTNESS.md).
 
 Usage (about 10 minutes to compile llama.cpp on 2 cores):
   python3 -m venv V && V/bin/pip install 'llama-cpp-python==0.3.36' jinja2
@@ -23,6 +25,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fixture_inputs import CHAT_PROMPTS, RAW_PROMPTS, TRICKY_STRINGS  # noqa: E402
 
 N_GEN = 32
+# Short inputs on which llama.cpp and Arbor agree bit for bit (no SiLU or softmax input falls
+# where ggml's vectorised expf and libm's expf round differently).
+SHORT_SEQUENCES = [[504], [198], [6980], [1], [1, 4093], [504, 3725], [504, 3725, 60]]
 
 
 def render(template, messages):
@@ -40,7 +45,11 @@ def main(model_path):
     llm = Llama(model_path=model_path, n_ctx=2048, n_threads=2, n_batch=512, logits_all=True, verbose=False)
     template = llm.metadata["tokenizer.chat_template"]
     out = {"model": Path(model_path).name, "generator": "llama-cpp-python " + __import__("llama_cpp").__version__,
-           "tokenize": [], "greedy": []}
+           "tokenize": [], "greedy": [], "short": []}
+    for ids in SHORT_SEQUENCES:
+        llm.reset()
+        llm.eval(ids)
+        out["short"].append({"ids": ids, "top20": top(np.array(llm.scores[len(ids) - 1], dtype=np.float32), 20)})
     for s in TRICKY_STRINGS:
         ids = llm.tokenize(s.encode("utf-8"), add_bos=False, special=True)
         out["tokenize"].append({"text": s, "ids": ids})

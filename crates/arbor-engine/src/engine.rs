@@ -109,7 +109,11 @@ pub struct Timing {
 pub enum Event {
     /// A token was generated; `text` is what it adds to the output (may be empty while a
     /// multi-byte character or a possible stop string is incomplete).
-    Token { id: RequestId, token: u32, text: String },
+    Token {
+        id: RequestId,
+        token: u32,
+        text: String,
+    },
     Finished {
         id: RequestId,
         reason: FinishReason,
@@ -270,9 +274,13 @@ impl Engine {
 
     fn admit(&mut self) {
         while self.running.len() < self.config.max_running {
-            let Some(seq) = self.waiting.front() else { break };
+            let Some(seq) = self.waiting.front() else {
+                break;
+            };
             let need = seq.prompt_len + seq.max_new.saturating_sub(1);
-            let Ok(mut slots) = self.slots.allocate(need) else { break };
+            let Ok(mut slots) = self.slots.allocate(need) else {
+                break;
+            };
             let mut seq = self.waiting.pop_front().expect("front() was Some");
             // Used from the back: reverse so the sequence takes them in allocation order.
             slots.reverse();
@@ -316,7 +324,10 @@ impl Engine {
         for &(i, n) in &plan {
             let s = &mut self.running[i];
             for _ in 0..n {
-                let slot = s.reserved.pop().expect("slots for the whole request were reserved at admission");
+                let slot = s
+                    .reserved
+                    .pop()
+                    .expect("slots for the whole request were reserved at admission");
                 s.computed.push(slot);
             }
         }
@@ -364,7 +375,12 @@ impl Engine {
             let s = &mut self.running[i];
             let eos_banned = s.generated() < s.stop.min_tokens;
             let banned: Vec<u32> = if eos_banned {
-                self.tokenizer.stop_ids.iter().chain(&s.stop.stop_token_ids).copied().collect()
+                self.tokenizer
+                    .stop_ids
+                    .iter()
+                    .chain(&s.stop.stop_token_ids)
+                    .copied()
+                    .collect()
             } else {
                 Vec::new()
             };
@@ -376,18 +392,30 @@ impl Engine {
             let is_stop_token = s.stop.stop_token_ids.contains(&token)
                 || (!s.stop.ignore_eos && self.tokenizer.is_stop(token));
             if is_stop_token {
-                events.push(Event::Token { id: s.id, token, text: String::new() });
+                events.push(Event::Token {
+                    id: s.id,
+                    token,
+                    text: String::new(),
+                });
                 finished.push((i, FinishReason::Stop));
                 continue;
             }
             let delta = s.decoder.push(&self.tokenizer, token)?;
             match s.matcher.push(&delta) {
                 StopScan::Stopped(text) => {
-                    events.push(Event::Token { id: s.id, token, text });
+                    events.push(Event::Token {
+                        id: s.id,
+                        token,
+                        text,
+                    });
                     finished.push((i, FinishReason::Stop));
                 }
                 StopScan::Continue(text) => {
-                    events.push(Event::Token { id: s.id, token, text });
+                    events.push(Event::Token {
+                        id: s.id,
+                        token,
+                        text,
+                    });
                     if s.generated() >= s.max_new {
                         finished.push((i, FinishReason::Length));
                     }
@@ -398,7 +426,11 @@ impl Engine {
         finished.sort_by(|a, b| b.0.cmp(&a.0));
         for (i, reason) in finished {
             let mut seq = self.running.swap_remove(i);
-            let tail = if reason == FinishReason::Stop { String::new() } else { seq.matcher.flush() };
+            let tail = if reason == FinishReason::Stop {
+                String::new()
+            } else {
+                seq.matcher.flush()
+            };
             events.push(self.finish(seq, reason, tail));
         }
         Ok((events, stats))
@@ -426,7 +458,11 @@ impl Engine {
 
     /// Runs one request to completion (other queued requests advance alongside it), calling
     /// `on_text` with each piece of output text as it is released.
-    pub fn generate(&mut self, req: Request, mut on_text: impl FnMut(&str)) -> Result<Completion, EngineError> {
+    pub fn generate(
+        &mut self,
+        req: Request,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<Completion, EngineError> {
         let id = self.add_request(req)?;
         let mut tokens = Vec::new();
         let mut text = String::new();
@@ -434,15 +470,31 @@ impl Engine {
             let (events, _) = self.step()?;
             for ev in events {
                 match ev {
-                    Event::Token { id: rid, token, text: t } if rid == id => {
+                    Event::Token {
+                        id: rid,
+                        token,
+                        text: t,
+                    } if rid == id => {
                         tokens.push(token);
                         on_text(&t);
                         text.push_str(&t);
                     }
-                    Event::Finished { id: rid, reason, text: t, usage, timing } if rid == id => {
+                    Event::Finished {
+                        id: rid,
+                        reason,
+                        text: t,
+                        usage,
+                        timing,
+                    } if rid == id => {
                         on_text(&t);
                         text.push_str(&t);
-                        return Ok(Completion { tokens, text, reason, usage, timing });
+                        return Ok(Completion {
+                            tokens,
+                            text,
+                            reason,
+                            usage,
+                            timing,
+                        });
                     }
                     _ => {}
                 }

@@ -55,7 +55,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<(), EngineError> {
         let bad = |m: String| Err(EngineError::InvalidParams(m));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+            return bad(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -64,9 +67,15 @@ impl SamplingParams {
             return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return bad(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
         }
-        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
             if !(-2.0..=2.0).contains(&v) {
                 return bad(format!("{name} must be in [-2, 2], got {v}"));
             }
@@ -92,7 +101,11 @@ impl Sampler {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_os_rng(),
         };
-        let mut prompt_tokens = if params.repetition_penalty != 1.0 { prompt.to_vec() } else { Vec::new() };
+        let mut prompt_tokens = if params.repetition_penalty != 1.0 {
+            prompt.to_vec()
+        } else {
+            Vec::new()
+        };
         prompt_tokens.sort_unstable();
         prompt_tokens.dedup();
         Self {
@@ -118,7 +131,11 @@ impl Sampler {
                     continue;
                 }
                 if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
                 }
             }
         }
@@ -146,10 +163,16 @@ impl Sampler {
         // Candidates sorted by logit, highest first; top-k cuts the list before sorting.
         let mut cand: Vec<u32> = (0..logits.len() as u32).collect();
         if p.top_k > 0 && p.top_k < cand.len() {
-            cand.select_nth_unstable_by(p.top_k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+            cand.select_nth_unstable_by(p.top_k - 1, |&a, &b| {
+                logits[b as usize].total_cmp(&logits[a as usize])
+            });
             cand.truncate(p.top_k);
         }
-        cand.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        cand.sort_unstable_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
         let max = logits[cand[0] as usize];
         let mut probs: Vec<f32> = cand
             .iter()
@@ -202,7 +225,11 @@ mod tests {
     use super::*;
 
     fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
-        let mut p = SamplingParams { temperature: 1.0, seed: Some(1), ..Default::default() };
+        let mut p = SamplingParams {
+            temperature: 1.0,
+            seed: Some(1),
+            ..Default::default()
+        };
         f(&mut p);
         p
     }
@@ -219,7 +246,9 @@ mod tests {
         let logits = vec![0.1f32; 50];
         let draw = |seed| {
             let mut s = Sampler::new(params(|p| p.seed = Some(seed)), &[]);
-            (0..20).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(5), draw(5));
         assert_ne!(draw(5), draw(6));
@@ -251,15 +280,33 @@ mod tests {
 
     #[test]
     fn penalties_change_the_greedy_choice() {
-        let mut s = Sampler::new(SamplingParams { frequency_penalty: 1.0, ..Default::default() }, &[]);
+        let mut s = Sampler::new(
+            SamplingParams {
+                frequency_penalty: 1.0,
+                ..Default::default()
+            },
+            &[],
+        );
         s.observe(0);
         s.observe(0);
         // 3.0 - 2*1.0 = 1.0 < 2.0
         assert_eq!(s.sample(&mut [3.0, 2.0], &[]), 1);
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..Default::default() }, &[0]);
+        let mut s = Sampler::new(
+            SamplingParams {
+                repetition_penalty: 2.0,
+                ..Default::default()
+            },
+            &[0],
+        );
         // 3.0 / 2 = 1.5 < 2.0
         assert_eq!(s.sample(&mut [3.0, 2.0], &[]), 1);
-        let mut s = Sampler::new(SamplingParams { presence_penalty: 1.5, ..Default::default() }, &[]);
+        let mut s = Sampler::new(
+            SamplingParams {
+                presence_penalty: 1.5,
+                ..Default::default()
+            },
+            &[],
+        );
         s.observe(0);
         assert_eq!(s.sample(&mut [3.0, 2.0], &[]), 1);
     }
@@ -269,7 +316,9 @@ mod tests {
         // p = softmax([ln 3, 0]) = [0.75, 0.25]
         let mut s = Sampler::new(params(|_| {}), &[]);
         let n = 20_000;
-        let hits = (0..n).filter(|_| s.sample(&mut [3f32.ln(), 0.0], &[]) == 0).count();
+        let hits = (0..n)
+            .filter(|_| s.sample(&mut [3f32.ln(), 0.0], &[]) == 0)
+            .count();
         let frac = hits as f64 / n as f64;
         assert!((frac - 0.75).abs() < 0.02, "{frac}");
     }

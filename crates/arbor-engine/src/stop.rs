@@ -32,7 +32,12 @@ impl StopMatcher {
         if self.stops.is_empty() {
             return StopScan::Continue(std::mem::take(&mut self.held));
         }
-        if let Some(pos) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             let out = self.held[..pos].to_string();
             self.held.clear();
             return StopScan::Stopped(out);
@@ -79,7 +84,10 @@ mod tests {
 
     #[test]
     fn stop_split_across_deltas_is_cut() {
-        assert_eq!(run(&["END"], &["hello E", "N", "D more"]), ("hello ".into(), true));
+        assert_eq!(
+            run(&["END"], &["hello E", "N", "D more"]),
+            ("hello ".into(), true)
+        );
     }
 
     #[test]

@@ -46,9 +46,12 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_function("strftime_now", |fmt: String| strftime_now(&fmt));
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| ModelError::Template(format!("cannot parse the template: {e}")))?;
@@ -92,8 +95,18 @@ fn strftime_now(fmt: &str) -> String {
         .unwrap_or(0);
     let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     let month = MONTHS[(m - 1) as usize];
     let mut out = String::new();
@@ -142,9 +155,7 @@ mod tests {
     #[test]
     fn chatml_renders_a_conversation() {
         let t = ChatTemplate::new(CHATML_TEMPLATE, "", "").unwrap();
-        let s = t
-            .render(&[ChatMessage::new("user", "hi")], true)
-            .unwrap();
+        let s = t.render(&[ChatMessage::new("user", "hi")], true).unwrap();
         assert_eq!(s, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
     }
 
@@ -156,15 +167,24 @@ mod tests {
             "",
         )
         .unwrap();
-        let err = t.render(&[ChatMessage::new("assistant", "x")], false).unwrap_err();
+        let err = t
+            .render(&[ChatMessage::new("assistant", "x")], false)
+            .unwrap_err();
         assert!(err.to_string().contains("first must be user"), "{err}");
-        assert_eq!(t.render(&[ChatMessage::new("user", "x")], false).unwrap(), "ok");
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", "x")], false).unwrap(),
+            "ok"
+        );
     }
 
     #[test]
     fn python_string_methods_work() {
         let t = ChatTemplate::new("{{ messages[0]['content'].strip().upper() }}", "", "").unwrap();
-        assert_eq!(t.render(&[ChatMessage::new("user", "  a b ")], false).unwrap(), "A B");
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", "  a b ")], false)
+                .unwrap(),
+            "A B"
+        );
     }
 
     #[test]

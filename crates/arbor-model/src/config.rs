@@ -18,7 +18,9 @@ pub enum RopeStyle {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// Llama 3.1's frequency-dependent scaling (Hugging Face `rope_type: "llama3"`).
     Llama3 {
         factor: f32,
@@ -50,6 +52,8 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// Qwen2 has biases on the Q, K and V projections.
     pub qkv_bias: bool,
+    /// Compute RoPE angles the way ggml does (GGUF models), see `rope::Rope`.
+    pub ggml_rope_angles: bool,
 }
 
 impl ModelConfig {
@@ -61,9 +65,9 @@ impl ModelConfig {
         self.num_heads * self.head_dim
     }
 
-    /// Bytes of KV memory one token slot takes (f32 K and V for every layer).
+    /// Bytes of KV memory one token slot takes (f16 K and V for every layer).
     pub fn kv_bytes_per_slot(&self) -> usize {
-        2 * self.num_layers * self.kv_dim() * std::mem::size_of::<f32>()
+        2 * self.num_layers * self.kv_dim() * std::mem::size_of::<half::f16>()
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -126,8 +130,8 @@ impl ModelConfig {
                     } else if wavelen > low_wavelen {
                         *f /= factor;
                     } else {
-                        let smooth =
-                            (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         *f = (1.0 - smooth) * *f / factor + smooth * *f;
                     }
                 }

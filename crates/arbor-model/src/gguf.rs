@@ -12,7 +12,7 @@ use candle_core::Device;
 use crate::chat::{ChatTemplate, CHATML_TEMPLATE};
 use crate::config::{ModelConfig, RopeScaling, RopeStyle};
 use crate::error::{ModelError, Result};
-use crate::linear::{Linear, WeightPolicy};
+use crate::linear::{FusedLinear, Linear};
 use crate::llama::{Embedding, Layer, Llama};
 use crate::tokenizer::{tokenizer_from_gguf, GgufVocab, Tokenizer};
 use crate::LoadedModel;
@@ -54,7 +54,9 @@ impl Meta<'_> {
     }
     fn f32_opt(&self, key: &str) -> Option<f32> {
         let v = self.get(key)?;
-        v.to_f32().ok().or_else(|| v.to_f64().ok().map(|x| x as f32))
+        v.to_f32()
+            .ok()
+            .or_else(|| v.to_f64().ok().map(|x| x as f32))
     }
     fn str_opt(&self, key: &str) -> Option<&str> {
         self.get(key)?.to_string().ok().map(String::as_str)
@@ -94,7 +96,7 @@ fn bad_gguf(path: &Path, reason: impl std::fmt::Display) -> ModelError {
     }
 }
 
-pub fn load_gguf(path: &Path, device: &Device, policy: Option<WeightPolicy>) -> Result<LoadedModel> {
+pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
     let io = |source| ModelError::Io {
         path: path.to_path_buf(),
         source,
@@ -138,7 +140,8 @@ pub fn load_gguf(path: &Path, device: &Device, policy: Option<WeightPolicy>) -> 
         .and_then(|v| v.to_string().ok())
         .cloned()
         .ok_or_else(|| ModelError::MissingMetadata("general.architecture".into()))?;
-    let rope_style = rope_style_for(&arch).ok_or_else(|| ModelError::UnsupportedArchitecture(arch.clone()))?;
+    let rope_style =
+        rope_style_for(&arch).ok_or_else(|| ModelError::UnsupportedArchitecture(arch.clone()))?;
     let meta = Meta {
         md: &content.metadata,
         arch: arch.clone(),
@@ -163,14 +166,21 @@ pub fn load_gguf(path: &Path, device: &Device, policy: Option<WeightPolicy>) -> 
     } else {
         None
     };
-    let rope_scaling = match (freq_factors, meta.str_opt(&meta.arch_key("rope.scaling.type"))) {
+    let rope_scaling = match (
+        freq_factors,
+        meta.str_opt(&meta.arch_key("rope.scaling.type")),
+    ) {
         (Some(f), _) => RopeScaling::FreqFactors(f),
         (None, Some("linear")) => RopeScaling::Linear {
-            factor: meta.f32_opt(&meta.arch_key("rope.scaling.factor")).unwrap_or(1.0),
+            factor: meta
+                .f32_opt(&meta.arch_key("rope.scaling.factor"))
+                .unwrap_or(1.0),
         },
         (None, Some("none")) | (None, None) => RopeScaling::None,
         (None, Some(other)) => {
-            return Err(ModelError::BadConfig(format!("unsupported RoPE scaling {other:?}")))
+            return Err(ModelError::BadConfig(format!(
+                "unsupported RoPE scaling {other:?}"
+            )))
         }
     };
 
@@ -189,24 +199,25 @@ pub fn load_gguf(path: &Path, device: &Device, policy: Option<WeightPolicy>) -> 
         rms_norm_eps: meta
             .f32_opt(&meta.arch_key("attention.layer_norm_rms_epsilon"))
             .unwrap_or(1e-5),
-        rope_theta: meta.f32_opt(&meta.arch_key("rope.freq_base")).unwrap_or(10_000.0),
+        rope_theta: meta
+            .f32_opt(&meta.arch_key("rope.freq_base"))
+            .unwrap_or(10_000.0),
         rope_style,
         rope_scaling,
         max_position_embeddings: meta.usize("context_length")?,
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        ggml_rope_angles: true,
         qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
     };
     config.validate()?;
 
     let tokenizer = gguf_tokenizer(&meta, &config)?;
 
-    let policy = policy.unwrap_or_else(|| WeightPolicy::auto(&config));
     let mut src = TensorSource {
         content: &content,
         reader: &mut reader,
         device,
         path,
-        policy,
     };
     let (h, q_dim, kv_dim, ffn) = (
         config.hidden_size,
@@ -219,30 +230,53 @@ pub fn load_gguf(path: &Path, device: &Device, policy: Option<WeightPolicy>) -> 
     for i in 0..num_layers {
         let p = format!("blk.{i}");
         layers.push(Layer {
-            wq: src.linear(&format!("{p}.attn_q"), q_dim, h, bias)?,
-            wk: src.linear(&format!("{p}.attn_k"), kv_dim, h, bias)?,
-            wv: src.linear(&format!("{p}.attn_v"), kv_dim, h, bias)?,
+            qkv: FusedLinear::new(vec![
+                src.linear(&format!("{p}.attn_q"), q_dim, h, bias)?,
+                src.linear(&format!("{p}.attn_k"), kv_dim, h, bias)?,
+                src.linear(&format!("{p}.attn_v"), kv_dim, h, bias)?,
+            ]),
             wo: src.linear(&format!("{p}.attn_output"), h, q_dim, false)?,
-            w_gate: src.linear(&format!("{p}.ffn_gate"), ffn, h, false)?,
-            w_up: src.linear(&format!("{p}.ffn_up"), ffn, h, false)?,
+            gate_up: FusedLinear::new(vec![
+                src.linear(&format!("{p}.ffn_gate"), ffn, h, false)?,
+                src.linear(&format!("{p}.ffn_up"), ffn, h, false)?,
+            ]),
             w_down: src.linear(&format!("{p}.ffn_down"), h, ffn, false)?,
             attn_norm: src.norm(&format!("{p}.attn_norm.weight"), h)?,
             ffn_norm: src.norm(&format!("{p}.ffn_norm.weight"), h)?,
         });
     }
     let final_norm = src.norm("output_norm.weight", h)?;
-    let lm_head_name = if config.tie_word_embeddings { "token_embd" } else { "output" };
+    let lm_head_name = if config.tie_word_embeddings {
+        "token_embd"
+    } else {
+        "output"
+    };
     let lm_head = src.linear(lm_head_name, config.vocab_size, h, false)?;
     let embedding = Embedding::Quantized(src.tensor("token_embd.weight")?);
 
     let chat_template = match meta.str_opt("tokenizer.chat_template") {
-        Some(src) => ChatTemplate::new(src, &tokenizer.token_text(tokenizer.bos_id), &tokenizer.token_text(tokenizer.eos_id))?,
+        Some(src) => ChatTemplate::new(
+            src,
+            &tokenizer.token_text(tokenizer.bos_id),
+            &tokenizer.token_text(tokenizer.eos_id),
+        )?,
         None => {
             tracing::warn!("{} has no chat template; using ChatML", path.display());
-            ChatTemplate::new(CHATML_TEMPLATE, &tokenizer.token_text(tokenizer.bos_id), &tokenizer.token_text(tokenizer.eos_id))?
+            ChatTemplate::new(
+                CHATML_TEMPLATE,
+                &tokenizer.token_text(tokenizer.bos_id),
+                &tokenizer.token_text(tokenizer.eos_id),
+            )?
         }
     };
-    let model = Llama::new(config, embedding, layers, final_norm, lm_head, device.clone())?;
+    let model = Llama::new(
+        config,
+        embedding,
+        layers,
+        final_norm,
+        lm_head,
+        device.clone(),
+    )?;
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -288,7 +322,9 @@ fn gguf_tokenizer(meta: &Meta, config: &ModelConfig) -> Result<Tokenizer> {
     };
     let bos = meta.u32_opt("tokenizer.ggml.bos_token_id");
     let eos = meta.u32_opt("tokenizer.ggml.eos_token_id");
-    let add_bos = meta.bool_opt("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama");
+    let add_bos = meta
+        .bool_opt("tokenizer.ggml.add_bos_token")
+        .unwrap_or(model == "llama");
     let extra: Vec<u32> = ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
         .iter()
         .filter_map(|k| meta.u32_opt(k))
@@ -310,7 +346,6 @@ struct TensorSource<'a, R> {
     reader: &'a mut R,
     device: &'a Device,
     path: &'a Path,
-    policy: WeightPolicy,
 }
 
 impl<R: std::io::Read + std::io::Seek> TensorSource<'_, R> {
@@ -326,7 +361,7 @@ impl<R: std::io::Read + std::io::Seek> TensorSource<'_, R> {
             .map_err(|e| bad_gguf(self.path, format!("{name}: {e}")))
     }
 
-    fn norm(&mut self, name: &str, len: usize) -> Result<candle_core::Tensor> {
+    fn norm(&mut self, name: &str, len: usize) -> Result<Vec<f32>> {
         let t = self.tensor(name)?.dequantize(self.device)?;
         if t.dims() != [len] {
             return Err(ModelError::BadShape {
@@ -335,7 +370,7 @@ impl<R: std::io::Read + std::io::Seek> TensorSource<'_, R> {
                 expected: vec![len],
             });
         }
-        Ok(t)
+        Ok(t.to_vec1::<f32>()?)
     }
 
     fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
@@ -349,10 +384,13 @@ impl<R: std::io::Read + std::io::Seek> TensorSource<'_, R> {
             });
         }
         let b = if bias {
-            Some(self.tensor(&format!("{name}.bias"))?.dequantize(self.device)?)
+            Some(
+                self.tensor(&format!("{name}.bias"))?
+                    .dequantize(self.device)?,
+            )
         } else {
             None
         };
-        Linear::from_qtensor(w, b, self.policy, self.device)
+        Linear::from_qtensor(w, b, self.device)
     }
 }

@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::chat::{ChatTemplate, CHATML_TEMPLATE};
 use crate::config::{ModelConfig, RopeScaling, RopeStyle};
 use crate::error::{ModelError, Result};
-use crate::linear::Linear;
+use crate::linear::{FusedLinear, Linear};
 use crate::llama::{Embedding, Layer, Llama};
 use crate::tokenizer::Tokenizer;
 use crate::LoadedModel;
@@ -22,13 +22,17 @@ fn read_json(path: &Path) -> Result<Value> {
         path: path.to_path_buf(),
         source,
     })?;
-    serde_json::from_str(&text).map_err(|e| ModelError::BadConfig(format!("{}: {e}", path.display())))
+    serde_json::from_str(&text)
+        .map_err(|e| ModelError::BadConfig(format!("{}: {e}", path.display())))
 }
 
 fn ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -64,7 +68,11 @@ pub fn parse_config(cfg: &Value) -> Result<ModelConfig> {
         .or_else(|| rope_params?.get("rope_theta"))
         .and_then(Value::as_f64)
         .unwrap_or(10_000.0) as f32;
-    let rope_scaling = match cfg.get("rope_scaling").filter(|v| !v.is_null()).or(rope_params) {
+    let rope_scaling = match cfg
+        .get("rope_scaling")
+        .filter(|v| !v.is_null())
+        .or(rope_params)
+    {
         None => RopeScaling::None,
         Some(rs) => {
             let kind = rs
@@ -75,7 +83,9 @@ pub fn parse_config(cfg: &Value) -> Result<ModelConfig> {
             let g = |k: &str, d: f64| rs.get(k).and_then(Value::as_f64).unwrap_or(d) as f32;
             match kind {
                 "default" => RopeScaling::None,
-                "linear" => RopeScaling::Linear { factor: g("factor", 1.0) },
+                "linear" => RopeScaling::Linear {
+                    factor: g("factor", 1.0),
+                },
                 "llama3" => RopeScaling::Llama3 {
                     factor: g("factor", 8.0),
                     low_freq_factor: g("low_freq_factor", 1.0),
@@ -83,7 +93,8 @@ pub fn parse_config(cfg: &Value) -> Result<ModelConfig> {
                     original_max_position_embeddings: rs
                         .get("original_max_position_embeddings")
                         .and_then(Value::as_u64)
-                        .unwrap_or(8192) as usize,
+                        .unwrap_or(8192)
+                        as usize,
                 },
                 other => {
                     return Err(ModelError::BadConfig(format!(
@@ -96,14 +107,24 @@ pub fn parse_config(cfg: &Value) -> Result<ModelConfig> {
     let mut max_pos = req("max_position_embeddings")?;
     // Sliding-window attention is not implemented: cap the context so outputs stay exact.
     if let Some(w) = cfg.get("sliding_window").and_then(Value::as_u64) {
-        let enabled = cfg.get("use_sliding_window").and_then(Value::as_bool).unwrap_or(arch != "Qwen2ForCausalLM");
+        let enabled = cfg
+            .get("use_sliding_window")
+            .and_then(Value::as_bool)
+            .unwrap_or(arch != "Qwen2ForCausalLM");
         if enabled && (w as usize) < max_pos {
-            tracing::warn!(window = w, "sliding-window attention: context capped at the window");
+            tracing::warn!(
+                window = w,
+                "sliding-window attention: context capped at the window"
+            );
             max_pos = w as usize;
         }
     }
     let config = ModelConfig {
-        architecture: cfg.get("model_type").and_then(Value::as_str).unwrap_or(arch).to_string(),
+        architecture: cfg
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or(arch)
+            .to_string(),
         vocab_size: req("vocab_size")?,
         hidden_size,
         intermediate_size: req("intermediate_size")?,
@@ -120,9 +141,16 @@ pub fn parse_config(cfg: &Value) -> Result<ModelConfig> {
         rope_style: RopeStyle::Halves,
         rope_scaling,
         max_position_embeddings: max_pos,
-        tie_word_embeddings: cfg.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+        tie_word_embeddings: cfg
+            .get("tie_word_embeddings")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        ggml_rope_angles: false,
         qkv_bias: arch == "Qwen2ForCausalLM"
-            || cfg.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
+            || cfg
+                .get("attention_bias")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
     };
     config.validate()?;
     Ok(config)
@@ -135,8 +163,14 @@ fn safetensor_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let map = idx
             .get("weight_map")
             .and_then(Value::as_object)
-            .ok_or_else(|| ModelError::BadConfig(format!("{} has no weight_map", index.display())))?;
-        let mut files: Vec<PathBuf> = map.values().filter_map(Value::as_str).map(|f| dir.join(f)).collect();
+            .ok_or_else(|| {
+                ModelError::BadConfig(format!("{} has no weight_map", index.display()))
+            })?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(Value::as_str)
+            .map(|f| dir.join(f))
+            .collect();
         files.sort();
         files.dedup();
         return Ok(files);
@@ -154,9 +188,17 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<LoadedModel> {
 
     // The tokenizer first: a mismatch is reported before seconds of weight loading.
     let tok_cfg_path = dir.join("tokenizer_config.json");
-    let tok_cfg = if tok_cfg_path.exists() { Some(read_json(&tok_cfg_path)?) } else { None };
+    let tok_cfg = if tok_cfg_path.exists() {
+        Some(read_json(&tok_cfg_path)?)
+    } else {
+        None
+    };
     let gen_cfg_path = dir.join("generation_config.json");
-    let gen_cfg = if gen_cfg_path.exists() { Some(read_json(&gen_cfg_path)?) } else { None };
+    let gen_cfg = if gen_cfg_path.exists() {
+        Some(read_json(&gen_cfg_path)?)
+    } else {
+        None
+    };
     let mut gen_eos = ids(gen_cfg.as_ref().and_then(|g| g.get("eos_token_id")));
     gen_eos.extend(ids(cfg_json.get("eos_token_id")));
     let tokenizer_path = dir.join("tokenizer.json");
@@ -193,13 +235,22 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<LoadedModel> {
         }
         Ok(t.to_dtype(candle_core::DType::F32)?)
     };
-    let (h, q, kv, ffn) = (config.hidden_size, config.q_dim(), config.kv_dim(), config.intermediate_size);
+    let (h, q, kv, ffn) = (
+        config.hidden_size,
+        config.q_dim(),
+        config.kv_dim(),
+        config.intermediate_size,
+    );
     let mut layers = Vec::with_capacity(config.num_layers);
     for i in 0..config.num_layers {
         let p = format!("model.layers.{i}");
         let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let w = take(&format!("{p}.{name}.weight"), &[out, inp])?;
-            let b = if bias { Some(take(&format!("{p}.{name}.bias"), &[out])?) } else { None };
+            let b = if bias {
+                Some(take(&format!("{p}.{name}.bias"), &[out])?)
+            } else {
+                None
+            };
             Linear::from_dense(w, b)
         };
         let wq = lin("self_attn.q_proj", q, h, config.qkv_bias)?;
@@ -210,19 +261,17 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<LoadedModel> {
         let w_up = lin("mlp.up_proj", ffn, h, false)?;
         let w_down = lin("mlp.down_proj", h, ffn, false)?;
         layers.push(Layer {
-            wq,
-            wk,
-            wv,
+            qkv: FusedLinear::new(vec![wq, wk, wv]),
             wo,
-            w_gate,
-            w_up,
+            gate_up: FusedLinear::new(vec![w_gate, w_up]),
             w_down,
-            attn_norm: take(&format!("{p}.input_layernorm.weight"), &[h])?,
-            ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            attn_norm: take(&format!("{p}.input_layernorm.weight"), &[h])?.to_vec1::<f32>()?,
+            ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"), &[h])?
+                .to_vec1::<f32>()?,
         });
     }
     let embed = take("model.embed_tokens.weight", &[config.vocab_size, h])?;
-    let final_norm = take("model.norm.weight", &[h])?;
+    let final_norm = take("model.norm.weight", &[h])?.to_vec1::<f32>()?;
     let lm_head = if config.tie_word_embeddings {
         Linear::from_dense(embed.clone(), None)?
     } else {
@@ -239,7 +288,14 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<LoadedModel> {
             ChatTemplate::new(CHATML_TEMPLATE, &bos, &eos)?
         }
     };
-    let model = Llama::new(config, Embedding::Dense(embed), layers, final_norm, lm_head, device.clone())?;
+    let model = Llama::new(
+        config,
+        Embedding::Dense(embed),
+        layers,
+        final_norm,
+        lm_head,
+        device.clone(),
+    )?;
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -252,7 +308,10 @@ fn chat_template_source(dir: &Path, tok_cfg: Option<&Value>) -> Result<Option<St
     if jinja.exists() {
         return std::fs::read_to_string(&jinja)
             .map(Some)
-            .map_err(|source| ModelError::Io { path: jinja, source });
+            .map_err(|source| ModelError::Io {
+                path: jinja,
+                source,
+            });
     }
     Ok(match tok_cfg.and_then(|c| c.get("chat_template")) {
         Some(Value::String(s)) => Some(s.clone()),

@@ -1,7 +1,7 @@
 //! The KV pool: one slot per token, for every layer.
 //!
 //! ```text
-//!   layer l:   k[l] = [ slot 0 | slot 1 | slot 2 | ... | slot N-1 ]   each slot: kv_heads x head_dim f32
+//!   layer l:   k[l] = [ slot 0 | slot 1 | slot 2 | ... | slot N-1 ]   each slot: kv_heads x head_dim f16
 //!              v[l] = [ slot 0 | slot 1 | slot 2 | ... | slot N-1 ]
 //!
 //!   sequence A = [7, 2, 9]        sequence B = [7, 2, 4, 5]   (B shares A's first two slots)
@@ -11,13 +11,16 @@
 //! `arbor_cache::SlotAllocator`); attention reads K/V through that list in place, so a cached
 //! prefix is shared by handing its slot indices to another sequence, never by copying tensors.
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 
 #[derive(Debug)]
 pub struct LayerKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    pub k: Vec<f16>,
+    pub v: Vec<f16>,
 }
 
 #[derive(Debug)]
@@ -34,8 +37,8 @@ impl KvPool {
         let kv_dim = config.kv_dim();
         let layers = (0..config.num_layers)
             .map(|_| LayerKv {
-                k: vec![0.0; num_slots * kv_dim],
-                v: vec![0.0; num_slots * kv_dim],
+                k: vec![f16::ZERO; num_slots * kv_dim],
+                v: vec![f16::ZERO; num_slots * kv_dim],
             })
             .collect();
         Self {
@@ -67,14 +70,15 @@ impl KvPool {
         }
     }
 
-    /// Writes the K and V rows (`[slots.len(), kv_dim]`) of one layer into their slots.
+    /// Writes the K and V rows (`[slots.len(), kv_dim]`) of one layer into their slots, rounded
+    /// to f16 (half the memory and bandwidth of f32, and what llama.cpp stores by default).
     pub fn write(&mut self, layer: usize, slots: &[u32], k: &[f32], v: &[f32]) {
         let d = self.kv_dim;
         let l = &mut self.layers[layer];
         for (i, &s) in slots.iter().enumerate() {
             let dst = s as usize * d..(s as usize + 1) * d;
-            l.k[dst.clone()].copy_from_slice(&k[i * d..(i + 1) * d]);
-            l.v[dst].copy_from_slice(&v[i * d..(i + 1) * d]);
+            l.k[dst.clone()].convert_from_f32_slice(&k[i * d..(i + 1) * d]);
+            l.v[dst].convert_from_f32_slice(&v[i * d..(i + 1) * d]);
         }
     }
 }

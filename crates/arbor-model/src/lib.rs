@@ -5,7 +5,8 @@
 //! - [`KvPool`] holds K/V per token slot; [`Llama::forward`] runs one batched step of any mix of
 //!   prefill chunks and decodes, reading each sequence's K/V through its slot list
 //!   ([`attention`]).
-//! - [`linear`] picks the weight format per call: quantized for decode, dense GEMM for prefill.
+//! - [`linear`] picks the matmul kernel by weight format; [`qmatmul`] is Arbor's batch-invariant
+//!   kernel for 32-wide GGUF blocks.
 
 pub mod attention;
 pub mod chat;
@@ -16,6 +17,7 @@ pub mod hf;
 pub mod kv_pool;
 pub mod linear;
 pub mod llama;
+pub mod qmatmul;
 pub mod rope;
 pub mod tokenizer;
 
@@ -26,7 +28,6 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use kv_pool::KvPool;
-pub use linear::WeightPolicy;
 pub use llama::{Llama, LogitsWanted, SeqStep};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -38,9 +39,8 @@ pub struct LoadedModel {
     pub chat_template: ChatTemplate,
 }
 
-/// Loads a GGUF file or a Hugging Face folder. `policy` overrides the automatic choice of
-/// keeping dense prefill copies of quantized weights.
-pub fn load_model(path: &Path, device: &Device, policy: Option<WeightPolicy>) -> Result<LoadedModel> {
+/// Loads a GGUF file or a Hugging Face folder.
+pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
     if !path.exists() {
         return Err(ModelError::NotFound(path.to_path_buf()));
     }
@@ -48,7 +48,7 @@ pub fn load_model(path: &Path, device: &Device, policy: Option<WeightPolicy>) ->
     let loaded = if path.is_dir() {
         hf::load_hf(path, device)?
     } else {
-        gguf::load_gguf(path, device, policy)?
+        gguf::load_gguf(path, device)?
     };
     let c = &loaded.model.config;
     tracing::info!(

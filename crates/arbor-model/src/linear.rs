@@ -1,44 +1,36 @@
-//! Linear layers whose kernel is picked per call by the number of rows.
+//! Linear layers, with the kernel chosen by weight format.
 //!
-//! Measured on the 2-core development machine (shared/cpu/README.md): prefill is matrix-matrix
-//! work, and dequantized f32 weights through candle's GEMM beat quantized dot products by 2-15x;
-//! decode is matrix-vector work bound by memory traffic, where fewer bytes per weight win and
-//! Q8_0/Q4_0 (AVX2 dot products in candle) are twice as fast as f32. candle 0.11's Q4_1, Q5_0 and
-//! Q5_1 dot products are scalar loops, so those weights are re-quantized to Q8_0 for decode
-//! (more bits than the source: the re-quantization error is far below the source's own).
+//! - Q4_0, Q4_1, Q8_0 (and Q5_0/Q5_1, re-quantized to Q8_0 at load): Arbor's batch-invariant
+//!   block kernel ([`crate::qmatmul`]), the same arithmetic as llama.cpp, for prefill and
+//!   decode alike. candle 0.11's Q4_1/Q5_x dot products are scalar loops (shared/cpu/README.md).
+//! - K-quants: candle's quantized matmul (AVX2 dot products; each row computed on its own).
+//! - F32/F16/BF16 (Hugging Face folders): f32 weights through candle's GEMM.
 //!
-//! A [`Linear`] therefore keeps up to two copies of its weight: `quant` for few rows and `dense`
-//! for many. The dense copy costs 4 bytes per weight, so [`WeightPolicy`] drops it for models too
-//! large to afford it.
+//! Why not dequantized f32 weights through a GEMM for prefill, which measured 2x faster than
+//! candle's quantized matmul? Because a token's K/V would then depend on whether it went
+//! through prefill or decode, and in which chunk: the prefix cache could change outputs. One
+//! kernel for every row keeps outputs identical with the cache on or off, whatever the batch.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::Result;
+use crate::qmatmul::{BlockFormat, BlockMatrix};
 
-/// Below this many rows a matmul runs on the quantized weights; from it on, on the dense copy.
-/// Quantized matmul re-reads the weights for every row, GEMM reads them once: the cross-over
-/// on the development machine lies between 4 and 16 rows.
-pub const DENSE_MIN_ROWS: usize = 8;
-
-#[derive(Debug, Clone, Copy)]
-pub struct WeightPolicy {
-    /// Keep a dequantized f32 copy of quantized weights for prefill.
-    pub dense_prefill: bool,
+#[derive(Debug, Clone)]
+enum Kernel {
+    Blocks(BlockMatrix),
+    Candle(QMatMul),
+    /// `[out, in]` f32.
+    Dense(Tensor),
 }
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    quant: Option<QMatMul>,
-    /// `[out, in]` f32.
-    dense: Option<Tensor>,
+    kernel: Kernel,
     bias: Option<Tensor>,
     pub in_dim: usize,
     pub out_dim: usize,
-}
-
-fn has_fast_cpu_dot(dtype: GgmlDType) -> bool {
-    !matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
 }
 
 impl Linear {
@@ -46,8 +38,7 @@ impl Linear {
     pub fn from_dense(w: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_dim, in_dim) = w.dims2()?;
         Ok(Self {
-            quant: None,
-            dense: Some(w.to_dtype(DType::F32)?.contiguous()?),
+            kernel: Kernel::Dense(w.to_dtype(DType::F32)?.contiguous()?),
             bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
             in_dim,
             out_dim,
@@ -55,44 +46,74 @@ impl Linear {
     }
 
     /// From a GGUF tensor of shape `[out, in]`.
-    pub fn from_qtensor(q: QTensor, bias: Option<Tensor>, policy: WeightPolicy, device: &Device) -> Result<Self> {
+    pub fn from_qtensor(q: QTensor, bias: Option<Tensor>, device: &Device) -> Result<Self> {
         let (out_dim, in_dim) = q.shape().dims2()?;
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
-        let dtype = q.dtype();
-        if matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-            return Self::from_dense(q.dequantize(device)?, bias);
+        let blocks = |format: BlockFormat, q: &QTensor| -> Result<Option<BlockMatrix>> {
+            Ok(BlockMatrix::from_gguf_bytes(
+                format,
+                out_dim,
+                in_dim,
+                &q.data()?,
+            ))
+        };
+        let kernel = match q.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                return Self::from_dense(q.dequantize(device)?, bias);
+            }
+            GgmlDType::Q4_0 => blocks(BlockFormat::Q4_0, &q)?.map(Kernel::Blocks),
+            GgmlDType::Q4_1 => blocks(BlockFormat::Q4_1, &q)?.map(Kernel::Blocks),
+            GgmlDType::Q8_0 => blocks(BlockFormat::Q8_0, &q)?.map(Kernel::Blocks),
+            GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
+                // 8 bits hold 5-bit values with room to spare: the re-quantization error is far
+                // below the source's own.
+                let q8 = QTensor::quantize(&q.dequantize(device)?, GgmlDType::Q8_0)?;
+                blocks(BlockFormat::Q8_0, &q8)?.map(Kernel::Blocks)
+            }
+            _ => None,
         }
-        let dense = if policy.dense_prefill {
-            Some(q.dequantize(device)?)
-        } else {
-            None
-        };
-        let quant = if has_fast_cpu_dot(dtype) || !in_dim.is_multiple_of(32) {
-            QMatMul::from_qtensor(q)?
-        } else {
-            let f32_weights = match &dense {
-                Some(d) => d.clone(),
-                None => q.dequantize(device)?,
-            };
-            QMatMul::from_qtensor(QTensor::quantize(&f32_weights, GgmlDType::Q8_0)?)?
-        };
+        .unwrap_or(Kernel::Candle(QMatMul::from_qtensor(q)?));
         Ok(Self {
-            quant: Some(quant),
-            dense,
+            kernel,
             bias,
             in_dim,
             out_dim,
         })
     }
 
+    /// `x: [m, in]` row-major -> `[m, out]`.
+    pub fn forward_vec(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let mut y = match &self.kernel {
+            Kernel::Blocks(w) => w.matmul(x, m),
+            _ => {
+                let t = Tensor::from_slice(x, (m, self.in_dim), &Device::Cpu)?;
+                let y = match &self.kernel {
+                    Kernel::Candle(q) => q.forward(&t)?,
+                    Kernel::Dense(w) => t.matmul(&w.t()?)?,
+                    Kernel::Blocks(_) => unreachable!("handled above"),
+                };
+                y.flatten_all()?.to_vec1::<f32>()?
+            }
+        };
+        if let Some(b) = &self.bias {
+            let b = b.to_vec1::<f32>()?;
+            for row in y.chunks_exact_mut(self.out_dim) {
+                row.iter_mut().zip(&b).for_each(|(v, b)| *v += b);
+            }
+        }
+        Ok(y)
+    }
+
     /// `x: [m, in]` -> `[m, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let rows = x.dim(0)?;
-        let y = match (&self.quant, &self.dense) {
-            (Some(q), Some(_)) if rows < DENSE_MIN_ROWS => q.forward(x)?,
-            (_, Some(w)) => x.matmul(&w.t()?)?,
-            (Some(q), None) => q.forward(x)?,
-            (None, None) => unreachable!("a Linear is always built with at least one weight copy"),
+        let y = match &self.kernel {
+            Kernel::Blocks(w) => {
+                let m = x.dim(0)?;
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(w.matmul(&xs, m), (m, self.out_dim), x.device())?
+            }
+            Kernel::Candle(q) => q.forward(x)?,
+            Kernel::Dense(w) => x.matmul(&w.t()?)?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -101,29 +122,75 @@ impl Linear {
     }
 }
 
-/// Never keep dense copies larger than this, whatever the free memory.
-const DENSE_COPY_MAX_BYTES: u64 = 8 << 30;
-
-impl WeightPolicy {
-    /// Dense prefill copies when they fit comfortably: at most a third of the available memory
-    /// and at most 8 GiB (a 135M model's copy is 0.5 GB; a 7B model's would be 28 GB).
-    pub fn auto(config: &crate::config::ModelConfig) -> Self {
-        let h = config.hidden_size as u64;
-        let per_layer = h * (2 * config.q_dim() as u64 + 2 * config.kv_dim() as u64)
-            + 3 * h * config.intermediate_size as u64;
-        let params = config.num_layers as u64 * per_layer + config.vocab_size as u64 * h;
-        let dense_bytes = params * 4;
-        let budget = available_memory_bytes().map_or(DENSE_COPY_MAX_BYTES, |m| (m / 3).min(DENSE_COPY_MAX_BYTES));
-        let dense_prefill = dense_bytes <= budget;
-        tracing::debug!(dense_bytes, budget, dense_prefill, "dense prefill weights");
-        Self { dense_prefill }
-    }
+/// Several projections of the same input (Q, K, V; gate, up) run as one matmul when their
+/// weights share a block format, saving a pass over the input and a parallel dispatch per layer.
+#[derive(Debug, Clone)]
+pub struct FusedLinear {
+    parts: Vec<Linear>,
+    fused: Option<Linear>,
 }
 
-/// `MemAvailable` from /proc/meminfo (Linux); `None` elsewhere.
-pub fn available_memory_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+impl FusedLinear {
+    pub fn new(parts: Vec<Linear>) -> Self {
+        let blocks: Option<Vec<&BlockMatrix>> = parts
+            .iter()
+            .map(|p| match &p.kernel {
+                Kernel::Blocks(b) => Some(b),
+                _ => None,
+            })
+            .collect();
+        let fused = blocks.and_then(|b| BlockMatrix::concat_rows(&b)).map(|w| {
+            let biases: Option<Vec<Tensor>> = parts.iter().map(|p| p.bias.clone()).collect();
+            Linear {
+                in_dim: w.cols(),
+                out_dim: w.rows(),
+                kernel: Kernel::Blocks(w),
+                // All or none of the parts have biases (Qwen2's Q/K/V).
+                bias: biases.and_then(|b| Tensor::cat(&b, 0).ok()),
+            }
+        });
+        Self { parts, fused }
+    }
+
+    /// Returns one `[m, out_i]` row-major block per part.
+    pub fn forward_vec(&self, x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
+        match &self.fused {
+            None => self.parts.iter().map(|p| p.forward_vec(x, m)).collect(),
+            Some(f) => {
+                let y = f.forward_vec(x, m)?;
+                let mut outs: Vec<Vec<f32>> = self
+                    .parts
+                    .iter()
+                    .map(|p| Vec::with_capacity(m * p.out_dim))
+                    .collect();
+                for row in y.chunks_exact(f.out_dim) {
+                    let mut off = 0;
+                    for (o, p) in outs.iter_mut().zip(&self.parts) {
+                        o.extend_from_slice(&row[off..off + p.out_dim]);
+                        off += p.out_dim;
+                    }
+                }
+                Ok(outs)
+            }
+        }
+    }
+
+    /// Returns one `[m, out_i]` tensor per part.
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match &self.fused {
+            None => self.parts.iter().map(|p| p.forward(x)).collect(),
+            Some(f) => {
+                let y = f.forward(x)?;
+                let mut offset = 0;
+                self.parts
+                    .iter()
+                    .map(|p| {
+                        let part = y.narrow(1, offset, p.out_dim)?;
+                        offset += p.out_dim;
+                        Ok(part)
+                    })
+                    .collect()
+            }
+        }
+    }
 }

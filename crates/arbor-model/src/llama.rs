@@ -12,7 +12,7 @@ use crate::attention::{attention, AttnSeq, AttnShape};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_pool::KvPool;
-use crate::linear::Linear;
+use crate::linear::{FusedLinear, Linear};
 use crate::rope::Rope;
 
 #[derive(Debug)]
@@ -41,14 +41,13 @@ impl Embedding {
 
 #[derive(Debug)]
 pub struct Layer {
-    pub attn_norm: Tensor,
-    pub wq: Linear,
-    pub wk: Linear,
-    pub wv: Linear,
+    pub attn_norm: Vec<f32>,
+    /// Q, K and V projections.
+    pub qkv: FusedLinear,
     pub wo: Linear,
-    pub ffn_norm: Tensor,
-    pub w_gate: Linear,
-    pub w_up: Linear,
+    pub ffn_norm: Vec<f32>,
+    /// Gate and up projections of the SwiGLU MLP.
+    pub gate_up: FusedLinear,
     pub w_down: Linear,
 }
 
@@ -57,7 +56,7 @@ pub struct Llama {
     pub config: ModelConfig,
     pub embedding: Embedding,
     pub layers: Vec<Layer>,
-    pub final_norm: Tensor,
+    pub final_norm: Vec<f32>,
     pub lm_head: Linear,
     rope: Rope,
     device: Device,
@@ -90,7 +89,7 @@ impl Llama {
         config: ModelConfig,
         embedding: Embedding,
         layers: Vec<Layer>,
-        final_norm: Tensor,
+        final_norm: Vec<f32>,
         lm_head: Linear,
         device: Device,
     ) -> Result<Self> {
@@ -150,7 +149,9 @@ impl Llama {
             match s.logits {
                 LogitsWanted::None => {}
                 LogitsWanted::Last => logit_rows.push((tokens.len() - 1) as u32),
-                LogitsWanted::All => logit_rows.extend((tokens.len() - s.tokens.len()) as u32..tokens.len() as u32),
+                LogitsWanted::All => {
+                    logit_rows.extend((tokens.len() - s.tokens.len()) as u32..tokens.len() as u32)
+                }
             }
         }
         let n_tokens = tokens.len();
@@ -164,33 +165,71 @@ impl Llama {
         };
         let rope_tables = self.rope.tables(&positions);
         let ids = Tensor::from_vec(tokens, n_tokens, &self.device)?;
-        let mut x = self.embedding.lookup(&ids)?;
+        let mut x = self
+            .embedding
+            .lookup(&ids)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut h = vec![0f32; x.len()];
         let mut attn_out = vec![0f32; n_tokens * cfg.q_dim()];
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps)?;
-            let mut q = layer.wq.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut k = layer.wk.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let v = layer.wv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps, &mut h);
+            let mut qkv = layer.qkv.forward_vec(&h, n_tokens)?;
+            let v = qkv.pop().expect("three projections");
+            let mut k = qkv.pop().expect("three projections");
+            let mut q = qkv.pop().expect("three projections");
             self.rope.apply(&mut q, cfg.num_heads, &rope_tables);
             self.rope.apply(&mut k, cfg.num_kv_heads, &rope_tables);
             kv.write(l, &new_slots, &k, &v);
             let pool = kv.layer(l);
             attention(&q, &pool.k, &pool.v, &attn_seqs, shape, &mut attn_out);
-            let a = Tensor::from_slice(&attn_out, (n_tokens, cfg.q_dim()), &self.device)?;
-            x = (x + layer.wo.forward(&a)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps)?;
-            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
-            let up = layer.w_up.forward(&h)?;
-            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+            add_assign(&mut x, &layer.wo.forward_vec(&attn_out, n_tokens)?);
+            rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps, &mut h);
+            let mut gate_up = layer.gate_up.forward_vec(&h, n_tokens)?;
+            let up = gate_up.pop().expect("two projections");
+            let mut act = gate_up.pop().expect("two projections");
+            act.iter_mut().zip(&up).for_each(|(g, u)| *g = silu(*g) * u);
+            add_assign(&mut x, &layer.w_down.forward_vec(&act, n_tokens)?);
         }
         if logit_rows.is_empty() {
             return Ok(Vec::new());
         }
-        let n_rows = logit_rows.len();
-        let rows = Tensor::from_vec(logit_rows, n_rows, &self.device)?;
-        let last = x.index_select(&rows, 0)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.final_norm, cfg.rms_norm_eps)?;
-        let logits = self.lm_head.forward(&last)?;
-        Ok(logits.to_vec2::<f32>()?)
+        let hd = cfg.hidden_size;
+        let last: Vec<f32> = logit_rows
+            .iter()
+            .flat_map(|&r| x[r as usize * hd..(r as usize + 1) * hd].iter().copied())
+            .collect();
+        let mut normed = vec![0f32; last.len()];
+        rms_norm(&last, &self.final_norm, cfg.rms_norm_eps, &mut normed);
+        let logits = self.lm_head.forward_vec(&normed, logit_rows.len())?;
+        Ok(logits
+            .chunks_exact(self.lm_head.out_dim)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
+}
+
+/// RMSNorm of each row, computed like ggml's `rms_norm` + `mul`: the sum of squares in f64,
+/// `x * (1 / sqrt(mean + eps))`, then times the weight. (Dividing by the root instead differs
+/// in the last bit, and the next matmul's 8-bit activation rounding can turn a last-bit
+/// difference into a visible one.)
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let n = weight.len();
+    for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+        let mean = (sum / n as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
+            *o = (v * scale) * w;
+        }
+    }
+}
+
+#[inline]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+fn add_assign(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
 }

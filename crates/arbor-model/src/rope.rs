@@ -7,6 +7,19 @@ pub struct Rope {
     inv_freq: Vec<f32>,
     style: RopeStyle,
     head_dim: usize,
+    /// GGUF models: angles computed like ggml (see [`Rope::tables`]).
+    ggml_angles: Option<GgmlAngles>,
+}
+
+/// ggml's `rope_cache_init`: `theta_0 = p`, `theta_{i+1} = theta_i * base^(-2/d)` in f32, each
+/// divided by a frequency factor (and scaled by `freq_scale`). It differs from
+/// `p * base^(-2i/d)` in the last bits; through the 8-bit activation quantization of the next
+/// matmul those bits can flip a rounding, so GGUF models follow llama.cpp exactly.
+#[derive(Debug, Clone)]
+struct GgmlAngles {
+    theta_scale: f32,
+    freq_scale: f32,
+    freq_factors: Option<Vec<f32>>,
 }
 
 /// cos/sin of every (token, frequency) pair of one forward step, shared by all layers.
@@ -17,10 +30,23 @@ pub struct RopeTables {
 
 impl Rope {
     pub fn new(config: &ModelConfig) -> Self {
+        use crate::config::RopeScaling;
+        let ggml_angles = config.ggml_rope_angles.then(|| GgmlAngles {
+            theta_scale: config.rope_theta.powf(-2.0 / config.head_dim as f32),
+            freq_scale: match config.rope_scaling {
+                RopeScaling::Linear { factor } => 1.0 / factor,
+                _ => 1.0,
+            },
+            freq_factors: match &config.rope_scaling {
+                RopeScaling::FreqFactors(f) => Some(f.clone()),
+                _ => None,
+            },
+        });
         Self {
             inv_freq: config.rope_inv_freq(),
             style: config.rope_style,
             head_dim: config.head_dim,
+            ggml_angles,
         }
     }
 
@@ -29,11 +55,25 @@ impl Rope {
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &p in positions {
-            for &f in &self.inv_freq {
-                // f32 like transformers (position * inv_freq in f32, then cos/sin).
-                let theta = p as f32 * f;
-                cos.push(theta.cos());
-                sin.push(theta.sin());
+            match &self.ggml_angles {
+                Some(g) => {
+                    let mut theta = p as f32;
+                    for i in 0..half {
+                        let ff = g.freq_factors.as_ref().map_or(1.0, |f| f[i]);
+                        let t = g.freq_scale * (theta / ff);
+                        cos.push(t.cos());
+                        sin.push(t.sin());
+                        theta *= g.theta_scale;
+                    }
+                }
+                None => {
+                    for &f in &self.inv_freq {
+                        // f32 like transformers (position * inv_freq in f32, then cos/sin).
+                        let theta = p as f32 * f;
+                        cos.push(theta.cos());
+                        sin.push(theta.sin());
+                    }
+                }
             }
         }
         RopeTables { cos, sin }

@@ -64,7 +64,10 @@ impl Tokenizer {
         add_bos: bool,
         extra_stop_ids: &[u32],
     ) -> Self {
-        let mut stop_ids: Vec<u32> = eos_id.into_iter().chain(extra_stop_ids.iter().copied()).collect();
+        let mut stop_ids: Vec<u32> = eos_id
+            .into_iter()
+            .chain(extra_stop_ids.iter().copied())
+            .collect();
         for text in END_OF_TURN_TEXTS {
             if let Some(id) = inner.token_to_id(text) {
                 let special = inner
@@ -133,7 +136,8 @@ impl Tokenizer {
     }
 
     pub fn token_text(&self, id: Option<u32>) -> String {
-        id.and_then(|i| self.inner.id_to_token(i)).unwrap_or_default()
+        id.and_then(|i| self.inner.id_to_token(i))
+            .unwrap_or_default()
     }
 
     pub fn is_stop(&self, id: u32) -> bool {
@@ -204,7 +208,9 @@ pub fn gguf_tokenizer_json(v: &GgufVocab) -> Result<Value> {
     match v.model {
         "gpt2" => {
             let merges = v.merges.ok_or_else(|| {
-                ModelError::MissingMetadata("tokenizer.ggml.merges (needed by a gpt2 tokenizer)".into())
+                ModelError::MissingMetadata(
+                    "tokenizer.ggml.merges (needed by a gpt2 tokenizer)".into(),
+                )
             })?;
             let vocab: serde_json::Map<String, Value> = v
                 .tokens
@@ -237,7 +243,9 @@ pub fn gguf_tokenizer_json(v: &GgufVocab) -> Result<Value> {
         }
         "llama" => {
             let scores = v.scores.ok_or_else(|| {
-                ModelError::MissingMetadata("tokenizer.ggml.scores (needed by a llama tokenizer)".into())
+                ModelError::MissingMetadata(
+                    "tokenizer.ggml.scores (needed by a llama tokenizer)".into(),
+                )
             })?;
             let vocab: serde_json::Map<String, Value> = v
                 .tokens
@@ -284,12 +292,8 @@ pub fn gguf_tokenizer_json(v: &GgufVocab) -> Result<Value> {
 fn bpe_pre_tokenizer(pre: &str) -> (Value, Value) {
     const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
-    let split = |pattern: &str| {
-        json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
     match pre {
         "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" => (
             Value::Null,
@@ -312,7 +316,11 @@ fn bpe_pre_tokenizer(pre: &str) -> (Value, Value) {
 /// Merges for a SentencePiece vocabulary, ranked by the score of the merged piece (the order in
 /// which SentencePiece's BPE applies them). The same derivation as transformers' Llama converter.
 fn sentencepiece_merges(tokens: &[String], scores: &[f32]) -> Vec<Value> {
-    let ids: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let ids: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
     let mut merges: Vec<(f32, usize, usize, &str, &str)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
         for (split, _) in piece.char_indices().skip(1) {
@@ -325,7 +333,10 @@ fn sentencepiece_merges(tokens: &[String], scores: &[f32]) -> Vec<Value> {
     }
     // Higher score merges first; ties broken by the pieces' ids like the converter does.
     merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
-    merges.into_iter().map(|(_, _, _, a, b)| json!([a, b])).collect()
+    merges
+        .into_iter()
+        .map(|(_, _, _, a, b)| json!([a, b]))
+        .collect()
 }
 
 /// Builds a [`Tokenizer`] from GGUF metadata.
@@ -339,7 +350,13 @@ pub fn tokenizer_from_gguf(
     let json = gguf_tokenizer_json(v)?;
     let inner = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&json).map_err(tok_err)?)
         .map_err(tok_err)?;
-    Ok(Tokenizer::new(inner, bos_id, eos_id, add_bos, extra_stop_ids))
+    Ok(Tokenizer::new(
+        inner,
+        bos_id,
+        eos_id,
+        add_bos,
+        extra_stop_ids,
+    ))
 }
 
 /// Turns a growing list of generated ids into text deltas that are safe to print: a multi-byte

@@ -11,7 +11,7 @@ use candle_core::quantized::QTensor;
 use candle_core::Tensor;
 
 fn load(path: &Path) -> ModelError {
-    arbor_model::load_model(path, &Device::Cpu, None).expect_err("loading must fail")
+    arbor_model::load_model(path, &Device::Cpu).expect_err("loading must fail")
 }
 
 #[test]
@@ -49,13 +49,25 @@ fn not_a_gguf_file() {
 fn unsupported_architecture_in_gguf() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bert.gguf");
-    let t = QTensor::quantize(&Tensor::zeros((4, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(), candle_core::quantized::GgmlDType::F32).unwrap();
+    let t = QTensor::quantize(
+        &Tensor::zeros((4, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+        candle_core::quantized::GgmlDType::F32,
+    )
+    .unwrap();
     let arch = Value::String("bert".into());
     let mut f = std::fs::File::create(&p).unwrap();
-    gguf_file::write(&mut f, &[("general.architecture", &arch)], &[("token_embd.weight", &t)]).unwrap();
+    gguf_file::write(
+        &mut f,
+        &[("general.architecture", &arch)],
+        &[("token_embd.weight", &t)],
+    )
+    .unwrap();
     drop(f);
     let e = load(&p);
-    assert!(matches!(&e, ModelError::UnsupportedArchitecture(a) if a == "bert"), "{e}");
+    assert!(
+        matches!(&e, ModelError::UnsupportedArchitecture(a) if a == "bert"),
+        "{e}"
+    );
 }
 
 /// A GGUF whose one tensor has type 16 (IQ2_XXS), which Arbor does not support.
@@ -98,7 +110,8 @@ fn copy_dir(src: &Path, dst: &Path) {
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let p = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(&p, v.to_string()).unwrap();
 }
@@ -107,9 +120,14 @@ fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
 fn unsupported_architecture_in_hf_folder() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&common::fixtures().join("tiny-llama"), dir.path());
-    edit_config(dir.path(), |c| c["architectures"] = serde_json::json!(["GPT2LMHeadModel"]));
+    edit_config(dir.path(), |c| {
+        c["architectures"] = serde_json::json!(["GPT2LMHeadModel"])
+    });
     let e = load(dir.path());
-    assert!(matches!(&e, ModelError::UnsupportedArchitecture(a) if a == "GPT2LMHeadModel"), "{e}");
+    assert!(
+        matches!(&e, ModelError::UnsupportedArchitecture(a) if a == "GPT2LMHeadModel"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -129,7 +147,10 @@ fn missing_shard_and_truncated_safetensors() {
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
     let e = load(dir.path());
-    assert!(e.to_string().contains("model-00002-of-00003.safetensors"), "{e}");
+    assert!(
+        e.to_string().contains("model-00002-of-00003.safetensors"),
+        "{e}"
+    );
     std::fs::remove_file(&shard).unwrap();
     let e = load(dir.path());
     assert!(matches!(e, ModelError::NotFound(_)), "{e}");

@@ -7,21 +7,58 @@ use arbor_model::{Device, KvPool, LogitsWanted, SeqStep};
 use serde_json::Value;
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn logits_all(m: &arbor_model::LoadedModel, tokens: &[u32]) -> Vec<Vec<f32>> {
     let mut pool = KvPool::new(&m.model.config, tokens.len());
     let slots: Vec<u32> = (0..tokens.len() as u32).collect();
     m.model
-        .forward(&[SeqStep { tokens, slots: &slots, logits: LogitsWanted::All }], &mut pool)
+        .forward(
+            &[SeqStep {
+                tokens,
+                slots: &slots,
+                logits: LogitsWanted::All,
+            }],
+            &mut pool,
+        )
         .unwrap()
 }
 
+/// Where llama.cpp's arithmetic and Arbor's coincide operation for operation (short inputs,
+/// see docs/CORRECTNESS.md), the logits must agree to the last bits: this pins the block matmul,
+/// embedding, RMSNorm, RoPE angles and f16 attention to llama.cpp's.
+#[test]
+fn short_sequences_match_llama_cpp_bit_for_bit() {
+    let m = common::default_model();
+    let fx = common::read_fixture("llamacpp_smollm2.json");
+    let cases = fx["short"].as_array().unwrap();
+    assert!(cases.len() >= 5);
+    for case in cases {
+        let tokens = ids(&case["ids"]);
+        let ours = logits_all(m, &tokens).pop().unwrap();
+        for e in case["top20"].as_array().unwrap() {
+            let id = e[0].as_u64().unwrap() as usize;
+            let want = e[1].as_f64().unwrap() as f32;
+            // JSON carries the f32 as a decimal: allow one ulp of the round trip.
+            assert!(
+                (ours[id] - want).abs() <= want.abs() * 2e-7,
+                "{tokens:?} token {id}: arbor {} llama.cpp {want}",
+                ours[id]
+            );
+        }
+    }
+}
+
 /// Tolerance on the first generated position's top-20 logits against llama.cpp, in logit units.
-/// llama.cpp multiplies Q4_1 weights by activations quantized to 8 bits (Q8_1) while Arbor's
-/// prefill multiplies the same dequantized weights by f32 activations: measured differences on
-/// these prompts are up to ~0.3 on logits of magnitude 10-25 (see docs/CORRECTNESS.md).
+/// On longer inputs ggml's vectorised expf (SiLU, softmax) and libm's expf round a few inputs
+/// differently; each last-bit difference can flip one 8-bit activation rounding in the next
+/// matmul, and across 30 layers these add up to logit differences of 0.1-0.4 (measured on these
+/// prompts: at most 0.36; logits are of magnitude 20-35).
 const LLAMA_CPP_LOGIT_TOL: f32 = 0.6;
 
 #[test]
@@ -42,10 +79,17 @@ fn first_position_logits_match_llama_cpp() {
             let want = e[1].as_f64().unwrap() as f32;
             let diff = (last[id] - want).abs();
             worst = worst.max(diff);
-            assert!(diff < LLAMA_CPP_LOGIT_TOL, "token {id}: arbor {} llama.cpp {want}", last[id]);
+            assert!(
+                diff < LLAMA_CPP_LOGIT_TOL,
+                "token {id}: arbor {} llama.cpp {want}",
+                last[id]
+            );
         }
         let margin = top20[0][1].as_f64().unwrap() - top20[1][1].as_f64().unwrap();
-        assert!(ours_best == best || margin < 0.5, "argmax {ours_best} vs {best} (margin {margin})");
+        assert!(
+            ours_best == best || margin < 0.5,
+            "argmax {ours_best} vs {best} (margin {margin})"
+        );
     }
     eprintln!("worst top-20 logit difference against llama.cpp: {worst}");
 }
@@ -60,18 +104,24 @@ fn arbor_engine_argmax(x: &[f32]) -> usize {
     b
 }
 
-/// Tolerance against transformers on the tiny models: both run f32 arithmetic on the same bf16
-/// weights, so only summation order differs (relative error ~1e-6 per op); 1e-3 absolute on
-/// logits of magnitude up to ~10 leaves two orders of magnitude of headroom while any real bug
-/// (a wrong RoPE pairing, a missing bias, GQA mapping) moves logits by 0.1 or more.
-const TINY_LOGIT_TOL: f32 = 1e-3;
+/// Tolerance against transformers on the tiny models: both compute in f32 on the same bf16
+/// weights, but Arbor stores K/V in f16 and rounds queries and attention probabilities to f16
+/// (relative error 2^-11 ~ 5e-4 per value); measured differences stay below 3e-3 on logits of
+/// magnitude up to ~5. 1e-2 leaves headroom while any real bug (a wrong RoPE pairing, a missing
+/// bias, a wrong GQA mapping) moves logits by 0.1 or more.
+const TINY_LOGIT_TOL: f32 = 1e-2;
 
 #[test]
 fn tiny_hf_models_match_transformers_at_every_position() {
     let fx = common::read_fixture("tiny_logits.json");
-    let probe: Vec<usize> = fx["probe_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+    let probe: Vec<usize> = fx["probe_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
     for (name, cases) in fx["models"].as_object().unwrap() {
-        let m = arbor_model::load_model(&common::fixtures().join(name), &Device::Cpu, None).unwrap();
+        let m = arbor_model::load_model(&common::fixtures().join(name), &Device::Cpu).unwrap();
         for case in cases.as_array().unwrap() {
             let tokens = ids(&case["ids"]);
             let ours = logits_all(&m, &tokens);
@@ -80,11 +130,18 @@ fn tiny_hf_models_match_transformers_at_every_position() {
                 for (k, &id) in probe.iter().enumerate() {
                     let w = row[k].as_f64().unwrap() as f32;
                     let diff = (ours[pos][id] - w).abs();
-                    assert!(diff < TINY_LOGIT_TOL, "{name} pos {pos} token {id}: arbor {} transformers {w}", ours[pos][id]);
+                    assert!(
+                        diff < TINY_LOGIT_TOL,
+                        "{name} pos {pos} token {id}: arbor {} transformers {w}",
+                        ours[pos][id]
+                    );
                 }
                 let want_arg = case["argmax"][pos].as_u64().unwrap() as usize;
                 let want_max = case["max_logit"][pos].as_f64().unwrap() as f32;
-                assert!((ours[pos][want_arg] - want_max).abs() < TINY_LOGIT_TOL, "{name} pos {pos}: max logit");
+                assert!(
+                    (ours[pos][want_arg] - want_max).abs() < TINY_LOGIT_TOL,
+                    "{name} pos {pos}: max logit"
+                );
             }
         }
     }
@@ -94,7 +151,7 @@ fn tiny_hf_models_match_transformers_at_every_position() {
 /// by earlier steps is read back correctly, whatever the slots are.
 #[test]
 fn incremental_decode_equals_prefill_on_scattered_slots() {
-    let m = arbor_model::load_model(&common::fixtures().join("tiny-qwen2"), &Device::Cpu, None).unwrap();
+    let m = arbor_model::load_model(&common::fixtures().join("tiny-qwen2"), &Device::Cpu).unwrap();
     let tokens: Vec<u32> = vec![5, 900, 31, 4000, 77, 12, 9, 300, 2, 45];
     let reference = logits_all(&m, &tokens);
     let mut pool = KvPool::new(&m.model.config, 64);
@@ -103,17 +160,35 @@ fn incremental_decode_equals_prefill_on_scattered_slots() {
     // Prefill 4 tokens, then decode the rest one at a time.
     let mut got = m
         .model
-        .forward(&[SeqStep { tokens: &tokens[..4], slots: &slots[..4], logits: LogitsWanted::All }], &mut pool)
+        .forward(
+            &[SeqStep {
+                tokens: &tokens[..4],
+                slots: &slots[..4],
+                logits: LogitsWanted::All,
+            }],
+            &mut pool,
+        )
         .unwrap();
     for i in 4..tokens.len() {
         let mut row = m
             .model
-            .forward(&[SeqStep { tokens: &tokens[i..=i], slots: &slots[..=i], logits: LogitsWanted::Last }], &mut pool)
+            .forward(
+                &[SeqStep {
+                    tokens: &tokens[i..=i],
+                    slots: &slots[..=i],
+                    logits: LogitsWanted::Last,
+                }],
+                &mut pool,
+            )
             .unwrap();
         got.append(&mut row);
     }
     for (pos, (a, b)) in got.iter().zip(&reference).enumerate() {
-        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let d = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(d < 1e-4, "position {pos}: max difference {d}");
     }
 }

