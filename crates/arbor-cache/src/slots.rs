@@ -150,7 +150,7 @@ mod tests {
                 let s = held.swap_remove(i);
                 a.free(&s).unwrap();
             }
-            let mut seen = vec![false; 64];
+            let mut seen = [false; 64];
             for &s in held.iter().flatten() {
                 assert!(!seen[s as usize], "slot {s} owned twice");
                 seen[s as usize] = true;

@@ -423,7 +423,7 @@ impl Engine {
             }
         }
         // Remove finished sequences back to front so indices stay valid.
-        finished.sort_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_by_key(|f| std::cmp::Reverse(f.0));
         for (i, reason) in finished {
             let mut seq = self.running.swap_remove(i);
             let tail = if reason == FinishReason::Stop {

@@ -85,20 +85,25 @@ fn round_f16(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
 }
 
-/// Widens the rows of one KV head for keys `j0..j1` of a sequence into `dst` (`[keys, d]`).
-fn widen_tile(
-    pool: &[f16],
-    slots: &[u32],
-    j0: usize,
-    j1: usize,
+/// One KV head of one sequence, as laid out in a pool.
+struct HeadView<'a> {
+    pool: &'a [f16],
+    slots: &'a [u32],
+    /// Values per slot (all KV heads).
     kv_width: usize,
+    /// Offset of this head in a slot.
     head_off: usize,
-    d: usize,
-    dst: &mut [f32],
-) {
-    for (t, j) in (j0..j1).enumerate() {
-        let s = slots[j] as usize * kv_width + head_off;
-        pool[s..s + d].convert_to_f32_slice(&mut dst[t * d..(t + 1) * d]);
+    head_dim: usize,
+}
+
+impl HeadView<'_> {
+    /// Widens the rows of keys `keys` into `dst` (`[keys, head_dim]`).
+    fn widen(&self, keys: std::ops::Range<usize>, dst: &mut [f32]) {
+        let d = self.head_dim;
+        for (t, j) in keys.enumerate() {
+            let s = self.slots[j] as usize * self.kv_width + self.head_off;
+            self.pool[s..s + d].convert_to_f32_slice(&mut dst[t * d..(t + 1) * d]);
+        }
     }
 }
 
@@ -160,21 +165,19 @@ pub fn attention(
             // Key limit (exclusive) of each vector: causal mask.
             let limit = |v: usize| past + it.q_start + v / g + 1;
 
-            let head_off = it.kv_head * d;
+            let view = |pool| HeadView {
+                pool,
+                slots: s.slots,
+                kv_width,
+                head_off: it.kv_head * d,
+                head_dim: d,
+            };
+            let (k_view, v_view) = (view(k_pool), view(v_pool));
             let mut tile_buf = vec![0f32; KEY_TILE * d];
             let mut scores = vec![f32::NEG_INFINITY; n_vec * n_keys];
             for tile in (0..n_keys).step_by(KEY_TILE) {
                 let tile_end = (tile + KEY_TILE).min(n_keys);
-                widen_tile(
-                    k_pool,
-                    s.slots,
-                    tile,
-                    tile_end,
-                    kv_width,
-                    head_off,
-                    d,
-                    &mut tile_buf,
-                );
+                k_view.widen(tile..tile_end, &mut tile_buf);
                 for v in 0..n_vec {
                     let end = tile_end.min(limit(v));
                     let qrow = &qv[v * d..(v + 1) * d];
@@ -198,16 +201,7 @@ pub fn attention(
             let mut acc = vec![0f32; n_vec * d];
             for tile in (0..n_keys).step_by(KEY_TILE) {
                 let tile_end = (tile + KEY_TILE).min(n_keys);
-                widen_tile(
-                    v_pool,
-                    s.slots,
-                    tile,
-                    tile_end,
-                    kv_width,
-                    head_off,
-                    d,
-                    &mut tile_buf,
-                );
+                v_view.widen(tile..tile_end, &mut tile_buf);
                 for v in 0..n_vec {
                     let end = tile_end.min(limit(v));
                     let arow = &mut acc[v * d..(v + 1) * d];

@@ -78,13 +78,13 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads, self.head_dim
             ));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "{} attention heads are not a multiple of {} KV heads",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head dim {} must be even for RoPE", self.head_dim));
         }
         if self.num_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {

@@ -88,7 +88,7 @@ impl BlockMatrix {
         cols: usize,
         data: &[u8],
     ) -> Option<Self> {
-        if cols % QK != 0 || data.len() != rows * cols / QK * format.block_bytes() {
+        if !cols.is_multiple_of(QK) || data.len() != rows * cols / QK * format.block_bytes() {
             return None;
         }
         let blocks = data
