@@ -13,7 +13,7 @@
 //!
 //! Numerics follow llama.cpp's CPU attention with an f16 cache (the reference our fixtures come
 //! from): queries rounded to f16 before `q·k` (f32 accumulation), the scale applied to the dot
-//! product, softmax in f32 with the sum in f64, probabilities rounded to f16 before the V sum.
+//! product, softmax in f32, probabilities rounded to f16 before the V sum.
 //! Every query's result depends only on its own row and the K/V it reads, so attention is
 //! batch-invariant like the matmuls.
 
@@ -51,22 +51,6 @@ pub struct AttnSeq<'a> {
 }
 
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8 * 8;
-    for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] = ca[i].mul_add(cb[i], acc[i]);
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in chunks..a.len() {
-        s += a[i] * b[i];
-    }
-    s
-}
-
-#[inline]
 fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi = alpha.mul_add(*xi, *yi);
@@ -97,6 +81,24 @@ struct HeadView<'a> {
 }
 
 impl HeadView<'_> {
+    /// Widens the rows of keys `keys` into `dst` transposed (`[head_dim, KEY_TILE]`), so that
+    /// one query's scores against a tile are `head_dim` vector FMAs over contiguous keys.
+    /// Keys past the end of the range are zero.
+    fn widen_transposed(&self, keys: std::ops::Range<usize>, row: &mut [f32], dst: &mut [f32]) {
+        let d = self.head_dim;
+        let n = keys.len();
+        for (t, j) in keys.enumerate() {
+            let s = self.slots[j] as usize * self.kv_width + self.head_off;
+            self.pool[s..s + d].convert_to_f32_slice(&mut row[..d]);
+            for (dd, &x) in row[..d].iter().enumerate() {
+                dst[dd * KEY_TILE + t] = x;
+            }
+        }
+        for dd in 0..d {
+            dst[dd * KEY_TILE + n..(dd + 1) * KEY_TILE].fill(0.0);
+        }
+    }
+
     /// Widens the rows of keys `keys` into `dst` (`[keys, head_dim]`).
     fn widen(&self, keys: std::ops::Range<usize>, dst: &mut [f32]) {
         let d = self.head_dim;
@@ -105,6 +107,44 @@ impl HeadView<'_> {
             self.pool[s..s + d].convert_to_f32_slice(&mut dst[t * d..(t + 1) * d]);
         }
     }
+}
+
+/// One query (`d` values) against a transposed K tile (`[d, KEY_TILE]`): `KEY_TILE` dot
+/// products, vectorised across keys.
+///
+/// Each dot product sums in 8 lanes (lane `l` takes dimensions `l, l+8, l+16, ...` by fused
+/// multiply-add), then adds the lanes in order: the order of an 8-wide SIMD dot product. Any
+/// fixed order keeps the batch invariance; this one also reproduces llama.cpp's `q·k` closely
+/// enough that short contexts agree with it bit for bit (tests/reference_logits.rs).
+fn tile_dots(q: &[f32], kt: &[f32]) -> [f32; KEY_TILE] {
+    const SUB: usize = 8;
+    let d = q.len();
+    let main = d / 8 * 8;
+    let mut out = [0f32; KEY_TILE];
+    for t0 in (0..KEY_TILE).step_by(SUB) {
+        let mut acc = [[0f32; SUB]; 8];
+        for base in (0..main).step_by(8) {
+            for (l, lane) in acc.iter_mut().enumerate() {
+                let dd = base + l;
+                let qd = q[dd];
+                let kc = &kt[dd * KEY_TILE + t0..dd * KEY_TILE + t0 + SUB];
+                for (a, &k) in lane.iter_mut().zip(kc) {
+                    *a = qd.mul_add(k, *a);
+                }
+            }
+        }
+        for i in 0..SUB {
+            let mut sum = 0f32;
+            for lane in &acc {
+                sum += lane[i];
+            }
+            for dd in main..d {
+                sum += q[dd] * kt[dd * KEY_TILE + t0 + i];
+            }
+            out[t0 + i] = sum;
+        }
+    }
+    out
 }
 
 /// `q`: `[rows, num_heads * head_dim]`; `out` likewise. `k_pool`/`v_pool`:
@@ -174,29 +214,38 @@ pub fn attention(
             };
             let (k_view, v_view) = (view(k_pool), view(v_pool));
             let mut tile_buf = vec![0f32; KEY_TILE * d];
+            let mut row_buf = vec![0f32; d];
             let mut scores = vec![f32::NEG_INFINITY; n_vec * n_keys];
             for tile in (0..n_keys).step_by(KEY_TILE) {
                 let tile_end = (tile + KEY_TILE).min(n_keys);
-                k_view.widen(tile..tile_end, &mut tile_buf);
+                k_view.widen_transposed(tile..tile_end, &mut row_buf, &mut tile_buf);
                 for v in 0..n_vec {
                     let end = tile_end.min(limit(v));
-                    let qrow = &qv[v * d..(v + 1) * d];
-                    for j in tile..end {
-                        let krow = &tile_buf[(j - tile) * d..(j - tile + 1) * d];
-                        scores[v * n_keys + j] = dot(qrow, krow) * scale;
+                    if end <= tile {
+                        continue;
+                    }
+                    let acc = tile_dots(&qv[v * d..(v + 1) * d], &tile_buf);
+                    for (sc, a) in scores[v * n_keys + tile..v * n_keys + end]
+                        .iter_mut()
+                        .zip(&acc)
+                    {
+                        *sc = a * scale;
                     }
                 }
             }
+            let mut probs_f16 = vec![f16::ZERO; n_keys];
             for v in 0..n_vec {
                 let row = &mut scores[v * n_keys..v * n_keys + limit(v)];
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f64;
-                for x in row.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x as f64;
-                }
+                row.iter_mut()
+                    .for_each(|x| *x = crate::fastmath::exp(*x - max));
+                let sum: f64 = row.iter().map(|&x| x as f64).sum();
                 let inv = (1.0 / sum) as f32;
-                row.iter_mut().for_each(|x| *x = round_f16(*x * inv));
+                row.iter_mut().for_each(|x| *x *= inv);
+                // Rounded to f16 like the reference (see the module docs).
+                let p16 = &mut probs_f16[..row.len()];
+                p16.convert_from_f32_slice(row);
+                p16.convert_to_f32_slice(row);
             }
             let mut acc = vec![0f32; n_vec * d];
             for tile in (0..n_keys).step_by(KEY_TILE) {

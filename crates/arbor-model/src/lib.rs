@@ -12,6 +12,7 @@ pub mod attention;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod fastmath;
 pub mod gguf;
 pub mod hf;
 pub mod kv_pool;

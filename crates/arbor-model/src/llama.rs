@@ -188,7 +188,9 @@ impl Llama {
             let mut gate_up = layer.gate_up.forward_vec(&h, n_tokens)?;
             let up = gate_up.pop().expect("two projections");
             let mut act = gate_up.pop().expect("two projections");
-            act.iter_mut().zip(&up).for_each(|(g, u)| *g = silu(*g) * u);
+            act.iter_mut()
+                .zip(&up)
+                .for_each(|(g, u)| *g = crate::fastmath::silu(*g) * u);
             add_assign(&mut x, &layer.w_down.forward_vec(&act, n_tokens)?);
         }
         if logit_rows.is_empty() {
@@ -223,11 +225,6 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
             *o = (v * scale) * w;
         }
     }
-}
-
-#[inline]
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
 }
 
 fn add_assign(x: &mut [f32], y: &[f32]) {

@@ -1,7 +1,7 @@
 //! Batch-invariant matmul on 32-wide GGUF blocks (Q4_0, Q4_1, Q8_0), CPU.
 //!
 //! `y = x · Wᵀ` with `W` kept in its GGUF block format and each row of `x` quantized to 8 bits
-//! per 32-block, then integer dot products per block, exactly the arithmetic of llama.cpp's
+//! per 32-block, then integer dot products per block: the arithmetic of llama.cpp's
 //! `vec_dot_q4_1_q8_1` / `vec_dot_q4_0_q8_0` / `vec_dot_q8_0_q8_0` (AVX2 versions), down to
 //! the order of the float accumulation. Two properties follow:
 //!
@@ -11,23 +11,25 @@
 //!   KV a prefill writes is bit-identical to what a decode would write. That is what lets the
 //!   prefix cache (and batching) never change an output.
 //! - **Fidelity to llama.cpp.** The reference implementation computes the same quantized
-//!   products, so logits agree to float-summation noise instead of quantization noise.
+//!   products, so logits agree to the last bits where the rest of the model does too.
 //!
-//! One kernel serves prefill and decode: weights are read in their compact format (bandwidth is
-//! what decode is bound by), and a weight block is unpacked once for a tile of activation rows
-//! (what prefill is bound by).
+//! One kernel serves prefill and decode: weights stay in their compact file format (decode is
+//! bound by the bytes it reads) and a weight block is unpacked once for a tile of up to
+//! [`ROW_TILE`] activation rows (prefill is bound by arithmetic).
 //!
-//! Block layouts (ggml):
+//! Block layouts (ggml), kept byte for byte as in the file:
 //! ```text
-//!   Q4_0: d:f16 | qs[16]          element e: (qs[e%16] >> 4*(e/16)) & 15, value d*(q-8)
-//!   Q4_1: d:f16 m:f16 | qs[16]    element e as above, value d*q + m
-//!   Q8_0: d:f16 | qs:i8[32]       value d*q
+//!   Q4_0 (18 B): d:f16 | qs[16]          element e: (qs[e%16] >> 4*(e/16)) & 15, value d*(q-8)
+//!   Q4_1 (20 B): d:f16 m:f16 | qs[16]    element e as above, value d*q + m
+//!   Q8_0 (34 B): d:f16 | qs:i8[32]       value d*q
 //! ```
 
 use half::f16;
 use rayon::prelude::*;
 
 pub const QK: usize = 32;
+/// Activation rows sharing one unpacked weight block in the kernel.
+pub const ROW_TILE: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockFormat {
@@ -45,16 +47,14 @@ impl BlockFormat {
             BlockFormat::Q8_0 => 34,
         }
     }
-}
 
-/// One weight block, normalised: scale, offset (Q4_1 only) and the 32 quants as bytes in element
-/// order (nibbles unpacked at load; Q4_0's -8 bias applied at dot time, like ggml).
-#[derive(Clone, Copy)]
-struct WeightBlock {
-    d: f32,
-    m: f32,
-    /// Q4_0/Q4_1: 16 bytes of packed nibbles; Q8_0: 32 signed bytes.
-    qs: [u8; 32],
+    /// Offset of the quants in a block.
+    fn qs_offset(self) -> usize {
+        match self {
+            BlockFormat::Q4_0 | BlockFormat::Q8_0 => 2,
+            BlockFormat::Q4_1 => 4,
+        }
+    }
 }
 
 /// A `[rows, cols]` weight matrix in one of the 32-block formats.
@@ -63,7 +63,8 @@ pub struct BlockMatrix {
     format: BlockFormat,
     rows: usize,
     cols: usize,
-    blocks: Vec<WeightBlock>,
+    /// GGUF block bytes, row after row.
+    data: Vec<u8>,
 }
 
 impl std::fmt::Debug for BlockMatrix {
@@ -76,12 +77,41 @@ impl std::fmt::Debug for BlockMatrix {
     }
 }
 
+#[inline]
 fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
+/// One weight block's bytes, read through the layout of its format.
+#[derive(Clone, Copy)]
+struct WeightBlock<'a> {
+    bytes: &'a [u8],
+}
+
+impl WeightBlock<'_> {
+    #[inline]
+    fn d(&self) -> f32 {
+        f16_at(self.bytes, 0)
+    }
+    #[inline]
+    fn m(&self) -> f32 {
+        f16_at(self.bytes, 2)
+    }
+    /// The quant of element `e`: unsigned 0..15 for the 4-bit formats (Q4_0's -8 bias is
+    /// applied by the caller), signed for Q8_0.
+    #[inline]
+    fn quant(&self, format: BlockFormat, e: usize) -> i32 {
+        let qs = &self.bytes[format.qs_offset()..];
+        match format {
+            BlockFormat::Q8_0 => qs[e] as i8 as i32,
+            _ if e < 16 => (qs[e] & 0x0F) as i32,
+            _ => (qs[e - 16] >> 4) as i32,
+        }
+    }
+}
+
 impl BlockMatrix {
-    /// Parses raw GGUF block data of a `[rows, cols]` tensor.
+    /// Takes raw GGUF block data of a `[rows, cols]` tensor.
     pub fn from_gguf_bytes(
         format: BlockFormat,
         rows: usize,
@@ -91,43 +121,11 @@ impl BlockMatrix {
         if !cols.is_multiple_of(QK) || data.len() != rows * cols / QK * format.block_bytes() {
             return None;
         }
-        let blocks = data
-            .chunks_exact(format.block_bytes())
-            .map(|b| {
-                let mut qs = [0u8; 32];
-                match format {
-                    BlockFormat::Q4_0 => {
-                        qs[..16].copy_from_slice(&b[2..18]);
-                        WeightBlock {
-                            d: f16_at(b, 0),
-                            m: 0.0,
-                            qs,
-                        }
-                    }
-                    BlockFormat::Q4_1 => {
-                        qs[..16].copy_from_slice(&b[4..20]);
-                        WeightBlock {
-                            d: f16_at(b, 0),
-                            m: f16_at(b, 2),
-                            qs,
-                        }
-                    }
-                    BlockFormat::Q8_0 => {
-                        qs.copy_from_slice(&b[2..34]);
-                        WeightBlock {
-                            d: f16_at(b, 0),
-                            m: 0.0,
-                            qs,
-                        }
-                    }
-                }
-            })
-            .collect();
         Some(Self {
             format,
             rows,
             cols,
-            blocks,
+            data: data.to_vec(),
         })
     }
 
@@ -141,6 +139,15 @@ impl BlockMatrix {
 
     pub fn format(&self) -> BlockFormat {
         self.format
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / QK * self.format.block_bytes()
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let n = self.row_bytes();
+        &self.data[r * n..(r + 1) * n]
     }
 
     /// Stacks matrices of the same format and width: one matmul instead of several (Q, K and V;
@@ -157,22 +164,21 @@ impl BlockMatrix {
             format: first.format,
             rows: parts.iter().map(|p| p.rows).sum(),
             cols: first.cols,
-            blocks: parts
-                .iter()
-                .flat_map(|p| p.blocks.iter().copied())
-                .collect(),
+            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
         })
     }
 
-    /// Dequantized row-major f32 values (tests and embedding lookups).
+    /// One row dequantized to f32.
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
-        let nb = self.cols / QK;
-        for (bi, blk) in self.blocks[row * nb..(row + 1) * nb].iter().enumerate() {
+        let bb = self.format.block_bytes();
+        for (bi, bytes) in self.row(row).chunks_exact(bb).enumerate() {
+            let w = WeightBlock { bytes };
             for e in 0..QK {
+                let q = w.quant(self.format, e);
                 out[bi * QK + e] = match self.format {
-                    BlockFormat::Q4_0 => blk.d * (nibble(&blk.qs, e) as f32 - 8.0),
-                    BlockFormat::Q4_1 => blk.d * nibble(&blk.qs, e) as f32 + blk.m,
-                    BlockFormat::Q8_0 => blk.d * (blk.qs[e] as i8) as f32,
+                    BlockFormat::Q4_0 => w.d() * (q - 8) as f32,
+                    BlockFormat::Q4_1 => w.d() * q as f32 + w.m(),
+                    BlockFormat::Q8_0 => w.d() * q as f32,
                 };
             }
         }
@@ -185,11 +191,15 @@ impl BlockMatrix {
             m * self.cols,
             "activation shape does not match the weight"
         );
-        let acts: Vec<ActBlock> = x
-            .par_chunks(self.cols)
-            .flat_map_iter(|row| quantize_row(row, self.format == BlockFormat::Q4_1))
-            .collect();
         let nb = self.cols / QK;
+        let with_sum = self.format == BlockFormat::Q4_1;
+        let acts: Vec<ActBlock> = if m > 1 {
+            x.par_chunks(self.cols)
+                .flat_map_iter(|row| quantize_row(row, with_sum))
+                .collect()
+        } else {
+            quantize_row(x, with_sum).collect()
+        };
         let n = self.rows;
         // Output columns per parallel task: enough work to amortise scheduling, enough tasks
         // to keep both cores busy.
@@ -200,12 +210,18 @@ impl BlockMatrix {
             .into_par_iter()
             .map(|c0| {
                 let c1 = (c0 + cols_per_task).min(n);
-                let mut out = vec![0f32; m * (c1 - c0)];
+                let width = c1 - c0;
+                let mut out = vec![0f32; m * width];
+                let mut tile = [0f32; ROW_TILE];
                 for c in c0..c1 {
-                    let w = &self.blocks[c * nb..(c + 1) * nb];
-                    for r in 0..m {
-                        let a = &acts[r * nb..(r + 1) * nb];
-                        out[r * (c1 - c0) + (c - c0)] = dot(self.format, w, a);
+                    let w = self.row(c);
+                    for r0 in (0..m).step_by(ROW_TILE) {
+                        let rows = ROW_TILE.min(m - r0);
+                        let a = &acts[r0 * nb..(r0 + rows) * nb];
+                        dot_rows(self.format, w, a, nb, &mut tile[..rows]);
+                        for (i, v) in tile[..rows].iter().enumerate() {
+                            out[(r0 + i) * width + (c - c0)] = *v;
+                        }
                     }
                 }
                 (c0, out)
@@ -213,31 +229,23 @@ impl BlockMatrix {
             .collect();
         let mut y = vec![0f32; m * n];
         for (c0, out) in parts {
-            let w = out.len() / m.max(1);
+            let width = out.len() / m.max(1);
             for r in 0..m {
-                y[r * n + c0..r * n + c0 + w].copy_from_slice(&out[r * w..(r + 1) * w]);
+                y[r * n + c0..r * n + c0 + width].copy_from_slice(&out[r * width..(r + 1) * width]);
             }
         }
         y
     }
 }
 
-#[inline]
-fn nibble(qs: &[u8; 32], e: usize) -> u8 {
-    if e < 16 {
-        qs[e] & 0x0F
-    } else {
-        qs[e - 16] >> 4
-    }
-}
-
 /// An activation block quantized to 8 bits (ggml's Q8_0, or Q8_1 with `s = d * Σq`).
 /// `d` and `s` hold the f16-rounded values ggml stores.
 #[derive(Clone, Copy)]
+#[repr(C, align(8))]
 pub struct ActBlock {
+    qs: [i8; 32],
     d: f32,
     s: f32,
-    qs: [i8; 32],
 }
 
 /// ggml's AVX2 `quantize_row_q8_0` / `quantize_row_q8_1`: scale by `127 / max|x|`, round half to
@@ -259,7 +267,7 @@ fn quantize_row(x: &[f32], with_sum: bool) -> impl Iterator<Item = ActBlock> + '
         } else {
             0.0
         };
-        ActBlock { d: d16, s, qs }
+        ActBlock { qs, d: d16, s }
     })
 }
 
@@ -269,18 +277,16 @@ fn hsum8(a: &[f32; 8]) -> f32 {
     ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
 }
 
-/// One weight row against one activation row. The integer part of a block is 8 lanes, lane j
-/// summing elements 4j..4j+3 (what `maddubs` + `madd` produce); each lane is converted to f32
-/// and fused-multiply-added with the block's scale product into a per-lane accumulator.
+/// One weight row (`nb` blocks) against `out.len()` activation rows (`acts`: `[rows, nb]`).
 #[inline]
-fn dot(format: BlockFormat, w: &[WeightBlock], a: &[ActBlock]) -> f32 {
+fn dot_rows(format: BlockFormat, w: &[u8], acts: &[ActBlock], nb: usize, out: &mut [f32]) {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
         target_feature = "fma"
     ))]
     {
-        avx2::dot(format, w, a)
+        avx2::dot_rows(format, w, acts, nb, out)
     }
     #[cfg(not(all(
         target_arch = "x86_64",
@@ -288,11 +294,16 @@ fn dot(format: BlockFormat, w: &[WeightBlock], a: &[ActBlock]) -> f32 {
         target_feature = "fma"
     )))]
     {
-        dot_scalar(format, w, a)
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = dot_scalar(format, w, &acts[r * nb..(r + 1) * nb]);
+        }
     }
 }
 
-/// The portable definition; the SIMD path must agree with it bit for bit.
+/// The definition of one output element; the SIMD path must agree with it bit for bit. The
+/// integer part of a block is 8 lanes, lane j summing elements 4j..4j+3 (what `maddubs` +
+/// `madd` produce); each lane is converted to f32 and fused-multiply-added with the block's
+/// scale product into a per-lane accumulator, reduced at the end in `hsum8` order.
 #[cfg_attr(
     all(
         target_arch = "x86_64",
@@ -301,25 +312,27 @@ fn dot(format: BlockFormat, w: &[WeightBlock], a: &[ActBlock]) -> f32 {
     ),
     allow(dead_code)
 )]
-fn dot_scalar(format: BlockFormat, w: &[WeightBlock], a: &[ActBlock]) -> f32 {
+fn dot_scalar(format: BlockFormat, w: &[u8], a: &[ActBlock]) -> f32 {
     let mut acc = [0f32; 8];
     let mut summs = 0f32;
-    for (wb, ab) in w.iter().zip(a) {
-        let dd = wb.d * ab.d;
+    for (bytes, ab) in w.chunks_exact(format.block_bytes()).zip(a) {
+        let wb = WeightBlock { bytes };
+        let dd = wb.d() * ab.d;
         for (lane, acc_lane) in acc.iter_mut().enumerate() {
             let mut isum = 0i32;
             for e in 4 * lane..4 * lane + 4 {
-                let wq = match format {
-                    BlockFormat::Q4_0 => nibble(&wb.qs, e) as i32 - 8,
-                    BlockFormat::Q4_1 => nibble(&wb.qs, e) as i32,
-                    BlockFormat::Q8_0 => wb.qs[e] as i8 as i32,
+                let q = wb.quant(format, e);
+                let wq = if format == BlockFormat::Q4_0 {
+                    q - 8
+                } else {
+                    q
                 };
                 isum += wq * ab.qs[e] as i32;
             }
             *acc_lane = dd.mul_add(isum as f32, *acc_lane);
         }
         if format == BlockFormat::Q4_1 {
-            summs += wb.m * ab.s;
+            summs += wb.m() * ab.s;
         }
     }
     hsum8(&acc) + summs
@@ -331,53 +344,132 @@ fn dot_scalar(format: BlockFormat, w: &[WeightBlock], a: &[ActBlock]) -> f32 {
     target_feature = "fma"
 ))]
 mod avx2 {
-    use super::{hsum8, ActBlock, BlockFormat, WeightBlock};
+    use super::{hsum8, ActBlock, BlockFormat, ROW_TILE};
     use std::arch::x86_64::*;
 
     #[inline]
-    pub(super) fn dot(format: BlockFormat, w: &[WeightBlock], a: &[ActBlock]) -> f32 {
-        // SAFETY: this module is compiled only when AVX2 and FMA are enabled for the whole
-        // build (`target_feature`), so the intrinsics are available; every load reads a
-        // 16- or 32-byte array that lives in `WeightBlock`/`ActBlock`, in bounds by construction.
+    pub(super) fn dot_rows(
+        format: BlockFormat,
+        w: &[u8],
+        acts: &[ActBlock],
+        nb: usize,
+        out: &mut [f32],
+    ) {
+        debug_assert!(out.len() <= ROW_TILE && acts.len() == out.len() * nb);
+        debug_assert_eq!(w.len(), nb * format.block_bytes());
+        // A const row count keeps every accumulator in a register.
+        match (format, out.len()) {
+            (BlockFormat::Q4_1, 1) => dot_tile::<1, Q41>(w, acts, nb, out),
+            (BlockFormat::Q4_1, 2) => dot_tile::<2, Q41>(w, acts, nb, out),
+            (BlockFormat::Q4_1, 3) => dot_tile::<3, Q41>(w, acts, nb, out),
+            (BlockFormat::Q4_1, _) => dot_tile::<4, Q41>(w, acts, nb, out),
+            (BlockFormat::Q4_0, 1) => dot_tile::<1, Q40>(w, acts, nb, out),
+            (BlockFormat::Q4_0, 2) => dot_tile::<2, Q40>(w, acts, nb, out),
+            (BlockFormat::Q4_0, 3) => dot_tile::<3, Q40>(w, acts, nb, out),
+            (BlockFormat::Q4_0, _) => dot_tile::<4, Q40>(w, acts, nb, out),
+            (BlockFormat::Q8_0, 1) => dot_tile::<1, Q80>(w, acts, nb, out),
+            (BlockFormat::Q8_0, 2) => dot_tile::<2, Q80>(w, acts, nb, out),
+            (BlockFormat::Q8_0, 3) => dot_tile::<3, Q80>(w, acts, nb, out),
+            (BlockFormat::Q8_0, _) => dot_tile::<4, Q80>(w, acts, nb, out),
+        }
+    }
+
+    /// How one block format presents its weights to `maddubs`.
+    trait Format {
+        const FORMAT: BlockFormat;
+        /// Unsigned weight bytes, and the signs to move onto the activations (if signed).
+        ///
+        /// # Safety
+        /// `blk` points to a whole block of this format; AVX2 is enabled.
+        unsafe fn weights(blk: *const u8) -> (__m256i, Option<__m256i>);
+    }
+
+    struct Q41;
+    struct Q40;
+    struct Q80;
+
+    #[inline(always)]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let packed = _mm_loadu_si128(p as *const __m128i);
+        let hi = _mm_srli_epi16(packed, 4);
+        _mm256_and_si256(
+            _mm256_insertf128_si256(_mm256_castsi128_si256(packed), hi, 1),
+            _mm256_set1_epi8(0x0F),
+        )
+    }
+
+    impl Format for Q41 {
+        const FORMAT: BlockFormat = BlockFormat::Q4_1;
+        #[inline(always)]
+        unsafe fn weights(blk: *const u8) -> (__m256i, Option<__m256i>) {
+            (nibbles(blk.add(4)), None)
+        }
+    }
+    impl Format for Q40 {
+        const FORMAT: BlockFormat = BlockFormat::Q4_0;
+        #[inline(always)]
+        unsafe fn weights(blk: *const u8) -> (__m256i, Option<__m256i>) {
+            let qx = _mm256_sub_epi8(nibbles(blk.add(2)), _mm256_set1_epi8(8));
+            (_mm256_sign_epi8(qx, qx), Some(qx))
+        }
+    }
+    impl Format for Q80 {
+        const FORMAT: BlockFormat = BlockFormat::Q8_0;
+        #[inline(always)]
+        unsafe fn weights(blk: *const u8) -> (__m256i, Option<__m256i>) {
+            let qx = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+            (_mm256_sign_epi8(qx, qx), Some(qx))
+        }
+    }
+
+    #[inline(always)]
+    fn dot_tile<const R: usize, F: Format>(
+        w: &[u8],
+        acts: &[ActBlock],
+        nb: usize,
+        out: &mut [f32],
+    ) {
+        let bb = F::FORMAT.block_bytes();
+        // SAFETY: compiled only when AVX2, FMA and F16C are enabled for the whole build
+        // (`target_feature`), so the intrinsics exist. Block `b < nb` of `w` spans
+        // `b*bb..(b+1)*bb`, inside `w` (its length is `nb * bb`, checked by the caller), and
+        // `F::weights` reads only inside its block; activation loads read the 32-byte `qs` of
+        // `acts[r * nb + b]`, which exists since `acts.len() == R * nb`.
         unsafe {
-            let mut acc = _mm256_setzero_ps();
-            let mut summs = 0f32;
-            let low_mask = _mm256_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut summs = [0f32; R];
             let ones = _mm256_set1_epi16(1);
-            for (wb, ab) in w.iter().zip(a) {
-                let dd = _mm256_set1_ps(wb.d * ab.d);
-                let qy = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-                let sums = match format {
-                    BlockFormat::Q8_0 => {
-                        let qx = _mm256_loadu_si256(wb.qs.as_ptr() as *const __m256i);
-                        // u8 x i8 products need an unsigned left side: |x| and sign(x) moved to y.
-                        let ax = _mm256_sign_epi8(qx, qx);
-                        let sy = _mm256_sign_epi8(qy, qx);
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones)
+            let wp = w.as_ptr();
+            for b in 0..nb {
+                let blk = wp.add(b * bb);
+                // d (and m for Q4_1) as f16 -> f32 in one conversion.
+                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
+                let wd = _mm_cvtss_f32(dm);
+                let (wx, sign_src) = F::weights(blk);
+                for r in 0..R {
+                    let ab = acts.get_unchecked(r * nb + b);
+                    let qy = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+                    let qy = match sign_src {
+                        Some(qx) => _mm256_sign_epi8(qy, qx),
+                        None => qy,
+                    };
+                    let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wx, qy), ones);
+                    acc[r] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(wd * ab.d),
+                        _mm256_cvtepi32_ps(sums),
+                        acc[r],
+                    );
+                    if F::FORMAT == BlockFormat::Q4_1 {
+                        let wm = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+                        summs[r] += wm * ab.s;
                     }
-                    BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
-                        let packed = _mm_loadu_si128(wb.qs.as_ptr() as *const __m128i);
-                        let hi = _mm_srli_epi16(packed, 4);
-                        let bytes = _mm256_and_si256(
-                            _mm256_insertf128_si256(_mm256_castsi128_si256(packed), hi, 1),
-                            low_mask,
-                        );
-                        if format == BlockFormat::Q4_1 {
-                            summs += wb.m * ab.s;
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(bytes, qy), ones)
-                        } else {
-                            let qx = _mm256_sub_epi8(bytes, _mm256_set1_epi8(8));
-                            let ax = _mm256_sign_epi8(qx, qx);
-                            let sy = _mm256_sign_epi8(qy, qx);
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones)
-                        }
-                    }
-                };
-                acc = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sums), acc);
+                }
             }
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-            hsum8(&lanes) + summs
+            for r in 0..R {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]);
+                out[r] = hsum8(&lanes) + summs[r];
+            }
         }
     }
 }
@@ -400,25 +492,39 @@ mod tests {
                 data.extend(f16::from_f32(rng.random_range(-0.2..0.2)).to_le_bytes());
             }
             let n = if format == BlockFormat::Q8_0 { 32 } else { 16 };
-            data.extend((0..n).map(|_| rng.random::<u8>()));
+            // Q8_0 quants stay in -127..=127 like ggml's quantizer produces.
+            data.extend((0..n).map(|_| {
+                if format == BlockFormat::Q8_0 {
+                    rng.random_range(-127i8..=127) as u8
+                } else {
+                    rng.random::<u8>()
+                }
+            }));
         }
         BlockMatrix::from_gguf_bytes(format, rows, cols, &data).unwrap()
     }
 
+    const FORMATS: [BlockFormat; 3] = [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0];
+
     #[test]
-    fn simd_path_equals_the_scalar_definition_bit_for_bit() {
+    fn kernel_equals_the_scalar_definition_bit_for_bit() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
-            let w = random_matrix(format, 3, 160, &mut rng);
-            let x: Vec<f32> = (0..160).map(|_| rng.random_range(-3.0..3.0)).collect();
-            let acts: Vec<ActBlock> = quantize_row(&x, format == BlockFormat::Q4_1).collect();
-            for r in 0..3 {
-                let wr = &w.blocks[r * 5..(r + 1) * 5];
-                assert_eq!(
-                    dot(format, wr, &acts).to_bits(),
-                    dot_scalar(format, wr, &acts).to_bits(),
-                    "{format:?}"
-                );
+        for format in FORMATS {
+            let (n, k, m) = (13, 160, 7);
+            let w = random_matrix(format, n, k, &mut rng);
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0)).collect();
+            let y = w.matmul(&x, m);
+            for r in 0..m {
+                let acts: Vec<ActBlock> =
+                    quantize_row(&x[r * k..(r + 1) * k], format == BlockFormat::Q4_1).collect();
+                for c in 0..n {
+                    let want = dot_scalar(format, w.row(c), &acts);
+                    assert_eq!(
+                        y[r * n + c].to_bits(),
+                        want.to_bits(),
+                        "{format:?} row {r} col {c}"
+                    );
+                }
             }
         }
     }
@@ -426,7 +532,7 @@ mod tests {
     #[test]
     fn matmul_is_close_to_the_dequantized_product() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+        for format in FORMATS {
             let (n, k, m) = (37, 96, 5);
             let w = random_matrix(format, n, k, &mut rng);
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -435,16 +541,9 @@ mod tests {
             for c in 0..n {
                 w.dequantize_row(c, &mut row);
                 for r in 0..m {
-                    let exact: f32 = row
-                        .iter()
-                        .zip(&x[r * k..(r + 1) * k])
-                        .map(|(a, b)| a * b)
-                        .sum();
-                    let scale: f32 = row
-                        .iter()
-                        .zip(&x[r * k..(r + 1) * k])
-                        .map(|(a, b)| (a * b).abs())
-                        .sum();
+                    let xr = &x[r * k..(r + 1) * k];
+                    let exact: f32 = row.iter().zip(xr).map(|(a, b)| a * b).sum();
+                    let scale: f32 = row.iter().zip(xr).map(|(a, b)| (a * b).abs()).sum();
                     // 8-bit activations: relative error per product below 1/127.
                     assert!(
                         (y[r * n + c] - exact).abs() <= scale / 100.0 + 1e-6,
@@ -459,12 +558,14 @@ mod tests {
     #[test]
     fn rows_do_not_depend_on_the_batch() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(2);
-        let w = random_matrix(BlockFormat::Q4_1, 300, 64, &mut rng);
-        let x: Vec<f32> = (0..7 * 64).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let batch = w.matmul(&x, 7);
-        for r in 0..7 {
-            let alone = w.matmul(&x[r * 64..(r + 1) * 64], 1);
-            assert_eq!(alone, batch[r * 300..(r + 1) * 300].to_vec());
+        for format in FORMATS {
+            let w = random_matrix(format, 300, 64, &mut rng);
+            let x: Vec<f32> = (0..7 * 64).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let batch = w.matmul(&x, 7);
+            for r in 0..7 {
+                let alone = w.matmul(&x[r * 64..(r + 1) * 64], 1);
+                assert_eq!(alone, batch[r * 300..(r + 1) * 300].to_vec());
+            }
         }
     }
 }

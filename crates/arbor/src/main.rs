@@ -107,14 +107,17 @@ struct GenerateArgs {
     /// The user's message (rendered with the model's chat template unless --raw).
     #[arg(long, short, conflicts_with = "messages")]
     prompt: Option<String>,
+    /// Read the user's message (or, with --raw, the whole prompt) from a file.
+    #[arg(long, conflicts_with_all = ["prompt", "messages"])]
+    prompt_file: Option<PathBuf>,
     /// A JSON list of {"role", "content"} messages.
     #[arg(long)]
     messages: Option<String>,
     /// A system message to put before --prompt.
-    #[arg(long, requires = "prompt")]
+    #[arg(long)]
     system: Option<String>,
-    /// Send --prompt to the model as it is, without the chat template.
-    #[arg(long, requires = "prompt")]
+    /// Send the prompt to the model as it is, without the chat template.
+    #[arg(long)]
     raw: bool,
 }
 
@@ -173,7 +176,15 @@ fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
     ))
 }
 
-fn generate(a: GenerateArgs) -> Result<()> {
+fn generate(mut a: GenerateArgs) -> Result<()> {
+    if let Some(path) = &a.prompt_file {
+        a.prompt = Some(
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        );
+    }
+    if a.raw && a.prompt.is_none() {
+        bail!("--raw needs --prompt or --prompt-file");
+    }
     let (mut engine, template) = load(&a.model)?;
     let prompt_ids = if a.raw {
         let text = a.prompt.as_deref().unwrap_or_default();
