@@ -15,9 +15,10 @@
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split so that k * LN2_HI is exact for |k| < 2^10.
-    const LN2_HI: f32 = 0.693_145_751_953_125;
-    const LN2_LO: f32 = 1.428_606_820_309_417_2e-6;
+    // ln 2 split so that k * LN2_HI is exact for |k| < 2^10: 0.693145751953125 (12 significant
+    // bits) and the f32 nearest to the remainder, 1.4286068e-6.
+    const LN2_HI: f32 = f32::from_bits(0x3f31_7200);
+    const LN2_LO: f32 = f32::from_bits(0x35bf_be8e);
     let x = x.clamp(-87.0, 88.0);
     let k = (x * LOG2_E).round_ties_even();
     let r = k.mul_add(-LN2_LO, k.mul_add(-LN2_HI, x));
