@@ -85,6 +85,18 @@ impl HeadView<'_> {
     /// one query's scores against a tile are `head_dim` vector FMAs over contiguous keys.
     /// Keys past the end of the range are zero.
     fn widen_transposed(&self, keys: std::ops::Range<usize>, row: &mut [f32], dst: &mut [f32]) {
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "f16c"
+        ))]
+        if self.head_dim.is_multiple_of(8) {
+            let starts: Vec<usize> = keys
+                .clone()
+                .map(|j| self.slots[j] as usize * self.kv_width + self.head_off)
+                .collect();
+            return avx2::widen_transposed(self.pool, &starts, self.head_dim, dst);
+        }
         let d = self.head_dim;
         let n = keys.len();
         for (t, j) in keys.enumerate() {
@@ -110,41 +122,293 @@ impl HeadView<'_> {
 }
 
 /// One query (`d` values) against a transposed K tile (`[d, KEY_TILE]`): `KEY_TILE` dot
-/// products, vectorised across keys.
-///
-/// Each dot product sums in 8 lanes (lane `l` takes dimensions `l, l+8, l+16, ...` by fused
-/// multiply-add), then adds the lanes in order: the order of an 8-wide SIMD dot product. Any
-/// fixed order keeps the batch invariance; this one also reproduces llama.cpp's `q·k` closely
-/// enough that short contexts agree with it bit for bit (tests/reference_logits.rs).
+/// products, vectorised across keys, with exactly [`dot8`]'s arithmetic per key.
 fn tile_dots(q: &[f32], kt: &[f32]) -> [f32; KEY_TILE] {
-    const SUB: usize = 8;
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        avx2::tile_dots(q, kt)
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    {
+        tile_dots_portable(q, kt)
+    }
+}
+
+/// The definition of [`tile_dots`] (and the fallback off x86).
+#[cfg_attr(
+    all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ),
+    allow(dead_code)
+)]
+fn tile_dots_portable(q: &[f32], kt: &[f32]) -> [f32; KEY_TILE] {
     let d = q.len();
-    let main = d / 8 * 8;
     let mut out = [0f32; KEY_TILE];
-    for t0 in (0..KEY_TILE).step_by(SUB) {
-        let mut acc = [[0f32; SUB]; 8];
-        for base in (0..main).step_by(8) {
-            for (l, lane) in acc.iter_mut().enumerate() {
-                let dd = base + l;
-                let qd = q[dd];
-                let kc = &kt[dd * KEY_TILE + t0..dd * KEY_TILE + t0 + SUB];
-                for (a, &k) in lane.iter_mut().zip(kc) {
-                    *a = qd.mul_add(k, *a);
+    let mut key = vec![0f32; d];
+    for (t, o) in out.iter_mut().enumerate() {
+        for (dd, k) in key.iter_mut().enumerate() {
+            *k = kt[dd * KEY_TILE + t];
+        }
+        *o = dot8(q, &key);
+    }
+    out
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+mod avx2 {
+    use super::KEY_TILE;
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// Widens `starts.len() <= KEY_TILE` f16 rows of `d` values (row `t` at `pool[starts[t]..]`)
+    /// into `dst` transposed, `[d, KEY_TILE]`, zero past the last row: 8x8 blocks converted
+    /// with F16C and transposed in registers.
+    pub(super) fn widen_transposed(pool: &[f16], starts: &[usize], d: usize, dst: &mut [f32]) {
+        assert!(d.is_multiple_of(8) && starts.len() <= KEY_TILE && dst.len() >= d * KEY_TILE);
+        assert!(
+            starts.iter().all(|&s| s + d <= pool.len()),
+            "rows lie inside the pool"
+        );
+        // SAFETY: AVX2/F16C are enabled for the whole build. Loads read 8 f16 at
+        // `pool[start + dd ..]` with `dd + 8 <= d` and `start + d <= pool.len()` (asserted);
+        // stores write 8 f32 at `dst[(dd + i) * KEY_TILE + t0 ..]` with `dd + i < d` and
+        // `t0 + 8 <= KEY_TILE`, inside `dst` (asserted).
+        unsafe {
+            for t0 in (0..KEY_TILE).step_by(8) {
+                for dd in (0..d).step_by(8) {
+                    let mut r = [_mm256_setzero_ps(); 8];
+                    for (i, ri) in r.iter_mut().enumerate() {
+                        if let Some(&st) = starts.get(t0 + i) {
+                            let h = _mm_loadu_si128(pool.as_ptr().add(st + dd) as *const __m128i);
+                            *ri = _mm256_cvtph_ps(h);
+                        }
+                    }
+                    let t = [
+                        _mm256_unpacklo_ps(r[0], r[1]),
+                        _mm256_unpackhi_ps(r[0], r[1]),
+                        _mm256_unpacklo_ps(r[2], r[3]),
+                        _mm256_unpackhi_ps(r[2], r[3]),
+                        _mm256_unpacklo_ps(r[4], r[5]),
+                        _mm256_unpackhi_ps(r[4], r[5]),
+                        _mm256_unpacklo_ps(r[6], r[7]),
+                        _mm256_unpackhi_ps(r[6], r[7]),
+                    ];
+                    let s = [
+                        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+                        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+                        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+                        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+                    ];
+                    let cols = [
+                        _mm256_permute2f128_ps::<0x20>(s[0], s[4]),
+                        _mm256_permute2f128_ps::<0x20>(s[1], s[5]),
+                        _mm256_permute2f128_ps::<0x20>(s[2], s[6]),
+                        _mm256_permute2f128_ps::<0x20>(s[3], s[7]),
+                        _mm256_permute2f128_ps::<0x31>(s[0], s[4]),
+                        _mm256_permute2f128_ps::<0x31>(s[1], s[5]),
+                        _mm256_permute2f128_ps::<0x31>(s[2], s[6]),
+                        _mm256_permute2f128_ps::<0x31>(s[3], s[7]),
+                    ];
+                    for (i, c) in cols.iter().enumerate() {
+                        _mm256_storeu_ps(dst.as_mut_ptr().add((dd + i) * KEY_TILE + t0), *c);
+                    }
                 }
             }
         }
-        for i in 0..SUB {
-            let mut sum = 0f32;
-            for lane in &acc {
-                sum += lane[i];
+    }
+
+    /// Eight keys per step: accumulator `l` holds lane `l` of [`super::dot8`] for 8 keys at
+    /// once, and the lanes are added in order with vector adds.
+    pub(super) fn tile_dots(q: &[f32], kt: &[f32]) -> [f32; KEY_TILE] {
+        let d = q.len();
+        assert!(
+            kt.len() >= d * KEY_TILE,
+            "a transposed tile holds d rows of KEY_TILE keys"
+        );
+        let main = d / 8 * 8;
+        let mut out = [0f32; KEY_TILE];
+        // SAFETY: AVX2/FMA are enabled for the whole build (`target_feature`). Every load reads
+        // 8 floats at `kt[dd * KEY_TILE + t0 ..]` with `dd < d` and `t0 + 8 <= KEY_TILE`,
+        // inside `kt` (asserted above); stores write `out[t0..t0 + 8]`.
+        unsafe {
+            for t0 in (0..KEY_TILE).step_by(8) {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for base in (0..main).step_by(8) {
+                    for (l, a) in acc.iter_mut().enumerate() {
+                        let dd = base + l;
+                        let k = _mm256_loadu_ps(kt.as_ptr().add(dd * KEY_TILE + t0));
+                        *a = _mm256_fmadd_ps(_mm256_set1_ps(q[dd]), k, *a);
+                    }
+                }
+                let mut sum = _mm256_setzero_ps();
+                for a in acc {
+                    sum = _mm256_add_ps(sum, a);
+                }
+                for (dd, &qd) in q.iter().enumerate().skip(main) {
+                    let k = _mm256_loadu_ps(kt.as_ptr().add(dd * KEY_TILE + t0));
+                    sum = _mm256_add_ps(sum, _mm256_mul_ps(_mm256_set1_ps(qd), k));
+                }
+                _mm256_storeu_ps(out.as_mut_ptr().add(t0), sum);
             }
-            for dd in main..d {
-                sum += q[dd] * kt[dd * KEY_TILE + t0 + i];
+        }
+        out
+    }
+}
+
+/// Below this many query vectors an item scores keys row by row; from it on, through a
+/// transposed K tile (the transposition costs a tile's worth of scattered stores, which only
+/// pays off when many vectors share it). Both compute [`dot8`]'s arithmetic.
+const TRANSPOSE_MIN_VECTORS: usize = 12;
+
+/// `q·k` for one key in the order of an 8-wide SIMD dot product: lane `l` accumulates
+/// dimensions `l, l+8, ...` by fused multiply-add, then the lanes are added in order, then any
+/// dimensions past the last multiple of 8. [`tile_dots`] computes the same values for a tile.
+#[inline]
+fn dot8(q: &[f32], k: &[f32]) -> f32 {
+    let d = q.len();
+    let main = d / 8 * 8;
+    let mut lanes = [0f32; 8];
+    for (qc, kc) in q[..main].chunks_exact(8).zip(k[..main].chunks_exact(8)) {
+        for l in 0..8 {
+            lanes[l] = qc[l].mul_add(kc[l], lanes[l]);
+        }
+    }
+    let mut sum = 0f32;
+    for l in lanes {
+        sum += l;
+    }
+    for dd in main..d {
+        sum += q[dd] * k[dd];
+    }
+    sum
+}
+
+/// Attention of `qv.len() / d` query vectors (f16-rounded) over one KV head: returns their
+/// outputs, `[n_vec, d]`. Vector `v` sees keys `0..limits[v]`.
+fn attend(qv: &[f32], limits: &[usize], k: &HeadView, v: &HeadView, scale: f32) -> Vec<f32> {
+    thread_local! {
+        /// Score buffers reused across items: a fresh multi-megabyte allocation per item costs
+        /// page faults and zeroing on every step.
+        static SCORES: std::cell::RefCell<(Vec<f32>, Vec<f16>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    }
+    SCORES.with_borrow_mut(|(p, p16)| attend_with(qv, limits, k, v, scale, p, p16))
+}
+
+fn attend_with(
+    qv: &[f32],
+    limits: &[usize],
+    k: &HeadView,
+    v: &HeadView,
+    scale: f32,
+    p: &mut Vec<f32>,
+    p16: &mut Vec<f16>,
+) -> Vec<f32> {
+    let d = k.head_dim;
+    let n_vec = limits.len();
+    let n_keys = limits.iter().copied().max().unwrap_or(0);
+    let mut tile_buf = vec![0f32; KEY_TILE * d];
+    let mut row_buf = vec![0f32; d];
+    // Scores, then probabilities, `[n_vec, n_keys]`; every entry read below is written first.
+    if p.len() < n_vec * n_keys {
+        p.resize(n_vec * n_keys, 0.0);
+    }
+    if p16.len() < n_keys {
+        p16.resize(n_keys, f16::ZERO);
+    }
+    for tile in (0..n_keys).step_by(KEY_TILE) {
+        let tile_end = (tile + KEY_TILE).min(n_keys);
+        if n_vec >= TRANSPOSE_MIN_VECTORS {
+            k.widen_transposed(tile..tile_end, &mut row_buf, &mut tile_buf);
+            for (vi, &limit) in limits.iter().enumerate() {
+                let end = tile_end.min(limit);
+                if end <= tile {
+                    continue;
+                }
+                let dots = tile_dots(&qv[vi * d..(vi + 1) * d], &tile_buf);
+                for (sc, x) in p[vi * n_keys + tile..vi * n_keys + end]
+                    .iter_mut()
+                    .zip(&dots)
+                {
+                    *sc = x * scale;
+                }
             }
-            out[t0 + i] = sum;
+        } else {
+            k.widen(tile..tile_end, &mut tile_buf);
+            for (vi, &limit) in limits.iter().enumerate() {
+                let qrow = &qv[vi * d..(vi + 1) * d];
+                for j in tile..tile_end.min(limit) {
+                    let krow = &tile_buf[(j - tile) * d..(j - tile + 1) * d];
+                    p[vi * n_keys + j] = dot8(qrow, krow) * scale;
+                }
+            }
+        }
+    }
+    for (vi, &limit) in limits.iter().enumerate() {
+        softmax_f16(&mut p[vi * n_keys..vi * n_keys + limit], &mut p16[..limit]);
+    }
+    let mut out = vec![0f32; n_vec * d];
+    let mut acc = vec![0f32; d];
+    for tile in (0..n_keys).step_by(KEY_TILE) {
+        let tile_end = (tile + KEY_TILE).min(n_keys);
+        v.widen(tile..tile_end, &mut tile_buf);
+        for (vi, &limit) in limits.iter().enumerate() {
+            let end = tile_end.min(limit);
+            if end <= tile {
+                continue;
+            }
+            // The running sum lives in a local buffer for the tile, then goes back.
+            acc.copy_from_slice(&out[vi * d..(vi + 1) * d]);
+            let probs = &p[vi * n_keys + tile..vi * n_keys + end];
+            for (pj, vrow) in probs.iter().zip(tile_buf.chunks_exact(d)) {
+                axpy(&mut acc, *pj, vrow);
+            }
+            out[vi * d..(vi + 1) * d].copy_from_slice(&acc);
         }
     }
     out
+}
+
+/// Softmax of one row of scores in place, the probabilities rounded to f16 (see the module
+/// docs). The max and the f64 sum use several independent lanes so they vectorise; max is
+/// order-independent and the f64 sum of positive f32 values rounds to the same f32 whatever
+/// the order in all but astronomically rare cases.
+fn softmax_f16(row: &mut [f32], scratch: &mut [f16]) {
+    let mut maxes = [f32::NEG_INFINITY; 8];
+    for chunk in row.chunks(8) {
+        for (m, &x) in maxes.iter_mut().zip(chunk) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let max = maxes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sums = [0f64; 4];
+    for chunk in row.chunks_mut(4) {
+        for (s, x) in sums.iter_mut().zip(chunk.iter_mut()) {
+            *x = crate::fastmath::exp(*x - max);
+            *s += *x as f64;
+        }
+    }
+    let inv = (1.0 / ((sums[0] + sums[1]) + (sums[2] + sums[3]))) as f32;
+    row.iter_mut().for_each(|x| *x *= inv);
+    scratch.convert_from_f32_slice(row);
+    scratch.convert_to_f32_slice(row);
 }
 
 /// `q`: `[rows, num_heads * head_dim]`; `out` likewise. `k_pool`/`v_pool`:
@@ -186,10 +450,15 @@ pub fn attention(
         .enumerate()
         .map(|(idx, it)| {
             let s = &seqs[it.seq];
-            let past = s.slots.len() - s.n_new;
-            let n_vec = it.q_len * g;
-            let n_keys = past + it.q_start + it.q_len;
+            let view = |pool| HeadView {
+                pool,
+                slots: s.slots,
+                kv_width,
+                head_off: it.kv_head * d,
+                head_dim: d,
+            };
             // Query vectors of the block, rounded to f16: vector v = (query qi, head in group gi).
+            let n_vec = it.q_len * g;
             let mut qv = vec![0f32; n_vec * d];
             for qi in 0..it.q_len {
                 let row = s.row_offset + it.q_start + qi;
@@ -202,64 +471,10 @@ pub fn attention(
                         .for_each(|(o, x)| *o = round_f16(*x));
                 }
             }
-            // Key limit (exclusive) of each vector: causal mask.
-            let limit = |v: usize| past + it.q_start + v / g + 1;
-
-            let view = |pool| HeadView {
-                pool,
-                slots: s.slots,
-                kv_width,
-                head_off: it.kv_head * d,
-                head_dim: d,
-            };
-            let (k_view, v_view) = (view(k_pool), view(v_pool));
-            let mut tile_buf = vec![0f32; KEY_TILE * d];
-            let mut row_buf = vec![0f32; d];
-            let mut scores = vec![f32::NEG_INFINITY; n_vec * n_keys];
-            for tile in (0..n_keys).step_by(KEY_TILE) {
-                let tile_end = (tile + KEY_TILE).min(n_keys);
-                k_view.widen_transposed(tile..tile_end, &mut row_buf, &mut tile_buf);
-                for v in 0..n_vec {
-                    let end = tile_end.min(limit(v));
-                    if end <= tile {
-                        continue;
-                    }
-                    let acc = tile_dots(&qv[v * d..(v + 1) * d], &tile_buf);
-                    for (sc, a) in scores[v * n_keys + tile..v * n_keys + end]
-                        .iter_mut()
-                        .zip(&acc)
-                    {
-                        *sc = a * scale;
-                    }
-                }
-            }
-            let mut probs_f16 = vec![f16::ZERO; n_keys];
-            for v in 0..n_vec {
-                let row = &mut scores[v * n_keys..v * n_keys + limit(v)];
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                row.iter_mut()
-                    .for_each(|x| *x = crate::fastmath::exp(*x - max));
-                let sum: f64 = row.iter().map(|&x| x as f64).sum();
-                let inv = (1.0 / sum) as f32;
-                row.iter_mut().for_each(|x| *x *= inv);
-                // Rounded to f16 like the reference (see the module docs).
-                let p16 = &mut probs_f16[..row.len()];
-                p16.convert_from_f32_slice(row);
-                p16.convert_to_f32_slice(row);
-            }
-            let mut acc = vec![0f32; n_vec * d];
-            for tile in (0..n_keys).step_by(KEY_TILE) {
-                let tile_end = (tile + KEY_TILE).min(n_keys);
-                v_view.widen(tile..tile_end, &mut tile_buf);
-                for v in 0..n_vec {
-                    let end = tile_end.min(limit(v));
-                    let arow = &mut acc[v * d..(v + 1) * d];
-                    for j in tile..end {
-                        let vrow = &tile_buf[(j - tile) * d..(j - tile + 1) * d];
-                        axpy(arow, scores[v * n_keys + j], vrow);
-                    }
-                }
-            }
+            let past = s.slots.len() - s.n_new;
+            // Key limit (exclusive) of each vector: the causal mask.
+            let limits: Vec<usize> = (0..n_vec).map(|v| past + it.q_start + v / g + 1).collect();
+            let acc = attend(&qv, &limits, &view(k_pool), &view(v_pool), scale);
             (idx, acc)
         })
         .collect();
@@ -321,6 +536,60 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn transposed_widening_matches_the_scalar_one() {
+        let d = 16;
+        let pool: Vec<f16> = (0..50 * 2 * d)
+            .map(|i| f16::from_f32(i as f32 * 0.25 - 7.0))
+            .collect();
+        let slots: Vec<u32> = (0..50).rev().collect();
+        let view = HeadView {
+            pool: &pool,
+            slots: &slots,
+            kv_width: 2 * d,
+            head_off: d,
+            head_dim: d,
+        };
+        let mut row = vec![0f32; d];
+        let mut got = vec![f32::NAN; d * KEY_TILE];
+        // 37 keys: a partial tile, zero-filled past the end.
+        view.widen_transposed(3..40, &mut row, &mut got);
+        for t in 0..KEY_TILE {
+            for dd in 0..d {
+                let want = if t < 37 {
+                    pool[slots[3 + t] as usize * 2 * d + d + dd].to_f32()
+                } else {
+                    0.0
+                };
+                assert_eq!(got[dd * KEY_TILE + t], want, "key {t} dim {dd}");
+            }
+        }
+    }
+
+    /// Decode-sized items score row by row, prefill-sized ones through a transposed tile: the
+    /// two must agree bit for bit, or a token's attention would depend on its batch.
+    #[test]
+    fn tile_dots_equal_dot8_bit_for_bit() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for d in [64usize, 80, 128, 12] {
+            let q: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let keys: Vec<Vec<f32>> = (0..KEY_TILE)
+                .map(|_| (0..d).map(|_| rng.random_range(-2.0..2.0)).collect())
+                .collect();
+            let mut kt = vec![0f32; d * KEY_TILE];
+            for (t, k) in keys.iter().enumerate() {
+                for dd in 0..d {
+                    kt[dd * KEY_TILE + t] = k[dd];
+                }
+            }
+            let tiled = tile_dots(&q, &kt);
+            for (t, k) in keys.iter().enumerate() {
+                assert_eq!(tiled[t].to_bits(), dot8(&q, k).to_bits(), "d {d} key {t}");
+            }
+        }
     }
 
     #[test]
