@@ -1,0 +1,153 @@
+"""CPU engine benchmark: Arbor against llama.cpp's OpenAI server on the same GGUF, same run.
+
+Measures, for prompts of about 512 and 4,096 tokens (built from the reference workload's
+context text, so the token counts are real text):
+  - prefill tokens/s: prompt tokens / time to the first token;
+  - decode tokens/s: (generated - 1) / (time of the last token - time of the first token),
+    128 tokens generated greedily.
+Runs alternate between the engines (llama.cpp, Arbor, llama.cpp, ...) so that machine noise
+hits both alike; the medians and their ratio are printed as a Markdown table.
+
+Each prompt starts with a run number, so neither engine can reuse KV from an earlier run.
+Arbor is timed by `arbor generate` itself (it prints prompt and decode speed); llama.cpp by
+streaming /v1/completions from its server on loopback (HTTP adds well under 1% at these sizes).
+
+Usage:
+  python3 scripts/bench_cpu.py --arbor target/release/arbor \
+      --llama-python /path/to/venv/bin/python --model models/SmolLM2-135M-Instruct.Q4_1.gguf
+where the venv has `llama-cpp-python[server]==0.3.36` (see shared/peers/README.md).
+"""
+import argparse
+import json
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def context_text():
+    w = json.loads((ROOT / "workloads" / "reference-multiturn.json").read_text())
+    block = w["base_content"] + "\n\nTechnical details:\n" + "\n".join("- " + d for d in w["technical_details"])
+    return block
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url, body, stream=False, timeout=600):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    return urllib.request.urlopen(req, timeout=timeout)
+
+
+def tokens_of(base, text):
+    with post(f"{base}/extras/tokenize/count", {"input": text}) as r:
+        return json.loads(r.read())["count"]
+
+
+def prompt_of(target_tokens, base, run):
+    text = context_text()
+    out = f"Run {run}.\n"
+    while tokens_of(base, out) < target_tokens:
+        out += text + "\n\n"
+    # Trim line by line to land just under the target.
+    lines = out.split("\n")
+    while tokens_of(base, "\n".join(lines)) > target_tokens:
+        lines.pop()
+    return "\n".join(lines)
+
+
+def llama_cpp_run(base, prompt, n_gen):
+    t0 = time.perf_counter()
+    first = last = None
+    n = 0
+    body = {"prompt": prompt, "max_tokens": n_gen, "min_tokens": n_gen, "temperature": 0, "stream": True}
+    with post(f"{base}/v1/completions", body) as r:
+        for line in r:
+            line = line.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"][0].get("text"):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                n += 1
+    n_prompt = tokens_of(base, prompt)
+    return {"prompt_tokens": n_prompt, "prefill_tps": n_prompt / (first - t0),
+            "decode_tps": (n - 1) / (last - first) if n > 1 else float("nan"), "generated": n}
+
+
+ARBOR_LINE = re.compile(r"prompt: (\d+) tokens in ([\d.]+)s \(([\d.]+) tok/s\); generated: (\d+) tokens, decode ([\d.]+) tok/s")
+
+
+def arbor_run(arbor, model, prompt, n_gen):
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(prompt)
+    p = subprocess.run([arbor, "generate", "--model", model, "--raw", "--prompt-file", f.name,
+                        "--max-tokens", str(n_gen), "--ignore-eos", "--kv-slots", "8192"],
+                       capture_output=True, text=True, check=True)
+    m = ARBOR_LINE.search(p.stderr)
+    if not m:
+        sys.exit(f"unexpected arbor output: {p.stderr}")
+    return {"prompt_tokens": int(m[1]), "prefill_tps": float(m[3]), "decode_tps": float(m[5]), "generated": int(m[4])}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arbor", default=str(ROOT / "target/release/arbor"))
+    ap.add_argument("--llama-python", required=True)
+    ap.add_argument("--model", default=str(ROOT / "models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--sizes", default="512,4096")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--gen", type=int, default=128)
+    args = ap.parse_args()
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([args.llama_python, "-m", "llama_cpp.server", "--model", args.model,
+                               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "8192",
+                               "--n_threads", "2", "--n_threads_batch", "2", "--logits_all", "false"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{base}/v1/models", timeout=1)
+                break
+            except OSError:
+                time.sleep(1)
+        rows = []
+        for size in [int(s) for s in args.sizes.split(",")]:
+            res = {"llama.cpp": [], "arbor": []}
+            for run in range(args.runs):
+                prompt = prompt_of(size, base, run)
+                res["llama.cpp"].append(llama_cpp_run(base, prompt, args.gen))
+                res["arbor"].append(arbor_run(args.arbor, args.model, prompt, args.gen))
+                print(size, run, {k: v[-1] for k, v in res.items()}, file=sys.stderr, flush=True)
+            med = {k: {m: statistics.median(r[m] for r in v) for m in ("prompt_tokens", "prefill_tps", "decode_tps")}
+                   for k, v in res.items()}
+            rows.append((size, med))
+        print("| prompt | engine | prompt tokens | prefill tok/s | decode tok/s |")
+        print("|---|---|---|---|---|")
+        for size, med in rows:
+            for eng in ("llama.cpp", "arbor"):
+                m = med[eng]
+                print(f"| ~{size} | {eng} | {m['prompt_tokens']:.0f} | {m['prefill_tps']:.1f} | {m['decode_tps']:.1f} |")
+            a, l = med["arbor"], med["llama.cpp"]
+            print(f"| ~{size} | arbor / llama.cpp | | {a['prefill_tps'] / l['prefill_tps']:.2f}x | {a['decode_tps'] / l['decode_tps']:.2f}x |")
+    finally:
+        server.terminate()
+        server.wait()
+
+
+if __name__ == "__main__":
+    main()
