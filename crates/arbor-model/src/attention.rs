@@ -6,10 +6,23 @@
 //! `0..=past + i`. Nothing is gathered into a contiguous K/V copy: K and V rows are read through
 //! the slot list where they lie.
 //!
-//! Work is split into (sequence, KV head, block of queries) items run in parallel. One item
-//! scores all query heads of its GQA group for a block of queries against each key, so every K
-//! and V row fetched from memory is used `block x group` times. K/V are stored as f16 and
-//! widened a tile at a time (64 keys of one head: 8 KiB), never as a whole-context copy.
+//! Work is split into (sequence, KV head, block of queries, key segment) items run in parallel.
+//! One item scores all query heads of its GQA group for a block of queries against the keys of
+//! one segment, so every K and V row fetched from memory is used `block x group` times. K/V are
+//! stored as f16 and widened a tile at a time (64 keys of one head: 8 KiB), never as a
+//! whole-context copy.
+//!
+//! Segments are fixed ranges of key positions (`KEY_SEGMENT` keys each), the same for every
+//! query, so a long context's keys are spread over both cores even for a single decoding
+//! sequence (flash-decoding's split), while a query's arithmetic still depends only on its
+//! position and its keys, never on the batch:
+//!
+//! ```text
+//!   keys:    [ segment 0: 0..1024 ][ segment 1: 1024..2048 ][ segment 2: 2048..2500 )
+//!   each:     m_s = max score, p = f16(exp(score - m_s) / sum_s), acc_s = sum p v
+//!   merge:    w_s = sum_s * exp(m_s - max m), out = sum_s (w_s / sum w) * acc_s, in segment order
+//! ```
+//! A query that sees a single segment (contexts up to 1024) takes `acc_0` unchanged.
 //!
 //! Numerics follow llama.cpp's CPU attention with an f16 cache (the reference our fixtures come
 //! from): queries rounded to f16 before `q·k` (f32 accumulation), the scale applied to the dot
@@ -26,6 +39,9 @@ use rayon::prelude::*;
 const QUERY_BLOCK: usize = 16;
 /// Keys scored per tile, so a tile of K rows stays in L1 while every query vector visits it.
 const KEY_TILE: usize = 64;
+/// Keys per segment (a multiple of `KEY_TILE`). Changing it changes long-context numerics
+/// (slightly), never batch invariance.
+const KEY_SEGMENT: usize = 1024;
 
 #[derive(Debug, Clone, Copy)]
 pub struct AttnShape {
@@ -62,6 +78,16 @@ struct WorkItem {
     kv_head: usize,
     q_start: usize,
     q_len: usize,
+    /// Keys `segment * KEY_SEGMENT ..` of the segment this item covers.
+    segment: usize,
+}
+
+/// One item's partial result for each of its query vectors: the segment's max score, softmax
+/// denominator and probability-weighted V sum (`None` where the vector sees no key of it).
+struct Partial {
+    max: f32,
+    sum: f64,
+    acc: Vec<f32>,
 }
 
 #[inline]
@@ -301,29 +327,50 @@ fn dot8(q: &[f32], k: &[f32]) -> f32 {
     sum
 }
 
-/// Attention of `qv.len() / d` query vectors (f16-rounded) over one KV head: returns their
-/// outputs, `[n_vec, d]`. Vector `v` sees keys `0..limits[v]`.
-fn attend(qv: &[f32], limits: &[usize], k: &HeadView, v: &HeadView, scale: f32) -> Vec<f32> {
+/// Attention of `qv.len() / d` query vectors (f16-rounded) over the keys `keys` of one KV
+/// head. Vector `v` sees keys `0..limits[v]`; returns one partial per vector.
+fn attend(
+    qv: &[f32],
+    limits: &[usize],
+    keys: std::ops::Range<usize>,
+    k: &HeadView,
+    v: &HeadView,
+    scale: f32,
+) -> Vec<Option<Partial>> {
     thread_local! {
-        /// Score buffers reused across items: a fresh multi-megabyte allocation per item costs
-        /// page faults and zeroing on every step.
+        /// Score buffers reused across items: a fresh allocation per item costs page faults
+        /// and zeroing on every step.
         static SCORES: std::cell::RefCell<(Vec<f32>, Vec<f16>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     }
-    SCORES.with_borrow_mut(|(p, p16)| attend_with(qv, limits, k, v, scale, p, p16))
+    SCORES.with_borrow_mut(|(p, p16)| attend_with(qv, limits, keys, k, v, scale, p, p16))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn attend_with(
     qv: &[f32],
     limits: &[usize],
+    keys: std::ops::Range<usize>,
     k: &HeadView,
     v: &HeadView,
     scale: f32,
     p: &mut Vec<f32>,
     p16: &mut Vec<f16>,
-) -> Vec<f32> {
+) -> Vec<Option<Partial>> {
     let d = k.head_dim;
     let n_vec = limits.len();
-    let n_keys = limits.iter().copied().max().unwrap_or(0);
+    let k0 = keys.start;
+    // Keys this item scores, and each vector's end within them.
+    let n_keys = limits
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .min(keys.end)
+        .saturating_sub(k0);
+    let ends: Vec<usize> = limits
+        .iter()
+        .map(|&l| l.min(keys.end).saturating_sub(k0))
+        .collect();
     let mut tile_buf = vec![0f32; KEY_TILE * d];
     let mut row_buf = vec![0f32; d];
     // Scores, then probabilities, `[n_vec, n_keys]`; every entry read below is written first.
@@ -336,8 +383,8 @@ fn attend_with(
     for tile in (0..n_keys).step_by(KEY_TILE) {
         let tile_end = (tile + KEY_TILE).min(n_keys);
         if n_vec >= TRANSPOSE_MIN_VECTORS {
-            k.widen_transposed(tile..tile_end, &mut row_buf, &mut tile_buf);
-            for (vi, &limit) in limits.iter().enumerate() {
+            k.widen_transposed(k0 + tile..k0 + tile_end, &mut row_buf, &mut tile_buf);
+            for (vi, &limit) in ends.iter().enumerate() {
                 let end = tile_end.min(limit);
                 if end <= tile {
                     continue;
@@ -351,8 +398,8 @@ fn attend_with(
                 }
             }
         } else {
-            k.widen(tile..tile_end, &mut tile_buf);
-            for (vi, &limit) in limits.iter().enumerate() {
+            k.widen(k0 + tile..k0 + tile_end, &mut tile_buf);
+            for (vi, &limit) in ends.iter().enumerate() {
                 let qrow = &qv[vi * d..(vi + 1) * d];
                 for j in tile..tile_end.min(limit) {
                     let krow = &tile_buf[(j - tile) * d..(j - tile + 1) * d];
@@ -361,15 +408,17 @@ fn attend_with(
             }
         }
     }
-    for (vi, &limit) in limits.iter().enumerate() {
-        softmax_f16(&mut p[vi * n_keys..vi * n_keys + limit], &mut p16[..limit]);
-    }
+    let stats: Vec<(f32, f64)> = ends
+        .iter()
+        .enumerate()
+        .map(|(vi, &end)| softmax_f16(&mut p[vi * n_keys..vi * n_keys + end], &mut p16[..end]))
+        .collect();
     let mut out = vec![0f32; n_vec * d];
     let mut acc = vec![0f32; d];
     for tile in (0..n_keys).step_by(KEY_TILE) {
         let tile_end = (tile + KEY_TILE).min(n_keys);
-        v.widen(tile..tile_end, &mut tile_buf);
-        for (vi, &limit) in limits.iter().enumerate() {
+        v.widen(k0 + tile..k0 + tile_end, &mut tile_buf);
+        for (vi, &limit) in ends.iter().enumerate() {
             let end = tile_end.min(limit);
             if end <= tile {
                 continue;
@@ -383,14 +432,44 @@ fn attend_with(
             out[vi * d..(vi + 1) * d].copy_from_slice(&acc);
         }
     }
-    out
+    ends.iter()
+        .zip(stats)
+        .zip(out.chunks_exact(d))
+        .map(|((&end, (max, sum)), acc)| {
+            (end > 0).then(|| Partial {
+                max,
+                sum,
+                acc: acc.to_vec(),
+            })
+        })
+        .collect()
+}
+
+/// Combines a query vector's per-segment partials, in segment order (see the module docs).
+fn merge(parts: &[&Partial], out: &mut [f32]) {
+    if let [only] = parts {
+        out.copy_from_slice(&only.acc);
+        return;
+    }
+    let max = parts
+        .iter()
+        .map(|p| p.max)
+        .fold(f32::NEG_INFINITY, f32::max);
+    let weights: Vec<f64> = parts
+        .iter()
+        .map(|p| p.sum * ((p.max - max) as f64).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    out.fill(0.0);
+    for (p, w) in parts.iter().zip(&weights) {
+        axpy(out, (w / total) as f32, &p.acc);
+    }
 }
 
 /// Softmax of one row of scores in place, the probabilities rounded to f16 (see the module
-/// docs). The max and the f64 sum use several independent lanes so they vectorise; max is
-/// order-independent and the f64 sum of positive f32 values rounds to the same f32 whatever
-/// the order in all but astronomically rare cases.
-fn softmax_f16(row: &mut [f32], scratch: &mut [f16]) {
+/// docs); returns the row's max and the sum of `exp(x - max)`. The max and the f64 sum use
+/// several independent lanes so they vectorise.
+fn softmax_f16(row: &mut [f32], scratch: &mut [f16]) -> (f32, f64) {
     let mut maxes = [f32::NEG_INFINITY; 8];
     for chunk in row.chunks(8) {
         for (m, &x) in maxes.iter_mut().zip(chunk) {
@@ -405,10 +484,12 @@ fn softmax_f16(row: &mut [f32], scratch: &mut [f16]) {
             *s += *x as f64;
         }
     }
-    let inv = (1.0 / ((sums[0] + sums[1]) + (sums[2] + sums[3]))) as f32;
+    let sum = (sums[0] + sums[1]) + (sums[2] + sums[3]);
+    let inv = (1.0 / sum) as f32;
     row.iter_mut().for_each(|x| *x *= inv);
     scratch.convert_from_f32_slice(row);
     scratch.convert_to_f32_slice(row);
+    (max, sum)
 }
 
 /// `q`: `[rows, num_heads * head_dim]`; `out` likewise. `k_pool`/`v_pool`:
@@ -435,20 +516,25 @@ pub fn attention(
     for (seq, s) in seqs.iter().enumerate() {
         for kv_head in 0..num_kv_heads {
             for q_start in (0..s.n_new).step_by(QUERY_BLOCK) {
-                items.push(WorkItem {
-                    seq,
-                    kv_head,
-                    q_start,
-                    q_len: QUERY_BLOCK.min(s.n_new - q_start),
-                });
+                let q_len = QUERY_BLOCK.min(s.n_new - q_start);
+                // Keys visible to the block's last query.
+                let visible = s.slots.len() - s.n_new + q_start + q_len;
+                for segment in 0..visible.div_ceil(KEY_SEGMENT) {
+                    items.push(WorkItem {
+                        seq,
+                        kv_head,
+                        q_start,
+                        q_len,
+                        segment,
+                    });
+                }
             }
         }
     }
 
-    let results: Vec<(usize, Vec<f32>)> = items
+    let results: Vec<Vec<Option<Partial>>> = items
         .par_iter()
-        .enumerate()
-        .map(|(idx, it)| {
+        .map(|it| {
             let s = &seqs[it.seq];
             let view = |pool| HeadView {
                 pool,
@@ -474,22 +560,31 @@ pub fn attention(
             let past = s.slots.len() - s.n_new;
             // Key limit (exclusive) of each vector: the causal mask.
             let limits: Vec<usize> = (0..n_vec).map(|v| past + it.q_start + v / g + 1).collect();
-            let acc = attend(&qv, &limits, &view(k_pool), &view(v_pool), scale);
-            (idx, acc)
+            let keys = it.segment * KEY_SEGMENT..(it.segment + 1) * KEY_SEGMENT;
+            attend(&qv, &limits, keys, &view(k_pool), &view(v_pool), scale)
         })
         .collect();
 
-    for (idx, acc) in results {
-        let it = &items[idx];
+    // Items of one (sequence, KV head, query block) are consecutive, segments in order.
+    let mut i = 0;
+    while i < items.len() {
+        let it = &items[i];
+        let group_len = items[i..]
+            .iter()
+            .take_while(|o| (o.seq, o.kv_head, o.q_start) == (it.seq, it.kv_head, it.q_start))
+            .count();
+        let group = &results[i..i + group_len];
         let s = &seqs[it.seq];
         for qi in 0..it.q_len {
             let row = s.row_offset + it.q_start + qi;
             for gi in 0..g {
+                let vi = qi * g + gi;
                 let head = it.kv_head * g + gi;
-                out[row * q_width + head * d..][..d]
-                    .copy_from_slice(&acc[(qi * g + gi) * d..][..d]);
+                let parts: Vec<&Partial> = group.iter().filter_map(|r| r[vi].as_ref()).collect();
+                merge(&parts, &mut out[row * q_width + head * d..][..d]);
             }
         }
+        i += group_len;
     }
 }
 
@@ -590,6 +685,80 @@ mod tests {
                 assert_eq!(tiled[t].to_bits(), dot8(&q, k).to_bits(), "d {d} key {t}");
             }
         }
+    }
+
+    /// Contexts longer than a segment: the per-segment softmaxes merged must equal the plain
+    /// softmax over all keys, for prefill queries straddling segment boundaries and a decode.
+    #[test]
+    fn segments_merge_to_the_full_softmax() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        let shape = AttnShape {
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+        };
+        let kvw = shape.num_kv_heads * shape.head_dim;
+        let qw = shape.num_heads * shape.head_dim;
+        let slots_total = 2 * KEY_SEGMENT + 600;
+        let k_pool: Vec<f16> = (0..slots_total * kvw)
+            .map(|_| f16::from_f32(rng.random_range(-1.5..1.5)))
+            .collect();
+        let v_pool: Vec<f16> = (0..slots_total * kvw)
+            .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
+            .collect();
+        let seq_a: Vec<u32> = (0..(KEY_SEGMENT + 40) as u32).rev().collect();
+        let seq_b: Vec<u32> = (0..(2 * KEY_SEGMENT + 300) as u32).collect();
+        // seq_a: 30 new queries straddling the first boundary; seq_b: a decode in segment 2.
+        let rows = 30 + 1;
+        let q: Vec<f32> = (0..rows * qw)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
+        let seqs = [
+            AttnSeq {
+                row_offset: 0,
+                n_new: 30,
+                slots: &seq_a,
+            },
+            AttnSeq {
+                row_offset: 30,
+                n_new: 1,
+                slots: &seq_b,
+            },
+        ];
+        let mut out = vec![0f32; rows * qw];
+        attention(&q, &k_pool, &v_pool, &seqs, shape, &mut out);
+        let gather = |seq: &[u32], pool: &[f16]| -> Vec<Vec<f32>> {
+            seq.iter()
+                .map(|&s| {
+                    pool[s as usize * kvw..][..kvw]
+                        .iter()
+                        .map(|x| x.to_f32())
+                        .collect()
+                })
+                .collect()
+        };
+        let ra = reference(
+            &q[..30 * qw],
+            &gather(&seq_a, &k_pool),
+            &gather(&seq_a, &v_pool),
+            seq_a.len() - 30,
+            shape,
+        );
+        let rb = reference(
+            &q[30 * qw..],
+            &gather(&seq_b, &k_pool),
+            &gather(&seq_b, &v_pool),
+            seq_b.len() - 1,
+            shape,
+        );
+        let expected: Vec<f32> = ra.into_iter().chain(rb).collect();
+        let max_err = out
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(max_err < 2e-3, "max abs error {max_err}");
     }
 
     #[test]
