@@ -370,7 +370,8 @@ impl Engine {
         };
 
         let mut events = Vec::new();
-        let mut finished: Vec<(usize, FinishReason)> = Vec::new();
+        // (index into running, reason, whether held-back text is released)
+        let mut finished: Vec<(usize, FinishReason, bool)> = Vec::new();
         for (i, mut row) in wants.into_iter().zip(logits) {
             let s = &mut self.running[i];
             let eos_banned = s.generated() < s.stop.min_tokens;
@@ -397,7 +398,8 @@ impl Engine {
                     token,
                     text: String::new(),
                 });
-                finished.push((i, FinishReason::Stop));
+                // Text held back as a possible stop-string start is real output now.
+                finished.push((i, FinishReason::Stop, true));
                 continue;
             }
             let delta = s.decoder.push(&self.tokenizer, token)?;
@@ -408,7 +410,8 @@ impl Engine {
                         token,
                         text,
                     });
-                    finished.push((i, FinishReason::Stop));
+                    // Everything from the stop string on is dropped.
+                    finished.push((i, FinishReason::Stop, false));
                 }
                 StopScan::Continue(text) => {
                     events.push(Event::Token {
@@ -417,19 +420,19 @@ impl Engine {
                         text,
                     });
                     if s.generated() >= s.max_new {
-                        finished.push((i, FinishReason::Length));
+                        finished.push((i, FinishReason::Length, true));
                     }
                 }
             }
         }
         // Remove finished sequences back to front so indices stay valid.
         finished.sort_by_key(|f| std::cmp::Reverse(f.0));
-        for (i, reason) in finished {
+        for (i, reason, flush) in finished {
             let mut seq = self.running.swap_remove(i);
-            let tail = if reason == FinishReason::Stop {
-                String::new()
-            } else {
+            let tail = if flush {
                 seq.matcher.flush()
+            } else {
+                String::new()
             };
             events.push(self.finish(seq, reason, tail));
         }

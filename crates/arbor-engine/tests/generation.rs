@@ -211,6 +211,35 @@ fn stop_strings_max_tokens_and_seeds() {
     assert_ne!(sampled(11), sampled(12));
 }
 
+/// Regression: text held back as the possible start of a stop string was dropped when a stop
+/// token, not the stop string, ended the request.
+#[test]
+fn held_back_text_is_released_when_a_stop_token_ends_the_request() {
+    let s = shared();
+    let mut e = engine(1024, 512);
+    let prompt = s
+        .tokenizer
+        .encode(
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+            false,
+        )
+        .unwrap();
+    let full = e.generate(greedy(prompt.clone(), 64), |_| {}).unwrap();
+    assert_eq!(
+        full.reason,
+        FinishReason::Stop,
+        "the model ends this reply with <|im_end|>"
+    );
+    let last = full.text.chars().last().unwrap();
+    // A stop string that starts with the reply's last character but never completes.
+    let mut req = greedy(prompt, 64);
+    req.stop.stop_strings = vec![format!("{last}\u{1}never")];
+    let mut streamed = String::new();
+    let out = e.generate(req, |t| streamed.push_str(t)).unwrap();
+    assert_eq!(out.text, full.text);
+    assert_eq!(streamed, full.text);
+}
+
 #[test]
 fn bad_requests_are_errors_and_leave_the_engine_usable() {
     let s = shared();
