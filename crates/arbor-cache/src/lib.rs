@@ -5,9 +5,12 @@
 //! indices, so sequences of any length share one pool without fragmentation, and a cached prefix
 //! can be handed from one request to the next by passing slot indices around.
 //!
-//! This crate owns which slots are free. [`SlotAllocator`] hands out and takes back slot indices;
-//! the radix prefix cache (a later issue) builds on it.
+//! This crate owns which slots are free and which hold a cached prefix. [`SlotAllocator`] hands
+//! out and takes back slot indices; [`RadixCache`] is the radix tree of cached prefixes
+//! (SGLang's RadixAttention) whose nodes own slots.
 
+mod radix;
 mod slots;
 
+pub use radix::{Namespace, NodeId, PrefixMatch, RadixCache};
 pub use slots::{SlotAllocator, SlotError, SlotId};
