@@ -87,7 +87,7 @@ def llama_cpp_run(base, prompt, n_gen):
             "decode_tps": (n - 1) / (last - first) if n > 1 else float("nan"), "generated": n}
 
 
-ARBOR_LINE = re.compile(r"prompt: (\d+) tokens in ([\d.]+)s \(([\d.]+) tok/s\); generated: (\d+) tokens, decode ([\d.]+) tok/s")
+ARBOR_LINE = re.compile(r"prompt: (\d+) tokens \((\d+) cached\) in ([\d.]+)s \(([\d.]+) tok/s\); generated: (\d+) tokens, decode ([\d.]+) tok/s")
 
 
 def arbor_run(arbor, model, prompt, n_gen):
@@ -99,7 +99,7 @@ def arbor_run(arbor, model, prompt, n_gen):
     m = ARBOR_LINE.search(p.stderr)
     if not m:
         sys.exit(f"unexpected arbor output: {p.stderr}")
-    return {"prompt_tokens": int(m[1]), "prefill_tps": float(m[3]), "decode_tps": float(m[5]), "generated": int(m[4])}
+    return {"prompt_tokens": int(m[1]), "prefill_tps": float(m[4]), "decode_tps": float(m[6]), "generated": int(m[5])}
 
 
 def main():

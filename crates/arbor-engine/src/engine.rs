@@ -9,15 +9,23 @@
 //! 3. runs the model once, samples a token for every sequence that finished its prompt, and
 //!    reports tokens, text and finished requests as [`Event`]s.
 //!
-//! Slots are reserved for the whole request (prompt + max_tokens) at admission, so a running
-//! request can never run out of KV memory mid-generation; the radix cache issue replaces this
-//! with on-demand allocation, prefix sharing and preemption.
+//! Prefix reuse: at admission a request's prompt is matched against the radix cache
+//! (`arbor_cache::RadixCache`); the matched prefix's slots join the sequence as already
+//! computed and the path is locked until the request ends, when the prompt and generated
+//! tokens are inserted so the next turn of the conversation finds them. Because every kernel is
+//! batch-invariant, a prefix's cached K/V are bit-identical to what recomputing it would give:
+//! the cache never changes an output.
+//!
+//! Slots for the rest of the request (uncached prompt + max_tokens) are reserved at admission,
+//! evicting unlocked cached prefixes (least recently used first) when the pool is short, so a
+//! running request never runs out of KV memory mid-generation. (Preemption, cache-aware
+//! ordering and in-batch prefix sharing come with the scheduler work of the radix-cache issue.)
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arbor_cache::{SlotAllocator, SlotId};
+use arbor_cache::{Namespace, NodeId, RadixCache, SlotAllocator, SlotId};
 use arbor_model::{IncrementalDecoder, KvPool, Llama, LogitsWanted, SeqStep, Tokenizer};
 
 use crate::error::EngineError;
@@ -30,10 +38,21 @@ pub type RequestId = u64;
 /// running decodes are not held up for long by a long prompt.
 pub const DEFAULT_MAX_BATCH_TOKENS: usize = 512;
 
+/// How finished requests' KV is kept for reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrefixCacheMode {
+    /// Every computed prefix stays in a radix tree until its slots are needed.
+    #[default]
+    Radix,
+    /// No reuse: every request computes its whole prompt.
+    Off,
+}
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Token slots in the KV pool.
     pub kv_slots: usize,
+    pub prefix_cache: PrefixCacheMode,
     /// Tokens per forward step (prefill chunk budget plus decodes).
     pub max_batch_tokens: usize,
     /// Sequences running at once.
@@ -44,6 +63,7 @@ impl EngineConfig {
     pub fn for_model(model: &Llama) -> Self {
         Self {
             kv_slots: model.config.max_position_embeddings.min(32_768),
+            prefix_cache: PrefixCacheMode::Radix,
             max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
             max_running: 64,
         }
@@ -66,6 +86,8 @@ pub struct StopConditions {
 #[derive(Debug, Clone)]
 pub struct Request {
     pub prompt: Vec<u32>,
+    /// Cache namespace: requests of different namespaces never share KV (tenants, adapters).
+    pub namespace: Namespace,
     pub sampling: SamplingParams,
     pub stop: StopConditions,
 }
@@ -130,8 +152,13 @@ struct Sequence {
     /// Prompt then generated tokens.
     tokens: Vec<u32>,
     prompt_len: usize,
-    /// Slots holding K/V of `tokens[..computed.len()]`.
+    /// Slots holding K/V of `tokens[..computed.len()]`; the first `cached_len` belong to the
+    /// prefix cache (matched at admission), the rest to this sequence.
     computed: Vec<SlotId>,
+    cached_len: usize,
+    namespace: Namespace,
+    /// The locked node of the matched prefix.
+    prefix_node: Option<NodeId>,
     /// Slots reserved for tokens not yet computed, used from the back.
     reserved: Vec<SlotId>,
     max_new: usize,
@@ -156,6 +183,7 @@ pub struct Engine {
     tokenizer: Tokenizer,
     pool: KvPool,
     slots: SlotAllocator,
+    cache: RadixCache,
     config: EngineConfig,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
@@ -179,6 +207,7 @@ impl Engine {
         );
         Self {
             slots: SlotAllocator::new(config.kv_slots),
+            cache: RadixCache::new(),
             model,
             tokenizer,
             pool,
@@ -201,8 +230,15 @@ impl Engine {
         &self.config
     }
 
+    /// Slots neither cached nor held by a request.
     pub fn free_slots(&self) -> usize {
         self.slots.free_count()
+    }
+
+    /// Slots held only by the prefix cache (evictable) and by cached prefixes that running
+    /// requests use (locked).
+    pub fn cached_slots(&self) -> (usize, usize) {
+        (self.cache.evictable_slots(), self.cache.locked_slots())
     }
 
     pub fn has_work(&self) -> bool {
@@ -245,6 +281,9 @@ impl Engine {
             prompt_len: req.prompt.len(),
             tokens: req.prompt,
             computed: Vec::new(),
+            cached_len: 0,
+            namespace: req.namespace,
+            prefix_node: None,
             reserved: Vec::new(),
             max_new,
             matcher: StopMatcher::new(req.stop.stop_strings.clone()),
@@ -277,14 +316,38 @@ impl Engine {
             let Some(seq) = self.waiting.front() else {
                 break;
             };
-            let need = seq.prompt_len + seq.max_new.saturating_sub(1);
+            // The last prompt token is always computed: its logits give the first new token.
+            let (prefix, node) = match self.config.prefix_cache {
+                PrefixCacheMode::Radix => {
+                    let m = self
+                        .cache
+                        .match_prefix(seq.namespace, &seq.tokens[..seq.prompt_len - 1]);
+                    // Locked before any eviction below, so it cannot evict itself.
+                    self.cache.lock(m.node);
+                    (m.slots, Some(m.node))
+                }
+                PrefixCacheMode::Off => (Vec::new(), None),
+            };
+            let need = seq.prompt_len - prefix.len() + seq.max_new.saturating_sub(1);
+            if self.slots.free_count() < need {
+                let freed = self.cache.evict(need - self.slots.free_count());
+                self.slots
+                    .free(&freed)
+                    .expect("evicted slots were owned by the cache alone");
+            }
             let Ok(mut slots) = self.slots.allocate(need) else {
+                if let Some(n) = node {
+                    self.cache.unlock(n);
+                }
                 break;
             };
             let mut seq = self.waiting.pop_front().expect("front() was Some");
             // Used from the back: reverse so the sequence takes them in allocation order.
             slots.reverse();
             seq.reserved = slots;
+            seq.cached_len = prefix.len();
+            seq.computed = prefix;
+            seq.prefix_node = node;
             self.running.push(seq);
         }
     }
@@ -439,11 +502,31 @@ impl Engine {
         Ok((events, stats))
     }
 
+    /// Ends a sequence: its computed tokens go into the prefix cache (or their slots back to
+    /// the pool), its lock on the matched prefix is released, unused reserved slots are freed.
     fn finish(&mut self, mut seq: Sequence, reason: FinishReason, text: String) -> Event {
-        let mut slots = std::mem::take(&mut seq.computed);
-        slots.append(&mut seq.reserved);
+        let computed = std::mem::take(&mut seq.computed);
+        let own_from = match self.config.prefix_cache {
+            PrefixCacheMode::Radix if !computed.is_empty() => {
+                let already =
+                    self.cache
+                        .insert(seq.namespace, &seq.tokens[..computed.len()], &computed);
+                // Our slots for positions the cache already had (another request cached the
+                // same continuation meanwhile) are duplicates; the cache owns the rest now.
+                self.slots
+                    .free(&computed[seq.cached_len.min(already)..already])
+                    .expect("a sequence owns the slots past its cached prefix");
+                computed.len()
+            }
+            _ => seq.cached_len,
+        };
+        if let Some(node) = seq.prefix_node.take() {
+            self.cache.unlock(node);
+        }
+        let mut unused = computed[own_from..].to_vec();
+        unused.append(&mut seq.reserved);
         self.slots
-            .free(&slots)
+            .free(&unused)
             .expect("a sequence owns its slots exclusively, so freeing them cannot fail");
         seq.timing.finished_at = Some(Instant::now());
         Event::Finished {
@@ -453,7 +536,7 @@ impl Engine {
             usage: Usage {
                 prompt_tokens: seq.prompt_len,
                 completion_tokens: seq.generated(),
-                cached_tokens: 0,
+                cached_tokens: seq.cached_len,
             },
             timing: seq.timing,
         }

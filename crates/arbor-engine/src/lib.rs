@@ -11,8 +11,8 @@ pub mod sampler;
 pub mod stop;
 
 pub use engine::{
-    Completion, Engine, EngineConfig, Event, FinishReason, Request, RequestId, StepStats,
-    StopConditions, Timing, Usage, DEFAULT_MAX_BATCH_TOKENS,
+    Completion, Engine, EngineConfig, Event, FinishReason, PrefixCacheMode, Request, RequestId,
+    StepStats, StopConditions, Timing, Usage, DEFAULT_MAX_BATCH_TOKENS,
 };
 pub use error::EngineError;
 pub use sampler::{Sampler, SamplingParams};

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use arbor_engine::{
-    Engine, EngineConfig, EngineError, FinishReason, Request, SamplingParams, StopConditions,
+    Engine, EngineConfig, EngineError, FinishReason, PrefixCacheMode, Request, SamplingParams,
+    StopConditions,
 };
 use arbor_model::{Device, LoadedModel};
 use serde_json::Value;
@@ -51,6 +52,7 @@ fn engine(kv_slots: usize, max_batch_tokens: usize) -> Engine {
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
     Request {
+        namespace: 0,
         prompt,
         sampling: SamplingParams::greedy(),
         stop: StopConditions {
@@ -173,7 +175,13 @@ fn batching_and_chunking_do_not_change_outputs() {
         "the test must mix prefill chunks and decodes in one step"
     );
     assert_eq!(got, alone);
-    assert_eq!(e.free_slots(), 2048, "every slot is returned");
+    let (evictable, locked) = e.cached_slots();
+    assert_eq!(locked, 0, "no request runs, so no cached prefix is locked");
+    assert_eq!(
+        e.free_slots() + evictable,
+        2048,
+        "every slot is free or cached"
+    );
 }
 
 #[test]
@@ -270,7 +278,106 @@ fn bad_requests_are_errors_and_leave_the_engine_usable() {
     e.step().unwrap();
     assert!(e.free_slots() < 1024);
     assert!(e.cancel(id).is_some());
-    assert_eq!(e.free_slots(), 1024);
+    let (evictable, locked) = e.cached_slots();
+    assert_eq!((locked, e.free_slots() + evictable), (0, 1024));
     let ok = e.generate(greedy(vec![1, 2, 3], 4), |_| {}).unwrap();
     assert_eq!(ok.tokens.len(), 4);
+}
+
+fn engine_with_cache(mode: PrefixCacheMode, kv_slots: usize, max_batch_tokens: usize) -> Engine {
+    let s = shared();
+    let mut cfg = EngineConfig::for_model(&s.model);
+    cfg.kv_slots = kv_slots;
+    cfg.max_batch_tokens = max_batch_tokens;
+    cfg.prefix_cache = mode;
+    Engine::new(s.model.clone(), s.tokenizer.clone(), cfg)
+}
+
+/// The cache never changes an output: prompts served from cached prefixes give exactly the
+/// tokens of a cold computation, single prompts and a multi-turn conversation alike.
+#[test]
+fn outputs_are_identical_with_the_prefix_cache_on_and_off() {
+    let fx = llama_cpp_fixture();
+    let prompts: Vec<Vec<u32>> = fx["greedy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| ids(&c["prompt_ids"]))
+        .collect();
+    let mut off = engine_with_cache(PrefixCacheMode::Off, 4096, 512);
+    let mut on = engine_with_cache(PrefixCacheMode::Radix, 4096, 64);
+    for p in &prompts {
+        let cold = off.generate(greedy(p.clone(), 24), |_| {}).unwrap();
+        assert_eq!(cold.usage.cached_tokens, 0);
+        let first = on.generate(greedy(p.clone(), 24), |_| {}).unwrap();
+        let again = on.generate(greedy(p.clone(), 24), |_| {}).unwrap();
+        assert_eq!(
+            again.usage.cached_tokens,
+            p.len() - 1,
+            "the whole prompt but its last token is reused"
+        );
+        assert_eq!(first.tokens, cold.tokens);
+        assert_eq!(again.tokens, cold.tokens);
+    }
+
+    // A conversation: each turn resends the history, the reply and a new message.
+    let tok = &shared().tokenizer;
+    let mut history = tok.encode("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n", false).unwrap();
+    // Tokens whose KV the previous turn computed: its prompt and its reply but the last token
+    // (the reply's final token is sampled, never fed back).
+    let mut computed_before = 0;
+    for (turn, question) in [
+        "Name a fruit.",
+        "What color is it?",
+        "Give me a recipe with it.",
+    ]
+    .iter()
+    .enumerate()
+    {
+        history.extend(
+            tok.encode(
+                &format!("<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"),
+                false,
+            )
+            .unwrap(),
+        );
+        let cold = off.generate(greedy(history.clone(), 32), |_| {}).unwrap();
+        let warm = on.generate(greedy(history.clone(), 32), |_| {}).unwrap();
+        assert_eq!(warm.tokens, cold.tokens, "turn {turn}");
+        // Everything the previous turn computed is reused.
+        assert!(
+            warm.usage.cached_tokens >= computed_before,
+            "turn {turn}: {} cached, {computed_before} computed before",
+            warm.usage.cached_tokens
+        );
+        computed_before = history.len() + warm.tokens.len() - 1;
+        history.extend(&warm.tokens);
+        history.extend(tok.encode("\n", false).unwrap());
+    }
+}
+
+/// A pool too small to keep everything: cached prefixes are evicted to admit new requests,
+/// and the outputs still equal a cold computation.
+#[test]
+fn eviction_under_memory_pressure_keeps_outputs_exact() {
+    let fx = llama_cpp_fixture();
+    let prompts: Vec<Vec<u32>> = fx["greedy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| ids(&c["prompt_ids"]))
+        .collect();
+    let mut off = engine_with_cache(PrefixCacheMode::Off, 4096, 512);
+    // Room for about two requests' KV.
+    let mut on = engine_with_cache(PrefixCacheMode::Radix, 160, 512);
+    for round in 0..2 {
+        for p in &prompts {
+            let cold = off.generate(greedy(p.clone(), 12), |_| {}).unwrap();
+            let warm = on.generate(greedy(p.clone(), 12), |_| {}).unwrap();
+            assert_eq!(warm.tokens, cold.tokens, "round {round}");
+            let (evictable, locked) = on.cached_slots();
+            assert_eq!(locked, 0);
+            assert_eq!(on.free_slots() + evictable, 160);
+        }
+    }
 }

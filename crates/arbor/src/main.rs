@@ -6,7 +6,9 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use arbor_engine::{Engine, EngineConfig, Request, SamplingParams, StopConditions};
+use arbor_engine::{
+    Engine, EngineConfig, PrefixCacheMode, Request, SamplingParams, StopConditions,
+};
 use arbor_model::{ChatMessage, Device};
 use clap::{Args, Parser, Subcommand};
 
@@ -40,9 +42,18 @@ struct ModelArgs {
     /// KV pool size in token slots (default: the model's context length, at most 32768).
     #[arg(long, env = "ARBOR_KV_SLOTS")]
     kv_slots: Option<usize>,
+    /// Keep computed prefixes for reuse (radix) or not (off).
+    #[arg(long, value_enum, default_value = "radix")]
+    prefix_cache: PrefixCacheArg,
     /// Tokens per forward step: the prefill chunk budget.
     #[arg(long, default_value_t = arbor_engine::DEFAULT_MAX_BATCH_TOKENS)]
     max_batch_tokens: usize,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PrefixCacheArg {
+    Radix,
+    Off,
 }
 
 #[derive(Args, Clone)]
@@ -170,6 +181,10 @@ fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
         bail!("--max-batch-tokens must be at least 1");
     }
     config.max_batch_tokens = args.max_batch_tokens;
+    config.prefix_cache = match args.prefix_cache {
+        PrefixCacheArg::Radix => PrefixCacheMode::Radix,
+        PrefixCacheArg::Off => PrefixCacheMode::Off,
+    };
     Ok((
         Engine::new(std::sync::Arc::new(loaded.model), loaded.tokenizer, config),
         loaded.chat_template,
@@ -205,6 +220,7 @@ fn generate(mut a: GenerateArgs) -> Result<()> {
         engine.tokenizer().encode(&text, true)?
     };
     let req = Request {
+        namespace: 0,
         prompt: prompt_ids,
         sampling: a.sampling.params(),
         stop: a.sampling.stop(),
@@ -227,10 +243,12 @@ fn report_speed(done: &arbor_engine::Completion) {
     let decode_s = (end - first).as_secs_f64();
     let decoded = done.usage.completion_tokens.saturating_sub(1);
     eprintln!(
-        "prompt: {} tokens in {:.3}s ({:.1} tok/s); generated: {} tokens, decode {:.1} tok/s; finish: {}",
+        "prompt: {} tokens ({} cached) in {:.3}s ({:.1} tok/s); generated: {} tokens, decode {:.1} tok/s; finish: {}",
         done.usage.prompt_tokens,
+        done.usage.cached_tokens,
         prefill_s,
-        done.usage.prompt_tokens as f64 / prefill_s.max(1e-9),
+        // Only the tokens actually computed count toward the prefill rate.
+        (done.usage.prompt_tokens - done.usage.cached_tokens) as f64 / prefill_s.max(1e-9),
         done.usage.completion_tokens,
         decoded as f64 / decode_s.max(1e-9),
         done.reason.as_str(),
@@ -270,6 +288,7 @@ fn chat(a: ChatArgs) -> Result<()> {
         let text = template.render(&messages, true)?;
         let prompt = engine.tokenizer().encode(&text, true)?;
         let req = Request {
+            namespace: 0,
             prompt,
             sampling: a.sampling.params(),
             stop: a.sampling.stop(),
