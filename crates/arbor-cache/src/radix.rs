@@ -180,28 +180,28 @@ impl RadixCache {
         self.node_mut(node).last_access = now;
         let mut slots = Vec::new();
         let mut pos = 0;
-        while pos < tokens.len() {
-            let Some(&child) = self.node(node).children.get(&tokens[pos]) else {
-                break;
-            };
-            let key = &self.node(child).key;
-            let common = key
-                .iter()
-                .zip(&tokens[pos..])
-                .take_while(|(a, b)| a == b)
-                .count();
-            let child = if common < key.len() {
-                self.split(child, common)
-            } else {
-                child
-            };
-            let c = self.node_mut(child);
-            c.last_access = now;
-            slots.extend_from_slice(&c.slots);
+        while let Some((child, common)) = self.descend(node, &tokens[pos..], now) {
+            slots.extend_from_slice(&self.node(child).slots);
             pos += common;
             node = child;
         }
         PrefixMatch { node, slots }
+    }
+
+    /// One step down from `node` along `rest` (non-empty): the child whose edge starts with
+    /// `rest[0]`, split so that its whole edge matches, and the number of tokens matched.
+    /// `None` when no edge starts with `rest[0]` (or `rest` is empty).
+    fn descend(&mut self, node: NodeId, rest: &[u32], now: u64) -> Option<(NodeId, usize)> {
+        let &child = self.node(node).children.get(rest.first()?)?;
+        let key = &self.node(child).key;
+        let common = key.iter().zip(rest).take_while(|(a, b)| a == b).count();
+        let child = if common < key.len() {
+            self.split(child, common)
+        } else {
+            child
+        };
+        self.node_mut(child).last_access = now;
+        Some((child, common))
     }
 
     /// Caches `tokens` with their `slots` (same length). Returns how many leading tokens were
@@ -214,20 +214,8 @@ impl RadixCache {
         let mut node = self.root(ns);
         let mut pos = 0;
         while pos < tokens.len() {
-            match self.node(node).children.get(&tokens[pos]).copied() {
-                Some(child) => {
-                    let key = &self.node(child).key;
-                    let common = key
-                        .iter()
-                        .zip(&tokens[pos..])
-                        .take_while(|(a, b)| a == b)
-                        .count();
-                    let child = if common < key.len() {
-                        self.split(child, common)
-                    } else {
-                        child
-                    };
-                    self.node_mut(child).last_access = now;
+            match self.descend(node, &tokens[pos..], now) {
+                Some((child, common)) => {
                     pos += common;
                     node = child;
                 }

@@ -43,11 +43,7 @@ fn shared() -> &'static Shared {
 }
 
 fn engine(kv_slots: usize, max_batch_tokens: usize) -> Engine {
-    let s = shared();
-    let mut cfg = EngineConfig::for_model(&s.model);
-    cfg.kv_slots = kv_slots;
-    cfg.max_batch_tokens = max_batch_tokens;
-    Engine::new(s.model.clone(), s.tokenizer.clone(), cfg)
+    engine_with_cache(PrefixCacheMode::Radix, kv_slots, max_batch_tokens)
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
