@@ -59,10 +59,23 @@ pub struct EngineConfig {
     pub max_running: usize,
 }
 
+/// Share of the memory available at start that the default KV pool may take: the rest is for
+/// the weights' working buffers, the OS and whatever else runs on the machine.
+const KV_POOL_MEMORY_SHARE: f64 = 0.4;
+/// Default pool bounds in tokens: at least one full context, at most this many slots.
+const KV_POOL_MAX_SLOTS: usize = 1 << 20;
+
 impl EngineConfig {
+    /// Defaults for a model: the KV pool takes 40% of the memory available now (it fills up
+    /// with cached prefixes over time, so this is a real budget), at least one full context.
     pub fn for_model(model: &Llama) -> Self {
+        let context = model.config.max_position_embeddings;
+        let per_slot = model.config.kv_bytes_per_slot().max(1);
+        let budget = arbor_model::available_memory_bytes()
+            .map(|m| (m as f64 * KV_POOL_MEMORY_SHARE) as usize / per_slot)
+            .unwrap_or(context);
         Self {
-            kv_slots: model.config.max_position_embeddings.min(32_768),
+            kv_slots: budget.clamp(context.min(KV_POOL_MAX_SLOTS), KV_POOL_MAX_SLOTS),
             prefix_cache: PrefixCacheMode::Radix,
             max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
             max_running: 64,
@@ -201,9 +214,11 @@ impl Engine {
     pub fn new(model: Arc<Llama>, tokenizer: Tokenizer, config: EngineConfig) -> Self {
         let pool = KvPool::new(&model.config, config.kv_slots);
         tracing::info!(
-            slots = config.kv_slots,
-            mib = (config.kv_slots * model.config.kv_bytes_per_slot()) >> 20,
-            "KV pool"
+            "KV pool: {} token slots ({} MiB, {} KiB per token), prefix cache {:?}",
+            config.kv_slots,
+            (config.kv_slots * model.config.kv_bytes_per_slot()) >> 20,
+            model.config.kv_bytes_per_slot() >> 10,
+            config.prefix_cache,
         );
         Self {
             slots: SlotAllocator::new(config.kv_slots),

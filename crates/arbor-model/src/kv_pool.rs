@@ -31,14 +31,14 @@ pub struct KvPool {
 }
 
 impl KvPool {
-    /// Allocates the pool. The zeroed memory is mapped lazily by the OS, so an unused pool costs
-    /// address space, not RAM.
+    /// Allocates the pool. The memory is requested zeroed from the allocator (calloc), which
+    /// maps it lazily: slots cost RAM only once written, so a large pool starts instantly.
     pub fn new(config: &ModelConfig, num_slots: usize) -> Self {
         let kv_dim = config.kv_dim();
         let layers = (0..config.num_layers)
             .map(|_| LayerKv {
-                k: vec![f16::ZERO; num_slots * kv_dim],
-                v: vec![f16::ZERO; num_slots * kv_dim],
+                k: bytemuck::zeroed_vec(num_slots * kv_dim),
+                v: bytemuck::zeroed_vec(num_slots * kv_dim),
             })
             .collect();
         Self {

@@ -32,6 +32,14 @@ pub use kv_pool::KvPool;
 pub use llama::{Llama, LogitsWanted, SeqStep};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 
+/// `MemAvailable` from /proc/meminfo (Linux); `None` elsewhere.
+pub fn available_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// A model ready to run, with the text side that belongs to it.
 #[derive(Debug)]
 pub struct LoadedModel {

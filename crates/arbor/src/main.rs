@@ -39,7 +39,8 @@ struct ModelArgs {
     /// fetched into ./models on first use.
     #[arg(long, env = "ARBOR_MODEL")]
     model: Option<PathBuf>,
-    /// KV pool size in token slots (default: the model's context length, at most 32768).
+    /// KV pool size in token slots (default: 40% of the memory available at start, at least one
+    /// full context).
     #[arg(long, env = "ARBOR_KV_SLOTS")]
     kv_slots: Option<usize>,
     /// Keep computed prefixes for reuse (radix) or not (off).
@@ -147,7 +148,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ARBOR_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| "warn,arbor_engine=info,arbor_model=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
