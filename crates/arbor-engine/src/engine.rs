@@ -34,6 +34,15 @@ use crate::stop::{StopMatcher, StopScan};
 
 pub type RequestId = u64;
 
+/// A waiting request defers admission while a running request's prefill would give it at
+/// least this many more cached tokens: computing a shared prefix twice costs more than a short
+/// wait (see `Engine::shares_prefill_in_progress`).
+const MIN_SHARED_PREFILL_TO_WAIT: usize = 32;
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 /// Default tokens per step: big enough that prefill runs as efficient GEMMs, small enough that
 /// running decodes are not held up for long by a long prompt.
 pub const DEFAULT_MAX_BATCH_TOKENS: usize = 512;
@@ -169,6 +178,8 @@ struct Sequence {
     /// prefix cache (matched at admission), the rest to this sequence.
     computed: Vec<SlotId>,
     cached_len: usize,
+    /// Prompt tokens found in the cache at admission (reported as `cached_tokens`).
+    reused: usize,
     namespace: Namespace,
     /// The locked node of the matched prefix.
     prefix_node: Option<NodeId>,
@@ -297,6 +308,7 @@ impl Engine {
             tokens: req.prompt,
             computed: Vec::new(),
             cached_len: 0,
+            reused: 0,
             namespace: req.namespace,
             prefix_node: None,
             reserved: Vec::new(),
@@ -327,22 +339,29 @@ impl Engine {
     }
 
     fn admit(&mut self) {
-        while self.running.len() < self.config.max_running {
-            let Some(seq) = self.waiting.front() else {
-                break;
-            };
+        let mut i = 0;
+        while i < self.waiting.len() && self.running.len() < self.config.max_running {
+            let seq = &self.waiting[i];
             // The last prompt token is always computed: its logits give the first new token.
             let (prefix, node) = match self.config.prefix_cache {
                 PrefixCacheMode::Radix => {
                     let m = self
                         .cache
                         .match_prefix(seq.namespace, &seq.tokens[..seq.prompt_len - 1]);
-                    // Locked before any eviction below, so it cannot evict itself.
-                    self.cache.lock(m.node);
                     (m.slots, Some(m.node))
                 }
                 PrefixCacheMode::Off => (Vec::new(), None),
             };
+            if node.is_some() && self.shares_prefill_in_progress(seq, prefix.len()) {
+                // Another request is computing a longer part of this prompt right now: wait for
+                // it to land in the cache instead of computing it twice.
+                i += 1;
+                continue;
+            }
+            if let Some(n) = node {
+                // Locked before any eviction below, so it cannot evict itself.
+                self.cache.lock(n);
+            }
             let need = seq.prompt_len - prefix.len() + seq.max_new.saturating_sub(1);
             if self.slots.free_count() < need {
                 let freed = self.cache.evict(need - self.slots.free_count());
@@ -354,17 +373,58 @@ impl Engine {
                 if let Some(n) = node {
                     self.cache.unlock(n);
                 }
+                // Memory is short: later requests wait too, so the oldest is served first.
                 break;
             };
-            let mut seq = self.waiting.pop_front().expect("front() was Some");
+            let mut seq = self.waiting.remove(i).expect("index checked above");
             // Used from the back: reverse so the sequence takes them in allocation order.
             slots.reverse();
             seq.reserved = slots;
             seq.cached_len = prefix.len();
+            seq.reused = prefix.len();
             seq.computed = prefix;
             seq.prefix_node = node;
             self.running.push(seq);
         }
+    }
+
+    /// Whether a running request still in prefill, in the same namespace, shares more of
+    /// `seq`'s prompt than the cache holds, by enough to be worth waiting for.
+    fn shares_prefill_in_progress(&self, seq: &Sequence, cached: usize) -> bool {
+        self.running.iter().any(|r| {
+            r.namespace == seq.namespace
+                && r.computed.len() < r.prompt_len
+                && common_prefix(&r.tokens[..r.prompt_len], &seq.tokens[..seq.prompt_len - 1])
+                    >= cached + MIN_SHARED_PREFILL_TO_WAIT
+        })
+    }
+
+    /// Hands a sequence's computed tokens to the prefix cache right away (after a prefill
+    /// chunk), so that requests arriving meanwhile reuse them. The cache's slots replace the
+    /// sequence's where it already held the same tokens (bit-identical K/V: every kernel is
+    /// batch-invariant), and the sequence's lock moves to the longer prefix.
+    fn cache_computed(&mut self, i: usize) {
+        let s = &mut self.running[i];
+        let n = s.computed.len();
+        if self.config.prefix_cache != PrefixCacheMode::Radix || n <= s.cached_len {
+            return;
+        }
+        let already = self.cache.insert(s.namespace, &s.tokens[..n], &s.computed);
+        let m = self.cache.match_prefix(s.namespace, &s.tokens[..n]);
+        debug_assert_eq!(
+            m.len(),
+            n,
+            "a prefix just inserted and locked below matches whole"
+        );
+        self.cache.lock(m.node);
+        if let Some(old) = s.prefix_node.replace(m.node) {
+            self.cache.unlock(old);
+        }
+        self.slots
+            .free(&s.computed[s.cached_len.min(already)..already])
+            .expect("a sequence owns the slots past its cached prefix");
+        s.computed = m.slots;
+        s.cached_len = n;
     }
 
     /// Runs one batched forward step.
@@ -446,6 +506,14 @@ impl Engine {
                 return Err(e.into());
             }
         };
+
+        // Prefill chunks go into the prefix cache at once, for requests arriving meanwhile.
+        for &(i, n) in &plan {
+            let s = &self.running[i];
+            if s.computed.len() - n < s.prompt_len {
+                self.cache_computed(i);
+            }
+        }
 
         let mut events = Vec::new();
         // (index into running, reason, whether held-back text is released)
@@ -551,7 +619,7 @@ impl Engine {
             usage: Usage {
                 prompt_tokens: seq.prompt_len,
                 completion_tokens: seq.generated(),
-                cached_tokens: seq.cached_len,
+                cached_tokens: seq.reused,
             },
             timing: seq.timing,
         }
