@@ -188,6 +188,32 @@ impl RadixCache {
         PrefixMatch { node, slots }
     }
 
+    /// Length of the longest cached prefix of `tokens`, without splitting nodes or touching
+    /// access times (for scheduling decisions).
+    pub fn peek_prefix_len(&self, ns: Namespace, tokens: &[u32]) -> usize {
+        let Some(&root) = self.roots.get(&ns) else {
+            return 0;
+        };
+        let (mut node, mut pos) = (root, 0);
+        while let Some(&child) = tokens
+            .get(pos)
+            .and_then(|t| self.node(node).children.get(t))
+        {
+            let key = &self.node(child).key;
+            let common = key
+                .iter()
+                .zip(&tokens[pos..])
+                .take_while(|(a, b)| a == b)
+                .count();
+            pos += common;
+            if common < key.len() {
+                break;
+            }
+            node = child;
+        }
+        pos
+    }
+
     /// One step down from `node` along `rest` (non-empty): the child whose edge starts with
     /// `rest[0]`, split so that its whole edge matches, and the number of tokens matched.
     /// `None` when no edge starts with `rest[0]` (or `rest` is empty).

@@ -39,6 +39,10 @@ pub type RequestId = u64;
 /// wait (see `Engine::shares_prefill_in_progress`).
 const MIN_SHARED_PREFILL_TO_WAIT: usize = 32;
 
+/// Up to this many waiting requests are admitted in cache-aware order; beyond, in arrival
+/// order (the queue is long: fairness first, and sorting stops paying).
+const CACHE_AWARE_MAX_QUEUE: usize = 128;
+
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -339,6 +343,7 @@ impl Engine {
     }
 
     fn admit(&mut self) {
+        self.order_waiting_by_cached_prefix();
         let mut i = 0;
         while i < self.waiting.len() && self.running.len() < self.config.max_running {
             let seq = &self.waiting[i];
@@ -386,6 +391,33 @@ impl Engine {
             seq.prefix_node = node;
             self.running.push(seq);
         }
+    }
+
+    /// Cache-aware admission order (SGLang's longest-prefix-match policy): requests whose
+    /// prompts are cached furthest go first, since they cost least to start and keep their
+    /// prefix hot. A stable sort keeps arrival order among equals, and beyond
+    /// `CACHE_AWARE_MAX_QUEUE` waiting requests the queue stays first-come first-served, so a
+    /// request with nothing cached is never overtaken without bound.
+    fn order_waiting_by_cached_prefix(&mut self) {
+        if self.config.prefix_cache != PrefixCacheMode::Radix
+            || self.waiting.len() < 2
+            || self.waiting.len() > CACHE_AWARE_MAX_QUEUE
+        {
+            return;
+        }
+        let mut keyed: Vec<(usize, Sequence)> = self
+            .waiting
+            .drain(..)
+            .map(|s| {
+                (
+                    self.cache
+                        .peek_prefix_len(s.namespace, &s.tokens[..s.prompt_len - 1]),
+                    s,
+                )
+            })
+            .collect();
+        keyed.sort_by_key(|(cached, _)| std::cmp::Reverse(*cached));
+        self.waiting.extend(keyed.into_iter().map(|(_, s)| s));
     }
 
     /// Whether a running request still in prefill, in the same namespace, shares more of

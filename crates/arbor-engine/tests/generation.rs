@@ -446,3 +446,29 @@ fn concurrent_requests_compute_a_shared_prefix_once() {
         want_b
     );
 }
+
+/// With one request running at a time, a queued request whose prompt is cached starts before
+/// an earlier one whose prompt is not.
+#[test]
+fn cached_prompts_are_admitted_first() {
+    let s = shared();
+    let mut cfg = EngineConfig::for_model(&s.model);
+    cfg.kv_slots = 2048;
+    cfg.max_running = 1;
+    let mut e = Engine::new(s.model.clone(), s.tokenizer.clone(), cfg);
+    let warm: Vec<u32> = (100..400).collect();
+    e.generate(greedy(warm.clone(), 2), |_| {}).unwrap();
+    let blocker = e.add_request(greedy((500..520).collect(), 2)).unwrap();
+    e.step().unwrap(); // the blocker runs; the two below wait
+    let cold = e.add_request(greedy((1000..1300).collect(), 2)).unwrap();
+    let hot = e.add_request(greedy(warm, 2)).unwrap();
+    let mut finished = Vec::new();
+    while e.has_work() {
+        for ev in e.step().unwrap().0 {
+            if let arbor_engine::Event::Finished { id, .. } = ev {
+                finished.push(id);
+            }
+        }
+    }
+    assert_eq!(finished, vec![blocker, hot, cold]);
+}
