@@ -7,10 +7,15 @@
 //!
 //! This crate owns which slots are free and which hold a cached prefix. [`SlotAllocator`] hands
 //! out and takes back slot indices; [`RadixCache`] is the radix tree of cached prefixes
-//! (SGLang's RadixAttention) whose nodes own slots.
+//! (SGLang's RadixAttention) whose nodes own slots; [`BlockCache`] is vLLM's block-hash policy
+//! for comparison; [`PrefixCache`] is the interface the engine uses for either (or [`NoCache`]).
 
+mod blocks;
+mod policy;
 mod radix;
 mod slots;
 
+pub use blocks::BlockCache;
+pub use policy::{CacheHit, Inserted, NoCache, PrefixCache};
 pub use radix::{Namespace, NodeId, PrefixMatch, RadixCache};
 pub use slots::{SlotAllocator, SlotError, SlotId};

@@ -29,9 +29,20 @@ use crate::slots::SlotId;
 /// Which cache a request may share KV with: different namespaces never share a prefix.
 pub type Namespace = u64;
 
-/// Index of a node in the tree's arena.
+/// Index of a node in a cache's arena (a radix node or a block), the handle that locks a
+/// cached prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId(u32);
+
+impl NodeId {
+    pub(crate) fn index(self) -> usize {
+        self.0 as usize
+    }
+
+    pub(crate) fn from_index(i: usize) -> Self {
+        Self(u32::try_from(i).expect("fewer than 2^32 nodes"))
+    }
+}
 
 #[derive(Debug)]
 struct Node {

@@ -25,7 +25,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arbor_cache::{Namespace, NodeId, RadixCache, SlotAllocator, SlotId};
+use arbor_cache::{
+    BlockCache, Namespace, NoCache, NodeId, PrefixCache, RadixCache, SlotAllocator, SlotId,
+};
 use arbor_model::{IncrementalDecoder, KvPool, Llama, LogitsWanted, SeqStep, Tokenizer};
 
 use crate::error::EngineError;
@@ -51,14 +53,31 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 /// running decodes are not held up for long by a long prompt.
 pub const DEFAULT_MAX_BATCH_TOKENS: usize = 512;
 
-/// How finished requests' KV is kept for reuse.
+/// How computed KV is kept for reuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PrefixCacheMode {
-    /// Every computed prefix stays in a radix tree until its slots are needed.
+    /// Every computed prefix stays in a radix tree until its slots are needed; a match may end
+    /// at any token.
     #[default]
     Radix,
+    /// vLLM's policy, for comparison: 16-token blocks identified by chained hashes, reused only
+    /// as whole-block exact prefixes.
+    Blocks,
     /// No reuse: every request computes its whole prompt.
     Off,
+}
+
+/// vLLM's default block size.
+const HASH_BLOCK_TOKENS: usize = 16;
+
+impl PrefixCacheMode {
+    fn build(self) -> Box<dyn PrefixCache> {
+        match self {
+            PrefixCacheMode::Radix => Box::new(RadixCache::new()),
+            PrefixCacheMode::Blocks => Box::new(BlockCache::new(HASH_BLOCK_TOKENS)),
+            PrefixCacheMode::Off => Box::new(NoCache),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -211,7 +230,7 @@ pub struct Engine {
     tokenizer: Tokenizer,
     pool: KvPool,
     slots: SlotAllocator,
-    cache: RadixCache,
+    cache: Box<dyn PrefixCache>,
     config: EngineConfig,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
@@ -237,7 +256,7 @@ impl Engine {
         );
         Self {
             slots: SlotAllocator::new(config.kv_slots),
-            cache: RadixCache::new(),
+            cache: config.prefix_cache.build(),
             model,
             tokenizer,
             pool,
@@ -348,16 +367,13 @@ impl Engine {
         while i < self.waiting.len() && self.running.len() < self.config.max_running {
             let seq = &self.waiting[i];
             // The last prompt token is always computed: its logits give the first new token.
-            let (prefix, node) = match self.config.prefix_cache {
-                PrefixCacheMode::Radix => {
-                    let m = self
-                        .cache
-                        .match_prefix(seq.namespace, &seq.tokens[..seq.prompt_len - 1]);
-                    (m.slots, Some(m.node))
-                }
-                PrefixCacheMode::Off => (Vec::new(), None),
-            };
-            if node.is_some() && self.shares_prefill_in_progress(seq, prefix.len()) {
+            let hit = self
+                .cache
+                .match_prefix(seq.namespace, &seq.tokens[..seq.prompt_len - 1]);
+            let (prefix, node) = (hit.slots, hit.node);
+            if self.config.prefix_cache != PrefixCacheMode::Off
+                && self.shares_prefill_in_progress(seq, prefix.len())
+            {
                 // Another request is computing a longer part of this prompt right now: wait for
                 // it to land in the cache instead of computing it twice.
                 i += 1;
@@ -399,7 +415,7 @@ impl Engine {
     /// `CACHE_AWARE_MAX_QUEUE` waiting requests the queue stays first-come first-served, so a
     /// request with nothing cached is never overtaken without bound.
     fn order_waiting_by_cached_prefix(&mut self) {
-        if self.config.prefix_cache != PrefixCacheMode::Radix
+        if self.config.prefix_cache == PrefixCacheMode::Off
             || self.waiting.len() < 2
             || self.waiting.len() > CACHE_AWARE_MAX_QUEUE
         {
@@ -438,25 +454,27 @@ impl Engine {
     fn cache_computed(&mut self, i: usize) {
         let s = &mut self.running[i];
         let n = s.computed.len();
-        if self.config.prefix_cache != PrefixCacheMode::Radix || n <= s.cached_len {
+        let ins = self.cache.insert(s.namespace, &s.tokens[..n], &s.computed);
+        if ins.cached_until <= s.cached_len {
             return;
         }
-        let already = self.cache.insert(s.namespace, &s.tokens[..n], &s.computed);
-        let m = self.cache.match_prefix(s.namespace, &s.tokens[..n]);
+        let hit = self.cache.match_prefix(s.namespace, &s.tokens[..n]);
         debug_assert_eq!(
-            m.len(),
-            n,
-            "a prefix just inserted and locked below matches whole"
+            hit.slots.len(),
+            ins.cached_until,
+            "what was just cached matches"
         );
-        self.cache.lock(m.node);
-        if let Some(old) = s.prefix_node.replace(m.node) {
+        if let Some(node) = hit.node {
+            self.cache.lock(node);
+        }
+        if let Some(old) = std::mem::replace(&mut s.prefix_node, hit.node) {
             self.cache.unlock(old);
         }
         self.slots
-            .free(&s.computed[s.cached_len.min(already)..already])
+            .free(&s.computed[s.cached_len.min(ins.already_cached)..ins.already_cached])
             .expect("a sequence owns the slots past its cached prefix");
-        s.computed = m.slots;
-        s.cached_len = n;
+        s.computed[..hit.slots.len()].copy_from_slice(&hit.slots);
+        s.cached_len = hit.slots.len();
     }
 
     /// Runs one batched forward step.
@@ -621,20 +639,15 @@ impl Engine {
     /// the pool), its lock on the matched prefix is released, unused reserved slots are freed.
     fn finish(&mut self, mut seq: Sequence, reason: FinishReason, text: String) -> Event {
         let computed = std::mem::take(&mut seq.computed);
-        let own_from = match self.config.prefix_cache {
-            PrefixCacheMode::Radix if !computed.is_empty() => {
-                let already =
-                    self.cache
-                        .insert(seq.namespace, &seq.tokens[..computed.len()], &computed);
-                // Our slots for positions the cache already had (another request cached the
-                // same continuation meanwhile) are duplicates; the cache owns the rest now.
-                self.slots
-                    .free(&computed[seq.cached_len.min(already)..already])
-                    .expect("a sequence owns the slots past its cached prefix");
-                computed.len()
-            }
-            _ => seq.cached_len,
-        };
+        let ins = self
+            .cache
+            .insert(seq.namespace, &seq.tokens[..computed.len()], &computed);
+        // Our slots for positions the cache already had (another request cached the same
+        // continuation meanwhile) are duplicates; the cache owns ours up to `cached_until`.
+        self.slots
+            .free(&computed[seq.cached_len.min(ins.already_cached)..ins.already_cached])
+            .expect("a sequence owns the slots past its cached prefix");
+        let own_from = ins.cached_until.max(seq.cached_len);
         if let Some(node) = seq.prefix_node.take() {
             self.cache.unlock(node);
         }

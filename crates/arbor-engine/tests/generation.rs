@@ -302,6 +302,7 @@ fn outputs_are_identical_with_the_prefix_cache_on_and_off() {
         .collect();
     let mut off = engine_with_cache(PrefixCacheMode::Off, 4096, 512);
     let mut on = engine_with_cache(PrefixCacheMode::Radix, 4096, 64);
+    let mut blocks = engine_with_cache(PrefixCacheMode::Blocks, 4096, 64);
     for p in &prompts {
         let cold = off.generate(greedy(p.clone(), 24), |_| {}).unwrap();
         assert_eq!(cold.usage.cached_tokens, 0);
@@ -314,6 +315,11 @@ fn outputs_are_identical_with_the_prefix_cache_on_and_off() {
         );
         assert_eq!(first.tokens, cold.tokens);
         assert_eq!(again.tokens, cold.tokens);
+        // Blocks: only whole 16-token blocks are reused.
+        blocks.generate(greedy(p.clone(), 24), |_| {}).unwrap();
+        let b = blocks.generate(greedy(p.clone(), 24), |_| {}).unwrap();
+        assert_eq!(b.usage.cached_tokens, (p.len() - 1) / 16 * 16);
+        assert_eq!(b.tokens, cold.tokens);
     }
 
     // A conversation: each turn resends the history, the reply and a new message.
@@ -364,16 +370,21 @@ fn eviction_under_memory_pressure_keeps_outputs_exact() {
         .map(|c| ids(&c["prompt_ids"]))
         .collect();
     let mut off = engine_with_cache(PrefixCacheMode::Off, 4096, 512);
-    // Room for about two requests' KV.
-    let mut on = engine_with_cache(PrefixCacheMode::Radix, 160, 512);
-    for round in 0..2 {
-        for p in &prompts {
-            let cold = off.generate(greedy(p.clone(), 12), |_| {}).unwrap();
-            let warm = on.generate(greedy(p.clone(), 12), |_| {}).unwrap();
-            assert_eq!(warm.tokens, cold.tokens, "round {round}");
-            let (evictable, locked) = on.cached_slots();
-            assert_eq!(locked, 0);
-            assert_eq!(on.free_slots() + evictable, 160);
+    let cold: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| off.generate(greedy(p.clone(), 12), |_| {}).unwrap().tokens)
+        .collect();
+    for mode in [PrefixCacheMode::Radix, PrefixCacheMode::Blocks] {
+        // Room for about two requests' KV.
+        let mut on = engine_with_cache(mode, 160, 512);
+        for round in 0..2 {
+            for (p, want) in prompts.iter().zip(&cold) {
+                let warm = on.generate(greedy(p.clone(), 12), |_| {}).unwrap();
+                assert_eq!(&warm.tokens, want, "{mode:?} round {round}");
+                let (evictable, locked) = on.cached_slots();
+                assert_eq!(locked, 0);
+                assert_eq!(on.free_slots() + evictable, 160, "{mode:?}: slots leaked");
+            }
         }
     }
 }

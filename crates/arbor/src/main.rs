@@ -43,7 +43,8 @@ struct ModelArgs {
     /// full context).
     #[arg(long, env = "ARBOR_KV_SLOTS")]
     kv_slots: Option<usize>,
-    /// Keep computed prefixes for reuse (radix) or not (off).
+    /// Keep computed prefixes for reuse: a radix tree (any prefix), vLLM-style 16-token hashed
+    /// blocks (whole blocks only), or off.
     #[arg(long, value_enum, default_value = "radix")]
     prefix_cache: PrefixCacheArg,
     /// Tokens per forward step: the prefill chunk budget.
@@ -54,6 +55,7 @@ struct ModelArgs {
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum PrefixCacheArg {
     Radix,
+    Blocks,
     Off,
 }
 
@@ -184,6 +186,7 @@ fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
     config.max_batch_tokens = args.max_batch_tokens;
     config.prefix_cache = match args.prefix_cache {
         PrefixCacheArg::Radix => PrefixCacheMode::Radix,
+        PrefixCacheArg::Blocks => PrefixCacheMode::Blocks,
         PrefixCacheArg::Off => PrefixCacheMode::Off,
     };
     Ok((

@@ -1,0 +1,290 @@
+//! The block-hash prefix cache, for comparison with the radix tree: vLLM's automatic prefix
+//! caching, on the same slot pool.
+//!
+//! Tokens are cut into fixed blocks of `block_size` (16, as in vLLM). A block is identified by
+//! a hash chained over its namespace, its parent block's hash and its own tokens, so equal
+//! hashes mean equal whole prefixes. Only whole blocks are cached and reused: a request reuses
+//! the longest run of blocks it shares exactly, and a partial last block is always recomputed.
+//! Unreferenced blocks are evicted least recently used first, leaves before their parents.
+//!
+//! ```text
+//!   tokens  [t0 .. t15][t16 .. t31][t32 .. t37]
+//!   hashes   h1 = H(ns, -, b0)  h2 = H(ns, h1, b1)   (partial block: not cached)
+//! ```
+
+use std::collections::{BinaryHeap, HashMap};
+use std::hash::{Hash, Hasher};
+
+use crate::radix::{Namespace, NodeId};
+use crate::slots::SlotId;
+
+#[derive(Debug)]
+struct Block {
+    hash: u64,
+    parent: Option<NodeId>,
+    tokens: Vec<u32>,
+    slots: Vec<SlotId>,
+    children: u32,
+    lock_ref: u32,
+    last_access: u64,
+}
+
+#[derive(Debug)]
+pub struct BlockCache {
+    block_size: usize,
+    blocks: Vec<Option<Block>>,
+    free_ids: Vec<NodeId>,
+    by_hash: HashMap<u64, NodeId>,
+    clock: u64,
+    cached: usize,
+    locked: usize,
+}
+
+fn chain_hash(ns: Namespace, parent: Option<u64>, tokens: &[u32]) -> u64 {
+    // SipHash with fixed keys: deterministic across runs. Collisions are checked on lookup.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    ns.hash(&mut h);
+    parent.hash(&mut h);
+    tokens.hash(&mut h);
+    h.finish()
+}
+
+impl BlockCache {
+    pub fn new(block_size: usize) -> Self {
+        assert!(block_size > 0, "blocks hold at least one token");
+        Self {
+            block_size,
+            blocks: Vec::new(),
+            free_ids: Vec::new(),
+            by_hash: HashMap::new(),
+            clock: 0,
+            cached: 0,
+            locked: 0,
+        }
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    fn block(&self, id: NodeId) -> &Block {
+        self.blocks[id.index()]
+            .as_ref()
+            .expect("a block id handed out by this cache is live until evicted")
+    }
+
+    fn block_mut(&mut self, id: NodeId) -> &mut Block {
+        self.blocks[id.index()]
+            .as_mut()
+            .expect("a block id handed out by this cache is live until evicted")
+    }
+
+    /// The cached block for `tokens` after `parent`, if any.
+    fn find(&self, ns: Namespace, parent: Option<NodeId>, tokens: &[u32]) -> Option<NodeId> {
+        let parent_hash = parent.map(|p| self.block(p).hash);
+        let id = *self.by_hash.get(&chain_hash(ns, parent_hash, tokens))?;
+        let b = self.block(id);
+        (b.parent == parent && b.tokens == tokens).then_some(id)
+    }
+
+    /// Whole cached blocks at the start of `tokens`: the last block and the slots.
+    pub fn match_prefix(&mut self, ns: Namespace, tokens: &[u32]) -> (Option<NodeId>, Vec<SlotId>) {
+        self.clock += 1;
+        let now = self.clock;
+        let (mut last, mut slots) = (None, Vec::new());
+        for chunk in tokens.chunks_exact(self.block_size) {
+            let Some(id) = self.find(ns, last, chunk) else {
+                break;
+            };
+            let b = self.block_mut(id);
+            b.last_access = now;
+            slots.extend_from_slice(&b.slots);
+            last = Some(id);
+        }
+        (last, slots)
+    }
+
+    pub fn peek_prefix_len(&self, ns: Namespace, tokens: &[u32]) -> usize {
+        let mut last = None;
+        let mut n = 0;
+        for chunk in tokens.chunks_exact(self.block_size) {
+            let Some(id) = self.find(ns, last, chunk) else {
+                break;
+            };
+            last = Some(id);
+            n += chunk.len();
+        }
+        n
+    }
+
+    /// Caches the whole blocks of `tokens`. Returns (tokens already cached, tokens cached now
+    /// in all): the cache owns `slots[already..until]` afterwards; the partial last block's
+    /// slots stay the caller's.
+    pub fn insert(&mut self, ns: Namespace, tokens: &[u32], slots: &[SlotId]) -> (usize, usize) {
+        assert_eq!(tokens.len(), slots.len(), "one slot per token");
+        self.clock += 1;
+        let now = self.clock;
+        let bs = self.block_size;
+        let mut last: Option<NodeId> = None;
+        let mut already = 0;
+        let mut pos = 0;
+        while pos + bs <= tokens.len() {
+            let chunk = &tokens[pos..pos + bs];
+            let id = match self.find(ns, last, chunk) {
+                Some(id) => {
+                    if already == pos {
+                        already += bs;
+                    }
+                    id
+                }
+                None => {
+                    let hash = chain_hash(ns, last.map(|p| self.block(p).hash), chunk);
+                    let block = Block {
+                        hash,
+                        parent: last,
+                        tokens: chunk.to_vec(),
+                        slots: slots[pos..pos + bs].to_vec(),
+                        children: 0,
+                        lock_ref: 0,
+                        last_access: now,
+                    };
+                    let id = match self.free_ids.pop() {
+                        Some(id) => {
+                            self.blocks[id.index()] = Some(block);
+                            id
+                        }
+                        None => {
+                            self.blocks.push(Some(block));
+                            NodeId::from_index(self.blocks.len() - 1)
+                        }
+                    };
+                    // A colliding hash of a different prefix: the newer block wins the index.
+                    self.by_hash.insert(hash, id);
+                    if let Some(p) = last {
+                        self.block_mut(p).children += 1;
+                    }
+                    self.cached += bs;
+                    id
+                }
+            };
+            self.block_mut(id).last_access = now;
+            last = Some(id);
+            pos += bs;
+        }
+        (already, pos)
+    }
+
+    pub fn lock(&mut self, node: NodeId) {
+        let mut cur = Some(node);
+        while let Some(id) = cur {
+            let b = self.block_mut(id);
+            b.lock_ref += 1;
+            let (first, len, parent) = (b.lock_ref == 1, b.slots.len(), b.parent);
+            if first {
+                self.locked += len;
+            }
+            cur = parent;
+        }
+    }
+
+    pub fn unlock(&mut self, node: NodeId) {
+        let mut cur = Some(node);
+        while let Some(id) = cur {
+            let b = self.block_mut(id);
+            assert!(b.lock_ref > 0, "unlock without a matching lock");
+            b.lock_ref -= 1;
+            let (now_free, len, parent) = (b.lock_ref == 0, b.slots.len(), b.parent);
+            if now_free {
+                self.locked -= len;
+            }
+            cur = parent;
+        }
+    }
+
+    pub fn evict(&mut self, wanted: usize) -> Vec<SlotId> {
+        let mut heap: BinaryHeap<std::cmp::Reverse<(u64, NodeId)>> = self
+            .blocks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                let b = b.as_ref()?;
+                (b.children == 0 && b.lock_ref == 0)
+                    .then_some(std::cmp::Reverse((b.last_access, NodeId::from_index(i))))
+            })
+            .collect();
+        let mut freed = Vec::new();
+        while freed.len() < wanted {
+            let Some(std::cmp::Reverse((_, id))) = heap.pop() else {
+                break;
+            };
+            let b = self.blocks[id.index()]
+                .take()
+                .expect("heap holds live blocks only");
+            self.free_ids.push(id);
+            if self.by_hash.get(&b.hash) == Some(&id) {
+                self.by_hash.remove(&b.hash);
+            }
+            self.cached -= b.slots.len();
+            freed.extend_from_slice(&b.slots);
+            if let Some(p) = b.parent {
+                let pb = self.block_mut(p);
+                pb.children -= 1;
+                if pb.children == 0 && pb.lock_ref == 0 {
+                    heap.push(std::cmp::Reverse((pb.last_access, p)));
+                }
+            }
+        }
+        freed
+    }
+
+    pub fn cached_slots(&self) -> usize {
+        self.cached
+    }
+
+    pub fn locked_slots(&self) -> usize {
+        self.locked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_whole_blocks_are_cached_and_reused() {
+        let mut c = BlockCache::new(4);
+        let toks: Vec<u32> = (0..10).collect();
+        let slots: Vec<SlotId> = (100..110).collect();
+        assert_eq!(c.insert(0, &toks, &slots), (0, 8));
+        assert_eq!(c.cached_slots(), 8);
+        // Shares 6 tokens: only the first whole block is reused.
+        let other = [0, 1, 2, 3, 4, 5, 99, 98, 97];
+        let (node, hit) = c.match_prefix(0, &other);
+        assert_eq!(hit, vec![100, 101, 102, 103]);
+        assert!(node.is_some());
+        assert_eq!(c.peek_prefix_len(0, &toks), 8);
+        assert!(
+            c.match_prefix(1, &toks).1.is_empty(),
+            "namespaces never share"
+        );
+        // Re-inserting the same tokens with other slots: all already cached.
+        let dup: Vec<SlotId> = (200..210).collect();
+        assert_eq!(c.insert(0, &toks, &dup), (8, 8));
+    }
+
+    #[test]
+    fn locks_protect_and_eviction_goes_leaf_first() {
+        let mut c = BlockCache::new(2);
+        c.insert(0, &[1, 2, 3, 4], &[0, 1, 2, 3]);
+        c.insert(0, &[5, 6], &[4, 5]);
+        let (node, _) = c.match_prefix(0, &[1, 2]);
+        c.lock(node.unwrap());
+        let mut freed = c.evict(100);
+        freed.sort();
+        // [1 2] is locked; its child [3 4] and the unrelated [5 6] go.
+        assert_eq!(freed, vec![2, 3, 4, 5]);
+        c.unlock(node.unwrap());
+        assert_eq!(c.evict(100), vec![0, 1]);
+        assert_eq!(c.cached_slots(), 0);
+    }
+}
