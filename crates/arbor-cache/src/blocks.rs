@@ -272,6 +272,82 @@ mod tests {
         assert_eq!(c.insert(0, &toks, &dup), (8, 8));
     }
 
+    /// Random inserts, matches, locks, unlocks and evictions: slots conserved, never owned
+    /// twice, locked prefixes kept, matches whole blocks of the brute-force common prefix.
+    #[test]
+    fn invariants_hold_under_random_operations() {
+        use crate::slots::SlotAllocator;
+        use rand::{Rng, SeedableRng};
+        const TOTAL: usize = 120;
+        for seed in 0..10u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut c = BlockCache::new(2);
+            let mut alloc = SlotAllocator::new(TOTAL);
+            let mut inserted: Vec<(Namespace, Vec<u32>)> = Vec::new();
+            let mut locks: Vec<(Namespace, Vec<u32>, Vec<SlotId>, NodeId)> = Vec::new();
+            for _ in 0..2000 {
+                let ns: Namespace = rng.random_range(0..2);
+                let seq: Vec<u32> = (0..rng.random_range(1..9)).map(|_| rng.random_range(0..2)).collect();
+                match rng.random_range(0..10) {
+                    0..=3 => {
+                        let (_, hit) = c.match_prefix(ns, &seq);
+                        let need = seq.len() - hit.len();
+                        if alloc.free_count() < need {
+                            let freed = c.evict(need - alloc.free_count());
+                            alloc.free(&freed).unwrap();
+                        }
+                        let Ok(fresh) = alloc.allocate(need) else { continue };
+                        let slots: Vec<SlotId> = hit.iter().copied().chain(fresh).collect();
+                        let (already, until) = c.insert(ns, &seq, &slots);
+                        assert!(already >= hit.len() && until == seq.len() / 2 * 2);
+                        alloc.free(&slots[hit.len()..already]).unwrap();
+                        alloc.free(&slots[until..]).unwrap();
+                        inserted.push((ns, seq));
+                    }
+                    4..=5 => {
+                        let (node, hit) = c.match_prefix(ns, &seq);
+                        if let Some(n) = node {
+                            c.lock(n);
+                            locks.push((ns, seq[..hit.len()].to_vec(), hit, n));
+                        }
+                    }
+                    6..=7 => {
+                        if !locks.is_empty() {
+                            let (_, _, _, n) = locks.swap_remove(rng.random_range(0..locks.len()));
+                            c.unlock(n);
+                        }
+                    }
+                    _ => {
+                        let freed = c.evict(rng.random_range(1..12));
+                        alloc.free(&freed).unwrap();
+                    }
+                }
+                let mut owned: Vec<SlotId> = c.blocks.iter().flatten().flat_map(|b| b.slots.iter().copied()).collect();
+                owned.sort_unstable();
+                let n = owned.len();
+                owned.dedup();
+                assert_eq!(owned.len(), n, "seed {seed}: a slot owned twice");
+                assert_eq!(n, c.cached_slots());
+                assert_eq!(alloc.free_count() + c.cached_slots(), TOTAL, "seed {seed}: slots leaked");
+                for (ns, toks, slots, _) in &locks {
+                    assert_eq!(&c.match_prefix(*ns, toks).1, slots, "seed {seed}: locked prefix lost");
+                }
+                // A match never exceeds whole blocks of what was ever inserted.
+                let probe: Vec<u32> = (0..rng.random_range(0..9)).map(|_| rng.random_range(0..2)).collect();
+                let pns: Namespace = rng.random_range(0..2);
+                let bound = inserted
+                    .iter()
+                    .filter(|(n, _)| *n == pns)
+                    .map(|(_, s)| s.iter().zip(&probe).take_while(|(a, b)| a == b).count())
+                    .max()
+                    .unwrap_or(0);
+                let got = c.peek_prefix_len(pns, &probe);
+                assert!(got <= bound / 2 * 2 && got % 2 == 0, "seed {seed}: matched {got}, bound {bound}");
+                assert_eq!(c.match_prefix(pns, &probe).1.len(), got);
+            }
+        }
+    }
+
     #[test]
     fn locks_protect_and_eviction_goes_leaf_first() {
         let mut c = BlockCache::new(2);
