@@ -287,7 +287,9 @@ mod tests {
             let mut locks: Vec<(Namespace, Vec<u32>, Vec<SlotId>, NodeId)> = Vec::new();
             for _ in 0..2000 {
                 let ns: Namespace = rng.random_range(0..2);
-                let seq: Vec<u32> = (0..rng.random_range(1..9)).map(|_| rng.random_range(0..2)).collect();
+                let seq: Vec<u32> = (0..rng.random_range(1..9))
+                    .map(|_| rng.random_range(0..2))
+                    .collect();
                 match rng.random_range(0..10) {
                     0..=3 => {
                         let (_, hit) = c.match_prefix(ns, &seq);
@@ -296,7 +298,9 @@ mod tests {
                             let freed = c.evict(need - alloc.free_count());
                             alloc.free(&freed).unwrap();
                         }
-                        let Ok(fresh) = alloc.allocate(need) else { continue };
+                        let Ok(fresh) = alloc.allocate(need) else {
+                            continue;
+                        };
                         let slots: Vec<SlotId> = hit.iter().copied().chain(fresh).collect();
                         let (already, until) = c.insert(ns, &seq, &slots);
                         assert!(already >= hit.len() && until == seq.len() / 2 * 2);
@@ -322,18 +326,33 @@ mod tests {
                         alloc.free(&freed).unwrap();
                     }
                 }
-                let mut owned: Vec<SlotId> = c.blocks.iter().flatten().flat_map(|b| b.slots.iter().copied()).collect();
+                let mut owned: Vec<SlotId> = c
+                    .blocks
+                    .iter()
+                    .flatten()
+                    .flat_map(|b| b.slots.iter().copied())
+                    .collect();
                 owned.sort_unstable();
                 let n = owned.len();
                 owned.dedup();
                 assert_eq!(owned.len(), n, "seed {seed}: a slot owned twice");
                 assert_eq!(n, c.cached_slots());
-                assert_eq!(alloc.free_count() + c.cached_slots(), TOTAL, "seed {seed}: slots leaked");
+                assert_eq!(
+                    alloc.free_count() + c.cached_slots(),
+                    TOTAL,
+                    "seed {seed}: slots leaked"
+                );
                 for (ns, toks, slots, _) in &locks {
-                    assert_eq!(&c.match_prefix(*ns, toks).1, slots, "seed {seed}: locked prefix lost");
+                    assert_eq!(
+                        &c.match_prefix(*ns, toks).1,
+                        slots,
+                        "seed {seed}: locked prefix lost"
+                    );
                 }
                 // A match never exceeds whole blocks of what was ever inserted.
-                let probe: Vec<u32> = (0..rng.random_range(0..9)).map(|_| rng.random_range(0..2)).collect();
+                let probe: Vec<u32> = (0..rng.random_range(0..9))
+                    .map(|_| rng.random_range(0..2))
+                    .collect();
                 let pns: Namespace = rng.random_range(0..2);
                 let bound = inserted
                     .iter()
@@ -342,7 +361,10 @@ mod tests {
                     .max()
                     .unwrap_or(0);
                 let got = c.peek_prefix_len(pns, &probe);
-                assert!(got <= bound / 2 * 2 && got % 2 == 0, "seed {seed}: matched {got}, bound {bound}");
+                assert!(
+                    got <= bound / 2 * 2 && got.is_multiple_of(2),
+                    "seed {seed}: matched {got}, bound {bound}"
+                );
                 assert_eq!(c.match_prefix(pns, &probe).1.len(), got);
             }
         }

@@ -15,7 +15,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arbor_engine::{Engine, EngineConfig, Event, PrefixCacheMode, Request, SamplingParams, StopConditions};
+use arbor_engine::{
+    Engine, EngineConfig, Event, PrefixCacheMode, Request, SamplingParams, StopConditions,
+};
 use arbor_model::{ChatMessage, ChatTemplate, Device, Tokenizer};
 use serde_json::{json, Value};
 
@@ -23,7 +25,8 @@ type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn main() -> Res<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: cache_workloads MODEL multi-turn|shared-prefix [radix|blocks|off] [G P S Q O C]";
+    let usage =
+        "usage: cache_workloads MODEL multi-turn|shared-prefix [radix|blocks|off] [G P S Q O C]";
     let model_path = PathBuf::from(args.first().ok_or(usage)?);
     let workload = args.get(1).ok_or(usage)?.clone();
     let mode = match args.get(2).map(String::as_str) {
@@ -38,31 +41,53 @@ fn main() -> Res<()> {
     let mut cfg = EngineConfig::for_model(&loaded.model);
     cfg.prefix_cache = mode;
     cfg.kv_slots = cfg.kv_slots.min(65_536);
-    let num: Vec<usize> = args[3..].iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
+    let num: Vec<usize> = args[3..]
+        .iter()
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
     if workload == "shared-prefix" {
         cfg.max_running = num.get(5).copied().unwrap_or(4);
     }
     let engine = Engine::new(Arc::new(loaded.model), loaded.tokenizer, cfg);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let w: Value = serde_json::from_str(&std::fs::read_to_string(root.join("workloads/reference-multiturn.json"))?)?;
+    let w: Value = serde_json::from_str(&std::fs::read_to_string(
+        root.join("workloads/reference-multiturn.json"),
+    )?)?;
     let out = match workload.as_str() {
         "multi-turn" => multi_turn(engine, &template, &tokenizer, &w)?,
         "shared-prefix" => {
             let p = |i: usize, d: usize| num.get(i).copied().unwrap_or(d);
-            shared_prefix(engine, &template, &tokenizer, &w, [p(0, 4), p(1, 4), p(2, 1000), p(3, 64), p(4, 32)])?
+            shared_prefix(
+                engine,
+                &template,
+                &tokenizer,
+                &w,
+                [p(0, 4), p(1, 4), p(2, 1000), p(3, 64), p(4, 32)],
+            )?
         }
         _ => return Err(usage.into()),
     };
-    println!("{}", json!({"workload": workload, "cache": format!("{mode:?}"), "result": out}));
+    println!(
+        "{}",
+        json!({"workload": workload, "cache": format!("{mode:?}"), "result": out})
+    );
     Ok(())
 }
 
 fn context_block(w: &Value) -> String {
     let details: Vec<String> = w["technical_details"]
         .as_array()
-        .map(|a| a.iter().map(|d| format!("- {}", d.as_str().unwrap_or_default())).collect())
+        .map(|a| {
+            a.iter()
+                .map(|d| format!("- {}", d.as_str().unwrap_or_default()))
+                .collect()
+        })
         .unwrap_or_default();
-    format!("{}\n\nTechnical details:\n{}", w["base_content"].as_str().unwrap_or_default(), details.join("\n"))
+    format!(
+        "{}\n\nTechnical details:\n{}",
+        w["base_content"].as_str().unwrap_or_default(),
+        details.join("\n")
+    )
 }
 
 /// `text` repeated until it is at least `tokens` long on this tokenizer.
@@ -79,12 +104,25 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> Request {
         namespace: 0,
         prompt,
         sampling: SamplingParams::greedy(),
-        stop: StopConditions { max_tokens, ignore_eos: true, ..Default::default() },
+        stop: StopConditions {
+            max_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        },
     }
 }
 
-fn multi_turn(mut engine: Engine, template: &ChatTemplate, tok: &Tokenizer, w: &Value) -> Res<Value> {
-    let context = grow(&context_block(w), w["target_prompt_tokens"].as_u64().unwrap_or(6800) as usize, tok)?;
+fn multi_turn(
+    mut engine: Engine,
+    template: &ChatTemplate,
+    tok: &Tokenizer,
+    w: &Value,
+) -> Res<Value> {
+    let context = grow(
+        &context_block(w),
+        w["target_prompt_tokens"].as_u64().unwrap_or(6800) as usize,
+        tok,
+    )?;
     let questions = [
         "What would you recommend for training a large language model on a budget?",
         "How would you optimize inference costs for a production deployment?",
@@ -122,16 +160,35 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn shared_prefix(mut engine: Engine, template: &ChatTemplate, tok: &Tokenizer, w: &Value, [groups, per_group, sys_tokens, q_tokens, out_tokens]: [usize; 5]) -> Res<Value> {
+fn shared_prefix(
+    mut engine: Engine,
+    template: &ChatTemplate,
+    tok: &Tokenizer,
+    w: &Value,
+    [groups, per_group, sys_tokens, q_tokens, out_tokens]: [usize; 5],
+) -> Res<Value> {
     let block = context_block(w);
-    let details: Vec<&str> = w["technical_details"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    let details: Vec<&str> = w["technical_details"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
     // Requests in interleaved group order: g0p0, g1p0, ..., g0p1, ...
     let mut prompts = Vec::new();
     for p in 0..per_group {
         for g in 0..groups {
             let system = grow(&format!("Deployment {g}. {block}"), sys_tokens, tok)?;
-            let question = grow(&format!("Question {p}: {}", details[(g * per_group + p) % details.len().max(1)]), q_tokens, tok)?;
-            let msgs = [ChatMessage::new("system", system), ChatMessage::new("user", question)];
+            let question = grow(
+                &format!(
+                    "Question {p}: {}",
+                    details[(g * per_group + p) % details.len().max(1)]
+                ),
+                q_tokens,
+                tok,
+            )?;
+            let msgs = [
+                ChatMessage::new("system", system),
+                ChatMessage::new("user", question),
+            ];
             prompts.push(tok.encode(&template.render(&msgs, true)?, true)?);
         }
     }
@@ -148,7 +205,10 @@ fn shared_prefix(mut engine: Engine, template: &ChatTemplate, tok: &Tokenizer, w
             if let Event::Finished { usage, timing, .. } = ev {
                 cached += usage.cached_tokens;
                 generated += usage.completion_tokens;
-                ttfts.push((timing.first_token_at.unwrap_or(timing.queued_at) - timing.queued_at).as_secs_f64());
+                ttfts.push(
+                    (timing.first_token_at.unwrap_or(timing.queued_at) - timing.queued_at)
+                        .as_secs_f64(),
+                );
             }
         }
     }
