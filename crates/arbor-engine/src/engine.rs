@@ -2,7 +2,8 @@
 //! batched step at a time (continuous batching with chunked prefill).
 //!
 //! Each [`Engine::step`]:
-//! 1. admits waiting requests in arrival order while their KV slots can be reserved;
+//! 1. admits waiting requests (longest cached prefix first) while the pool can hold their
+//!    uncompacted prompt;
 //! 2. builds one batch: a decode token for every running sequence that is generating, then
 //!    prefill chunks of the others until the step's token budget is spent (a long prompt is cut
 //!    into chunks so it never stalls the running decodes for long);
@@ -16,10 +17,12 @@
 //! batch-invariant, a prefix's cached K/V are bit-identical to what recomputing it would give:
 //! the cache never changes an output.
 //!
-//! Slots for the rest of the request (uncached prompt + max_tokens) are reserved at admission,
-//! evicting unlocked cached prefixes (least recently used first) when the pool is short, so a
-//! running request never runs out of KV memory mid-generation. (Preemption, cache-aware
-//! ordering and in-batch prefix sharing come with the scheduler work of the radix-cache issue.)
+//! KV slots are taken when tokens are computed, evicting unlocked cached prefixes (least
+//! recently used first) when the pool is short. When the running decodes still do not fit, the
+//! youngest request is preempted: its computed tokens go into the cache, its slots are released,
+//! and it goes back to the front of the queue with its prompt and generated tokens, to be
+//! recomputed (mostly from the cache) and continued exactly where it stopped. Nothing runs out
+//! of memory and no request is lost.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -206,8 +209,10 @@ struct Sequence {
     namespace: Namespace,
     /// The locked node of the matched prefix.
     prefix_node: Option<NodeId>,
-    /// Slots reserved for tokens not yet computed, used from the back.
-    reserved: Vec<SlotId>,
+    /// Admission order (larger is younger): the youngest is preempted first.
+    admitted_at: u64,
+    /// Times admitted (more than once after a preemption).
+    admissions: u32,
     max_new: usize,
     stop: StopConditions,
     sampler: Sampler,
@@ -235,6 +240,7 @@ pub struct Engine {
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
     next_id: RequestId,
+    admissions: u64,
 }
 
 /// What one step did, for logs and benchmarks.
@@ -242,6 +248,8 @@ pub struct Engine {
 pub struct StepStats {
     pub prefill_tokens: usize,
     pub decode_tokens: usize,
+    /// Requests sent back to the queue for lack of KV memory.
+    pub preempted: usize,
 }
 
 impl Engine {
@@ -264,6 +272,7 @@ impl Engine {
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_id: 0,
+            admissions: 0,
         }
     }
 
@@ -334,7 +343,8 @@ impl Engine {
             reused: 0,
             namespace: req.namespace,
             prefix_node: None,
-            reserved: Vec::new(),
+            admitted_at: 0,
+            admissions: 0,
             max_new,
             matcher: StopMatcher::new(req.stop.stop_strings.clone()),
             stop: req.stop,
@@ -366,10 +376,9 @@ impl Engine {
         let mut i = 0;
         while i < self.waiting.len() && self.running.len() < self.config.max_running {
             let seq = &self.waiting[i];
-            // The last prompt token is always computed: its logits give the first new token.
-            let hit = self
-                .cache
-                .match_prefix(seq.namespace, &seq.tokens[..seq.prompt_len - 1]);
+            // The last token is always computed: its logits give the next token.
+            let known = seq.tokens.len() - 1;
+            let hit = self.cache.match_prefix(seq.namespace, &seq.tokens[..known]);
             let (prefix, node) = (hit.slots, hit.node);
             if self.config.prefix_cache != PrefixCacheMode::Off
                 && self.shares_prefill_in_progress(seq, prefix.len())
@@ -380,33 +389,65 @@ impl Engine {
                 continue;
             }
             if let Some(n) = node {
-                // Locked before any eviction below, so it cannot evict itself.
+                // Locked before anything is evicted for it, so it cannot evict itself.
                 self.cache.lock(n);
             }
-            let need = seq.prompt_len - prefix.len() + seq.max_new.saturating_sub(1);
-            if self.slots.free_count() < need {
-                let freed = self.cache.evict(need - self.slots.free_count());
-                self.slots
-                    .free(&freed)
-                    .expect("evicted slots were owned by the cache alone");
-            }
-            let Ok(mut slots) = self.slots.allocate(need) else {
+            // Room for the uncached tokens, and for one more token of every running request.
+            let need = seq.tokens.len() - prefix.len() + self.running.len();
+            if self.available_slots() < need {
                 if let Some(n) = node {
                     self.cache.unlock(n);
                 }
                 // Memory is short: later requests wait too, so the oldest is served first.
                 break;
-            };
+            }
             let mut seq = self.waiting.remove(i).expect("index checked above");
-            // Used from the back: reverse so the sequence takes them in allocation order.
-            slots.reverse();
-            seq.reserved = slots;
+            if seq.admissions == 0 {
+                seq.reused = prefix.len();
+            }
+            seq.admissions += 1;
+            self.admissions += 1;
+            seq.admitted_at = self.admissions;
             seq.cached_len = prefix.len();
-            seq.reused = prefix.len();
             seq.computed = prefix;
             seq.prefix_node = node;
             self.running.push(seq);
         }
+    }
+
+    /// Slots that are free or can be freed by evicting unlocked cached prefixes.
+    fn available_slots(&self) -> usize {
+        self.slots.free_count() + self.cache.evictable_slots()
+    }
+
+    /// Takes `n` slots, evicting cached prefixes if needed. The caller has checked
+    /// [`Engine::available_slots`].
+    fn take_slots(&mut self, n: usize) -> Vec<SlotId> {
+        if self.slots.free_count() < n {
+            let freed = self.cache.evict(n - self.slots.free_count());
+            self.slots
+                .free(&freed)
+                .expect("evicted slots were owned by the cache alone");
+        }
+        self.slots
+            .allocate(n)
+            .expect("the step planned no more slots than free + evictable")
+    }
+
+    /// Sends the youngest running request back to the front of the queue, its computed
+    /// tokens kept in the cache for a cheap resume.
+    fn preempt_youngest(&mut self) {
+        let Some(i) = (0..self.running.len()).max_by_key(|&i| self.running[i].admitted_at) else {
+            return;
+        };
+        let mut seq = self.running.swap_remove(i);
+        self.release(&mut seq);
+        tracing::debug!(
+            id = seq.id,
+            tokens = seq.tokens.len(),
+            "preempted for KV memory"
+        );
+        self.waiting.push_front(seq);
     }
 
     /// Cache-aware admission order (SGLang's longest-prefix-match policy): requests whose
@@ -439,11 +480,11 @@ impl Engine {
     /// Whether a running request still in prefill, in the same namespace, shares more of
     /// `seq`'s prompt than the cache holds, by enough to be worth waiting for.
     fn shares_prefill_in_progress(&self, seq: &Sequence, cached: usize) -> bool {
+        let wanted = &seq.tokens[..seq.tokens.len() - 1];
         self.running.iter().any(|r| {
             r.namespace == seq.namespace
-                && r.computed.len() < r.prompt_len
-                && common_prefix(&r.tokens[..r.prompt_len], &seq.tokens[..seq.prompt_len - 1])
-                    >= cached + MIN_SHARED_PREFILL_TO_WAIT
+                && r.computed.len() + 1 < r.tokens.len()
+                && common_prefix(&r.tokens, wanted) >= cached + MIN_SHARED_PREFILL_TO_WAIT
         })
     }
 
@@ -481,43 +522,55 @@ impl Engine {
     pub fn step(&mut self) -> Result<(Vec<Event>, StepStats), EngineError> {
         self.admit();
         let mut stats = StepStats::default();
+        let decoding = |s: &Sequence| s.pending() == 1 && s.computed.len() >= s.prompt_len;
+        // Decodes need one slot each; preempt the youngest requests until they fit.
+        loop {
+            let decodes = self.running.iter().filter(|s| decoding(s)).count();
+            if decodes <= self.available_slots() || self.running.len() <= 1 {
+                break;
+            }
+            self.preempt_youngest();
+            stats.preempted += 1;
+        }
         let mut budget = self.config.max_batch_tokens;
+        let mut memory = self.available_slots();
         // (index into running, tokens to run now)
         let mut plan: Vec<(usize, usize)> = Vec::new();
         // Decodes first: one token each, they keep the running requests moving.
         for (i, s) in self.running.iter().enumerate() {
-            if s.computed.len() >= s.prompt_len && s.pending() == 1 && budget > 0 {
+            if decoding(s) && budget > 0 && memory > 0 {
                 plan.push((i, 1));
                 budget -= 1;
+                memory -= 1;
                 stats.decode_tokens += 1;
             }
         }
-        // Then prefill chunks in admission order.
+        // Then prefill chunks (new prompts, or resumed requests) in admission order.
         for (i, s) in self.running.iter().enumerate() {
-            if budget == 0 {
+            if budget == 0 || memory == 0 {
                 break;
             }
-            if s.computed.len() < s.prompt_len {
-                let n = s.pending().min(budget);
+            if !decoding(s) && s.pending() > 0 {
+                let n = s.pending().min(budget).min(memory);
                 plan.push((i, n));
                 budget -= n;
+                memory -= n;
                 stats.prefill_tokens += n;
             }
         }
         if plan.is_empty() {
+            if self.running.len() > 1 {
+                // Everyone is stuck on memory: free the youngest for the others.
+                self.preempt_youngest();
+                stats.preempted += 1;
+            }
             return Ok((Vec::new(), stats));
         }
-        // Move the new tokens' slots from reserved to computed before the step: the forward
-        // pass writes their K/V and attends over the whole list.
+        // Slots for the new tokens join the sequences before the step: the forward pass writes
+        // their K/V and attends over the whole list.
         for &(i, n) in &plan {
-            let s = &mut self.running[i];
-            for _ in 0..n {
-                let slot = s
-                    .reserved
-                    .pop()
-                    .expect("slots for the whole request were reserved at admission");
-                s.computed.push(slot);
-            }
+            let slots = self.take_slots(n);
+            self.running[i].computed.extend(slots);
         }
         let steps: Vec<SeqStep> = plan
             .iter()
@@ -544,14 +597,15 @@ impl Engine {
         let logits = match self.model.forward(&steps, &mut self.pool) {
             Ok(l) => l,
             Err(e) => {
-                // Undo the slot moves so that state stays consistent, then report.
+                // Give the step's slots back so that state stays consistent, then report.
                 drop(steps);
                 for &(i, n) in &plan {
                     let s = &mut self.running[i];
-                    for _ in 0..n {
-                        let slot = s.computed.pop().expect("pushed above");
-                        s.reserved.push(slot);
-                    }
+                    let keep = s.computed.len() - n;
+                    let taken = s.computed.split_off(keep);
+                    self.slots
+                        .free(&taken)
+                        .expect("slots taken for this step belong to the sequence");
                 }
                 return Err(e.into());
             }
@@ -559,8 +613,7 @@ impl Engine {
 
         // Prefill chunks go into the prefix cache at once, for requests arriving meanwhile.
         for &(i, n) in &plan {
-            let s = &self.running[i];
-            if s.computed.len() - n < s.prompt_len {
+            if n > 1 || self.running[i].computed.len() <= self.running[i].prompt_len {
                 self.cache_computed(i);
             }
         }
@@ -635,9 +688,26 @@ impl Engine {
         Ok((events, stats))
     }
 
-    /// Ends a sequence: its computed tokens go into the prefix cache (or their slots back to
-    /// the pool), its lock on the matched prefix is released, unused reserved slots are freed.
+    /// Ends a sequence: see [`Engine::release`].
     fn finish(&mut self, mut seq: Sequence, reason: FinishReason, text: String) -> Event {
+        self.release(&mut seq);
+        seq.timing.finished_at = Some(Instant::now());
+        Event::Finished {
+            id: seq.id,
+            reason,
+            text,
+            usage: Usage {
+                prompt_tokens: seq.prompt_len,
+                completion_tokens: seq.generated(),
+                cached_tokens: seq.reused,
+            },
+            timing: seq.timing,
+        }
+    }
+
+    /// Gives up a sequence's KV: its computed tokens go into the prefix cache (or their slots
+    /// back to the pool) and its lock on the matched prefix is released.
+    fn release(&mut self, seq: &mut Sequence) {
         let computed = std::mem::take(&mut seq.computed);
         let ins = self
             .cache
@@ -651,23 +721,10 @@ impl Engine {
         if let Some(node) = seq.prefix_node.take() {
             self.cache.unlock(node);
         }
-        let mut unused = computed[own_from..].to_vec();
-        unused.append(&mut seq.reserved);
         self.slots
-            .free(&unused)
+            .free(&computed[own_from..])
             .expect("a sequence owns its slots exclusively, so freeing them cannot fail");
-        seq.timing.finished_at = Some(Instant::now());
-        Event::Finished {
-            id: seq.id,
-            reason,
-            text,
-            usage: Usage {
-                prompt_tokens: seq.prompt_len,
-                completion_tokens: seq.generated(),
-                cached_tokens: seq.reused,
-            },
-            timing: seq.timing,
-        }
+        seq.cached_len = 0;
     }
 
     /// Runs one request to completion (other queued requests advance alongside it), calling

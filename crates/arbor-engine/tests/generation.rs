@@ -483,3 +483,60 @@ fn cached_prompts_are_admitted_first() {
     }
     assert_eq!(finished, vec![blocker, hot, cold]);
 }
+
+/// More concurrent generation than the pool holds: requests are preempted (their KV kept in the
+/// cache) and resumed, every request completes, and each one's tokens equal its solo run.
+#[test]
+fn preemption_under_memory_pressure_keeps_outputs_exact() {
+    let fx = llama_cpp_fixture();
+    let prompts: Vec<Vec<u32>> = fx["greedy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take(6)
+        .map(|c| ids(&c["prompt_ids"]))
+        .collect();
+    let mut solo = engine_with_cache(PrefixCacheMode::Off, 4096, 512);
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let mut r = greedy(p.clone(), 60);
+            r.stop.ignore_eos = true;
+            solo.generate(r, |_| {}).unwrap().tokens
+        })
+        .collect();
+    for mode in [PrefixCacheMode::Radix, PrefixCacheMode::Off] {
+        // ~6 x (40 + 60) tokens wanted at once, 220 slots in the pool.
+        let mut e = engine_with_cache(mode, 220, 64);
+        let ids_: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let mut r = greedy(p.clone(), 60);
+                r.stop.ignore_eos = true;
+                e.add_request(r).unwrap()
+            })
+            .collect();
+        let mut got = vec![Vec::new(); prompts.len()];
+        let mut preempted = 0;
+        while e.has_work() {
+            let (events, stats) = e.step().unwrap();
+            preempted += stats.preempted;
+            for ev in events {
+                if let arbor_engine::Event::Token { id, token, .. } = ev {
+                    got[ids_.iter().position(|&x| x == id).unwrap()].push(token);
+                }
+            }
+        }
+        assert!(
+            preempted > 0,
+            "{mode:?}: the pool must be too small for all at once"
+        );
+        assert_eq!(got, alone, "{mode:?}");
+        let (evictable, locked) = e.cached_slots();
+        assert_eq!(
+            (locked, e.free_slots() + evictable),
+            (0, 220),
+            "{mode:?}: slots leaked"
+        );
+    }
+}
