@@ -20,14 +20,13 @@ where the venv has `llama-cpp-python[server]==0.3.36` (see shared/peers/README.m
 import argparse
 import json
 import re
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
+
+from llamacpp_server import LlamaCppServer, count_tokens, stream_timing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,20 +37,8 @@ def context_text():
     return block
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url, body, stream=False, timeout=600):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    return urllib.request.urlopen(req, timeout=timeout)
-
-
 def tokens_of(base, text):
-    with post(f"{base}/extras/tokenize/count", {"input": text}) as r:
-        return json.loads(r.read())["count"]
+    return count_tokens(base, text)
 
 
 def prompt_of(target_tokens, base, run):
@@ -67,24 +54,11 @@ def prompt_of(target_tokens, base, run):
 
 
 def llama_cpp_run(base, prompt, n_gen):
-    t0 = time.perf_counter()
-    first = last = None
-    n = 0
-    body = {"prompt": prompt, "max_tokens": n_gen, "min_tokens": n_gen, "temperature": 0, "stream": True}
-    with post(f"{base}/v1/completions", body) as r:
-        for line in r:
-            line = line.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk["choices"][0].get("text"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                n += 1
+    r = stream_timing(f"{base}/v1/completions",
+                      {"prompt": prompt, "max_tokens": n_gen, "min_tokens": n_gen, "temperature": 0})
     n_prompt = tokens_of(base, prompt)
-    return {"prompt_tokens": n_prompt, "prefill_tps": n_prompt / (first - t0),
-            "decode_tps": (n - 1) / (last - first) if n > 1 else float("nan"), "generated": n}
+    return {"prompt_tokens": n_prompt, "prefill_tps": n_prompt / r["ttft_s"],
+            "decode_tps": r["decode_tok_s"], "generated": r["generated"]}
 
 
 ARBOR_LINE = re.compile(r"prompt: (\d+) tokens \((\d+) cached\) in ([\d.]+)s \(([\d.]+) tok/s\); generated: (\d+) tokens, decode ([\d.]+) tok/s")
@@ -112,19 +86,7 @@ def main():
     ap.add_argument("--gen", type=int, default=128)
     args = ap.parse_args()
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([args.llama_python, "-m", "llama_cpp.server", "--model", args.model,
-                               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "8192",
-                               "--n_threads", "2", "--n_threads_batch", "2", "--logits_all", "false"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{base}/v1/models", timeout=1)
-                break
-            except OSError:
-                time.sleep(1)
+    with LlamaCppServer(args.llama_python, args.model) as base:
         rows = []
         for size in [int(s) for s in args.sizes.split(",")]:
             res = {"llama.cpp": [], "arbor": []}
@@ -144,9 +106,6 @@ def main():
                 print(f"| ~{size} | {eng} | {m['prompt_tokens']:.0f} | {m['prefill_tps']:.1f} | {m['decode_tps']:.1f} |")
             a, l = med["arbor"], med["llama.cpp"]
             print(f"| ~{size} | arbor / llama.cpp | | {a['prefill_tps'] / l['prefill_tps']:.2f}x | {a['decode_tps'] / l['decode_tps']:.2f}x |")
-    finally:
-        server.terminate()
-        server.wait()
 
 
 if __name__ == "__main__":

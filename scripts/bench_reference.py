@@ -13,30 +13,17 @@ Usage:
 """
 import argparse
 import json
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
+
+from llamacpp_server import LlamaCppServer, count_tokens, stream_timing
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url, body, timeout=900):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    return urllib.request.urlopen(req, timeout=timeout)
-
-
 def count(base, text):
-    with post(f"{base}/extras/tokenize/count", {"input": text}) as r:
-        return json.loads(r.read())["count"]
+    return count_tokens(base, text)
 
 
 def large_context(base, w):
@@ -48,23 +35,8 @@ def large_context(base, w):
 
 
 def llama_cpp_case(base, messages, max_tokens):
-    t0 = time.perf_counter()
-    first = last = None
-    n = 0
-    body = {"messages": messages, "max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0, "stream": True}
-    with post(f"{base}/v1/chat/completions", body) as r:
-        for line in r:
-            line = line.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            delta = json.loads(line[6:])["choices"][0].get("delta", {})
-            if delta.get("content"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                n += 1
-    return {"ttft_s": first - t0, "duration_s": last - t0, "response_tokens": n,
-            "decode_tok_s": (n - 1) / (last - first)}
+    return stream_timing(f"{base}/v1/chat/completions",
+                         {"messages": messages, "max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0})
 
 
 def main():
@@ -75,19 +47,7 @@ def main():
     args = ap.parse_args()
     w = json.loads((ROOT / "workloads/reference-multiturn.json").read_text())
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([args.llama_python, "-m", "llama_cpp.server", "--model", args.model, "--host",
-                               "127.0.0.1", "--port", str(port), "--n_ctx", "8192", "--n_threads", "2",
-                               "--n_threads_batch", "2", "--logits_all", "false", "--cache", "true",
-                               "--cache_type", "ram"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{base}/v1/models", timeout=1)
-                break
-            except OSError:
-                time.sleep(1)
+    with LlamaCppServer(args.llama_python, args.model, ["--cache", "true", "--cache_type", "ram"]) as base:
         ctx = large_context(base, w)
         llama = {}
         for case in w["test_cases"]:
@@ -95,9 +55,6 @@ def main():
             msgs.append({"role": "user", "content": case["user"]})
             llama[case["name"]] = llama_cpp_case(base, msgs, w["max_tokens"])
             print("llama.cpp", case["name"], llama[case["name"]], file=sys.stderr, flush=True)
-    finally:
-        server.terminate()
-        server.wait()
 
     out = subprocess.run([args.example, args.model, "radix"], capture_output=True, text=True, check=True).stdout
     arbor = {}

@@ -138,8 +138,7 @@ fn multi_turn(
         let prompt = tok.encode(&template.render(&messages, true)?, true)?;
         let n = prompt.len();
         let done = engine.generate(request(prompt, 150), |_| {})?;
-        let t = &done.timing;
-        let ttft = (t.first_token_at.unwrap_or(t.queued_at) - t.queued_at).as_secs_f64();
+        let ttft = done.timing.time_to_first_token();
         turns.push(json!({
             "turn": i + 1, "prompt_tokens": n, "cached_tokens": done.usage.cached_tokens,
             "previous_turn_tokens": previous_total,
@@ -205,10 +204,7 @@ fn shared_prefix(
             if let Event::Finished { usage, timing, .. } = ev {
                 cached += usage.cached_tokens;
                 generated += usage.completion_tokens;
-                ttfts.push(
-                    (timing.first_token_at.unwrap_or(timing.queued_at) - timing.queued_at)
-                        .as_secs_f64(),
-                );
+                ttfts.push(timing.time_to_first_token());
             }
         }
     }

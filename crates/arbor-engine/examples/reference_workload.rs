@@ -81,19 +81,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             },
         };
         let done = engine.generate(req, |_| {})?;
-        let t = &done.timing;
-        let first = t.first_token_at.unwrap_or(t.queued_at);
-        let end = t.finished_at.unwrap_or(first);
-        let decode_s = (end - first).as_secs_f64();
         let line = serde_json::json!({
             "test": case["name"],
             "cache": format!("{mode:?}"),
             "prompt_tokens": done.usage.prompt_tokens,
             "cached_tokens": done.usage.cached_tokens,
             "response_tokens": done.usage.completion_tokens,
-            "ttft_s": (first - t.queued_at).as_secs_f64(),
-            "duration_s": (end - t.queued_at).as_secs_f64(),
-            "decode_tok_s": (done.usage.completion_tokens.saturating_sub(1)) as f64 / decode_s.max(1e-9),
+            "ttft_s": done.timing.time_to_first_token(),
+            "duration_s": done.timing.total_time(),
+            "decode_tok_s": done.decode_tokens_per_s(),
         });
         println!("{line}");
     }

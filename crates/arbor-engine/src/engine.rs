@@ -175,6 +175,30 @@ pub struct Timing {
     pub finished_at: Option<Instant>,
 }
 
+impl Timing {
+    /// Queueing plus prefill: until the first token (or the end, if none came).
+    pub fn time_to_first_token(&self) -> f64 {
+        let first = self
+            .first_token_at
+            .or(self.finished_at)
+            .unwrap_or(self.queued_at);
+        (first - self.queued_at).as_secs_f64()
+    }
+
+    /// From the first token to the end.
+    pub fn decode_time(&self) -> f64 {
+        match (self.first_token_at, self.finished_at) {
+            (Some(first), Some(end)) => (end - first).as_secs_f64(),
+            _ => 0.0,
+        }
+    }
+
+    pub fn total_time(&self) -> f64 {
+        self.finished_at
+            .map_or(0.0, |end| (end - self.queued_at).as_secs_f64())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Event {
     /// A token was generated; `text` is what it adds to the output (may be empty while a
@@ -783,4 +807,28 @@ pub struct Completion {
     pub reason: FinishReason,
     pub usage: Usage,
     pub timing: Timing,
+}
+
+impl Completion {
+    /// Tokens per second after the first one (0 when fewer than two tokens came).
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        let t = self.timing.decode_time();
+        let n = self.usage.completion_tokens.saturating_sub(1);
+        if t > 0.0 {
+            n as f64 / t
+        } else {
+            0.0
+        }
+    }
+
+    /// Prompt tokens actually computed (not cached) per second of time to first token.
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        let t = self.timing.time_to_first_token();
+        let n = self.usage.prompt_tokens - self.usage.cached_tokens;
+        if t > 0.0 {
+            n as f64 / t
+        } else {
+            0.0
+        }
+    }
 }

@@ -687,157 +687,111 @@ mod tests {
         }
     }
 
+    /// Runs a prefill chunk of `n_new_a` queries over `seq_a` and a decode over `seq_b` in one
+    /// call, on random queries and pools of `pool_slots`, and returns the largest difference
+    /// from the textbook reference.
+    fn max_error_against_reference(
+        seed: u64,
+        shape: AttnShape,
+        pool_slots: usize,
+        seq_a: &[u32],
+        n_new_a: usize,
+        seq_b: &[u32],
+    ) -> f32 {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let kvw = shape.num_kv_heads * shape.head_dim;
+        let qw = shape.num_heads * shape.head_dim;
+        let mut pool = |scale: f32| -> Vec<f16> {
+            (0..pool_slots * kvw)
+                .map(|_| f16::from_f32(rng.random_range(-scale..scale)))
+                .collect()
+        };
+        let (k_pool, v_pool) = (pool(1.5), pool(1.0));
+        let rows = n_new_a + 1;
+        let q: Vec<f32> = (0..rows * qw)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
+        let seqs = [
+            AttnSeq {
+                row_offset: 0,
+                n_new: n_new_a,
+                slots: seq_a,
+            },
+            AttnSeq {
+                row_offset: n_new_a,
+                n_new: 1,
+                slots: seq_b,
+            },
+        ];
+        let mut out = vec![0f32; rows * qw];
+        attention(&q, &k_pool, &v_pool, &seqs, shape, &mut out);
+        let gather = |seq: &[u32], pool: &[f16]| -> Vec<Vec<f32>> {
+            seq.iter()
+                .map(|&s| {
+                    pool[s as usize * kvw..][..kvw]
+                        .iter()
+                        .map(|x| x.to_f32())
+                        .collect()
+                })
+                .collect()
+        };
+        let (qa, qb) = q.split_at(n_new_a * qw);
+        let ra = reference(
+            qa,
+            &gather(seq_a, &k_pool),
+            &gather(seq_a, &v_pool),
+            seq_a.len() - n_new_a,
+            shape,
+        );
+        let rb = reference(
+            qb,
+            &gather(seq_b, &k_pool),
+            &gather(seq_b, &v_pool),
+            seq_b.len() - 1,
+            shape,
+        );
+        out.iter()
+            .zip(ra.iter().chain(&rb))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max)
+    }
+
+    // The reference is exact (f64, unrounded q and p); Arbor rounds q and p to f16 (relative
+    // 2^-11), so errors up to ~1e-3 on outputs of magnitude ~1 are expected.
+    const F16_TOLERANCE: f32 = 2e-3;
+
     /// Contexts longer than a segment: the per-segment softmaxes merged must equal the plain
-    /// softmax over all keys, for prefill queries straddling segment boundaries and a decode.
+    /// softmax over all keys, for prefill queries straddling a segment boundary and a decode.
     #[test]
     fn segments_merge_to_the_full_softmax() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
         let shape = AttnShape {
             num_heads: 4,
             num_kv_heads: 2,
             head_dim: 16,
         };
-        let kvw = shape.num_kv_heads * shape.head_dim;
-        let qw = shape.num_heads * shape.head_dim;
-        let slots_total = 2 * KEY_SEGMENT + 600;
-        let k_pool: Vec<f16> = (0..slots_total * kvw)
-            .map(|_| f16::from_f32(rng.random_range(-1.5..1.5)))
-            .collect();
-        let v_pool: Vec<f16> = (0..slots_total * kvw)
-            .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
-            .collect();
         let seq_a: Vec<u32> = (0..(KEY_SEGMENT + 40) as u32).rev().collect();
         let seq_b: Vec<u32> = (0..(2 * KEY_SEGMENT + 300) as u32).collect();
-        // seq_a: 30 new queries straddling the first boundary; seq_b: a decode in segment 2.
-        let rows = 30 + 1;
-        let q: Vec<f32> = (0..rows * qw)
-            .map(|_| rng.random_range(-2.0..2.0))
-            .collect();
-        let seqs = [
-            AttnSeq {
-                row_offset: 0,
-                n_new: 30,
-                slots: &seq_a,
-            },
-            AttnSeq {
-                row_offset: 30,
-                n_new: 1,
-                slots: &seq_b,
-            },
-        ];
-        let mut out = vec![0f32; rows * qw];
-        attention(&q, &k_pool, &v_pool, &seqs, shape, &mut out);
-        let gather = |seq: &[u32], pool: &[f16]| -> Vec<Vec<f32>> {
-            seq.iter()
-                .map(|&s| {
-                    pool[s as usize * kvw..][..kvw]
-                        .iter()
-                        .map(|x| x.to_f32())
-                        .collect()
-                })
-                .collect()
-        };
-        let ra = reference(
-            &q[..30 * qw],
-            &gather(&seq_a, &k_pool),
-            &gather(&seq_a, &v_pool),
-            seq_a.len() - 30,
-            shape,
-        );
-        let rb = reference(
-            &q[30 * qw..],
-            &gather(&seq_b, &k_pool),
-            &gather(&seq_b, &v_pool),
-            seq_b.len() - 1,
-            shape,
-        );
-        let expected: Vec<f32> = ra.into_iter().chain(rb).collect();
-        let max_err = out
-            .iter()
-            .zip(&expected)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        assert!(max_err < 2e-3, "max abs error {max_err}");
+        let err = max_error_against_reference(8, shape, 2 * KEY_SEGMENT + 600, &seq_a, 30, &seq_b);
+        assert!(err < F16_TOLERANCE, "max abs error {err}");
     }
 
+    /// A prefill chunk of 37 new tokens after 50 cached (not multiples of the tile sizes) and a
+    /// decode after 90, with slots scattered over the pool.
     #[test]
     fn matches_reference_over_scattered_slots() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut perm: Vec<u32> = (0..200).collect();
+        for i in (1..perm.len()).rev() {
+            perm.swap(i, rng.random_range(0..=i));
+        }
         let shape = AttnShape {
             num_heads: 6,
             num_kv_heads: 2,
             head_dim: 12,
         };
-        let kvw = shape.num_kv_heads * shape.head_dim;
-        let qw = shape.num_heads * shape.head_dim;
-        let pool_slots = 200;
-        let k_pool: Vec<f16> = (0..pool_slots * kvw)
-            .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
-            .collect();
-        let v_pool: Vec<f16> = (0..pool_slots * kvw)
-            .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
-            .collect();
-        // Two sequences: a prefill chunk of 37 new tokens after 50 cached (not multiples of the
-        // tile sizes), and a decode after 90, with slots scattered over the pool.
-        let mut perm: Vec<u32> = (0..pool_slots as u32).collect();
-        for i in (1..perm.len()).rev() {
-            perm.swap(i, rng.random_range(0..=i));
-        }
-        let seq_a: Vec<u32> = perm[..87].to_vec();
-        let seq_b: Vec<u32> = perm[87..178].to_vec();
-        let rows = 37 + 1;
-        let q: Vec<f32> = (0..rows * qw)
-            .map(|_| rng.random_range(-2.0..2.0))
-            .collect();
-        let seqs = [
-            AttnSeq {
-                row_offset: 0,
-                n_new: 37,
-                slots: &seq_a,
-            },
-            AttnSeq {
-                row_offset: 37,
-                n_new: 1,
-                slots: &seq_b,
-            },
-        ];
-        let mut out = vec![0f32; rows * qw];
-        attention(&q, &k_pool, &v_pool, &seqs, shape, &mut out);
-
-        let gather = |seq: &[u32], pool: &[f16]| -> Vec<Vec<f32>> {
-            seq.iter()
-                .map(|&s| {
-                    pool[s as usize * kvw..][..kvw]
-                        .iter()
-                        .map(|x| x.to_f32())
-                        .collect()
-                })
-                .collect()
-        };
-        let ra = reference(
-            &q[..37 * qw],
-            &gather(&seq_a, &k_pool),
-            &gather(&seq_a, &v_pool),
-            50,
-            shape,
-        );
-        let rb = reference(
-            &q[37 * qw..],
-            &gather(&seq_b, &k_pool),
-            &gather(&seq_b, &v_pool),
-            90,
-            shape,
-        );
-        let expected: Vec<f32> = ra.into_iter().chain(rb).collect();
-        let max_err = out
-            .iter()
-            .zip(&expected)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        // The reference is exact (f64, unrounded q and p); Arbor rounds q and p to f16
-        // (relative 2^-11), so errors up to ~1e-3 on outputs of magnitude ~1 are expected.
-        assert!(max_err < 2e-3, "max abs error {max_err}");
+        let err = max_error_against_reference(3, shape, 200, &perm[..87], 37, &perm[87..178]);
+        assert!(err < F16_TOLERANCE, "max abs error {err}");
     }
 }

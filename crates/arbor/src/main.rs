@@ -240,21 +240,14 @@ fn generate(mut a: GenerateArgs) -> Result<()> {
 }
 
 fn report_speed(done: &arbor_engine::Completion) {
-    let t = &done.timing;
-    let first = t.first_token_at.unwrap_or(t.queued_at);
-    let end = t.finished_at.unwrap_or(first);
-    let prefill_s = (first - t.queued_at).as_secs_f64();
-    let decode_s = (end - first).as_secs_f64();
-    let decoded = done.usage.completion_tokens.saturating_sub(1);
     eprintln!(
         "prompt: {} tokens ({} cached) in {:.3}s ({:.1} tok/s); generated: {} tokens, decode {:.1} tok/s; finish: {}",
         done.usage.prompt_tokens,
         done.usage.cached_tokens,
-        prefill_s,
-        // Only the tokens actually computed count toward the prefill rate.
-        (done.usage.prompt_tokens - done.usage.cached_tokens) as f64 / prefill_s.max(1e-9),
+        done.timing.time_to_first_token(),
+        done.prefill_tokens_per_s(),
         done.usage.completion_tokens,
-        decoded as f64 / decode_s.max(1e-9),
+        done.decode_tokens_per_s(),
         done.reason.as_str(),
     );
 }
