@@ -2,18 +2,19 @@
 //! batched step at a time (continuous batching with chunked prefill).
 //!
 //! Each [`Engine::step`]:
-//! 1. admits waiting requests (longest cached prefix first) while the pool can hold their
-//!    uncompacted prompt;
+//! 1. admits waiting requests (longest cached prefix first) while the pool can hold the
+//!    uncached part of their prompt;
 //! 2. builds one batch: a decode token for every running sequence that is generating, then
 //!    prefill chunks of the others until the step's token budget is spent (a long prompt is cut
 //!    into chunks so it never stalls the running decodes for long);
 //! 3. runs the model once, samples a token for every sequence that finished its prompt, and
 //!    reports tokens, text and finished requests as [`Event`]s.
 //!
-//! Prefix reuse: at admission a request's prompt is matched against the radix cache
-//! (`arbor_cache::RadixCache`); the matched prefix's slots join the sequence as already
-//! computed and the path is locked until the request ends, when the prompt and generated
-//! tokens are inserted so the next turn of the conversation finds them. Because every kernel is
+//! Prefix reuse: at admission a request's prompt is matched against the prefix cache (the radix
+//! tree by default, `arbor_cache::PrefixCache`); the matched prefix's slots join the sequence
+//! as already computed and stay locked while it runs. Each prefill chunk enters the cache as
+//! soon as it is computed (so a request arriving meanwhile reuses it), and the generated tokens
+//! when the request ends (so the next turn of the conversation finds them). Because every kernel is
 //! batch-invariant, a prefix's cached K/V are bit-identical to what recomputing it would give:
 //! the cache never changes an output.
 //!
@@ -52,8 +53,9 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-/// Default tokens per step: big enough that prefill runs as efficient GEMMs, small enough that
-/// running decodes are not held up for long by a long prompt.
+/// Default tokens per step: big enough that prefill matmuls reuse each unpacked weight block
+/// across many rows, small enough that running decodes are not held up for long by a long
+/// prompt.
 pub const DEFAULT_MAX_BATCH_TOKENS: usize = 512;
 
 /// How computed KV is kept for reuse.
