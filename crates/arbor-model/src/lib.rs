@@ -11,6 +11,7 @@
 pub mod attention;
 pub mod chat;
 pub mod config;
+pub mod dense;
 pub mod error;
 pub mod fastmath;
 pub mod gguf;

@@ -3,8 +3,12 @@
 //! - Q4_0, Q4_1, Q8_0 (and Q5_0/Q5_1, re-quantized to Q8_0 at load): Arbor's batch-invariant
 //!   block kernel ([`crate::qmatmul`]), the same arithmetic as llama.cpp, for prefill and
 //!   decode alike. candle 0.11's Q4_1/Q5_x dot products are scalar loops (shared/cpu/README.md).
-//! - K-quants: candle's quantized matmul (AVX2 dot products; each row computed on its own).
-//! - F32/F16/BF16 (Hugging Face folders): f32 weights through candle's GEMM.
+//! - K-quants: candle's quantized matmul (AVX2 dot products). Each row is computed on its own,
+//!   but candle picks a different (repacked) kernel for Q6_K when there is more than one row, so
+//!   K-quant models are batch-invariant only up to the last bits; an own K-quant kernel would
+//!   close that.
+//! - F32/F16/BF16 (Hugging Face folders): f32 weights through Arbor's batch-invariant dense
+//!   kernel ([`crate::dense`]).
 //!
 //! Why not dequantized f32 weights through a GEMM for prefill, which measured 2x faster than
 //! candle's quantized matmul? Because a token's K/V would then depend on whether it went
@@ -14,6 +18,7 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use crate::dense::DenseMatrix;
 use crate::error::Result;
 use crate::qmatmul::{BlockFormat, BlockMatrix};
 
@@ -21,8 +26,7 @@ use crate::qmatmul::{BlockFormat, BlockMatrix};
 enum Kernel {
     Blocks(BlockMatrix),
     Candle(QMatMul),
-    /// `[out, in]` f32.
-    Dense(Tensor),
+    Dense(DenseMatrix),
 }
 
 #[derive(Debug, Clone)]
@@ -37,8 +41,9 @@ impl Linear {
     /// From a dense weight `[out, in]` (any float dtype; kept as f32).
     pub fn from_dense(w: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_dim, in_dim) = w.dims2()?;
+        let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         Ok(Self {
-            kernel: Kernel::Dense(w.to_dtype(DType::F32)?.contiguous()?),
+            kernel: Kernel::Dense(DenseMatrix::new(out_dim, in_dim, data)),
             bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
             in_dim,
             out_dim,
@@ -85,14 +90,10 @@ impl Linear {
     pub fn forward_vec(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         let mut y = match &self.kernel {
             Kernel::Blocks(w) => w.matmul(x, m),
-            _ => {
+            Kernel::Dense(w) => w.matmul(x, m),
+            Kernel::Candle(q) => {
                 let t = Tensor::from_slice(x, (m, self.in_dim), &Device::Cpu)?;
-                let y = match &self.kernel {
-                    Kernel::Candle(q) => q.forward(&t)?,
-                    Kernel::Dense(w) => t.matmul(&w.t()?)?,
-                    Kernel::Blocks(_) => unreachable!("handled above"),
-                };
-                y.flatten_all()?.to_vec1::<f32>()?
+                q.forward(&t)?.flatten_all()?.to_vec1::<f32>()?
             }
         };
         if let Some(b) = &self.bias {
@@ -102,23 +103,6 @@ impl Linear {
             }
         }
         Ok(y)
-    }
-
-    /// `x: [m, in]` -> `[m, out]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.kernel {
-            Kernel::Blocks(w) => {
-                let m = x.dim(0)?;
-                let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                Tensor::from_vec(w.matmul(&xs, m), (m, self.out_dim), x.device())?
-            }
-            Kernel::Candle(q) => q.forward(x)?,
-            Kernel::Dense(w) => x.matmul(&w.t()?)?,
-        };
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
     }
 }
 
@@ -171,25 +155,6 @@ impl FusedLinear {
                     }
                 }
                 Ok(outs)
-            }
-        }
-    }
-
-    /// Returns one `[m, out_i]` tensor per part.
-    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        match &self.fused {
-            None => self.parts.iter().map(|p| p.forward(x)).collect(),
-            Some(f) => {
-                let y = f.forward(x)?;
-                let mut offset = 0;
-                self.parts
-                    .iter()
-                    .map(|p| {
-                        let part = y.narrow(1, offset, p.out_dim)?;
-                        offset += p.out_dim;
-                        Ok(part)
-                    })
-                    .collect()
             }
         }
     }

@@ -1,0 +1,143 @@
+//! Batch-invariant matmul on f32 weights (Hugging Face folders, F16/BF16/F32 GGUF tensors).
+//!
+//! Each output element is one dot product in a fixed order (8 lanes by fused multiply-add,
+//! lanes added in order, then the tail), whatever the number of rows or the thread split, so a
+//! token's values do not depend on its batch: the same guarantee as the block kernel
+//! (`qmatmul`). A general GEMM (candle's) picks its blocking from the matrix shape and sums in a
+//! different order for different row counts, which would let the prefix cache or the batch
+//! change an output in its last bits.
+//!
+//! Four activation rows share each weight chunk loaded, like the block kernel's row tile.
+
+use rayon::prelude::*;
+
+/// Activation rows per weight pass.
+const ROW_TILE: usize = 4;
+
+#[derive(Debug, Clone)]
+pub struct DenseMatrix {
+    rows: usize,
+    cols: usize,
+    /// `[rows, cols]` row-major.
+    data: Vec<f32>,
+}
+
+impl DenseMatrix {
+    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        assert_eq!(data.len(), rows * cols, "a [rows, cols] matrix");
+        Self { rows, cols, data }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// `x`: `[m, cols]` row-major; returns `[m, rows]`.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.rows, self.cols);
+        assert_eq!(x.len(), m * k, "activation shape does not match the weight");
+        let cols_per_task = (n / (4 * rayon::current_num_threads())).clamp(8, 256);
+        let parts: Vec<(usize, Vec<f32>)> = (0..n)
+            .step_by(cols_per_task)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|c0| {
+                let c1 = (c0 + cols_per_task).min(n);
+                let width = c1 - c0;
+                let mut out = vec![0f32; m * width];
+                for c in c0..c1 {
+                    let w = &self.data[c * k..(c + 1) * k];
+                    for r0 in (0..m).step_by(ROW_TILE) {
+                        let rows = ROW_TILE.min(m - r0);
+                        let mut tile = [0f32; ROW_TILE];
+                        dot_rows(w, &x[r0 * k..(r0 + rows) * k], &mut tile[..rows]);
+                        for (i, v) in tile[..rows].iter().enumerate() {
+                            out[(r0 + i) * width + (c - c0)] = *v;
+                        }
+                    }
+                }
+                (c0, out)
+            })
+            .collect();
+        let mut y = vec![0f32; m * n];
+        for (c0, out) in parts {
+            let width = out.len() / m.max(1);
+            for r in 0..m {
+                y[r * n + c0..r * n + c0 + width].copy_from_slice(&out[r * width..(r + 1) * width]);
+            }
+        }
+        y
+    }
+}
+
+/// `w · x_r` for each of `out.len()` rows of `xs`, each in the order of [`dot`].
+#[inline]
+fn dot_rows(w: &[f32], xs: &[f32], out: &mut [f32]) {
+    let k = w.len();
+    let main = k / 8 * 8;
+    let mut acc = [[0f32; 8]; ROW_TILE];
+    for base in (0..main).step_by(8) {
+        let wc = &w[base..base + 8];
+        for (r, a) in acc.iter_mut().enumerate().take(out.len()) {
+            let xc = &xs[r * k + base..r * k + base + 8];
+            for l in 0..8 {
+                a[l] = xc[l].mul_add(wc[l], a[l]);
+            }
+        }
+    }
+    for (r, o) in out.iter_mut().enumerate() {
+        let mut sum = 0f32;
+        for lane in acc[r] {
+            sum += lane;
+        }
+        for i in main..k {
+            sum += xs[r * k + i] * w[i];
+        }
+        *o = sum;
+    }
+}
+
+/// The definition of one output element.
+#[cfg(test)]
+fn dot(w: &[f32], x: &[f32]) -> f32 {
+    let mut out = [0f32];
+    dot_rows(w, x, &mut out);
+    out[0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn rows_do_not_depend_on_the_batch_and_match_the_product() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let (n, k, m) = (45, 77, 9);
+        let w = DenseMatrix::new(
+            n,
+            k,
+            (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect(),
+        );
+        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let batch = w.matmul(&x, m);
+        for r in 0..m {
+            let xr = &x[r * k..(r + 1) * k];
+            assert_eq!(
+                w.matmul(xr, 1),
+                batch[r * n..(r + 1) * n].to_vec(),
+                "row {r}"
+            );
+            for c in 0..n {
+                let wc = &w.data[c * k..(c + 1) * k];
+                assert_eq!(batch[r * n + c].to_bits(), dot(wc, xr).to_bits());
+                let exact: f64 = wc.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                assert!((batch[r * n + c] as f64 - exact).abs() < 1e-4);
+            }
+        }
+    }
+}
