@@ -9,10 +9,7 @@
 //!
 //! Four activation rows share each weight chunk loaded, like the block kernel's row tile.
 
-use rayon::prelude::*;
-
-/// Activation rows per weight pass.
-const ROW_TILE: usize = 4;
+use crate::columns::ROW_TILE;
 
 #[derive(Debug, Clone)]
 pub struct DenseMatrix {
@@ -40,37 +37,10 @@ impl DenseMatrix {
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);
         assert_eq!(x.len(), m * k, "activation shape does not match the weight");
-        let cols_per_task = (n / (4 * rayon::current_num_threads())).clamp(8, 256);
-        let parts: Vec<(usize, Vec<f32>)> = (0..n)
-            .step_by(cols_per_task)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .map(|c0| {
-                let c1 = (c0 + cols_per_task).min(n);
-                let width = c1 - c0;
-                let mut out = vec![0f32; m * width];
-                for c in c0..c1 {
-                    let w = &self.data[c * k..(c + 1) * k];
-                    for r0 in (0..m).step_by(ROW_TILE) {
-                        let rows = ROW_TILE.min(m - r0);
-                        let mut tile = [0f32; ROW_TILE];
-                        dot_rows(w, &x[r0 * k..(r0 + rows) * k], &mut tile[..rows]);
-                        for (i, v) in tile[..rows].iter().enumerate() {
-                            out[(r0 + i) * width + (c - c0)] = *v;
-                        }
-                    }
-                }
-                (c0, out)
-            })
-            .collect();
-        let mut y = vec![0f32; m * n];
-        for (c0, out) in parts {
-            let width = out.len() / m.max(1);
-            for r in 0..m {
-                y[r * n + c0..r * n + c0 + width].copy_from_slice(&out[r * width..(r + 1) * width]);
-            }
-        }
-        y
+        crate::columns::par_columns(m, n, |c, r0, out| {
+            let xs = &x[r0 * k..(r0 + out.len()) * k];
+            dot_rows(&self.data[c * k..(c + 1) * k], xs, out);
+        })
     }
 }
 

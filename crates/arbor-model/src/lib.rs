@@ -10,6 +10,7 @@
 
 pub mod attention;
 pub mod chat;
+mod columns;
 pub mod config;
 pub mod dense;
 pub mod error;

@@ -14,8 +14,8 @@
 //!   products, so logits agree to the last bits where the rest of the model does too.
 //!
 //! One kernel serves prefill and decode: weights stay in their compact file format (decode is
-//! bound by the bytes it reads) and a weight block is unpacked once for a tile of up to
-//! [`ROW_TILE`] activation rows (prefill is bound by arithmetic).
+//! bound by the bytes it reads) and a weight block is unpacked once for a tile of up to four
+//! activation rows (prefill is bound by arithmetic).
 //!
 //! Block layouts (ggml), kept byte for byte as in the file:
 //! ```text
@@ -28,8 +28,7 @@ use half::f16;
 use rayon::prelude::*;
 
 pub const QK: usize = 32;
-/// Activation rows sharing one unpacked weight block in the kernel.
-pub const ROW_TILE: usize = 4;
+use crate::columns::ROW_TILE;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockFormat {
@@ -200,41 +199,10 @@ impl BlockMatrix {
         } else {
             quantize_row(x, with_sum).collect()
         };
-        let n = self.rows;
-        // Output columns per parallel task: enough work to amortise scheduling, enough tasks
-        // to keep both cores busy.
-        let cols_per_task = (n / (4 * rayon::current_num_threads())).clamp(8, 256);
-        let parts: Vec<(usize, Vec<f32>)> = (0..n)
-            .step_by(cols_per_task)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .map(|c0| {
-                let c1 = (c0 + cols_per_task).min(n);
-                let width = c1 - c0;
-                let mut out = vec![0f32; m * width];
-                let mut tile = [0f32; ROW_TILE];
-                for c in c0..c1 {
-                    let w = self.row(c);
-                    for r0 in (0..m).step_by(ROW_TILE) {
-                        let rows = ROW_TILE.min(m - r0);
-                        let a = &acts[r0 * nb..(r0 + rows) * nb];
-                        dot_rows(self.format, w, a, nb, &mut tile[..rows]);
-                        for (i, v) in tile[..rows].iter().enumerate() {
-                            out[(r0 + i) * width + (c - c0)] = *v;
-                        }
-                    }
-                }
-                (c0, out)
-            })
-            .collect();
-        let mut y = vec![0f32; m * n];
-        for (c0, out) in parts {
-            let width = out.len() / m.max(1);
-            for r in 0..m {
-                y[r * n + c0..r * n + c0 + width].copy_from_slice(&out[r * width..(r + 1) * width]);
-            }
-        }
-        y
+        crate::columns::par_columns(m, self.rows, |c, r0, out| {
+            let a = &acts[r0 * nb..(r0 + out.len()) * nb];
+            dot_rows(self.format, self.row(c), a, nb, out);
+        })
     }
 }
 

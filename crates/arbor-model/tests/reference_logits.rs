@@ -14,21 +14,6 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-fn logits_all(m: &arbor_model::LoadedModel, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let mut pool = KvPool::new(&m.model.config, tokens.len());
-    let slots: Vec<u32> = (0..tokens.len() as u32).collect();
-    m.model
-        .forward(
-            &[SeqStep {
-                tokens,
-                slots: &slots,
-                logits: LogitsWanted::All,
-            }],
-            &mut pool,
-        )
-        .unwrap()
-}
-
 /// Where llama.cpp's arithmetic and Arbor's coincide operation for operation (short inputs,
 /// see docs/CORRECTNESS.md), the logits must agree to the last bits: this pins the block matmul,
 /// embedding, RMSNorm, RoPE angles and f16 attention to llama.cpp's.
@@ -40,7 +25,7 @@ fn short_sequences_match_llama_cpp_bit_for_bit() {
     assert!(cases.len() >= 5);
     for case in cases {
         let tokens = ids(&case["ids"]);
-        let ours = logits_all(m, &tokens).pop().unwrap();
+        let ours = common::logits_all(m, &tokens).pop().unwrap();
         for e in case["top20"].as_array().unwrap() {
             let id = e[0].as_u64().unwrap() as usize;
             let want = e[1].as_f64().unwrap() as f32;
@@ -68,7 +53,7 @@ fn first_position_logits_match_llama_cpp() {
     let mut worst = 0f32;
     for case in fx["greedy"].as_array().unwrap() {
         let prompt = ids(&case["prompt_ids"]);
-        let all = logits_all(m, &prompt);
+        let all = common::logits_all(m, &prompt);
         let last = all.last().unwrap();
         let top20 = case["first_top20"].as_array().unwrap();
         // Same winner, and every top-20 logit close.
@@ -124,7 +109,7 @@ fn tiny_hf_models_match_transformers_at_every_position() {
         let m = arbor_model::load_model(&common::fixtures().join(name), &Device::Cpu).unwrap();
         for case in cases.as_array().unwrap() {
             let tokens = ids(&case["ids"]);
-            let ours = logits_all(&m, &tokens);
+            let ours = common::logits_all(&m, &tokens);
             let want = case["probe_logits"].as_array().unwrap();
             for (pos, row) in want.iter().enumerate() {
                 for (k, &id) in probe.iter().enumerate() {
@@ -154,7 +139,7 @@ fn tiny_hf_models_match_transformers_at_every_position() {
 fn incremental_decode_equals_prefill_on_scattered_slots() {
     let m = arbor_model::load_model(&common::fixtures().join("tiny-qwen2"), &Device::Cpu).unwrap();
     let tokens: Vec<u32> = vec![5, 900, 31, 4000, 77, 12, 9, 300, 2, 45];
-    let reference = logits_all(&m, &tokens);
+    let reference = common::logits_all(&m, &tokens);
     let mut pool = KvPool::new(&m.model.config, 64);
     // Slots deliberately out of order and far apart.
     let slots: Vec<u32> = vec![40, 3, 17, 63, 0, 22, 9, 50, 31, 11];
@@ -207,7 +192,7 @@ fn teacher_forced_logits_track_llama_cpp() {
         let mut tokens = ids(&case["prompt_ids"]);
         let p = tokens.len();
         tokens.extend(ids(&case["generated"]));
-        let all = logits_all(m, &tokens);
+        let all = common::logits_all(m, &tokens);
         for (step, top5) in case["step_top5"].as_array().unwrap().iter().enumerate() {
             for e in top5.as_array().unwrap() {
                 let id = e[0].as_u64().unwrap() as usize;

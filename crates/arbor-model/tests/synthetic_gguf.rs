@@ -5,11 +5,13 @@
 //! - a SentencePiece ("llama") GGUF vocabulary with byte fallback;
 //! - Q8_0, Q4_0 and K-quant (Q4_K, Q6_K) weights against the same model in F32.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
 
 use arbor_model::tokenizer::{gguf_tokenizer_json, GgufVocab};
-use arbor_model::{Device, KvPool, LoadedModel, LogitsWanted, SeqStep};
+use arbor_model::{Device, LoadedModel};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Tensor;
@@ -254,21 +256,6 @@ fn write_gguf(path: &Path, w: &Weights, dtype: GgmlDType, head_dtype: GgmlDType)
     gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
 }
 
-fn all_logits(m: &LoadedModel, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let mut pool = KvPool::new(&m.model.config, tokens.len());
-    let slots: Vec<u32> = (0..tokens.len() as u32).collect();
-    m.model
-        .forward(
-            &[SeqStep {
-                tokens,
-                slots: &slots,
-                logits: LogitsWanted::All,
-            }],
-            &mut pool,
-        )
-        .unwrap()
-}
-
 /// Root-mean-square of `a - b` over that of `b`.
 fn rel_rms(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
     let (mut num, mut den) = (0f64, 0f64);
@@ -326,8 +313,8 @@ fn fixture() -> Fixture {
 fn gguf_llama_with_permuted_qk_computes_what_the_hf_model_computes() {
     let f = fixture();
     let tokens: Vec<u32> = vec![1, 270, 275, 263, 279, 5, 99, 280, 264, 271, 260, 281];
-    let hf = all_logits(&f.hf, &tokens);
-    let gguf = all_logits(&f.gguf["f32"], &tokens);
+    let hf = common::logits_all(&f.hf, &tokens);
+    let gguf = common::logits_all(&f.gguf["f32"], &tokens);
     let err = rel_rms(&gguf, &hf);
     eprintln!("gguf f32 vs hf: relative rms {err:.2e}");
     // Same weights in f32; at most RoPE angles (ggml's iterated product vs powers) could
@@ -342,12 +329,12 @@ fn quantized_gguf_weights_stay_close_to_f32() {
     let tokens: Vec<u32> = vec![
         1, 270, 275, 263, 279, 5, 99, 280, 264, 271, 260, 281, 17, 42,
     ];
-    let reference = all_logits(&f.gguf["f32"], &tokens);
+    let reference = common::logits_all(&f.gguf["f32"], &tokens);
     // Bounds from the formats' resolution on these random weights (uniform, the worst case
     // for 4-bit grids): measured 0.019 for Q8_0, 0.18 for Q4_0, 0.16 for Q4_K with a Q6_K
     // head. A broken kernel or block layout gives errors of order 1.
     for (name, bound) in [("q8_0", 0.03), ("q4_0", 0.25), ("q4_k", 0.25)] {
-        let err = rel_rms(&all_logits(&f.gguf[name], &tokens), &reference);
+        let err = rel_rms(&common::logits_all(&f.gguf[name], &tokens), &reference);
         eprintln!("{name} vs f32: relative rms {err:.4}");
         assert!(err < bound, "{name}: relative rms {err}");
     }

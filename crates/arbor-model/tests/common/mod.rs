@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use arbor_model::{Device, LoadedModel};
+use arbor_model::{Device, KvPool, LoadedModel, LogitsWanted, SeqStep};
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -41,4 +41,20 @@ pub fn default_model() -> &'static LoadedModel {
     MODEL.get_or_init(|| {
         arbor_model::load_model(&default_model_path(), &Device::Cpu).expect("default model loads")
     })
+}
+
+/// Logits at every position of one prefill of `tokens`.
+pub fn logits_all(m: &LoadedModel, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut pool = KvPool::new(&m.model.config, tokens.len());
+    let slots: Vec<u32> = (0..tokens.len() as u32).collect();
+    m.model
+        .forward(
+            &[SeqStep {
+                tokens,
+                slots: &slots,
+                logits: LogitsWanted::All,
+            }],
+            &mut pool,
+        )
+        .unwrap()
 }

@@ -1,0 +1,51 @@
+//! The parallel driver shared by the batch-invariant matmul kernels (`qmatmul`, `dense`).
+//!
+//! Output columns (weight rows) are split into chunks run in parallel; within a chunk, each
+//! weight row meets the activation rows `ROW_TILE` at a time. How the work is split never
+//! changes an output element: the kernels compute each element on its own.
+
+use rayon::prelude::*;
+
+/// Activation rows that share one pass over a weight row.
+pub(crate) const ROW_TILE: usize = 4;
+
+/// Returns `y`, `[m, n]` row-major. `tile(c, r0, out)` writes `y[r0 + i][c]` into `out[i]` for
+/// `i < out.len()` (at most [`ROW_TILE`] rows).
+pub(crate) fn par_columns(
+    m: usize,
+    n: usize,
+    tile: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    // Output columns per parallel task: enough work to amortise scheduling, enough tasks to
+    // keep every core busy.
+    let cols_per_task = (n / (4 * rayon::current_num_threads())).clamp(8, 256);
+    let parts: Vec<(usize, Vec<f32>)> = (0..n)
+        .step_by(cols_per_task)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|c0| {
+            let c1 = (c0 + cols_per_task).min(n);
+            let width = c1 - c0;
+            let mut out = vec![0f32; m * width];
+            let mut buf = [0f32; ROW_TILE];
+            for c in c0..c1 {
+                for r0 in (0..m).step_by(ROW_TILE) {
+                    let rows = ROW_TILE.min(m - r0);
+                    tile(c, r0, &mut buf[..rows]);
+                    for (i, v) in buf[..rows].iter().enumerate() {
+                        out[(r0 + i) * width + (c - c0)] = *v;
+                    }
+                }
+            }
+            (c0, out)
+        })
+        .collect();
+    let mut y = vec![0f32; m * n];
+    for (c0, out) in parts {
+        let width = out.len() / m.max(1);
+        for r in 0..m {
+            y[r * n + c0..r * n + c0 + width].copy_from_slice(&out[r * width..(r + 1) * width]);
+        }
+    }
+    y
+}
