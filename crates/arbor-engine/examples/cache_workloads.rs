@@ -101,6 +101,7 @@ fn grow(text: &str, tokens: usize, tok: &Tokenizer) -> Res<String> {
 
 fn request(prompt: Vec<u32>, max_tokens: usize) -> Request {
     Request {
+        logprobs: None,
         namespace: 0,
         prompt,
         sampling: SamplingParams::greedy(),

@@ -71,6 +71,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ));
         let prompt = tokenizer.encode(&template.render(&messages, true)?, true)?;
         let req = Request {
+            logprobs: None,
             namespace: 0,
             prompt,
             sampling: SamplingParams::greedy(),

@@ -140,6 +140,57 @@ pub struct Request {
     pub namespace: Namespace,
     pub sampling: SamplingParams,
     pub stop: StopConditions,
+    /// Report each generated token's log-probability and this many most likely alternatives
+    /// (`None`: no log-probabilities).
+    pub logprobs: Option<usize>,
+}
+
+impl Request {
+    /// A request with default sampling (greedy) and no stop strings, in namespace 0.
+    pub fn new(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            prompt,
+            namespace: 0,
+            sampling: SamplingParams::default(),
+            stop: StopConditions {
+                max_tokens,
+                ..Default::default()
+            },
+            logprobs: None,
+        }
+    }
+}
+
+/// Log-probabilities of a generated token under the model's distribution (the raw logits,
+/// before penalties, temperature and truncation, as vLLM and OpenAI report them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprob {
+    /// Log-softmax of `logits` at `token`, plus the `top_n` largest entries.
+    pub fn from_logits(logits: &[f32], token: u32, top_n: usize) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+        let log_z = max as f64 + sum.ln();
+        let lp = |t: u32| (logits[t as usize] as f64 - log_z) as f32;
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_logit_desc =
+            |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        let top_n = top_n.min(ids.len());
+        if top_n > 0 && top_n < ids.len() {
+            ids.select_nth_unstable_by(top_n - 1, by_logit_desc);
+        }
+        ids.truncate(top_n);
+        ids.sort_unstable_by(by_logit_desc);
+        Self {
+            logprob: lp(token),
+            top: ids.into_iter().map(|t| (t, lp(t))).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,6 +260,8 @@ pub enum Event {
         id: RequestId,
         token: u32,
         text: String,
+        /// When the request asked for log-probabilities.
+        logprob: Option<TokenLogprob>,
     },
     Finished {
         id: RequestId,
@@ -241,6 +294,7 @@ struct Sequence {
     admissions: u32,
     max_new: usize,
     stop: StopConditions,
+    logprobs: Option<usize>,
     sampler: Sampler,
     decoder: IncrementalDecoder,
     matcher: StopMatcher,
@@ -267,6 +321,18 @@ pub struct Engine {
     running: Vec<Sequence>,
     next_id: RequestId,
     admissions: u64,
+}
+
+/// Where the pool's KV slots are (see [`Engine::slot_usage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SlotUsage {
+    pub total: usize,
+    /// In the allocator, owned by no one.
+    pub free: usize,
+    /// Held only by the prefix cache: evictable.
+    pub cached: usize,
+    /// Held by requests in flight: their own slots plus the cached prefixes they lock.
+    pub held_by_requests: usize,
 }
 
 /// What one step did, for logs and benchmarks.
@@ -325,6 +391,45 @@ impl Engine {
         (self.cache.evictable_slots(), self.cache.locked_slots())
     }
 
+    /// Where every KV slot is: see [`SlotUsage`]. `held_by_requests` is counted from the
+    /// requests themselves, not derived from the other numbers, so a leak shows up as
+    /// `free + cached + held_by_requests < total`.
+    pub fn slot_usage(&self) -> SlotUsage {
+        let own: usize = self
+            .running
+            .iter()
+            .map(|s| s.computed.len() - s.cached_len)
+            .sum();
+        SlotUsage {
+            total: self.slots.total(),
+            free: self.slots.free_count(),
+            cached: self.cache.evictable_slots(),
+            held_by_requests: own + self.cache.locked_slots(),
+        }
+    }
+
+    /// Requests queued, not yet admitted (including preempted ones).
+    pub fn waiting_len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Requests admitted and holding KV.
+    pub fn running_len(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Cancels every request (shutdown, or a step that failed): their slots are freed and a
+    /// `Finished` event with [`FinishReason::Cancelled`] is returned for each.
+    pub fn cancel_all(&mut self) -> Vec<Event> {
+        let ids: Vec<RequestId> = self
+            .waiting
+            .iter()
+            .chain(&self.running)
+            .map(|s| s.id)
+            .collect();
+        ids.into_iter().filter_map(|id| self.cancel(id)).collect()
+    }
+
     pub fn has_work(&self) -> bool {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
@@ -374,6 +479,7 @@ impl Engine {
             max_new,
             matcher: StopMatcher::new(req.stop.stop_strings.clone()),
             stop: req.stop,
+            logprobs: req.logprobs,
             sampler,
             decoder: IncrementalDecoder::new(),
             timing: Timing {
@@ -660,7 +766,12 @@ impl Engine {
             } else {
                 Vec::new()
             };
+            // Log-probabilities come from the raw distribution, so keep it until we know the token.
+            let raw = s.logprobs.map(|_| row.clone());
             let token = s.sampler.sample(&mut row, &banned);
+            let logprob = raw.map(|raw| {
+                TokenLogprob::from_logits(&raw, token, s.logprobs.unwrap_or(0))
+            });
             s.sampler.observe(token);
             s.tokens.push(token);
             let now = Instant::now();
@@ -672,6 +783,7 @@ impl Engine {
                     id: s.id,
                     token,
                     text: String::new(),
+                    logprob,
                 });
                 // Text held back as a possible stop-string start is real output now.
                 finished.push((i, FinishReason::Stop, true));
@@ -684,6 +796,7 @@ impl Engine {
                         id: s.id,
                         token,
                         text,
+                        logprob: logprob.clone(),
                     });
                     // Everything from the stop string on is dropped.
                     finished.push((i, FinishReason::Stop, false));
@@ -693,6 +806,7 @@ impl Engine {
                         id: s.id,
                         token,
                         text,
+                        logprob: logprob.clone(),
                     });
                     if s.generated() >= s.max_new {
                         finished.push((i, FinishReason::Length, true));
@@ -771,6 +885,7 @@ impl Engine {
                         id: rid,
                         token,
                         text: t,
+                        ..
                     } if rid == id => {
                         tokens.push(token);
                         on_text(&t);
@@ -832,5 +947,24 @@ impl Completion {
         } else {
             0.0
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenLogprob;
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_the_top_entries_in_order() {
+        // softmax([ln 1, ln 2, ln 5, ln 2]) = [0.1, 0.2, 0.5, 0.2]
+        let logits: Vec<f32> = [1.0f32, 2.0, 5.0, 2.0].iter().map(|x| x.ln()).collect();
+        let lp = TokenLogprob::from_logits(&logits, 0, 3);
+        assert!((lp.logprob - 0.1f32.ln()).abs() < 1e-5, "{}", lp.logprob);
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        // Ties (tokens 1 and 3) go to the lower id.
+        assert_eq!(ids, vec![2, 1, 3]);
+        assert!((lp.top[0].1 - 0.5f32.ln()).abs() < 1e-5);
+        assert!(TokenLogprob::from_logits(&logits, 2, 0).top.is_empty());
+        assert_eq!(TokenLogprob::from_logits(&logits, 2, 10).top.len(), 4);
     }
 }

@@ -12,7 +12,7 @@ pub mod stop;
 
 pub use engine::{
     Completion, Engine, EngineConfig, Event, FinishReason, PrefixCacheMode, Request, RequestId,
-    StepStats, StopConditions, Timing, Usage, DEFAULT_MAX_BATCH_TOKENS,
+    SlotUsage, StepStats, StopConditions, Timing, TokenLogprob, Usage, DEFAULT_MAX_BATCH_TOKENS,
 };
 pub use error::EngineError;
 pub use sampler::{Sampler, SamplingParams};

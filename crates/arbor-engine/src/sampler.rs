@@ -30,6 +30,8 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// Same seed, same prompt, same parameters: same tokens.
     pub seed: Option<u64>,
+    /// Added to a token's logit before anything else (OpenAI's `logit_bias`; -100 bans it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -43,6 +45,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -123,6 +126,11 @@ impl Sampler {
 
     fn apply_penalties(&self, logits: &mut [f32]) {
         let p = &self.params;
+        for &(t, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let seen = self.prompt_tokens.iter().chain(self.output_counts.keys());
             let mut done = std::collections::HashSet::new();
@@ -308,6 +316,14 @@ mod tests {
             &[],
         );
         s.observe(0);
+        assert_eq!(s.sample(&mut [3.0, 2.0], &[]), 1);
+        let mut s = Sampler::new(
+            SamplingParams {
+                logit_bias: vec![(1, 1.5)],
+                ..Default::default()
+            },
+            &[],
+        );
         assert_eq!(s.sample(&mut [3.0, 2.0], &[]), 1);
     }
 

@@ -48,6 +48,7 @@ fn engine(kv_slots: usize, max_batch_tokens: usize) -> Engine {
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
     Request {
+        logprobs: None,
         namespace: 0,
         prompt,
         sampling: SamplingParams::greedy(),

@@ -29,6 +29,8 @@ enum Command {
     Generate(GenerateArgs),
     /// An interactive multi-turn chat in the terminal.
     Chat(ChatArgs),
+    /// Serve the OpenAI-compatible HTTP API (chat/completions, completions, models, metrics).
+    Serve(ServeArgs),
     /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) if it is missing.
     FetchModel,
 }
@@ -50,6 +52,9 @@ struct ModelArgs {
     /// Tokens per forward step: the prefill chunk budget.
     #[arg(long, default_value_t = arbor_engine::DEFAULT_MAX_BATCH_TOKENS)]
     max_batch_tokens: usize,
+    /// Requests running (holding KV) at once; the rest wait in the queue.
+    #[arg(long, default_value_t = 64)]
+    max_running: usize,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -100,6 +105,7 @@ impl SamplingArgs {
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             seed: self.seed,
+            logit_bias: Vec::new(),
         }
     }
     fn stop(&self) -> StopConditions {
@@ -146,6 +152,33 @@ struct ChatArgs {
     system: Option<String>,
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0 picks a free port (the address is printed at start).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// The model id clients send and /v1/models lists (default: the model file's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Require this API key (repeatable, or comma-separated in ARBOR_API_KEYS). Each key gets
+    /// its own prefix-cache namespace: tenants never share (or time) each other's cache.
+    #[arg(long = "api-key", env = "ARBOR_API_KEYS", value_delimiter = ',')]
+    api_keys: Vec<String>,
+    /// Requests waiting for admission beyond which new ones get 503 (retry later).
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Largest request body accepted, in bytes (413 beyond).
+    #[arg(long, default_value_t = 16 << 20)]
+    max_request_bytes: usize,
+    /// Seconds requests in flight get to finish on SIGINT/SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_timeout: f64,
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -158,6 +191,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Chat(a) => chat(a),
+        Command::Serve(a) => serve(a),
         Command::FetchModel => {
             model_fetch::default_model_path(true).map(|p| println!("{}", p.display()))
         }
@@ -168,12 +202,16 @@ fn main() {
     }
 }
 
+fn model_path(args: &ModelArgs) -> Result<PathBuf> {
+    match &args.model {
+        Some(p) => Ok(p.clone()),
+        None => model_fetch::default_model_path(true),
+    }
+}
+
 /// Loads the model (fetching the default one if none is given) into an engine.
 fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
-    let path = match &args.model {
-        Some(p) => p.clone(),
-        None => model_fetch::default_model_path(true)?,
-    };
+    let path = model_path(args)?;
     let loaded = arbor_model::load_model(&path, &Device::Cpu)
         .with_context(|| format!("loading {}", path.display()))?;
     let mut config = EngineConfig::for_model(&loaded.model);
@@ -184,6 +222,10 @@ fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
         bail!("--max-batch-tokens must be at least 1");
     }
     config.max_batch_tokens = args.max_batch_tokens;
+    if args.max_running == 0 {
+        bail!("--max-running must be at least 1");
+    }
+    config.max_running = args.max_running;
     config.prefix_cache = match args.prefix_cache {
         PrefixCacheArg::Radix => PrefixCacheMode::Radix,
         PrefixCacheArg::Blocks => PrefixCacheMode::Blocks,
@@ -224,6 +266,7 @@ fn generate(mut a: GenerateArgs) -> Result<()> {
         engine.tokenizer().encode(&text, true)?
     };
     let req = Request {
+        logprobs: None,
         namespace: 0,
         prompt: prompt_ids,
         sampling: a.sampling.params(),
@@ -285,6 +328,7 @@ fn chat(a: ChatArgs) -> Result<()> {
         let text = template.render(&messages, true)?;
         let prompt = engine.tokenizer().encode(&text, true)?;
         let req = Request {
+            logprobs: None,
             namespace: 0,
             prompt,
             sampling: a.sampling.params(),
@@ -307,4 +351,50 @@ fn chat(a: ChatArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let path = model_path(&a.model)?;
+    let name = match &a.served_model_name {
+        Some(n) => n.clone(),
+        // "SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct.Q4_1"; a folder keeps its name.
+        None => path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into()),
+    };
+    if !(a.shutdown_timeout.is_finite() && a.shutdown_timeout >= 0.0) {
+        bail!("--shutdown-timeout must be a number of seconds >= 0");
+    }
+    let (engine, template) = load(&a.model)?;
+    let mut config = arbor_server::ServerConfig::new(name.clone());
+    config.api_keys = a.api_keys.clone();
+    config.max_queue = a.max_queue;
+    config.max_body_bytes = a.max_request_bytes;
+    config.shutdown_timeout = std::time::Duration::from_secs_f64(a.shutdown_timeout);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("arbor-http")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
+            .await
+            .with_context(|| format!("binding {}:{}", a.host, a.port))?;
+        let addr = listener.local_addr()?;
+        let state = arbor_server::AppState::new(engine, template, &config);
+        eprintln!(
+            "arbor: serving `{name}` on http://{addr}/v1 ({}); Ctrl-C stops",
+            if config.api_keys.is_empty() {
+                "no API key".to_string()
+            } else {
+                format!("{} API keys, one cache namespace each", config.api_keys.len())
+            }
+        );
+        arbor_server::serve(listener, state, arbor_server::shutdown_signal())
+            .await
+            .context("serving")?;
+        eprintln!("arbor: stopped");
+        anyhow::Ok(())
+    })
 }

@@ -1,0 +1,186 @@
+//! Arbor's OpenAI-compatible HTTP server (`arbor serve`), on axum and tokio.
+//!
+//! | module    | owns |
+//! |-----------|------|
+//! | `worker`  | the engine thread: the [`arbor_engine::Engine`] and its step loop, fed by channels |
+//! | `routes`  | the HTTP handlers and the OpenAI response / stream formats |
+//! | `api`     | request bodies and their validation into engine parameters |
+//! | `error`   | errors in OpenAI's shape with the right status |
+//! | `metrics` | Prometheus counters, gauges and histograms |
+//! | `tenancy` | API keys and the prefix-cache namespace each key gets |
+//!
+//! The engine owns the model and the KV pool on its own thread; handlers never touch them.
+//! Tokenization and template rendering run on tokio's blocking pool.
+
+pub mod api;
+pub mod error;
+pub mod metrics;
+mod routes;
+pub mod tenancy;
+pub mod worker;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arbor_engine::Engine;
+use arbor_model::{ChatTemplate, Tokenizer};
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+
+pub use error::ApiError;
+pub use metrics::Metrics;
+pub use tenancy::Tenancy;
+pub use worker::EngineHandle;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The id clients use in `model`; requests naming another model get 404.
+    pub model_name: String,
+    /// With keys, every /v1 request needs one, and each key has its own cache namespace.
+    pub api_keys: Vec<String>,
+    /// Requests waiting for admission beyond which new ones get 503.
+    pub max_queue: usize,
+    pub max_body_bytes: usize,
+    /// On SIGINT/SIGTERM, how long requests in flight may take to finish before they are
+    /// cancelled.
+    pub shutdown_timeout: Duration,
+}
+
+impl ServerConfig {
+    pub fn new(model_name: impl Into<String>) -> Self {
+        Self {
+            model_name: model_name.into(),
+            api_keys: Vec::new(),
+            max_queue: 256,
+            max_body_bytes: 16 << 20,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the handlers share.
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: Arc<ChatTemplate>,
+    pub metrics: Arc<Metrics>,
+    pub tenancy: Tenancy,
+    pub model_name: String,
+    /// The model's context length in tokens.
+    pub context: usize,
+    pub vocab: usize,
+    pub max_body_bytes: usize,
+    pub shutdown_timeout: Duration,
+    /// Unix time the server started (the model card's `created`).
+    pub created: u64,
+}
+
+impl AppState {
+    /// Starts the engine thread and wraps everything the handlers need.
+    pub fn new(engine: Engine, template: ChatTemplate, config: &ServerConfig) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::default());
+        let tokenizer = Arc::new(engine.tokenizer().clone());
+        let context = engine.model().config.max_position_embeddings;
+        let vocab = engine.model().config.vocab_size;
+        Arc::new(Self {
+            engine: EngineHandle::spawn(engine, config.max_queue, metrics.clone()),
+            tokenizer,
+            template: Arc::new(template),
+            metrics,
+            tenancy: Tenancy::new(config.api_keys.clone()),
+            model_name: config.model_name.clone(),
+            context,
+            vocab,
+            max_body_bytes: config.max_body_bytes,
+            shutdown_timeout: config.shutdown_timeout,
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        })
+    }
+}
+
+/// All routes, for `axum::serve` or for tests through `tower::ServiceExt::oneshot`.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/models", get(routes::list_models))
+        .route("/v1/models/{id}", get(routes::get_model))
+        .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics))
+        .route("/tokenize", post(routes::tokenize))
+        .route("/detokenize", post(routes::detokenize))
+        .fallback(routes::unknown_path)
+        .method_not_allowed_fallback(routes::wrong_method)
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves, then drains: new requests get 503, requests in flight
+/// have `shutdown_timeout` to finish before they are cancelled, and the function returns once
+/// every connection has closed (or a few seconds after the deadline, whatever clients do).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let started = Arc::new(tokio::sync::Notify::new());
+    let drain = {
+        let state = state.clone();
+        let started = started.clone();
+        async move {
+            shutdown.await;
+            let grace = state.shutdown_timeout;
+            tracing::info!(
+                "shutting down: refusing new requests, giving those in flight {:.0}s",
+                grace.as_secs_f64()
+            );
+            state.engine.begin_drain();
+            started.notify_one();
+            let st = state.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                st.engine.cancel_all();
+            });
+        }
+    };
+    let server = axum::serve(listener, router(state.clone())).with_graceful_shutdown(drain);
+    let grace = state.shutdown_timeout;
+    let result = tokio::select! {
+        r = server => r,
+        _ = async {
+            started.notified().await;
+            tokio::time::sleep(grace + Duration::from_secs(5)).await;
+        } => {
+            tracing::warn!("connections still open after the shutdown deadline; closing");
+            Ok(())
+        }
+    };
+    state.engine.shutdown();
+    result
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
