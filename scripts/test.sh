@@ -1,7 +1,19 @@
 #!/usr/bin/env bash
-# The test command (README): fetches the default model if it is missing, then runs every test.
-# Tests read committed fixtures (fixtures/) and the default model; no network beyond the fetch.
+# The test command (README): fetches the default model if it is missing, runs every Rust test,
+# then the end-to-end tests of `arbor serve` through the real `openai` Python client and a
+# bounded soak test. Tests read committed fixtures (fixtures/) and the default model; no network
+# beyond the set-up (the model, and the openai package into .venv-e2e).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo run --quiet --bin arbor -- fetch-model >/dev/null
 cargo test --workspace "$@"
+
+# End-to-end: the binary built above, serving on loopback.
+cargo build --quiet --bin arbor
+if [ ! -x .venv-e2e/bin/python ]; then
+    python3 -m venv .venv-e2e
+fi
+.venv-e2e/bin/python -m pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+export ARBOR_BIN=target/debug/arbor
+.venv-e2e/bin/python -m unittest discover -s tests/e2e -p 'test_*.py'
+.venv-e2e/bin/python tests/e2e/soak.py

@@ -178,8 +178,11 @@ impl TokenLogprob {
         let log_z = max as f64 + sum.ln();
         let lp = |t: u32| (logits[t as usize] as f64 - log_z) as f32;
         let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
-        let by_logit_desc =
-            |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        let by_logit_desc = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
         let top_n = top_n.min(ids.len());
         if top_n > 0 && top_n < ids.len() {
             ids.select_nth_unstable_by(top_n - 1, by_logit_desc);
@@ -610,13 +613,18 @@ impl Engine {
     }
 
     /// Whether a running request still in prefill, in the same namespace, shares more of
-    /// `seq`'s prompt than the cache holds, by enough to be worth waiting for.
+    /// `seq`'s prompt than the cache holds, by enough to be worth waiting for: at least
+    /// `MIN_SHARED_PREFILL_TO_WAIT` tokens, or all of it (the choices of an `n > 1` request,
+    /// identical prompts arriving together), which makes the wait at most that prefill.
     fn shares_prefill_in_progress(&self, seq: &Sequence, cached: usize) -> bool {
         let wanted = &seq.tokens[..seq.tokens.len() - 1];
         self.running.iter().any(|r| {
-            r.namespace == seq.namespace
-                && r.computed.len() + 1 < r.tokens.len()
-                && common_prefix(&r.tokens, wanted) >= cached + MIN_SHARED_PREFILL_TO_WAIT
+            if r.namespace != seq.namespace || r.computed.len() + 1 >= r.tokens.len() {
+                return false;
+            }
+            let shared = common_prefix(&r.tokens, wanted);
+            shared >= cached + MIN_SHARED_PREFILL_TO_WAIT
+                || (shared == wanted.len() && shared > cached)
         })
     }
 
@@ -769,9 +777,8 @@ impl Engine {
             // Log-probabilities come from the raw distribution, so keep it until we know the token.
             let raw = s.logprobs.map(|_| row.clone());
             let token = s.sampler.sample(&mut row, &banned);
-            let logprob = raw.map(|raw| {
-                TokenLogprob::from_logits(&raw, token, s.logprobs.unwrap_or(0))
-            });
+            let logprob =
+                raw.map(|raw| TokenLogprob::from_logits(&raw, token, s.logprobs.unwrap_or(0)));
             s.sampler.observe(token);
             s.tokens.push(token);
             let now = Instant::now();

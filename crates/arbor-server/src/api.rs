@@ -32,7 +32,10 @@ pub fn parse<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
             }
             None => path.clone(),
         };
-        ApiError::invalid_param(param.clone(), format!("Invalid value for `{param}`: {inner}"))
+        ApiError::invalid_param(
+            param.clone(),
+            format!("Invalid value for `{param}`: {inner}"),
+        )
     })
 }
 
@@ -343,13 +346,7 @@ pub struct Generation {
     pub include_usage: bool,
 }
 
-fn range_f32(
-    name: &str,
-    v: Option<f64>,
-    lo: f64,
-    hi: f64,
-    default: f32,
-) -> Result<f32, ApiError> {
+fn range_f32(name: &str, v: Option<f64>, lo: f64, hi: f64, default: f32) -> Result<f32, ApiError> {
     match v {
         None => Ok(default),
         Some(x) if x.is_finite() && x >= lo && x <= hi => Ok(x as f32),
@@ -540,8 +537,8 @@ mod tests {
 
     #[test]
     fn type_errors_name_the_field() {
-        let e = parse::<ChatFields>(&json!({"messages": [{"role": 3, "content": "x"}]}))
-            .unwrap_err();
+        let e =
+            parse::<ChatFields>(&json!({"messages": [{"role": 3, "content": "x"}]})).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].role"), "{e}");
         let e = parse::<ChatFields>(&json!({"model": "m"})).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages"), "{e}");
@@ -556,7 +553,10 @@ mod tests {
             (json!({"top_p": 0}), "top_p"),
             (json!({"n": 0}), "n"),
             (json!({"max_tokens": 0}), "max_tokens"),
-            (json!({"max_completion_tokens": -3}), "max_completion_tokens"),
+            (
+                json!({"max_completion_tokens": -3}),
+                "max_completion_tokens",
+            ),
             (json!({"presence_penalty": 2.1}), "presence_penalty"),
             (json!({"top_k": -2}), "top_k"),
             (json!({"min_p": 1.5}), "min_p"),
@@ -565,7 +565,10 @@ mod tests {
             (json!({"stop": ""}), "stop"),
             (json!({"logit_bias": {"5000": 1}}), "logit_bias"),
             (json!({"logit_bias": {"5": 101}}), "logit_bias"),
-            (json!({"stream_options": {"include_usage": true}}), "stream_options"),
+            (
+                json!({"stream_options": {"include_usage": true}}),
+                "stream_options",
+            ),
             (json!({"max_tokens": 4, "min_tokens": 5}), "min_tokens"),
         ] {
             let e = common(body.clone()).unwrap_err();
@@ -603,9 +606,15 @@ mod tests {
         assert_eq!(m[0].content, "Be brief.");
         for (bad, param) in [
             (json!([]), "messages"),
-            (json!([{"role": "wizard", "content": "x"}]), "messages[0].role"),
+            (
+                json!([{"role": "wizard", "content": "x"}]),
+                "messages[0].role",
+            ),
             (json!([{"role": "user"}]), "messages[0].content"),
-            (json!([{"role": "user", "content": 5}]), "messages[0].content"),
+            (
+                json!([{"role": "user", "content": 5}]),
+                "messages[0].content",
+            ),
             (
                 json!([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
                 "messages[0].content[0].type",
@@ -619,7 +628,11 @@ mod tests {
 
     #[test]
     fn completion_prompts_in_every_shape() {
-        let p = |v: Value| parse::<CompletionFields>(&json!({ "prompt": v })).unwrap().prompts();
+        let p = |v: Value| {
+            parse::<CompletionFields>(&json!({ "prompt": v }))
+                .unwrap()
+                .prompts()
+        };
         assert!(matches!(&p(json!("hi")).unwrap()[..], [PromptIn::Text(_)]));
         assert_eq!(p(json!(["a", "b"])).unwrap().len(), 2);
         assert!(matches!(&p(json!([1, 2, 3])).unwrap()[..], [PromptIn::Tokens(t)] if t.len() == 3));

@@ -24,7 +24,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::api::{self, ChatFields, CommonFields, CompletionFields, Generation, MessageIn, PromptIn};
+use crate::api::{
+    self, ChatFields, CommonFields, CompletionFields, Generation, MessageIn, PromptIn,
+};
 use crate::error::ApiError;
 use crate::metrics::Outcome;
 use crate::worker::{SubmitError, Tagged};
@@ -189,28 +191,33 @@ fn token_bytes(st: &AppState, id: u32) -> Vec<u8> {
     let Some(piece) = st.tokenizer.id_to_token(id) else {
         return text.into_bytes();
     };
-    if let Some(hex) = piece
-        .strip_prefix("<0x")
-        .and_then(|h| h.strip_suffix('>'))
-    {
+    if let Some(hex) = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
         // SentencePiece byte fallback.
         if let Ok(b) = u8::from_str_radix(hex, 16) {
             return vec![b];
         }
     }
-    piece.chars().map(gpt2_char_to_byte).collect::<Option<Vec<u8>>>().unwrap_or_else(|| text.into_bytes())
+    piece
+        .chars()
+        .map(gpt2_char_to_byte)
+        .collect::<Option<Vec<u8>>>()
+        .unwrap_or_else(|| text.into_bytes())
 }
 
 /// GPT-2's byte-level alphabet: printable bytes stand for themselves, the others (0-32,
 /// 127-160, 173) were shifted to U+0100 onwards in order.
 fn gpt2_char_to_byte(c: char) -> Option<u8> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let code = c as u32;
     if code < 256 && printable(code) {
         return Some(code as u8);
     }
     let n = code.checked_sub(256)? as usize;
-    (0u32..256).filter(|&b| !printable(b)).nth(n).map(|b| b as u8)
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth(n)
+        .map(|b| b as u8)
 }
 
 fn token_string(st: &AppState, id: u32) -> String {
@@ -287,12 +294,23 @@ struct Responder {
 }
 
 impl Responder {
-    fn new(st: Shared, api: Api, prompts: usize, n: usize, logprobs: bool, ignore_eos: bool) -> Self {
+    fn new(
+        st: Shared,
+        api: Api,
+        prompts: usize,
+        n: usize,
+        logprobs: bool,
+        ignore_eos: bool,
+    ) -> Self {
         let prefix = if api == Api::Chat { "chatcmpl" } else { "cmpl" };
         Self {
             st,
             api,
-            id: format!("{prefix}-{:016x}{:08x}", rand::random::<u64>(), rand::random::<u32>()),
+            id: format!(
+                "{prefix}-{:016x}{:08x}",
+                rand::random::<u64>(),
+                rand::random::<u32>()
+            ),
             created: now_unix(),
             choices: prompts * n,
             n,
@@ -346,14 +364,17 @@ impl Responder {
             .map(|i| self.echo.get(i / self.n).cloned().unwrap_or_default())
             .collect();
         let mut chat_lps: Vec<Vec<Value>> = vec![Vec::new(); self.choices];
-        let mut cmpl_lps: Vec<CompletionLogprobs> =
-            (0..self.choices).map(|_| CompletionLogprobs::default()).collect();
+        let mut cmpl_lps: Vec<CompletionLogprobs> = (0..self.choices)
+            .map(|_| CompletionLogprobs::default())
+            .collect();
         let mut finish: Vec<Option<FinishReason>> = vec![None; self.choices];
         let mut usage = vec![Usage::default(); self.choices];
         let mut done = 0;
         while done < self.choices {
             let Some(Tagged { index, event }) = rx.recv().await else {
-                return Err(ApiError::internal("the engine stopped before the request finished"));
+                return Err(ApiError::internal(
+                    "the engine stopped before the request finished",
+                ));
             };
             match event {
                 Event::Token {
@@ -415,12 +436,15 @@ impl Responder {
         let mut pending: VecDeque<String> = VecDeque::new();
         if self.api == Api::Chat {
             for i in 0..self.choices {
-                let chunk = self.chunk(include_usage, json!([{
-                    "index": i,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": Value::Null,
-                    "finish_reason": Value::Null,
-                }]));
+                let chunk = self.chunk(
+                    include_usage,
+                    json!([{
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": Value::Null,
+                        "finish_reason": Value::Null,
+                    }]),
+                );
                 pending.push_back(chunk);
             }
         } else {
@@ -524,7 +548,8 @@ impl StreamState {
                     }),
                 };
                 self.offsets[index] += text.len();
-                self.pending.push_back(r.chunk(self.include_usage, json!([choice])));
+                self.pending
+                    .push_back(r.chunk(self.include_usage, json!([choice])));
             }
             Event::Finished {
                 reason,
@@ -535,14 +560,19 @@ impl StreamState {
                 let reason = finish_reason(reason);
                 let choice = match r.api {
                     Api::Chat => {
-                        let delta = if text.is_empty() { json!({}) } else { json!({"content": text}) };
+                        let delta = if text.is_empty() {
+                            json!({})
+                        } else {
+                            json!({"content": text})
+                        };
                         json!({"index": index, "delta": delta, "logprobs": Value::Null, "finish_reason": reason})
                     }
                     Api::Completion => {
                         json!({"index": index, "text": text, "logprobs": Value::Null, "finish_reason": reason})
                     }
                 };
-                self.pending.push_back(r.chunk(self.include_usage, json!([choice])));
+                self.pending
+                    .push_back(r.chunk(self.include_usage, json!([choice])));
                 self.usage[index] = usage;
                 self.done += 1;
                 if self.done == r.choices {
@@ -588,16 +618,27 @@ async fn chat_inner(
         let text = worker
             .template
             .render(&messages, add_generation_prompt)
-            .map_err(|e| ApiError::invalid_param("messages", format!("The model's chat template cannot render these messages: {e}")))?;
-        worker
-            .tokenizer
-            .encode(&text, true)
-            .map_err(|e| ApiError::invalid_param("messages", format!("Cannot tokenize the conversation: {e}")))
+            .map_err(|e| {
+                ApiError::invalid_param(
+                    "messages",
+                    format!("The model's chat template cannot render these messages: {e}"),
+                )
+            })?;
+        worker.tokenizer.encode(&text, true).map_err(|e| {
+            ApiError::invalid_param("messages", format!("Cannot tokenize the conversation: {e}"))
+        })
     })
     .await?;
     let requests = engine_requests(&st, &[prompt], &gen, logprobs, namespace)?;
     let rx = submit(&st, requests).await?;
-    let responder = Responder::new(st, Api::Chat, 1, gen.n, logprobs.is_some(), gen.stop.ignore_eos);
+    let responder = Responder::new(
+        st,
+        Api::Chat,
+        1,
+        gen.n,
+        logprobs.is_some(),
+        gen.stop.ignore_eos,
+    );
     if gen.stream {
         Ok(responder.stream(rx, gen.include_usage))
     } else {
@@ -643,7 +684,10 @@ async fn completions_inner(
             match p {
                 PromptIn::Text(t) => {
                     tokens.push(worker.tokenizer.encode(&t, true).map_err(|e| {
-                        ApiError::invalid_param("prompt", format!("Cannot tokenize the prompt: {e}"))
+                        ApiError::invalid_param(
+                            "prompt",
+                            format!("Cannot tokenize the prompt: {e}"),
+                        )
                     })?);
                     texts.push(t);
                 }
@@ -651,7 +695,10 @@ async fn completions_inner(
                     if let Some(&bad) = ids.iter().find(|&&t| t as usize >= worker.vocab) {
                         return Err(ApiError::invalid_param(
                             "prompt",
-                            format!("Token id {bad} is not below the vocabulary size {}.", worker.vocab),
+                            format!(
+                                "Token id {bad} is not below the vocabulary size {}.",
+                                worker.vocab
+                            ),
                         ));
                     }
                     let text = if echo {
@@ -719,7 +766,11 @@ pub async fn get_model(
 
 pub async fn health(State(st): State<Shared>) -> Response {
     if st.engine.is_draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+            .into_response()
     } else {
         Json(json!({"status": "ok"})).into_response()
     }
@@ -727,7 +778,10 @@ pub async fn health(State(st): State<Shared>) -> Response {
 
 pub async fn metrics(State(st): State<Shared>) -> Response {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         st.metrics.render(),
     )
         .into_response()
@@ -816,7 +870,10 @@ pub async fn detokenize(
         if let Some(&bad) = f.tokens.iter().find(|&&t| t as usize >= st.vocab) {
             return Err(ApiError::invalid_param(
                 "tokens",
-                format!("Token id {bad} is not below the vocabulary size {}.", st.vocab),
+                format!(
+                    "Token id {bad} is not below the vocabulary size {}.",
+                    st.vocab
+                ),
             ));
         }
         let worker = st.clone();
@@ -834,11 +891,17 @@ pub async fn detokenize(
 }
 
 pub async fn unknown_path(State(st): State<Shared>, method: Method, uri: Uri) -> Response {
-    respond(&st, Err(ApiError::unknown_path(method.as_str(), uri.path())))
+    respond(
+        &st,
+        Err(ApiError::unknown_path(method.as_str(), uri.path())),
+    )
 }
 
 pub async fn wrong_method(State(st): State<Shared>, method: Method, uri: Uri) -> Response {
-    respond(&st, Err(ApiError::method_not_allowed(method.as_str(), uri.path())))
+    respond(
+        &st,
+        Err(ApiError::method_not_allowed(method.as_str(), uri.path())),
+    )
 }
 
 #[cfg(test)]

@@ -97,7 +97,11 @@ mod tests {
         assert_ne!(na, nb);
         assert_ne!(na, 0);
         assert_eq!(na, t.namespace(a, None), "stable for a key");
-        assert_ne!(na, t.namespace(a, Some("s")), "a salt narrows the namespace");
+        assert_ne!(
+            na,
+            t.namespace(a, Some("s")),
+            "a salt narrows the namespace"
+        );
         assert_ne!(t.namespace(a, Some("s")), t.namespace(b, Some("s")));
     }
 

@@ -181,12 +181,18 @@ impl EngineLoop {
             self.cancel_disconnected();
             if self.engine.has_work() {
                 match self.engine.step() {
-                    Ok((events, _)) => self.route(events),
+                    Ok((events, _)) => {
+                        // State first: a client that sees its request end also sees its slots
+                        // back in /metrics.
+                        self.publish_state();
+                        self.route(events)
+                    }
                     Err(e) => {
                         // A failed forward pass leaves the engine consistent but the requests
                         // cannot go on: end them all rather than retry forever.
                         tracing::error!("engine step failed, aborting requests in flight: {e}");
                         let events = self.engine.cancel_all();
+                        self.publish_state();
                         self.route(events);
                     }
                 }
@@ -213,6 +219,7 @@ impl EngineLoop {
             }
             Command::CancelAll => {
                 let events = self.engine.cancel_all();
+                self.publish_state();
                 self.route(events);
                 true
             }
@@ -270,11 +277,13 @@ impl EngineLoop {
             .filter(|(_, r)| r.sink.is_closed())
             .map(|(&id, _)| id)
             .collect();
+        let mut events = Vec::new();
         for id in gone {
-            if let Some(ev) = self.engine.cancel(id) {
-                self.route(vec![ev]);
-            }
-            self.routes.remove(&id);
+            events.extend(self.engine.cancel(id));
+        }
+        if !events.is_empty() {
+            self.publish_state();
+            self.route(events);
         }
     }
 
@@ -285,8 +294,7 @@ impl EngineLoop {
                     if let Some(route) = self.routes.get_mut(id) {
                         let now = Instant::now();
                         if let Some(prev) = route.last_token_at.replace(now) {
-                            self.metrics
-                                .inter_token_latency((now - prev).as_secs_f64());
+                            self.metrics.inter_token_latency((now - prev).as_secs_f64());
                         }
                         let _ = route.sink.send(Tagged {
                             index: route.index,

@@ -388,7 +388,10 @@ fn serve(a: ServeArgs) -> Result<()> {
             if config.api_keys.is_empty() {
                 "no API key".to_string()
             } else {
-                format!("{} API keys, one cache namespace each", config.api_keys.len())
+                format!(
+                    "{} API keys, one cache namespace each",
+                    config.api_keys.len()
+                )
             }
         );
         arbor_server::serve(listener, state, arbor_server::shutdown_signal())
