@@ -31,6 +31,9 @@ enum Command {
     Chat(ChatArgs),
     /// Serve the OpenAI-compatible HTTP API (chat/completions, completions, models, metrics).
     Serve(ServeArgs),
+    /// Compare serving engines (Arbor, vLLM, SGLang, llama.cpp) on multi-turn and shared-context
+    /// workloads through their OpenAI APIs; `arbor bench compare A.json B.json` for saved runs.
+    Bench(arbor_bench::BenchArgs),
     /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) if it is missing.
     FetchModel,
 }
@@ -192,6 +195,7 @@ fn main() {
         Command::Generate(a) => generate(a),
         Command::Chat(a) => chat(a),
         Command::Serve(a) => serve(a),
+        Command::Bench(a) => bench(a),
         Command::FetchModel => {
             model_fetch::default_model_path(true).map(|p| println!("{}", p.display()))
         }
@@ -400,4 +404,13 @@ fn serve(a: ServeArgs) -> Result<()> {
         eprintln!("arbor: stopped");
         anyhow::Ok(())
     })
+}
+
+fn bench(a: arbor_bench::BenchArgs) -> Result<()> {
+    let exe = std::env::current_exe().context("finding the arbor binary for --spawn")?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(arbor_bench::cli::run(a, exe))
 }
