@@ -109,9 +109,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 d, f = {os.path.dirname(GGUF)!r}, {os.path.basename(GGUF)!r}
 m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f)
 t = AutoTokenizer.from_pretrained(d, gguf_file=f)
-if hasattr(m.config, "quantization_config"):
-    del m.config.quantization_config
-m.save_pretrained({self.hf_dir!r}); t.save_pretrained({self.hf_dir!r})
+# A GGUF-quantized model refuses save_pretrained: copy its (dequantized) weights into a plain
+# model of the same config, without the quantization tag.
+cfg = m.config
+if hasattr(cfg, "quantization_config"):
+    del cfg.quantization_config
+plain = AutoModelForCausalLM.from_config(cfg)
+plain.load_state_dict(m.state_dict())
+plain.save_pretrained({self.hf_dir!r}); t.save_pretrained({self.hf_dir!r})
 """
         run([os.path.join(self.venv, "bin", "python"), "-c", code])
 

@@ -309,8 +309,18 @@ impl Client {
                 ))
             });
         m.e2e = started.elapsed().as_secs_f64();
-        if let Err(e) = result {
-            m.error = Some(e);
+        match result {
+            Err(e) => m.error = Some(e),
+            // Every OpenAI stream ends its choice with a finish_reason. Without one the server
+            // dropped the request (llama-cpp-python's server does this to concurrent streams:
+            // a role chunk, then [DONE]).
+            Ok(()) if m.finish_reason.is_none() => {
+                m.error = Some(format!(
+                    "the stream ended without a finish_reason after {} content chunks: the server dropped the request",
+                    m.content_chunks
+                ))
+            }
+            Ok(()) => {}
         }
         self.fill_missing_counts(messages, &mut m).await;
         m

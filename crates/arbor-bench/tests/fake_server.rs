@@ -37,6 +37,13 @@ fn chunk(content: &str) -> String {
     )
 }
 
+fn finish() -> String {
+    format!(
+        "data: {}\n\n",
+        json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+    )
+}
+
 const USAGE: &str = "data: {\"choices\": [], \"usage\": {\"prompt_tokens\": 40, \"completion_tokens\": 3, \"total_tokens\": 43, \"prompt_tokens_details\": {\"cached_tokens\": 32}}}\n\n";
 
 async fn chat(Json(body): Json<Value>) -> Response {
@@ -56,11 +63,21 @@ async fn chat(Json(body): Json<Value>) -> Response {
         )
             .into_response(),
         "no-usage" => sse(
-            vec![chunk("a"), chunk("b"), chunk("c"), chunk("d"), done],
+            vec![chunk("a"), chunk("b"), chunk("c"), chunk("d"), finish(), done],
             fast,
         ),
         "malformed" => sse(vec![chunk("a"), "data: {not json\n\n".into(), done], fast),
         "cut-short" => sse(vec![chunk("a"), chunk("b")], fast),
+        "dropped" => sse(
+            vec![
+                format!(
+                    "data: {}\n\n",
+                    json!({"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": null}]})
+                ),
+                done,
+            ],
+            fast,
+        ),
         "stream-error" => sse(
             vec![
                 chunk("a"),
@@ -71,7 +88,10 @@ async fn chat(Json(body): Json<Value>) -> Response {
             ],
             fast,
         ),
-        "slow" => sse(vec![chunk("a"), chunk("b"), done], Duration::from_secs(5)),
+        "slow" => sse(
+            vec![chunk("a"), chunk("b"), finish(), done],
+            Duration::from_secs(5),
+        ),
         // "ok" and conversation turns: the reply says how many messages came, so tests can
         // check that history was resent.
         _ => sse(
@@ -79,6 +99,7 @@ async fn chat(Json(body): Json<Value>) -> Response {
                 chunk(&format!("saw {} ", messages.len())),
                 chunk("messages"),
                 chunk("."),
+                finish(),
                 USAGE.into(),
                 done,
             ],
@@ -170,6 +191,7 @@ async fn broken_responses_become_clear_errors() {
         ("malformed", "malformed stream event"),
         ("cut-short", "without `data: [DONE]`"),
         ("stream-error", "error in stream: out of memory"),
+        ("dropped", "without a finish_reason after 0 content chunks"),
     ] {
         let m = c.chat(&ask(mode), SAMPLING).await;
         let e = m.error.unwrap_or_default();
