@@ -63,7 +63,14 @@ async fn chat(Json(body): Json<Value>) -> Response {
         )
             .into_response(),
         "no-usage" => sse(
-            vec![chunk("a"), chunk("b"), chunk("c"), chunk("d"), finish(), done],
+            vec![
+                chunk("a"),
+                chunk("b"),
+                chunk("c"),
+                chunk("d"),
+                finish(),
+                done,
+            ],
             fast,
         ),
         "malformed" => sse(vec![chunk("a"), "data: {not json\n\n".into(), done], fast),

@@ -26,13 +26,12 @@
 //! of memory and no request is lost.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Instant;
 
 use arbor_cache::{
     BlockCache, Namespace, NoCache, NodeId, PrefixCache, RadixCache, SlotAllocator, SlotId,
 };
-use arbor_model::{IncrementalDecoder, KvPool, Llama, LogitsWanted, SeqStep, Tokenizer};
+use arbor_model::{IncrementalDecoder, KvBudget, KvCache, LogitsWanted, Model, SeqStep, Tokenizer};
 
 use crate::error::EngineError;
 use crate::sampler::{Sampler, SamplingParams};
@@ -96,20 +95,20 @@ pub struct EngineConfig {
     pub max_running: usize,
 }
 
-/// Share of the memory available at start that the default KV pool may take: the rest is for
-/// the weights' working buffers, the OS and whatever else runs on the machine.
-const KV_POOL_MEMORY_SHARE: f64 = 0.4;
-/// Default pool bounds in tokens: at least one full context, at most this many slots.
+/// Default pool bound in tokens.
 const KV_POOL_MAX_SLOTS: usize = 1 << 20;
 
 impl EngineConfig {
-    /// Defaults for a model: the KV pool takes 40% of the memory available now (it fills up
-    /// with cached prefixes over time, so this is a real budget), at least one full context.
-    pub fn for_model(model: &Llama) -> Self {
-        let context = model.config.max_position_embeddings;
-        let per_slot = model.config.kv_bytes_per_slot().max(1);
-        let budget = arbor_model::available_memory_bytes()
-            .map(|m| (m as f64 * KV_POOL_MEMORY_SHARE) as usize / per_slot)
+    /// Defaults for a model: the KV pool takes the backend's memory budget (40% of the host
+    /// memory available now on the CPU, 85% of the GPU memory left after the weights: it fills
+    /// up with cached prefixes over time, so this is a real budget), at least one full context.
+    pub fn for_model(model: &impl KvBudget) -> Self {
+        let config = model.config();
+        let context = config.max_position_embeddings;
+        let per_slot = config.kv_bytes_per_slot().max(1);
+        let budget = model
+            .kv_budget_bytes()
+            .map(|b| b / per_slot)
             .unwrap_or(context);
         Self {
             kv_slots: budget.clamp(context.min(KV_POOL_MAX_SLOTS), KV_POOL_MAX_SLOTS),
@@ -314,9 +313,9 @@ impl Sequence {
 }
 
 pub struct Engine {
-    model: Arc<Llama>,
+    model: Model,
     tokenizer: Tokenizer,
-    pool: KvPool,
+    pool: KvCache,
     slots: SlotAllocator,
     cache: Box<dyn PrefixCache>,
     config: EngineConfig,
@@ -348,16 +347,30 @@ pub struct StepStats {
 }
 
 impl Engine {
-    pub fn new(model: Arc<Llama>, tokenizer: Tokenizer, config: EngineConfig) -> Self {
-        let pool = KvPool::new(&model.config, config.kv_slots);
+    /// An engine on a CPU model (its KV pool cannot fail to allocate: pages come lazily).
+    pub fn new(model: impl Into<Model>, tokenizer: Tokenizer, config: EngineConfig) -> Self {
+        Self::try_new(model, tokenizer, config)
+            .expect("a CPU KV pool is allocated lazily and cannot fail")
+    }
+
+    /// An engine on any backend; fails when the KV pool does not fit (GPU memory).
+    pub fn try_new(
+        model: impl Into<Model>,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+    ) -> Result<Self, EngineError> {
+        let model = model.into();
+        let per_slot = model.config().kv_bytes_per_slot();
+        let pool = model.new_kv(config.kv_slots)?;
         tracing::info!(
-            "KV pool: {} token slots ({} MiB, {} KiB per token), prefix cache {:?}",
+            "KV pool on {}: {} token slots ({} MiB, {} KiB per token), prefix cache {:?}",
+            model.device_name(),
             config.kv_slots,
-            (config.kv_slots * model.config.kv_bytes_per_slot()) >> 20,
-            model.config.kv_bytes_per_slot() >> 10,
+            (config.kv_slots * per_slot) >> 20,
+            per_slot >> 10,
             config.prefix_cache,
         );
-        Self {
+        Ok(Self {
             slots: SlotAllocator::new(config.kv_slots),
             cache: config.prefix_cache.build(),
             model,
@@ -368,10 +381,10 @@ impl Engine {
             running: Vec::new(),
             next_id: 0,
             admissions: 0,
-        }
+        })
     }
 
-    pub fn model(&self) -> &Llama {
+    pub fn model(&self) -> &Model {
         &self.model
     }
 
@@ -443,11 +456,11 @@ impl Engine {
         if req.prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        let vocab = self.model.config.vocab_size;
+        let vocab = self.model.config().vocab_size;
         if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(arbor_model::ModelError::TokenOutOfRange { token: t, vocab }.into());
         }
-        let context = self.model.config.max_position_embeddings;
+        let context = self.model.config().max_position_embeddings;
         if req.prompt.len() >= context {
             return Err(EngineError::ContextOverflow {
                 prompt: req.prompt.len(),

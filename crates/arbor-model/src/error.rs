@@ -48,6 +48,8 @@ pub enum ModelError {
     ContextOverflow { len: usize, max: usize },
     #[error("invalid batch: {0}")]
     BadBatch(String),
+    #[error("CUDA: {0}")]
+    Cuda(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -96,7 +96,32 @@ fn bad_gguf(path: &Path, reason: impl std::fmt::Display) -> ModelError {
     }
 }
 
-pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
+/// A GGUF file's parsed header: the model's configuration, tokenizer and chat template, and
+/// the open file to read tensors from (shared by the CPU loader and the CUDA one).
+pub struct GgufModelFile {
+    pub content: Content,
+    pub reader: BufReader<File>,
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    pub chat_template: ChatTemplate,
+}
+
+impl GgufModelFile {
+    /// Reads a tensor by name, in its GGUF format, into host memory.
+    pub fn tensor(&mut self, name: &str, path: &Path) -> Result<QTensor> {
+        TensorSource {
+            content: &self.content,
+            reader: &mut self.reader,
+            device: &Device::Cpu,
+            path,
+        }
+        .tensor(name)
+    }
+}
+
+/// Opens a GGUF model file: checks that it is complete and reads its configuration, tokenizer
+/// and chat template.
+pub fn open_gguf(path: &Path, device: &Device) -> Result<GgufModelFile> {
     let io = |source| ModelError::Io {
         path: path.to_path_buf(),
         source,
@@ -212,7 +237,39 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
     config.validate()?;
 
     let tokenizer = gguf_tokenizer(&meta, &config)?;
+    let chat_template = match meta.str_opt("tokenizer.chat_template") {
+        Some(src) => ChatTemplate::new(
+            src,
+            &tokenizer.token_text(tokenizer.bos_id),
+            &tokenizer.token_text(tokenizer.eos_id),
+        )?,
+        None => {
+            tracing::warn!("{} has no chat template; using ChatML", path.display());
+            ChatTemplate::new(
+                CHATML_TEMPLATE,
+                &tokenizer.token_text(tokenizer.bos_id),
+                &tokenizer.token_text(tokenizer.eos_id),
+            )?
+        }
+    };
+    Ok(GgufModelFile {
+        content,
+        reader,
+        config,
+        tokenizer,
+        chat_template,
+    })
+}
 
+pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
+    let GgufModelFile {
+        content,
+        mut reader,
+        config,
+        tokenizer,
+        chat_template,
+    } = open_gguf(path, device)?;
+    let num_layers = config.num_layers;
     let mut src = TensorSource {
         content: &content,
         reader: &mut reader,
@@ -254,21 +311,6 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
     let lm_head = src.linear(lm_head_name, config.vocab_size, h, false)?;
     let embedding = Embedding::Quantized(src.tensor("token_embd.weight")?);
 
-    let chat_template = match meta.str_opt("tokenizer.chat_template") {
-        Some(src) => ChatTemplate::new(
-            src,
-            &tokenizer.token_text(tokenizer.bos_id),
-            &tokenizer.token_text(tokenizer.eos_id),
-        )?,
-        None => {
-            tracing::warn!("{} has no chat template; using ChatML", path.display());
-            ChatTemplate::new(
-                CHATML_TEMPLATE,
-                &tokenizer.token_text(tokenizer.bos_id),
-                &tokenizer.token_text(tokenizer.eos_id),
-            )?
-        }
-    };
     let model = Llama::new(
         config,
         embedding,

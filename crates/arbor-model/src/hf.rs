@@ -182,10 +182,11 @@ fn safetensor_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Err(ModelError::NotFound(dir.join("model.safetensors")))
 }
 
-pub fn load_hf(dir: &Path, device: &Device) -> Result<LoadedModel> {
+/// A Hugging Face model folder's configuration, tokenizer and chat template (shared by the CPU
+/// loader and the CUDA one), read before any weight so a mismatch is reported at once.
+pub fn open_hf(dir: &Path) -> Result<(ModelConfig, Tokenizer, ChatTemplate)> {
     let cfg_json = read_json(&dir.join("config.json"))?;
     let config = parse_config(&cfg_json)?;
-
     // The tokenizer first: a mismatch is reported before seconds of weight loading.
     let tok_cfg_path = dir.join("tokenizer_config.json");
     let tok_cfg = if tok_cfg_path.exists() {
@@ -213,6 +214,30 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<LoadedModel> {
             config.vocab_size
         )));
     }
+    let template_src = chat_template_source(dir, tok_cfg.as_ref())?;
+    let bos = tokenizer.token_text(tokenizer.bos_id);
+    let eos = tokenizer.token_text(tokenizer.eos_id);
+    let chat_template = match template_src {
+        Some(src) => ChatTemplate::new(&src, &bos, &eos)?,
+        None => {
+            tracing::warn!("{} has no chat template; using ChatML", dir.display());
+            ChatTemplate::new(CHATML_TEMPLATE, &bos, &eos)?
+        }
+    };
+    Ok((config, tokenizer, chat_template))
+}
+
+/// The safetensors files of a folder, checked to exist.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let files = safetensor_files(dir)?;
+    if let Some(missing) = files.iter().find(|f| !f.exists()) {
+        return Err(ModelError::NotFound(missing.clone()));
+    }
+    Ok(files)
+}
+
+pub fn load_hf(dir: &Path, device: &Device) -> Result<LoadedModel> {
+    let (config, tokenizer, chat_template) = open_hf(dir)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for file in safetensor_files(dir)? {
         if !file.exists() {
@@ -278,16 +303,6 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<LoadedModel> {
         Linear::from_dense(take("lm_head.weight", &[config.vocab_size, h])?, None)?
     };
 
-    let template_src = chat_template_source(dir, tok_cfg.as_ref())?;
-    let bos = tokenizer.token_text(tokenizer.bos_id);
-    let eos = tokenizer.token_text(tokenizer.eos_id);
-    let chat_template = match template_src {
-        Some(src) => ChatTemplate::new(&src, &bos, &eos)?,
-        None => {
-            tracing::warn!("{} has no chat template; using ChatML", dir.display());
-            ChatTemplate::new(CHATML_TEMPLATE, &bos, &eos)?
-        }
-    };
     let model = Llama::new(
         config,
         Embedding::Dense(embed),

@@ -5,6 +5,8 @@
 //! - [`KvPool`] holds K/V per token slot; [`Llama::forward`] runs one batched step of any mix of
 //!   prefill chunks and decodes, reading each sequence's K/V through its slot list
 //!   ([`attention`]).
+//! - [`Model`] / [`KvCache`]: the backend the engine runs (CPU, or CUDA with the `cuda`
+//!   feature: [`cuda`]).
 //! - [`linear`] picks the matmul kernel by weight format; [`qmatmul`] is Arbor's batch-invariant
 //!   kernel for 32-wide GGUF blocks.
 
@@ -12,6 +14,8 @@ pub mod attention;
 pub mod chat;
 mod columns;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dense;
 pub mod error;
 pub mod fastmath;
@@ -20,6 +24,7 @@ pub mod hf;
 pub mod kv_pool;
 pub mod linear;
 pub mod llama;
+pub mod model;
 pub mod qmatmul;
 pub mod rope;
 pub mod tokenizer;
@@ -32,6 +37,7 @@ pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use kv_pool::KvPool;
 pub use llama::{Llama, LogitsWanted, SeqStep};
+pub use model::{KvBudget, KvCache, Model};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// `MemAvailable` from /proc/meminfo (Linux); `None` elsewhere.

@@ -79,6 +79,14 @@ impl Rope {
         RopeTables { cos, sin }
     }
 
+    /// cos and sin for every position below `max_pos`, `[max_pos, head_dim / 2]` each (the
+    /// CUDA backend's tables, the same angles as the CPU path).
+    pub fn full_tables(&self, max_pos: usize) -> (Vec<f32>, Vec<f32>) {
+        let positions: Vec<usize> = (0..max_pos).collect();
+        let t = self.tables(&positions);
+        (t.cos, t.sin)
+    }
+
     /// `x`: `[tokens, n_heads * head_dim]`, rotated in place.
     pub fn apply(&self, x: &mut [f32], n_heads: usize, t: &RopeTables) {
         let d = self.head_dim;

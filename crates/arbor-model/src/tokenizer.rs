@@ -90,6 +90,24 @@ impl Tokenizer {
         }
     }
 
+    /// A stand-in for models without a tokenizer (random `--load-format dummy` weights): ids
+    /// `0..vocab` are the words `t0`, `t1`, ...; text in, word ids out, and back.
+    pub fn placeholder(vocab: usize) -> Result<Self> {
+        let words: serde_json::Map<String, Value> =
+            (0..vocab).map(|i| (format!("t{i}"), json!(i))).collect();
+        let spec = json!({
+            "version": "1.0",
+            "model": {"type": "WordLevel", "vocab": words, "unk_token": "t0"},
+            "pre_tokenizer": {"type": "Whitespace"},
+            "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
+        });
+        let inner = spec
+            .to_string()
+            .parse::<tokenizers::Tokenizer>()
+            .map_err(tok_err)?;
+        Ok(Self::new(inner, None, None, false, &[]))
+    }
+
     /// Number of ids the tokenizer can produce (base vocabulary plus added tokens).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

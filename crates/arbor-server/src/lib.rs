@@ -82,8 +82,8 @@ impl AppState {
     pub fn new(engine: Engine, template: ChatTemplate, config: &ServerConfig) -> Arc<Self> {
         let metrics = Arc::new(Metrics::default());
         let tokenizer = Arc::new(engine.tokenizer().clone());
-        let context = engine.model().config.max_position_embeddings;
-        let vocab = engine.model().config.vocab_size;
+        let context = engine.model().config().max_position_embeddings;
+        let vocab = engine.model().config().vocab_size;
         Arc::new(Self {
             engine: EngineHandle::spawn(engine, config.max_queue, metrics.clone()),
             tokenizer,

@@ -1,6 +1,7 @@
 //! The `arbor` command: a thin layer over `arbor-model` and `arbor-engine`.
 
 mod model_fetch;
+mod perf;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -34,12 +35,18 @@ enum Command {
     /// Compare serving engines (Arbor, vLLM, SGLang, llama.cpp) on multi-turn and shared-context
     /// workloads through their OpenAI APIs; `arbor bench compare A.json B.json` for saved runs.
     Bench(arbor_bench::BenchArgs),
+    /// Measure the engine alone: decode tok/s by batch size and prefill by length, against
+    /// the memory-bandwidth roofline (e.g. with --device cuda --load-format dummy).
+    EngineBench(perf::EngineBenchArgs),
+    /// Compare the GPU path's logits and greedy tokens with the CPU path's (CUDA builds).
+    #[cfg(feature = "cuda")]
+    GpuCheck(perf::GpuCheckArgs),
     /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) if it is missing.
     FetchModel,
 }
 
 #[derive(Args, Clone)]
-struct ModelArgs {
+pub struct ModelArgs {
     /// A GGUF file or a Hugging Face folder. Default: the SmolLM2-135M-Instruct Q4_1 GGUF,
     /// fetched into ./models on first use.
     #[arg(long, env = "ARBOR_MODEL")]
@@ -58,6 +65,32 @@ struct ModelArgs {
     /// Requests running (holding KV) at once; the rest wait in the queue.
     #[arg(long, default_value_t = 64)]
     max_running: usize,
+    /// Where the model runs: `cpu`, or `cuda` / `cuda:N` (a build with the `cuda` feature:
+    /// scripts/cuda/build.sh).
+    #[arg(long, default_value = "cpu", env = "ARBOR_DEVICE")]
+    pub device: String,
+    /// `auto` reads the weights from --model; `dummy` makes random weights of the shapes in
+    /// --model's config.json, on the GPU (benchmarking models that cannot be downloaded).
+    #[arg(long, value_enum, default_value = "auto")]
+    load_format: LoadFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LoadFormat {
+    Auto,
+    Dummy,
+}
+
+/// `cpu` -> None, `cuda` -> Some(0), `cuda:N` -> Some(N).
+fn parse_device(s: &str) -> Result<Option<usize>> {
+    match s {
+        "cpu" => Ok(None),
+        "cuda" => Ok(Some(0)),
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Some(n)),
+            _ => bail!("--device must be cpu, cuda or cuda:N, got {s:?}"),
+        },
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -196,6 +229,9 @@ fn main() {
         Command::Chat(a) => chat(a),
         Command::Serve(a) => serve(a),
         Command::Bench(a) => bench(a),
+        Command::EngineBench(a) => perf::engine_bench(a),
+        #[cfg(feature = "cuda")]
+        Command::GpuCheck(a) => perf::gpu_check(a),
         Command::FetchModel => {
             model_fetch::default_model_path(true).map(|p| println!("{}", p.display()))
         }
@@ -214,11 +250,8 @@ fn model_path(args: &ModelArgs) -> Result<PathBuf> {
 }
 
 /// Loads the model (fetching the default one if none is given) into an engine.
-fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
-    let path = model_path(args)?;
-    let loaded = arbor_model::load_model(&path, &Device::Cpu)
-        .with_context(|| format!("loading {}", path.display()))?;
-    let mut config = EngineConfig::for_model(&loaded.model);
+fn engine_config(args: &ModelArgs, model: &impl arbor_model::KvBudget) -> Result<EngineConfig> {
+    let mut config = EngineConfig::for_model(model);
     if let Some(n) = args.kv_slots {
         config.kv_slots = n;
     }
@@ -235,10 +268,60 @@ fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
         PrefixCacheArg::Blocks => PrefixCacheMode::Blocks,
         PrefixCacheArg::Off => PrefixCacheMode::Off,
     };
-    Ok((
-        Engine::new(std::sync::Arc::new(loaded.model), loaded.tokenizer, config),
-        loaded.chat_template,
-    ))
+    Ok(config)
+}
+
+/// Loads the model (fetching the default one if none is given) into an engine on the chosen
+/// device.
+fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
+    let path = model_path(args)?;
+    match parse_device(&args.device)? {
+        None => {
+            if args.load_format == LoadFormat::Dummy {
+                bail!("--load-format dummy needs --device cuda");
+            }
+            let loaded = arbor_model::load_model(&path, &Device::Cpu)
+                .with_context(|| format!("loading {}", path.display()))?;
+            let config = engine_config(args, &loaded.model)?;
+            Ok((
+                Engine::new(loaded.model, loaded.tokenizer, config),
+                loaded.chat_template,
+            ))
+        }
+        Some(ordinal) => load_cuda(args, &path, ordinal),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn load_cuda(
+    args: &ModelArgs,
+    path: &std::path::Path,
+    ordinal: usize,
+) -> Result<(Engine, arbor_model::ChatTemplate)> {
+    let device = arbor_model::cuda::device(ordinal)?;
+    let started = std::time::Instant::now();
+    let loaded = match args.load_format {
+        LoadFormat::Auto => arbor_model::cuda::load(path, &device),
+        LoadFormat::Dummy => arbor_model::cuda::load_dummy(path, &device, 0),
+    }
+    .with_context(|| format!("loading {} onto cuda:{ordinal}", path.display()))?;
+    tracing::info!(
+        "loaded {} onto cuda:{ordinal} in {:.1}s",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    let config = engine_config(args, &loaded.model)?;
+    let engine = Engine::try_new(loaded.model, loaded.tokenizer, config)?;
+    Ok((engine, loaded.chat_template))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn load_cuda(
+    _: &ModelArgs,
+    _: &std::path::Path,
+    _: usize,
+) -> Result<(Engine, arbor_model::ChatTemplate)> {
+    bail!("this arbor was built without CUDA; build it with scripts/cuda/build.sh")
 }
 
 fn generate(mut a: GenerateArgs) -> Result<()> {

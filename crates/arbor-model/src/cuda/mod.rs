@@ -1,0 +1,680 @@
+//! The CUDA backend: the Llama forward pass on one NVIDIA GPU, in bf16.
+//!
+//! Weights live on the GPU in bf16 (Hugging Face safetensors as they are; GGUF tensors
+//! dequantized at load; or random for `--load-format dummy`), linear layers go through candle's
+//! cuBLAS matmul, RMSNorm through candle-nn's kernel, and Arbor's own kernels
+//! (`kernels.cu`) do what candle lacks:
+//!
+//! ```text
+//!  x --rms_norm--> h --matmul(Wqkv)--> qkv --arbor_qkv_rope_write--> q, and K/V into their slots
+//!  q, slot lists --arbor_attention (split along keys)--> partials --arbor_attention_merge--> o
+//!  x += o Wo;  h = rms_norm(x);  gu = h Wgate_up;  act = arbor_silu_mul(gu);  x += act Wdown
+//! ```
+//!
+//! The KV pool is one bf16 buffer per layer for K and one for V, `[slots, kv_heads, head_dim]`,
+//! owned here (not candle tensors) because the kernels write into it in place.
+
+use std::path::Path;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaStorage, DType, Device, Storage, Tensor};
+use half::bf16;
+
+use crate::config::{ModelConfig, RopeStyle};
+use crate::error::{ModelError, Result};
+use crate::llama::{LogitsWanted, SeqStep};
+use crate::rope::Rope;
+use crate::{ChatTemplate, Tokenizer};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/arbor_kernels.ptx"));
+const MODULE: &str = "arbor_kernels";
+/// Keys per attention split: long contexts are cut into pieces that run in parallel and are
+/// merged (flash-decoding); short ones take one split.
+const SPLIT_LEN: usize = 256;
+
+fn cuda_err(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Cuda(e.to_string())
+}
+
+/// Opens GPU `ordinal`.
+pub fn device(ordinal: usize) -> Result<Device> {
+    Device::new_cuda(ordinal).map_err(|e| ModelError::Cuda(format!("CUDA device {ordinal}: {e}")))
+}
+
+fn cuda_device(device: &Device) -> Result<&CudaDevice> {
+    match device {
+        Device::Cuda(d) => Ok(d),
+        _ => Err(ModelError::Cuda("not a CUDA device".into())),
+    }
+}
+
+#[derive(Debug)]
+pub struct CudaLayer {
+    attn_norm: Tensor,
+    /// `[(H + 2 KVH) D, hidden]`: Q, K and V projections stacked.
+    qkv: Tensor,
+    qkv_bias: Option<Tensor>,
+    wo: Tensor,
+    ffn_norm: Tensor,
+    /// `[2 F, hidden]`: gate then up.
+    gate_up: Tensor,
+    down: Tensor,
+}
+
+#[derive(Debug)]
+pub struct CudaLlama {
+    pub config: ModelConfig,
+    embed: Tensor,
+    layers: Vec<CudaLayer>,
+    final_norm: Tensor,
+    lm_head: Tensor,
+    /// `[max_pos, D/2]` f32 RoPE tables (the CPU path's angles, so both agree).
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    device: Device,
+}
+
+/// K and V of every slot, per layer, on the GPU.
+pub struct CudaKvPool {
+    k: Vec<CudaSlice<bf16>>,
+    v: Vec<CudaSlice<bf16>>,
+    num_slots: usize,
+}
+
+impl CudaKvPool {
+    pub fn new(model: &CudaLlama, num_slots: usize) -> Result<Self> {
+        let dev = cuda_device(&model.device)?;
+        let n = num_slots * model.config.kv_dim();
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for _ in 0..model.config.num_layers {
+            k.push(dev.alloc_zeros::<bf16>(n).map_err(cuda_err)?);
+            v.push(dev.alloc_zeros::<bf16>(n).map_err(cuda_err)?);
+        }
+        Ok(Self { k, v, num_slots })
+    }
+
+    pub fn num_slots(&self) -> usize {
+        self.num_slots
+    }
+}
+
+/// Where a tensor's weights come from.
+enum Source<'a> {
+    Gguf(&'a mut crate::gguf::GgufModelFile, &'a Path),
+    Hf(std::collections::HashMap<String, Tensor>),
+    Dummy(u64),
+}
+
+impl Source<'_> {
+    /// A weight by its Hugging Face name, as bf16 on `device`, checked against `shape`.
+    fn get(&mut self, hf_name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let t = match self {
+            Source::Gguf(f, path) => {
+                let name = gguf_name(hf_name);
+                f.tensor(&name, path)?
+                    .dequantize(&Device::Cpu)?
+                    .to_dtype(DType::BF16)?
+                    .to_device(device)?
+            }
+            Source::Hf(map) => map
+                .remove(hf_name)
+                .ok_or_else(|| ModelError::MissingTensor(hf_name.to_string()))?
+                .to_dtype(DType::BF16)?,
+            Source::Dummy(_) => {
+                if hf_name.ends_with("norm.weight") {
+                    Tensor::ones(shape, DType::BF16, device)?
+                } else {
+                    // Small random weights keep activations finite through many layers.
+                    Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(DType::BF16)?
+                }
+            }
+        };
+        if t.dims() != shape {
+            return Err(ModelError::BadShape {
+                name: hf_name.into(),
+                actual: t.dims().to_vec(),
+                expected: shape.to_vec(),
+            });
+        }
+        Ok(t)
+    }
+}
+
+/// The GGUF name of a Hugging Face tensor name.
+fn gguf_name(hf: &str) -> String {
+    if let Some(rest) = hf.strip_prefix("model.layers.") {
+        let (i, what) = rest.split_once('.').unwrap_or((rest, ""));
+        let mapped = match what {
+            "self_attn.q_proj.weight" => "attn_q.weight",
+            "self_attn.k_proj.weight" => "attn_k.weight",
+            "self_attn.v_proj.weight" => "attn_v.weight",
+            "self_attn.q_proj.bias" => "attn_q.bias",
+            "self_attn.k_proj.bias" => "attn_k.bias",
+            "self_attn.v_proj.bias" => "attn_v.bias",
+            "self_attn.o_proj.weight" => "attn_output.weight",
+            "mlp.gate_proj.weight" => "ffn_gate.weight",
+            "mlp.up_proj.weight" => "ffn_up.weight",
+            "mlp.down_proj.weight" => "ffn_down.weight",
+            "input_layernorm.weight" => "attn_norm.weight",
+            "post_attention_layernorm.weight" => "ffn_norm.weight",
+            other => other,
+        };
+        return format!("blk.{i}.{mapped}");
+    }
+    match hf {
+        "model.embed_tokens.weight" => "token_embd.weight".into(),
+        "model.norm.weight" => "output_norm.weight".into(),
+        "lm_head.weight" => "output.weight".into(),
+        other => other.into(),
+    }
+}
+
+/// A GPU model with its text side.
+pub struct LoadedCuda {
+    pub model: CudaLlama,
+    pub tokenizer: Tokenizer,
+    pub chat_template: ChatTemplate,
+}
+
+/// Loads a GGUF file or a Hugging Face folder onto the GPU in bf16.
+pub fn load(path: &Path, device: &Device) -> Result<LoadedCuda> {
+    if !path.exists() {
+        return Err(ModelError::NotFound(path.to_path_buf()));
+    }
+    if path.is_dir() {
+        let (config, tokenizer, chat_template) = crate::hf::open_hf(path)?;
+        let mut tensors = std::collections::HashMap::new();
+        for file in crate::hf::weight_files(path)? {
+            let loaded = candle_core::safetensors::load(&file, device)
+                .map_err(|e| ModelError::BadConfig(format!("{}: {e}", file.display())))?;
+            tensors.extend(loaded);
+        }
+        let model = CudaLlama::build(config, Source::Hf(tensors), device)?;
+        Ok(LoadedCuda {
+            model,
+            tokenizer,
+            chat_template,
+        })
+    } else {
+        let mut file = crate::gguf::open_gguf(path, &Device::Cpu)?;
+        let config = file.config.clone();
+        let model = CudaLlama::build(config, Source::Gguf(&mut file, path), device)?;
+        Ok(LoadedCuda {
+            model,
+            tokenizer: file.tokenizer,
+            chat_template: file.chat_template,
+        })
+    }
+}
+
+/// Random weights of the shapes a Hugging Face `config.json` describes (`--load-format
+/// dummy`), made on the GPU; a stand-in tokenizer of the model's vocabulary size.
+pub fn load_dummy(config_path: &Path, device: &Device, seed: u64) -> Result<LoadedCuda> {
+    let path = if config_path.is_dir() {
+        config_path.join("config.json")
+    } else {
+        config_path.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::BadConfig(format!("{}: {e}", path.display())))?;
+    let config = crate::hf::parse_config(&json)?;
+    device.set_seed(seed)?;
+    let tokenizer = Tokenizer::placeholder(config.vocab_size)?;
+    let model = CudaLlama::build(config, Source::Dummy(seed), device)?;
+    let chat_template = ChatTemplate::new(crate::chat::CHATML_TEMPLATE, "", "")?;
+    Ok(LoadedCuda {
+        model,
+        tokenizer,
+        chat_template,
+    })
+}
+
+impl CudaLlama {
+    fn build(config: ModelConfig, mut src: Source, device: &Device) -> Result<Self> {
+        config.validate()?;
+        if config.head_dim % 2 != 0 || config.head_dim > 256 {
+            return Err(ModelError::BadConfig(format!(
+                "the CUDA kernels need an even head_dim up to 256, got {}",
+                config.head_dim
+            )));
+        }
+        let (h, q, kv, f) = (
+            config.hidden_size,
+            config.q_dim(),
+            config.kv_dim(),
+            config.intermediate_size,
+        );
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let p = format!("model.layers.{i}");
+            let mut w =
+                |name: &str, shape: &[usize]| src.get(&format!("{p}.{name}"), shape, device);
+            let qkv = Tensor::cat(
+                &[
+                    w("self_attn.q_proj.weight", &[q, h])?,
+                    w("self_attn.k_proj.weight", &[kv, h])?,
+                    w("self_attn.v_proj.weight", &[kv, h])?,
+                ],
+                0,
+            )?;
+            let qkv_bias = if config.qkv_bias {
+                Some(Tensor::cat(
+                    &[
+                        w("self_attn.q_proj.bias", &[q])?,
+                        w("self_attn.k_proj.bias", &[kv])?,
+                        w("self_attn.v_proj.bias", &[kv])?,
+                    ],
+                    0,
+                )?)
+            } else {
+                None
+            };
+            let gate_up = Tensor::cat(
+                &[
+                    w("mlp.gate_proj.weight", &[f, h])?,
+                    w("mlp.up_proj.weight", &[f, h])?,
+                ],
+                0,
+            )?;
+            layers.push(CudaLayer {
+                attn_norm: w("input_layernorm.weight", &[h])?,
+                qkv,
+                qkv_bias,
+                wo: w("self_attn.o_proj.weight", &[h, q])?,
+                ffn_norm: w("post_attention_layernorm.weight", &[h])?,
+                gate_up,
+                down: w("mlp.down_proj.weight", &[h, f])?,
+            });
+        }
+        let embed = src.get("model.embed_tokens.weight", &[config.vocab_size, h], device)?;
+        let final_norm = src.get("model.norm.weight", &[h], device)?;
+        let lm_head = if config.tie_word_embeddings {
+            embed.clone()
+        } else {
+            src.get("lm_head.weight", &[config.vocab_size, h], device)?
+        };
+        let rope = Rope::new(&config);
+        let (cos, sin) = rope.full_tables(config.max_position_embeddings);
+        let stream = cuda_device(device)?.cuda_stream();
+        Ok(Self {
+            cos: stream.clone_htod(&cos).map_err(cuda_err)?,
+            sin: stream.clone_htod(&sin).map_err(cuda_err)?,
+            config,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bytes of GPU memory free now (after the weights): the KV pool's budget.
+    pub fn free_memory_bytes(&self) -> Option<usize> {
+        let dev = cuda_device(&self.device).ok()?;
+        dev.cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _)| free)
+    }
+
+    /// Runs one step, like [`crate::Llama::forward`].
+    pub fn forward(&self, batch: &[SeqStep], kv: &mut CudaKvPool) -> Result<Vec<Vec<f32>>> {
+        let cfg = &self.config;
+        let dev = cuda_device(&self.device)?;
+        let stream = dev.cuda_stream();
+        let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut new_slots = Vec::new();
+        let mut flat_slots: Vec<u32> = Vec::new();
+        let mut row_slot_off: Vec<u32> = Vec::new();
+        let mut row_keys: Vec<u32> = Vec::new();
+        let mut logit_rows: Vec<u32> = Vec::new();
+        for s in batch {
+            if s.tokens.is_empty() || s.slots.len() < s.tokens.len() {
+                return Err(ModelError::BadBatch(format!(
+                    "{} new tokens with {} slots",
+                    s.tokens.len(),
+                    s.slots.len()
+                )));
+            }
+            if s.slots.len() > cfg.max_position_embeddings {
+                return Err(ModelError::ContextOverflow {
+                    len: s.slots.len(),
+                    max: cfg.max_position_embeddings,
+                });
+            }
+            if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(ModelError::TokenOutOfRange {
+                    token: t,
+                    vocab: cfg.vocab_size,
+                });
+            }
+            if let Some(&bad) = s.slots.iter().find(|&&x| x as usize >= kv.num_slots) {
+                return Err(ModelError::BadBatch(format!(
+                    "slot {bad} outside a pool of {}",
+                    kv.num_slots
+                )));
+            }
+            let past = s.slots.len() - s.tokens.len();
+            let off = flat_slots.len() as u32;
+            flat_slots.extend_from_slice(s.slots);
+            for i in 0..s.tokens.len() {
+                row_slot_off.push(off);
+                row_keys.push((past + i + 1) as u32);
+            }
+            tokens.extend_from_slice(s.tokens);
+            positions.extend((past..s.slots.len()).map(|p| p as u32));
+            new_slots.extend_from_slice(&s.slots[past..]);
+            match s.logits {
+                LogitsWanted::None => {}
+                LogitsWanted::Last => logit_rows.push((tokens.len() - 1) as u32),
+                LogitsWanted::All => {
+                    logit_rows.extend((tokens.len() - s.tokens.len()) as u32..tokens.len() as u32)
+                }
+            }
+        }
+        let t = tokens.len();
+        if t == 0 {
+            return Ok(Vec::new());
+        }
+        let up = |v: &[u32]| stream.clone_htod(v).map_err(cuda_err);
+        let (positions_d, new_slots_d) = (up(&positions)?, up(&new_slots)?);
+        let flat_slots_d = up(&flat_slots)?;
+        let (row_off_d, row_keys_d) = (up(&row_slot_off)?, up(&row_keys)?);
+        let slot_lists = SlotLists {
+            flat: flat_slots_d,
+            row_offset: row_off_d,
+            row_keys: row_keys_d,
+            max_keys: row_keys.iter().copied().max().unwrap_or(1) as usize,
+        };
+        let mut parts = AttnPartials::new(dev, t, nh, d, slot_lists.max_keys)?;
+
+        let ids = Tensor::from_vec(tokens, t, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let eps = cfg.rms_norm_eps;
+        let interleaved = i32::from(cfg.rope_style == RopeStyle::Interleaved);
+        let (ti, nhi, nkvi, di) = (t as i32, nh as i32, nkv as i32, d as i32);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let mut qkv = h.matmul(&layer.qkv.t()?)?;
+            if let Some(b) = &layer.qkv_bias {
+                qkv = qkv.broadcast_add(b)?;
+            }
+            let qkv = qkv.contiguous()?;
+            // Safety: the kernel writes all T x H x D elements of q.
+            let mut q = unsafe { dev.alloc::<bf16>(t * nh * d) }?;
+            {
+                let (st, lay) = qkv.storage_and_layout();
+                let qkv_s = slice_of::<bf16>(&st, lay)?;
+                let pairs = t * (nh + 2 * nkv) * (d / 2);
+                let func = dev.get_or_load_custom_func("arbor_qkv_rope_write", MODULE, PTX)?;
+                let mut b = func.builder();
+                b.arg(&qkv_s)
+                    .arg(&positions_d)
+                    .arg(&new_slots_d)
+                    .arg(&self.cos)
+                    .arg(&self.sin)
+                    .arg(&mut q)
+                    .arg(&mut kv.k[l])
+                    .arg(&mut kv.v[l])
+                    .arg(&ti)
+                    .arg(&nhi)
+                    .arg(&nkvi)
+                    .arg(&di)
+                    .arg(&interleaved);
+                // Safety: argument types and order match the kernel's signature; every index
+                // it computes is bounded by the sizes passed (slots were checked above).
+                unsafe { b.launch(LaunchConfig::for_num_elems(pairs as u32)) }.w()?;
+            }
+            let attn = attention(
+                dev,
+                &q,
+                &kv.k[l],
+                &kv.v[l],
+                &slot_lists,
+                AttnDims {
+                    rows: t,
+                    heads: nh,
+                    kv_heads: nkv,
+                    head_dim: d,
+                },
+                &mut parts,
+            )?;
+            let attn = wrap(attn, dev, (t, nh * d));
+            x = (x + attn.matmul(&layer.wo.t()?)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let gu = h.matmul(&layer.gate_up.t()?)?.contiguous()?;
+            let ffn = cfg.intermediate_size;
+            // Safety: the kernel writes all T x F elements.
+            let mut act = unsafe { dev.alloc::<bf16>(t * ffn) }?;
+            {
+                let (st, lay) = gu.storage_and_layout();
+                let gu_s = slice_of::<bf16>(&st, lay)?;
+                let func = dev.get_or_load_custom_func("arbor_silu_mul", MODULE, PTX)?;
+                let fi = ffn as i32;
+                let mut b = func.builder();
+                b.arg(&gu_s).arg(&mut act).arg(&ti).arg(&fi);
+                // Safety: one thread per output element.
+                unsafe { b.launch(LaunchConfig::for_num_elems((t * ffn) as u32)) }.w()?;
+            }
+            let act = wrap(act, dev, (t, ffn));
+            x = (x + act.matmul(&layer.down.t()?)?)?;
+        }
+        if logit_rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n_rows = logit_rows.len();
+        let rows = Tensor::from_vec(logit_rows, n_rows, &self.device)?;
+        let last = x.index_select(&rows, 0)?;
+        let normed = candle_nn::ops::rms_norm(&last, &self.final_norm, eps)?;
+        let logits = normed
+            .matmul(&self.lm_head.t()?)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        Ok(logits)
+    }
+}
+
+/// The slot lists of one step, on the GPU: query row r attends keys `0..row_keys[r]` of the
+/// list starting at `flat[row_offset[r]]` (its sequence's slots; causal within the chunk).
+pub struct SlotLists {
+    flat: CudaSlice<u32>,
+    row_offset: CudaSlice<u32>,
+    row_keys: CudaSlice<u32>,
+    max_keys: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct AttnDims {
+    pub rows: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Per-split partial results of the attention kernel (reused by every layer of a step).
+pub struct AttnPartials {
+    o: CudaSlice<f32>,
+    m: CudaSlice<f32>,
+    l: CudaSlice<f32>,
+    splits: usize,
+}
+
+impl AttnPartials {
+    fn new(dev: &CudaDevice, rows: usize, heads: usize, d: usize, max_keys: usize) -> Result<Self> {
+        let splits = max_keys.div_ceil(SPLIT_LEN).max(1);
+        let n = rows * heads * splits;
+        // Safety: the attention kernel writes every (row, head, split) entry before the merge
+        // kernel reads it.
+        Ok(Self {
+            o: unsafe { dev.alloc::<f32>(n * d) }?,
+            m: unsafe { dev.alloc::<f32>(n) }?,
+            l: unsafe { dev.alloc::<f32>(n) }?,
+            splits,
+        })
+    }
+}
+
+/// Attention of every query row over its slot list, split along the keys, then merged:
+/// returns `[rows, heads, head_dim]` bf16.
+fn attention<Q>(
+    dev: &CudaDevice,
+    q: &Q,
+    k_pool: &CudaSlice<bf16>,
+    v_pool: &CudaSlice<bf16>,
+    lists: &SlotLists,
+    dims: AttnDims,
+    parts: &mut AttnPartials,
+) -> Result<CudaSlice<bf16>>
+where
+    Q: candle_core::cuda_backend::cudarc::driver::DevicePtr<bf16>,
+{
+    let AttnDims {
+        rows,
+        heads,
+        kv_heads,
+        head_dim,
+    } = dims;
+    let (hi, kvi, di) = (heads as i32, kv_heads as i32, head_dim as i32);
+    let (splits_i, split_len_i) = (parts.splits as i32, SPLIT_LEN as i32);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let func = dev.get_or_load_custom_func("arbor_attention", MODULE, PTX)?;
+    let mut b = func.builder();
+    b.arg(q)
+        .arg(k_pool)
+        .arg(v_pool)
+        .arg(&lists.flat)
+        .arg(&lists.row_offset)
+        .arg(&lists.row_keys)
+        .arg(&mut parts.o)
+        .arg(&mut parts.m)
+        .arg(&mut parts.l)
+        .arg(&hi)
+        .arg(&kvi)
+        .arg(&di)
+        .arg(&splits_i)
+        .arg(&split_len_i)
+        .arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, heads as u32, parts.splits as u32),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // Safety: argument types and order match `arbor_attention`; one warp per (row, head,
+    // split) reads only its row's slot list (checked against the pool size by the caller) and
+    // writes only its own partial entry.
+    unsafe { b.launch(cfg) }.w()?;
+    // Safety: the merge kernel writes every element of its output.
+    let mut out = unsafe { dev.alloc::<bf16>(rows * heads * head_dim) }?;
+    let func = dev.get_or_load_custom_func("arbor_attention_merge", MODULE, PTX)?;
+    let mut b = func.builder();
+    b.arg(&parts.o)
+        .arg(&parts.m)
+        .arg(&parts.l)
+        .arg(&mut out)
+        .arg(&hi)
+        .arg(&di)
+        .arg(&splits_i);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, heads as u32, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // Safety: one warp per (row, head) reading that entry's splits.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(out)
+}
+
+/// One sequence of a kernel check: its slot list and how many of its last tokens are queries.
+#[derive(Debug, Clone)]
+pub struct CheckSeq {
+    pub slots: Vec<u32>,
+    pub n_new: usize,
+}
+
+/// Runs the attention kernels on host data (rounded to bf16 on the way in), for checks
+/// against a float reference: q `[rows, heads, d]`, pools `[slots, kv_heads, d]`.
+pub fn attention_on_host(
+    device: &Device,
+    q: &[f32],
+    k_pool: &[f32],
+    v_pool: &[f32],
+    seqs: &[CheckSeq],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<Vec<f32>> {
+    let dev = cuda_device(device)?;
+    let stream = dev.cuda_stream();
+    let to_bf16 = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
+    let up_bf16 = |x: &[f32]| stream.clone_htod(&to_bf16(x)).map_err(cuda_err);
+    let (q_d, k_d, v_d) = (up_bf16(q)?, up_bf16(k_pool)?, up_bf16(v_pool)?);
+    let (mut flat, mut off, mut keys) = (Vec::new(), Vec::new(), Vec::new());
+    for s in seqs {
+        let o = flat.len() as u32;
+        flat.extend_from_slice(&s.slots);
+        let past = s.slots.len() - s.n_new;
+        for i in 0..s.n_new {
+            off.push(o);
+            keys.push((past + i + 1) as u32);
+        }
+    }
+    let rows = off.len();
+    let up = |v: &[u32]| stream.clone_htod(v).map_err(cuda_err);
+    let lists = SlotLists {
+        max_keys: keys.iter().copied().max().unwrap_or(1) as usize,
+        flat: up(&flat)?,
+        row_offset: up(&off)?,
+        row_keys: up(&keys)?,
+    };
+    let mut parts = AttnPartials::new(dev, rows, heads, head_dim, lists.max_keys)?;
+    let dims = AttnDims {
+        rows,
+        heads,
+        kv_heads,
+        head_dim,
+    };
+    let out = attention(dev, &q_d, &k_d, &v_d, &lists, dims, &mut parts)?;
+    let host: Vec<bf16> = stream.clone_dtoh(&out).map_err(cuda_err)?;
+    Ok(host.into_iter().map(f32::from).collect())
+}
+
+/// The device slice behind a contiguous tensor, from its offset on.
+fn slice_of<'a, T: candle_core::cuda_backend::CudaDType>(
+    storage: &'a Storage,
+    layout: &candle_core::Layout,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    let Storage::Cuda(cs) = storage else {
+        return Err(ModelError::Cuda("expected a CUDA tensor".into()));
+    };
+    if !layout.is_contiguous() {
+        return Err(ModelError::Cuda("expected a contiguous tensor".into()));
+    }
+    let s = cs.as_cuda_slice::<T>()?;
+    Ok(s.slice(layout.start_offset()..))
+}
+
+fn wrap(slice: CudaSlice<bf16>, dev: &CudaDevice, shape: (usize, usize)) -> Tensor {
+    let storage = CudaStorage::wrap_cuda_slice(slice, dev.clone());
+    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+}
+
+// Keeps BackendStorage in scope for `device()` on storages in future kernels.
+#[allow(dead_code)]
+fn _storage_device(s: &CudaStorage) -> &CudaDevice {
+    s.device()
+}
