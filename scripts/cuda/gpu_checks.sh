@@ -30,7 +30,9 @@ run() {  # run NAME CMD...: log to OUT/NAME.log, remember failures, go on
         status=1
     fi
 }
-# 1. Correctness: the GPU path against the CPU path, and against transformers' logits.
+# 1. Correctness: the attention kernels against a float reference; the GPU path against the
+#    CPU path, and against transformers' logits.
+run check-kernels "$BIN" gpu-check --kernels --json "$OUT/check-kernels.json"
 for m in tiny-llama tiny-qwen2; do
     run "check-$m" "$BIN" gpu-check --model "fixtures/$m" --transformers fixtures/tiny_logits.json \
         --json "$OUT/check-$m.json"

@@ -90,16 +90,25 @@ impl Tokenizer {
         }
     }
 
-    /// A stand-in for models without a tokenizer (random `--load-format dummy` weights): ids
-    /// `0..vocab` are the words `t0`, `t1`, ...; text in, word ids out, and back.
+    /// A stand-in for models without a tokenizer (random `--load-format dummy` weights): one
+    /// token per character, ids 0-127 the ASCII characters themselves (so different texts give
+    /// different tokens, and a prompt's length in tokens is its length in characters), ids from
+    /// 128 on the words `t128`, `t129`, ... that a random model may generate.
     pub fn placeholder(vocab: usize) -> Result<Self> {
-        let words: serde_json::Map<String, Value> =
-            (0..vocab).map(|i| (format!("t{i}"), json!(i))).collect();
+        let mut words = serde_json::Map::new();
+        for i in 0..vocab.max(128) {
+            let word = if i < 128 {
+                char::from(i as u8).to_string()
+            } else {
+                format!("t{i}")
+            };
+            words.insert(word, json!(i));
+        }
         let spec = json!({
             "version": "1.0",
-            "model": {"type": "WordLevel", "vocab": words, "unk_token": "t0"},
-            "pre_tokenizer": {"type": "Whitespace"},
-            "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
+            "model": {"type": "WordLevel", "vocab": words, "unk_token": "?"},
+            "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "(?s)."}, "behavior": "Isolated", "invert": false},
+            "decoder": {"type": "Fuse"},
         });
         let inner = spec
             .to_string()
@@ -405,5 +414,17 @@ impl IncrementalDecoder {
         } else {
             Ok(String::new())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn placeholder_tokenizer_is_one_token_per_character() {
+        let t = super::Tokenizer::placeholder(1000).unwrap();
+        let ids = t.encode("ab a\n", false).unwrap();
+        assert_eq!(ids, vec![97, 98, 32, 97, 10]);
+        assert_eq!(t.decode(&ids, false).unwrap(), "ab a\n");
+        assert_eq!(t.decode(&[500], false).unwrap(), "t500");
     }
 }

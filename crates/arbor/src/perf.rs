@@ -87,6 +87,9 @@ pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
         }
         let (mut steps, mut time) = (0usize, 0.0f64);
         let mut warm = 0;
+        // CUDA profile of the timed steps only (ARBOR_CUDA_PROFILE=1).
+        #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+        let mut prof: Vec<(&'static str, f64, u64)> = Vec::new();
         while engine.has_work() {
             let t0 = Instant::now();
             let (_, stats) = engine.step()?;
@@ -97,13 +100,38 @@ pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
                 if warm > 3 {
                     steps += 1;
                     time += dt;
+                    #[cfg(feature = "cuda")]
+                    for (name, secs, n) in arbor_model::cuda::take_profile() {
+                        match prof.iter_mut().find(|p| p.0 == name) {
+                            Some(p) => {
+                                p.1 += secs;
+                                p.2 += n;
+                            }
+                            None => prof.push((name, secs, n)),
+                        }
+                    }
+                    continue;
                 }
             }
+            #[cfg(feature = "cuda")]
+            arbor_model::cuda::take_profile();
         }
         if steps == 0 {
             bail!("batch {b}: no full decode steps (raise --decode-tokens or --kv-slots)");
         }
         let step_s = time / steps as f64;
+        {
+            if !prof.is_empty() {
+                let total: f64 = prof.iter().map(|p| p.1).sum();
+                for (name, secs, n) in prof {
+                    eprintln!(
+                        "  profile batch {b}: {name:<18} {:>8.3} ms per step ({:>5.1}%), {n} marks",
+                        secs * 1e3 / steps as f64,
+                        100.0 * secs / total
+                    );
+                }
+            }
+        }
         let ctx = a.context + a.decode_tokens / 2;
         let kv_bytes = (b * ctx * cfg.kv_bytes_per_slot()) as f64;
         let roofline_step = (weight_bytes + kv_bytes) / (a.bandwidth_gbs * 1e9);
@@ -352,7 +380,7 @@ fn against_transformers(
 }
 
 /// The attention kernels against an f64 reference on random inputs: head shapes of real and
-/// tiny models, sequence lengths that are not multiples of the kernel's 256-key split, many
+/// tiny models, sequence lengths that are not multiples of the kernel's 32-key blocks or 128-key splits, many
 /// sequences of different lengths in one launch, long cached prefixes, scattered slots.
 #[cfg(feature = "cuda")]
 fn kernel_checks(device: &arbor_model::Device) -> Result<serde_json::Value> {
@@ -369,7 +397,10 @@ fn kernel_checks(device: &arbor_model::Device) -> Result<serde_json::Value> {
     let mut cases = Vec::new();
     let mut failed = 0;
     // (heads, kv_heads, head_dim, [(context, new tokens)])
-    let shapes: [(usize, usize, usize, Vec<(usize, usize)>); 3] = [
+    // The first case is decodes only (the split-K decode path), the others mix decode rows with
+    // prefill tiles.
+    let shapes: [(usize, usize, usize, Vec<(usize, usize)>); 4] = [
+        (32, 8, 128, vec![(5000, 1), (37, 1), (1, 1), (700, 1)]),
         (
             32,
             8,

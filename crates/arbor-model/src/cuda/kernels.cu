@@ -16,6 +16,7 @@
 
 #define WARP 32
 #define MAX_PER_LANE 8  // D <= 256
+#define VEC_MAX 16      // K rows of up to 128 bf16 read as 16-byte vectors
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -66,16 +67,23 @@ extern "C" __global__ void arbor_qkv_rope_write(
     dst[b] = __float2bfloat16(x1);
 }
 
-// One warp per (query row, head, split). Row r attends keys [0, row_keys[r]) of the slot list
+// Decode rows (and any row not in a prefill tile): one warp per (query row, head, split),
+// rows[blockIdx.x] naming the row. Row r attends keys [0, row_keys[r]) of the slot list
 // starting at row_slot_off[r]; this split takes keys [split * split_len, ...). Writes the
 // unnormalized output, the running max and the sum of exponentials of its keys.
+//
+// Keys go 32 at a time, one per lane: each lane gathers its key's slot and K row and scores it
+// (32 independent memory streams instead of one dependent chain per key, which left decode
+// waiting on memory latency), then the warp folds the 32 scores into the online softmax and
+// every lane accumulates its D/32 output dims over the 32 V rows (coalesced across lanes).
 extern "C" __global__ void arbor_attention(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,
     const __nv_bfloat16* __restrict__ v_pool, const uint32_t* __restrict__ slots,
     const uint32_t* __restrict__ row_slot_off, const uint32_t* __restrict__ row_keys,
-    float* __restrict__ o_part, float* __restrict__ m_part, float* __restrict__ l_part, int H,
-    int KVH, int D, int n_splits, int split_len, float scale) {
-    const int r = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
+    const uint32_t* __restrict__ rows, float* __restrict__ o_part, float* __restrict__ m_part,
+    float* __restrict__ l_part, int H, int KVH, int D, int n_splits, int split_len, float scale) {
+    __shared__ float qs[256];
+    const int r = rows[blockIdx.x], h = blockIdx.y, split = blockIdx.z;
     const int lane = threadIdx.x;
     const long part = ((long)r * H + h) * n_splits + split;
     const int n_keys = row_keys[r];
@@ -86,28 +94,67 @@ extern "C" __global__ void arbor_attention(
     for (int i = 0; i < MAX_PER_LANE; i++) acc[i] = 0.f;
     float m = -INFINITY, l = 0.f;
     if (k_begin < k_end) {
-        float qv[MAX_PER_LANE];
         const __nv_bfloat16* qrow = q + ((long)r * H + h) * D;
-#pragma unroll
-        for (int i = 0; i < MAX_PER_LANE; i++)
-            qv[i] = lane + i * WARP < D ? __bfloat162float(qrow[lane + i * WARP]) * scale : 0.f;
+        for (int i = lane; i < D; i += WARP) qs[i] = __bfloat162float(qrow[i]) * scale;
+        __syncwarp();
         const int kvh = h / (H / KVH);
         const uint32_t* my_slots = slots + row_slot_off[r];
-        for (int j = k_begin; j < k_end; j++) {
-            const long base = ((long)my_slots[j] * KVH + kvh) * D;
-            float dot = 0.f;
+        for (int k0 = k_begin; k0 < k_end; k0 += WARP) {
+            const int j = k0 + lane;
+            float s = -INFINITY;
+            long base = 0;
+            if (j < k_end) {
+                base = ((long)my_slots[j] * KVH + kvh) * D;
+                float dot = 0.f;
+                if ((D & 7) == 0 && D <= 8 * VEC_MAX) {
+                    // The whole K row in 16-byte loads, all issued before any is used: one
+                    // memory round trip per row instead of one per element.
+                    const uint4* krow = reinterpret_cast<const uint4*>(k_pool + base);
+                    uint4 buf[VEC_MAX];
 #pragma unroll
-            for (int i = 0; i < MAX_PER_LANE; i++)
-                if (lane + i * WARP < D) dot += qv[i] * __bfloat162float(k_pool[base + lane + i * WARP]);
-            const float s = warp_sum(dot);
-            const float m_new = fmaxf(m, s);
+                    for (int v = 0; v < VEC_MAX; v++)
+                        if (v < D / 8) buf[v] = krow[v];
+#pragma unroll
+                    for (int v = 0; v < VEC_MAX; v++) {
+                        if (v < D / 8) {
+                            const __nv_bfloat162* pr = reinterpret_cast<const __nv_bfloat162*>(&buf[v]);
+#pragma unroll
+                            for (int e = 0; e < 4; e++) {
+                                const float2 kf = __bfloat1622float2(pr[e]);
+                                dot += qs[8 * v + 2 * e] * kf.x + qs[8 * v + 2 * e + 1] * kf.y;
+                            }
+                        }
+                    }
+                } else {
+                    const __nv_bfloat162* krow = reinterpret_cast<const __nv_bfloat162*>(k_pool + base);
+#pragma unroll 8
+                    for (int i = 0; i < D / 2; i++) {
+                        const float2 kf = __bfloat1622float2(krow[i]);
+                        dot += qs[2 * i] * kf.x + qs[2 * i + 1] * kf.y;
+                    }
+                }
+                s = dot;
+            }
+            float mx = s;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+            const float m_new = fmaxf(m, mx);
+            const float p = j < k_end ? __expf(s - m_new) : 0.f;
             const float corr = __expf(m - m_new);
-            const float p = __expf(s - m_new);
-            l = l * corr + p;
+            l = l * corr + warp_sum(p);
 #pragma unroll
-            for (int i = 0; i < MAX_PER_LANE; i++)
-                if (lane + i * WARP < D)
-                    acc[i] = acc[i] * corr + p * __bfloat162float(v_pool[base + lane + i * WARP]);
+            for (int i = 0; i < MAX_PER_LANE; i++) acc[i] *= corr;
+            const int n = min(WARP, k_end - k0);
+            // Unrolled so that several V rows are in flight at once.
+#pragma unroll 8
+            for (int jj = 0; jj < n; jj++) {
+                const float pj = __shfl_sync(0xffffffff, p, jj);
+                const long bj = __shfl_sync(0xffffffff, base, jj);
+#pragma unroll
+                for (int i = 0; i < MAX_PER_LANE; i++)
+                    if (lane + i * WARP < D)
+                        acc[i] += pj * __bfloat162float(v_pool[bj + lane + i * WARP]);
+            }
             m = m_new;
         }
     }
@@ -121,7 +168,122 @@ extern "C" __global__ void arbor_attention(
     }
 }
 
-// One warp per (row, head): out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M).
+
+// Prefill tiles: one block of 4 warps per (tile of up to 16 consecutive query rows of one
+// sequence, head, split). The tile's keys are staged 32 at a time in shared memory, gathered
+// through the slot list with coalesced row reads, and every K/V row loaded serves all the
+// tile's queries (16 times less memory traffic than a row at a time). Each warp owns 4 query
+// rows; lane j scores key j of the stage against each of them, the warp folds the scores into
+// each row's online softmax, and lanes accumulate their D/32 output dims. Causal: row i of the
+// tile sees keys below row_keys[row0 + i].
+#define QT 16
+#define KT 32
+#define ROWS_PER_WARP 4
+extern "C" __global__ void __launch_bounds__(128) arbor_attention_tiled(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,
+    const __nv_bfloat16* __restrict__ v_pool, const uint32_t* __restrict__ slots,
+    const uint32_t* __restrict__ row_slot_off, const uint32_t* __restrict__ row_keys,
+    const uint32_t* __restrict__ tile_row0, const uint32_t* __restrict__ tile_rows,
+    float* __restrict__ o_part, float* __restrict__ m_part, float* __restrict__ l_part, int H,
+    int KVH, int D, int n_splits, int split_len, float scale) {
+    extern __shared__ float smem[];
+    const int Dp = D + 1;  // padded rows: lane j reading row j hits distinct banks
+    float* qs = smem;                      // [QT][D]
+    float* ks = qs + QT * D;               // [KT][Dp]
+    float* vs = ks + KT * Dp;              // [KT][Dp]
+    uint32_t* sl = reinterpret_cast<uint32_t*>(vs + KT * Dp);  // [KT]
+    const int tile = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
+    const int row0 = tile_row0[tile], nrows = tile_rows[tile];
+    const int kvh = h / (H / KVH);
+    const uint32_t* my_slots = slots + row_slot_off[row0];
+    const int last_keys = row_keys[row0 + nrows - 1];  // the tile's widest causal window
+    const int k_begin = split * split_len;
+    const int k_end = min(last_keys, k_begin + split_len);
+    for (int i = tid; i < QT * D; i += blockDim.x) {
+        const int qr = i / D, c = i % D;
+        qs[i] = qr < nrows ? __bfloat162float(q[((long)(row0 + qr) * H + h) * D + c]) * scale : 0.f;
+    }
+    float acc[ROWS_PER_WARP][MAX_PER_LANE];
+    float m[ROWS_PER_WARP], l[ROWS_PER_WARP];
+    int n_keys[ROWS_PER_WARP];
+#pragma unroll
+    for (int a = 0; a < ROWS_PER_WARP; a++) {
+        m[a] = -INFINITY;
+        l[a] = 0.f;
+        const int qr = warp * ROWS_PER_WARP + a;
+        n_keys[a] = qr < nrows ? (int)row_keys[row0 + qr] : 0;
+#pragma unroll
+        for (int i = 0; i < MAX_PER_LANE; i++) acc[a][i] = 0.f;
+    }
+    for (int k0 = k_begin; k0 < k_end; k0 += KT) {
+        __syncthreads();  // previous stage consumed (and qs written, the first time)
+        if (tid < KT) sl[tid] = k0 + tid < k_end ? my_slots[k0 + tid] : 0;
+        __syncthreads();
+#pragma unroll 8
+        for (int i = tid; i < KT * D; i += blockDim.x) {
+            const int j = i / D, c = i % D;
+            const long base = ((long)sl[j] * KVH + kvh) * D + c;
+            const bool live = k0 + j < k_end;
+            ks[j * Dp + c] = live ? __bfloat162float(k_pool[base]) : 0.f;
+            vs[j * Dp + c] = live ? __bfloat162float(v_pool[base]) : 0.f;
+        }
+        __syncthreads();
+        const int key = k0 + lane;
+#pragma unroll
+        for (int a = 0; a < ROWS_PER_WARP; a++) {
+            const int qr = warp * ROWS_PER_WARP + a;
+            if (qr >= nrows || k0 >= n_keys[a]) continue;  // warp-uniform
+            const float* qrow = qs + qr * D;
+            const float* krow = ks + lane * Dp;
+            float s = 0.f;
+            for (int c = 0; c < D; c++) s += qrow[c] * krow[c];
+            if (key >= n_keys[a]) s = -INFINITY;
+            float mx = s;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+            const float m_new = fmaxf(m[a], mx);
+            const float p = key < n_keys[a] ? __expf(s - m_new) : 0.f;
+            const float corr = __expf(m[a] - m_new);
+            l[a] = l[a] * corr + warp_sum(p);
+#pragma unroll
+            for (int i = 0; i < MAX_PER_LANE; i++) acc[a][i] *= corr;
+            const int n = min(KT, n_keys[a] - k0);
+            for (int jj = 0; jj < n; jj++) {
+                const float pj = __shfl_sync(0xffffffff, p, jj);
+                const float* vrow = vs + jj * Dp;
+#pragma unroll
+                for (int i = 0; i < MAX_PER_LANE; i++)
+                    if (lane + i * WARP < D) acc[a][i] += pj * vrow[lane + i * WARP];
+            }
+            m[a] = m_new;
+        }
+    }
+#pragma unroll
+    for (int a = 0; a < ROWS_PER_WARP; a++) {
+        const int qr = warp * ROWS_PER_WARP + a;
+        if (qr >= nrows) continue;
+        const long part = ((long)(row0 + qr) * H + h) * n_splits + split;
+        float* o = o_part + part * D;
+#pragma unroll
+        for (int i = 0; i < MAX_PER_LANE; i++)
+            if (lane + i * WARP < D) o[lane + i * WARP] = acc[a][i];
+        if (lane == 0) {
+            m_part[part] = m[a];
+            l_part[part] = l[a];
+        }
+    }
+}
+
+// One warp per (row, head): out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M). Lanes read
+// 32 splits' m and l at once, so a long context's many splits cost a few memory round trips,
+// not one per split.
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
 extern "C" __global__ void arbor_attention_merge(
     const float* __restrict__ o_part, const float* __restrict__ m_part,
     const float* __restrict__ l_part, __nv_bfloat16* __restrict__ out, int H, int D,
@@ -129,17 +291,38 @@ extern "C" __global__ void arbor_attention_merge(
     const int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
     const long first = ((long)r * H + h) * n_splits;
     float M = -INFINITY;
-    for (int s = 0; s < n_splits; s++) M = fmaxf(M, m_part[first + s]);
+    for (int s = lane; s < n_splits; s += WARP)
+        if (l_part[first + s] > 0.f) M = fmaxf(M, m_part[first + s]);
+    M = warp_max(M);
+    float acc[MAX_PER_LANE];
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++) acc[i] = 0.f;
     float L = 0.f;
-    for (int s = 0; s < n_splits; s++)
-        if (l_part[first + s] > 0.f) L += l_part[first + s] * __expf(m_part[first + s] - M);
-    for (int d = lane; d < D; d += WARP) {
-        float acc = 0.f;
-        for (int s = 0; s < n_splits; s++)
-            if (l_part[first + s] > 0.f)
-                acc += o_part[(first + s) * D + d] * __expf(m_part[first + s] - M);
-        out[((long)r * H + h) * D + d] = __float2bfloat16(L > 0.f ? acc / L : 0.f);
+    for (int s0 = 0; s0 < n_splits; s0 += WARP) {
+        const int s = s0 + lane;
+        float w = 0.f;
+        if (s < n_splits) {
+            const float ls = l_part[first + s];
+            if (ls > 0.f) {
+                w = __expf(m_part[first + s] - M);
+                L += ls * w;
+            }
+        }
+        const int n = min(WARP, n_splits - s0);
+#pragma unroll 8
+        for (int j = 0; j < n; j++) {
+            const float wj = __shfl_sync(0xffffffff, w, j);
+            const float* o = o_part + (first + s0 + j) * D;
+#pragma unroll
+            for (int i = 0; i < MAX_PER_LANE; i++)
+                if (lane + i * WARP < D) acc[i] += wj * o[lane + i * WARP];
+        }
     }
+    L = warp_sum(L);
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++)
+        if (lane + i * WARP < D)
+            out[((long)r * H + h) * D + lane + i * WARP] = __float2bfloat16(L > 0.f ? acc[i] / L : 0.f);
 }
 
 // gate_up: [T, 2F] (gate then up); out: [T, F] = silu(gate) * up.

@@ -31,9 +31,19 @@ use crate::{ChatTemplate, Tokenizer};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/arbor_kernels.ptx"));
 const MODULE: &str = "arbor_kernels";
-/// Keys per attention split: long contexts are cut into pieces that run in parallel and are
-/// merged (flash-decoding); short ones take one split.
-const SPLIT_LEN: usize = 256;
+/// Decode steps cut each context into splits that run in parallel and are merged
+/// (flash-decoding), as many as it takes to give the GPU about this many warps: one sequence
+/// of 512 tokens needs 32-key splits (128-key splits left its attention latency-bound at 100
+/// us a layer on the H200), while 64 sequences fill the GPU with one split each (and many
+/// splits would cost more in partial results and merging than they save).
+const DECODE_TARGET_WARPS: usize = 4096;
+/// Keys per split in steps with prefill chunks: their tiles already give parallelism, and
+/// fewer splits mean less partial output written and merged.
+const SPLIT_LEN_PREFILL: usize = 1024;
+/// Query rows per prefill tile (`QT` in kernels.cu) and the largest head_dim whose tile fits
+/// the default 48 KiB of shared memory.
+const TILE_ROWS: usize = 16;
+const TILE_MAX_HEAD_DIM: usize = 128;
 
 fn cuda_err(e: impl std::fmt::Display) -> ModelError {
     ModelError::Cuda(e.to_string())
@@ -106,7 +116,7 @@ impl CudaKvPool {
 enum Source<'a> {
     Gguf(&'a mut crate::gguf::GgufModelFile, &'a Path),
     Hf(std::collections::HashMap<String, Tensor>),
-    Dummy(u64),
+    Dummy,
 }
 
 impl Source<'_> {
@@ -124,7 +134,7 @@ impl Source<'_> {
                 .remove(hf_name)
                 .ok_or_else(|| ModelError::MissingTensor(hf_name.to_string()))?
                 .to_dtype(DType::BF16)?,
-            Source::Dummy(_) => {
+            Source::Dummy => {
                 if hf_name.ends_with("norm.weight") {
                     Tensor::ones(shape, DType::BF16, device)?
                 } else {
@@ -228,7 +238,7 @@ pub fn load_dummy(config_path: &Path, device: &Device, seed: u64) -> Result<Load
     let config = crate::hf::parse_config(&json)?;
     device.set_seed(seed)?;
     let tokenizer = Tokenizer::placeholder(config.vocab_size)?;
-    let model = CudaLlama::build(config, Source::Dummy(seed), device)?;
+    let model = CudaLlama::build(config, Source::Dummy, device)?;
     let chat_template = ChatTemplate::new(crate::chat::CHATML_TEMPLATE, "", "")?;
     Ok(LoadedCuda {
         model,
@@ -339,9 +349,6 @@ impl CudaLlama {
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
         let mut new_slots = Vec::new();
-        let mut flat_slots: Vec<u32> = Vec::new();
-        let mut row_slot_off: Vec<u32> = Vec::new();
-        let mut row_keys: Vec<u32> = Vec::new();
         let mut logit_rows: Vec<u32> = Vec::new();
         for s in batch {
             if s.tokens.is_empty() || s.slots.len() < s.tokens.len() {
@@ -370,12 +377,6 @@ impl CudaLlama {
                 )));
             }
             let past = s.slots.len() - s.tokens.len();
-            let off = flat_slots.len() as u32;
-            flat_slots.extend_from_slice(s.slots);
-            for i in 0..s.tokens.len() {
-                row_slot_off.push(off);
-                row_keys.push((past + i + 1) as u32);
-            }
             tokens.extend_from_slice(s.tokens);
             positions.extend((past..s.slots.len()).map(|p| p as u32));
             new_slots.extend_from_slice(&s.slots[past..]);
@@ -393,28 +394,26 @@ impl CudaLlama {
         }
         let up = |v: &[u32]| stream.clone_htod(v).map_err(cuda_err);
         let (positions_d, new_slots_d) = (up(&positions)?, up(&new_slots)?);
-        let flat_slots_d = up(&flat_slots)?;
-        let (row_off_d, row_keys_d) = (up(&row_slot_off)?, up(&row_keys)?);
-        let slot_lists = SlotLists {
-            flat: flat_slots_d,
-            row_offset: row_off_d,
-            row_keys: row_keys_d,
-            max_keys: row_keys.iter().copied().max().unwrap_or(1) as usize,
-        };
-        let mut parts = AttnPartials::new(dev, t, nh, d, slot_lists.max_keys)?;
+        let slot_lists =
+            SlotLists::build(dev, batch.iter().map(|s| (s.slots, s.tokens.len())), nh, d)?;
+        let mut parts = AttnPartials::new(dev, t, nh, d, &slot_lists)?;
 
         let ids = Tensor::from_vec(tokens, t, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
+        let mut prof = Profiler::start(dev);
+        prof.mark("embed");
         let eps = cfg.rms_norm_eps;
         let interleaved = i32::from(cfg.rope_style == RopeStyle::Interleaved);
         let (ti, nhi, nkvi, di) = (t as i32, nh as i32, nkv as i32, d as i32);
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            prof.mark("rms_norm");
             let mut qkv = h.matmul(&layer.qkv.t()?)?;
             if let Some(b) = &layer.qkv_bias {
                 qkv = qkv.broadcast_add(b)?;
             }
             let qkv = qkv.contiguous()?;
+            prof.mark("matmul_qkv");
             // Safety: the kernel writes all T x H x D elements of q.
             let mut q = unsafe { dev.alloc::<bf16>(t * nh * d) }?;
             {
@@ -440,6 +439,7 @@ impl CudaLlama {
                 // it computes is bounded by the sizes passed (slots were checked above).
                 unsafe { b.launch(LaunchConfig::for_num_elems(pairs as u32)) }.w()?;
             }
+            prof.mark("qkv_rope_write");
             let attn = attention(
                 dev,
                 &q,
@@ -454,10 +454,14 @@ impl CudaLlama {
                 },
                 &mut parts,
             )?;
+            prof.mark("attention");
             let attn = wrap(attn, dev, (t, nh * d));
             x = (x + attn.matmul(&layer.wo.t()?)?)?;
+            prof.mark("matmul_wo+add");
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            prof.mark("rms_norm");
             let gu = h.matmul(&layer.gate_up.t()?)?.contiguous()?;
+            prof.mark("matmul_gate_up");
             let ffn = cfg.intermediate_size;
             // Safety: the kernel writes all T x F elements.
             let mut act = unsafe { dev.alloc::<bf16>(t * ffn) }?;
@@ -471,8 +475,10 @@ impl CudaLlama {
                 // Safety: one thread per output element.
                 unsafe { b.launch(LaunchConfig::for_num_elems((t * ffn) as u32)) }.w()?;
             }
+            prof.mark("silu_mul");
             let act = wrap(act, dev, (t, ffn));
             x = (x + act.matmul(&layer.down.t()?)?)?;
+            prof.mark("matmul_down+add");
         }
         if logit_rows.is_empty() {
             return Ok(Vec::new());
@@ -481,21 +487,136 @@ impl CudaLlama {
         let rows = Tensor::from_vec(logit_rows, n_rows, &self.device)?;
         let last = x.index_select(&rows, 0)?;
         let normed = candle_nn::ops::rms_norm(&last, &self.final_norm, eps)?;
-        let logits = normed
-            .matmul(&self.lm_head.t()?)?
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?;
+        let logits = normed.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?;
+        prof.mark("lm_head");
+        let logits = logits.to_vec2::<f32>()?;
+        prof.mark("copy_out");
         Ok(logits)
     }
 }
 
+/// Per-section GPU time of forward steps, when `ARBOR_CUDA_PROFILE=1`: each mark waits for
+/// the GPU, so profiling slows the steps down; it says where the time goes, not how long a
+/// step takes.
+struct Profiler {
+    stream: Option<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>>,
+    last: std::time::Instant,
+}
+
+static PROFILE: std::sync::Mutex<Vec<(&'static str, f64, u64)>> = std::sync::Mutex::new(Vec::new());
+
+fn profiling() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ARBOR_CUDA_PROFILE").is_ok_and(|v| v == "1"))
+}
+
+impl Profiler {
+    fn start(dev: &CudaDevice) -> Self {
+        let stream = profiling().then(|| dev.cuda_stream());
+        if let Some(s) = &stream {
+            let _ = s.synchronize();
+        }
+        Self {
+            stream,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn mark(&mut self, name: &'static str) {
+        let Some(s) = &self.stream else { return };
+        let _ = s.synchronize();
+        let now = std::time::Instant::now();
+        let dt = (now - self.last).as_secs_f64();
+        self.last = now;
+        let mut p = PROFILE.lock().unwrap_or_else(|e| e.into_inner());
+        match p.iter_mut().find(|e| e.0 == name) {
+            Some(e) => {
+                e.1 += dt;
+                e.2 += 1;
+            }
+            None => p.push((name, dt, 1)),
+        }
+    }
+}
+
+/// The profile gathered so far (see `ARBOR_CUDA_PROFILE`), and clears it.
+pub fn take_profile() -> Vec<(&'static str, f64, u64)> {
+    std::mem::take(&mut *PROFILE.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 /// The slot lists of one step, on the GPU: query row r attends keys `0..row_keys[r]` of the
 /// list starting at `flat[row_offset[r]]` (its sequence's slots; causal within the chunk).
+/// Rows of prefill chunks go to the tiled kernel in tiles of up to `TILE_ROWS` consecutive
+/// rows of one sequence; decode rows to the warp-per-row kernel.
 pub struct SlotLists {
     flat: CudaSlice<u32>,
     row_offset: CudaSlice<u32>,
     row_keys: CudaSlice<u32>,
+    decode_rows: CudaSlice<u32>,
+    n_decode: usize,
+    tile_row0: CudaSlice<u32>,
+    tile_rows: CudaSlice<u32>,
+    n_tiles: usize,
     max_keys: usize,
+    split_len: usize,
+}
+
+impl SlotLists {
+    /// From each sequence's whole slot list and its number of new tokens (queries).
+    fn build<'a>(
+        dev: &CudaDevice,
+        seqs: impl Iterator<Item = (&'a [u32], usize)>,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let (mut flat, mut off, mut keys) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut decode, mut tile0, mut tile_n) = (Vec::new(), Vec::new(), Vec::new());
+        let tiled = head_dim <= TILE_MAX_HEAD_DIM;
+        for (slots, n_new) in seqs {
+            let o = flat.len() as u32;
+            flat.extend_from_slice(slots);
+            let past = slots.len() - n_new;
+            let first_row = off.len();
+            for i in 0..n_new {
+                off.push(o);
+                keys.push((past + i + 1) as u32);
+            }
+            if tiled && n_new > 1 {
+                for start in (0..n_new).step_by(TILE_ROWS) {
+                    tile0.push((first_row + start) as u32);
+                    tile_n.push(TILE_ROWS.min(n_new - start) as u32);
+                }
+            } else {
+                decode.extend((first_row..first_row + n_new).map(|r| r as u32));
+            }
+        }
+        let stream = dev.cuda_stream();
+        // An empty list still gets one (unused) element: no zero-sized allocations.
+        let up = |v: &[u32]| {
+            let v = if v.is_empty() { &[0u32][..] } else { v };
+            stream.clone_htod(v).map_err(cuda_err)
+        };
+        let max_keys = keys.iter().copied().max().unwrap_or(1) as usize;
+        let split_len = if tile0.is_empty() {
+            let warps_per_split = (decode.len() * heads).max(1);
+            let splits = (DECODE_TARGET_WARPS / warps_per_split).clamp(1, max_keys.div_ceil(32));
+            max_keys.div_ceil(splits).next_multiple_of(32)
+        } else {
+            SPLIT_LEN_PREFILL
+        };
+        Ok(Self {
+            max_keys,
+            split_len,
+            flat: up(&flat)?,
+            row_offset: up(&off)?,
+            row_keys: up(&keys)?,
+            n_decode: decode.len(),
+            decode_rows: up(&decode)?,
+            n_tiles: tile0.len(),
+            tile_row0: up(&tile0)?,
+            tile_rows: up(&tile_n)?,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -506,7 +627,7 @@ pub struct AttnDims {
     pub head_dim: usize,
 }
 
-/// Per-split partial results of the attention kernel (reused by every layer of a step).
+/// Per-split partial results of the attention kernels (reused by every layer of a step).
 pub struct AttnPartials {
     o: CudaSlice<f32>,
     m: CudaSlice<f32>,
@@ -515,10 +636,16 @@ pub struct AttnPartials {
 }
 
 impl AttnPartials {
-    fn new(dev: &CudaDevice, rows: usize, heads: usize, d: usize, max_keys: usize) -> Result<Self> {
-        let splits = max_keys.div_ceil(SPLIT_LEN).max(1);
+    fn new(
+        dev: &CudaDevice,
+        rows: usize,
+        heads: usize,
+        d: usize,
+        lists: &SlotLists,
+    ) -> Result<Self> {
+        let splits = lists.max_keys.div_ceil(lists.split_len).max(1);
         let n = rows * heads * splits;
-        // Safety: the attention kernel writes every (row, head, split) entry before the merge
+        // Safety: the attention kernels write every (row, head, split) entry before the merge
         // kernel reads it.
         Ok(Self {
             o: unsafe { dev.alloc::<f32>(n * d) }?,
@@ -531,18 +658,15 @@ impl AttnPartials {
 
 /// Attention of every query row over its slot list, split along the keys, then merged:
 /// returns `[rows, heads, head_dim]` bf16.
-fn attention<Q>(
+fn attention(
     dev: &CudaDevice,
-    q: &Q,
+    q: &CudaSlice<bf16>,
     k_pool: &CudaSlice<bf16>,
     v_pool: &CudaSlice<bf16>,
     lists: &SlotLists,
     dims: AttnDims,
     parts: &mut AttnPartials,
-) -> Result<CudaSlice<bf16>>
-where
-    Q: candle_core::cuda_backend::cudarc::driver::DevicePtr<bf16>,
-{
+) -> Result<CudaSlice<bf16>> {
     let AttnDims {
         rows,
         heads,
@@ -550,34 +674,68 @@ where
         head_dim,
     } = dims;
     let (hi, kvi, di) = (heads as i32, kv_heads as i32, head_dim as i32);
-    let (splits_i, split_len_i) = (parts.splits as i32, SPLIT_LEN as i32);
+    let (splits_i, split_len_i) = (parts.splits as i32, lists.split_len as i32);
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let func = dev.get_or_load_custom_func("arbor_attention", MODULE, PTX)?;
-    let mut b = func.builder();
-    b.arg(q)
-        .arg(k_pool)
-        .arg(v_pool)
-        .arg(&lists.flat)
-        .arg(&lists.row_offset)
-        .arg(&lists.row_keys)
-        .arg(&mut parts.o)
-        .arg(&mut parts.m)
-        .arg(&mut parts.l)
-        .arg(&hi)
-        .arg(&kvi)
-        .arg(&di)
-        .arg(&splits_i)
-        .arg(&split_len_i)
-        .arg(&scale);
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, heads as u32, parts.splits as u32),
-        block_dim: (32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // Safety: argument types and order match `arbor_attention`; one warp per (row, head,
-    // split) reads only its row's slot list (checked against the pool size by the caller) and
-    // writes only its own partial entry.
-    unsafe { b.launch(cfg) }.w()?;
+    if lists.n_decode > 0 {
+        let func = dev.get_or_load_custom_func("arbor_attention", MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(q)
+            .arg(k_pool)
+            .arg(v_pool)
+            .arg(&lists.flat)
+            .arg(&lists.row_offset)
+            .arg(&lists.row_keys)
+            .arg(&lists.decode_rows)
+            .arg(&mut parts.o)
+            .arg(&mut parts.m)
+            .arg(&mut parts.l)
+            .arg(&hi)
+            .arg(&kvi)
+            .arg(&di)
+            .arg(&splits_i)
+            .arg(&split_len_i)
+            .arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (lists.n_decode as u32, heads as u32, parts.splits as u32),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Safety: argument types and order match `arbor_attention`; one warp per (row, head,
+        // split) reads only its row's slot list (checked against the pool size by the caller)
+        // and writes only its own partial entry.
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    if lists.n_tiles > 0 {
+        let func = dev.get_or_load_custom_func("arbor_attention_tiled", MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(q)
+            .arg(k_pool)
+            .arg(v_pool)
+            .arg(&lists.flat)
+            .arg(&lists.row_offset)
+            .arg(&lists.row_keys)
+            .arg(&lists.tile_row0)
+            .arg(&lists.tile_rows)
+            .arg(&mut parts.o)
+            .arg(&mut parts.m)
+            .arg(&mut parts.l)
+            .arg(&hi)
+            .arg(&kvi)
+            .arg(&di)
+            .arg(&splits_i)
+            .arg(&split_len_i)
+            .arg(&scale);
+        // qs [16][D] + ks, vs [32][D + 1] floats + 32 slot ids (kernels.cu).
+        let smem = (TILE_ROWS * head_dim + 2 * 32 * (head_dim + 1) + 32) * 4;
+        let cfg = LaunchConfig {
+            grid_dim: (lists.n_tiles as u32, heads as u32, parts.splits as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // Safety: as above; one block per (tile, head, split) writes the partial entries of its
+        // tile's rows only; shared memory is sized for head_dim <= TILE_MAX_HEAD_DIM.
+        unsafe { b.launch(cfg) }.w()?;
+    }
     // Safety: the merge kernel writes every element of its output.
     let mut out = unsafe { dev.alloc::<bf16>(rows * heads * head_dim) }?;
     let func = dev.get_or_load_custom_func("arbor_attention_merge", MODULE, PTX)?;
@@ -608,6 +766,7 @@ pub struct CheckSeq {
 
 /// Runs the attention kernels on host data (rounded to bf16 on the way in), for checks
 /// against a float reference: q `[rows, heads, d]`, pools `[slots, kv_heads, d]`.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_on_host(
     device: &Device,
     q: &[f32],
@@ -623,25 +782,14 @@ pub fn attention_on_host(
     let to_bf16 = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
     let up_bf16 = |x: &[f32]| stream.clone_htod(&to_bf16(x)).map_err(cuda_err);
     let (q_d, k_d, v_d) = (up_bf16(q)?, up_bf16(k_pool)?, up_bf16(v_pool)?);
-    let (mut flat, mut off, mut keys) = (Vec::new(), Vec::new(), Vec::new());
-    for s in seqs {
-        let o = flat.len() as u32;
-        flat.extend_from_slice(&s.slots);
-        let past = s.slots.len() - s.n_new;
-        for i in 0..s.n_new {
-            off.push(o);
-            keys.push((past + i + 1) as u32);
-        }
-    }
-    let rows = off.len();
-    let up = |v: &[u32]| stream.clone_htod(v).map_err(cuda_err);
-    let lists = SlotLists {
-        max_keys: keys.iter().copied().max().unwrap_or(1) as usize,
-        flat: up(&flat)?,
-        row_offset: up(&off)?,
-        row_keys: up(&keys)?,
-    };
-    let mut parts = AttnPartials::new(dev, rows, heads, head_dim, lists.max_keys)?;
+    let lists = SlotLists::build(
+        dev,
+        seqs.iter().map(|s| (&s.slots[..], s.n_new)),
+        heads,
+        head_dim,
+    )?;
+    let rows: usize = seqs.iter().map(|s| s.n_new).sum();
+    let mut parts = AttnPartials::new(dev, rows, heads, head_dim, &lists)?;
     let dims = AttnDims {
         rows,
         heads,
