@@ -302,6 +302,16 @@ fn fixture() -> Fixture {
         gguf.insert(name, arbor_model::load_model(&p, &Device::Cpu).unwrap());
     }
     let hf = arbor_model::load_model(&dir.path().join("hf"), &Device::Cpu).unwrap();
+    // ARBOR_KEEP_SYNTHETIC=DIR keeps the files (GGUF models small enough to carry to a GPU
+    // machine, for `arbor gpu-check` on the GGUF path).
+    if let Some(out) = std::env::var_os("ARBOR_KEEP_SYNTHETIC") {
+        let out = std::path::PathBuf::from(out);
+        std::fs::create_dir_all(&out).unwrap();
+        for name in ["f32", "q8_0", "q4_0"] {
+            let f = format!("{name}.gguf");
+            std::fs::copy(dir.path().join(&f), out.join(&f)).unwrap();
+        }
+    }
     Fixture {
         _dir: dir,
         hf,
