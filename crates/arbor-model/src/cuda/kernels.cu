@@ -275,6 +275,133 @@ extern "C" __global__ void __launch_bounds__(128) arbor_attention_tiled(
     }
 }
 
+
+// Decode rows, GQA-aware: one block per (query row, KV head, split) with one warp per query
+// head of the group (G = H / KVH warps). The split's keys are staged 32 at a time in shared
+// memory with 16-byte coalesced loads, once for the whole group (G times less K/V traffic than
+// a warp per query head), then each warp scores its head (lane j: key j) and accumulates.
+extern "C" __global__ void arbor_attention_gqa(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,
+    const __nv_bfloat16* __restrict__ v_pool, const uint32_t* __restrict__ slots,
+    const uint32_t* __restrict__ row_slot_off, const uint32_t* __restrict__ row_keys,
+    const uint32_t* __restrict__ rows, float* __restrict__ o_part, float* __restrict__ m_part,
+    float* __restrict__ l_part, int H, int KVH, int D, int n_splits, int split_len, float scale) {
+    extern __shared__ float smem[];
+    const int G = H / KVH;
+    const int Dp = D + 1;
+    float* qs = smem;              // [G][D]
+    float* ks = qs + G * D;        // [KT][Dp]
+    float* vs = ks + KT * Dp;      // [KT][Dp]
+    uint32_t* sl = reinterpret_cast<uint32_t*>(vs + KT * Dp);  // [KT]
+    const int r = rows[blockIdx.x], kvh = blockIdx.y, split = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP, nthreads = blockDim.x;
+    const int h = kvh * G + warp;
+    const int n_keys = row_keys[r];
+    const int k_begin = split * split_len;
+    const int k_end = min(n_keys, k_begin + split_len);
+    const uint32_t* my_slots = slots + row_slot_off[r];
+    for (int i = tid; i < G * D; i += nthreads)
+        qs[i] = __bfloat162float(q[((long)r * H + kvh * G) * D + i]) * scale;
+    float acc[MAX_PER_LANE];
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++) acc[i] = 0.f;
+    float m = -INFINITY, l = 0.f;
+    const int vec = D / 8;  // 16-byte pieces per row (D % 8 == 0 on this path)
+    for (int k0 = k_begin; k0 < k_end; k0 += KT) {
+        __syncthreads();
+        if (tid < KT) sl[tid] = k0 + tid < k_end ? my_slots[k0 + tid] : 0;
+        __syncthreads();
+#pragma unroll 4
+        for (int i = tid; i < KT * vec; i += nthreads) {
+            const int j = i / vec, c = (i % vec) * 8;
+            const long base = ((long)sl[j] * KVH + kvh) * D + c;
+            const bool live = k0 + j < k_end;
+            uint4 kraw = make_uint4(0, 0, 0, 0), vraw = make_uint4(0, 0, 0, 0);
+            if (live) {
+                kraw = *reinterpret_cast<const uint4*>(k_pool + base);
+                vraw = *reinterpret_cast<const uint4*>(v_pool + base);
+            }
+            const __nv_bfloat162* kp = reinterpret_cast<const __nv_bfloat162*>(&kraw);
+            const __nv_bfloat162* vp = reinterpret_cast<const __nv_bfloat162*>(&vraw);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float2 kf = __bfloat1622float2(kp[e]), vf = __bfloat1622float2(vp[e]);
+                ks[j * Dp + c + 2 * e] = kf.x;
+                ks[j * Dp + c + 2 * e + 1] = kf.y;
+                vs[j * Dp + c + 2 * e] = vf.x;
+                vs[j * Dp + c + 2 * e + 1] = vf.y;
+            }
+        }
+        __syncthreads();
+        const int key = k0 + lane;
+        const float* qrow = qs + warp * D;
+        const float* krow = ks + lane * Dp;
+        float s = 0.f;
+        for (int c = 0; c < D; c++) s += qrow[c] * krow[c];
+        if (key >= k_end) s = -INFINITY;
+        float mx = s;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+        const float m_new = fmaxf(m, mx);
+        const float p = key < k_end ? __expf(s - m_new) : 0.f;
+        const float corr = __expf(m - m_new);
+        l = l * corr + warp_sum(p);
+#pragma unroll
+        for (int i = 0; i < MAX_PER_LANE; i++) acc[i] *= corr;
+        const int n = min(KT, k_end - k0);
+        for (int jj = 0; jj < n; jj++) {
+            const float pj = __shfl_sync(0xffffffff, p, jj);
+            const float* vrow = vs + jj * Dp;
+#pragma unroll
+            for (int i = 0; i < MAX_PER_LANE; i++)
+                if (lane + i * WARP < D) acc[i] += pj * vrow[lane + i * WARP];
+        }
+        m = m_new;
+    }
+    const long part = ((long)r * H + h) * n_splits + split;
+    float* o = o_part + part * D;
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++)
+        if (lane + i * WARP < D) o[lane + i * WARP] = acc[i];
+    if (lane == 0) {
+        m_part[part] = m;
+        l_part[part] = l;
+    }
+}
+
+// x_out = x + y; h = x_out * rsqrt(mean(x_out^2) + eps) * w. One block per row: the residual
+// add and the next RMSNorm in one pass over the row instead of two kernels.
+extern "C" __global__ void arbor_add_rmsnorm(
+    const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ y,
+    const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ x_out,
+    __nv_bfloat16* __restrict__ h_out, int n, float eps) {
+    __shared__ float part[32];
+    const long row = blockIdx.x;
+    const __nv_bfloat16* xr = x + row * n;
+    const __nv_bfloat16* yr = y + row * n;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        // Rounded to bf16 first: the residual stream is bf16, like candle's add would leave it.
+        const __nv_bfloat16 v = __float2bfloat16(__bfloat162float(xr[i]) + __bfloat162float(yr[i]));
+        x_out[row * n + i] = v;
+        const float f = __bfloat162float(v);
+        ss += f * f;
+    }
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x / 32] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float t = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
+        t = warp_sum(t);
+        if (threadIdx.x == 0) part[0] = t;
+    }
+    __syncthreads();
+    const float inv = rsqrtf(part[0] / n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        h_out[row * n + i] =
+            __float2bfloat16(__bfloat162float(x_out[row * n + i]) * inv * __bfloat162float(w[i]));
+}
+
 // One warp per (row, head): out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M). Lanes read
 // 32 splits' m and l at once, so a long context's many splits cost a few memory round trips,
 // not one per split.

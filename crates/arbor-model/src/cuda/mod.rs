@@ -405,9 +405,10 @@ impl CudaLlama {
         let eps = cfg.rms_norm_eps;
         let interleaved = i32::from(cfg.rope_style == RopeStyle::Interleaved);
         let (ti, nhi, nkvi, di) = (t as i32, nh as i32, nkv as i32, d as i32);
+        // The first RMSNorm alone; every later one is fused with the residual add before it.
+        let mut h = candle_nn::ops::rms_norm(&x, &self.layers[0].attn_norm, eps)?;
+        prof.mark("rms_norm");
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            prof.mark("rms_norm");
             let mut qkv = h.matmul(&layer.qkv.t()?)?;
             if let Some(b) = &layer.qkv_bias {
                 qkv = qkv.broadcast_add(b)?;
@@ -456,10 +457,10 @@ impl CudaLlama {
             )?;
             prof.mark("attention");
             let attn = wrap(attn, dev, (t, nh * d));
-            x = (x + attn.matmul(&layer.wo.t()?)?)?;
-            prof.mark("matmul_wo+add");
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            prof.mark("rms_norm");
+            let o = attn.matmul(&layer.wo.t()?)?;
+            prof.mark("matmul_wo");
+            (x, h) = add_rms_norm(dev, &x, &o, &layer.ffn_norm, eps)?;
+            prof.mark("add+rms_norm");
             let gu = h.matmul(&layer.gate_up.t()?)?.contiguous()?;
             prof.mark("matmul_gate_up");
             let ffn = cfg.intermediate_size;
@@ -477,16 +478,22 @@ impl CudaLlama {
             }
             prof.mark("silu_mul");
             let act = wrap(act, dev, (t, ffn));
-            x = (x + act.matmul(&layer.down.t()?)?)?;
-            prof.mark("matmul_down+add");
+            let down = act.matmul(&layer.down.t()?)?;
+            prof.mark("matmul_down");
+            let next_norm = self
+                .layers
+                .get(l + 1)
+                .map_or(&self.final_norm, |next| &next.attn_norm);
+            (x, h) = add_rms_norm(dev, &x, &down, next_norm, eps)?;
+            prof.mark("add+rms_norm");
         }
         if logit_rows.is_empty() {
             return Ok(Vec::new());
         }
         let n_rows = logit_rows.len();
         let rows = Tensor::from_vec(logit_rows, n_rows, &self.device)?;
-        let last = x.index_select(&rows, 0)?;
-        let normed = candle_nn::ops::rms_norm(&last, &self.final_norm, eps)?;
+        // `h` holds every row after the final norm (fused into the last layer's add).
+        let normed = h.index_select(&rows, 0)?;
         let logits = normed.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?;
         prof.mark("lm_head");
         let logits = logits.to_vec2::<f32>()?;
@@ -676,7 +683,38 @@ fn attention(
     let (hi, kvi, di) = (heads as i32, kv_heads as i32, head_dim as i32);
     let (splits_i, split_len_i) = (parts.splits as i32, lists.split_len as i32);
     let scale = 1.0 / (head_dim as f32).sqrt();
-    if lists.n_decode > 0 {
+    let group = heads / kv_heads;
+    // The GQA decode kernel: one block per (row, KV head, split), one warp per query head.
+    let gqa_smem = (group * head_dim + 2 * 32 * (head_dim + 1) + 32) * 4;
+    let use_gqa = head_dim % 8 == 0 && group * 32 <= 1024 && gqa_smem <= 48 * 1024;
+    if lists.n_decode > 0 && use_gqa {
+        let func = dev.get_or_load_custom_func("arbor_attention_gqa", MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(q)
+            .arg(k_pool)
+            .arg(v_pool)
+            .arg(&lists.flat)
+            .arg(&lists.row_offset)
+            .arg(&lists.row_keys)
+            .arg(&lists.decode_rows)
+            .arg(&mut parts.o)
+            .arg(&mut parts.m)
+            .arg(&mut parts.l)
+            .arg(&hi)
+            .arg(&kvi)
+            .arg(&di)
+            .arg(&splits_i)
+            .arg(&split_len_i)
+            .arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (lists.n_decode as u32, kv_heads as u32, parts.splits as u32),
+            block_dim: (32 * group as u32, 1, 1),
+            shared_mem_bytes: gqa_smem as u32,
+        };
+        // Safety: argument types and order match `arbor_attention_gqa`; each block reads its
+        // row's slot list and writes the partial entries of its group's heads only.
+        unsafe { b.launch(cfg) }.w()?;
+    } else if lists.n_decode > 0 {
         let func = dev.get_or_load_custom_func("arbor_attention", MODULE, PTX)?;
         let mut b = func.builder();
         b.arg(q)
@@ -799,6 +837,49 @@ pub fn attention_on_host(
     let out = attention(dev, &q_d, &k_d, &v_d, &lists, dims, &mut parts)?;
     let host: Vec<bf16> = stream.clone_dtoh(&out).map_err(cuda_err)?;
     Ok(host.into_iter().map(f32::from).collect())
+}
+
+/// `x + y` and the RMSNorm of it with weight `w`, in one kernel: returns both, `[T, n]` bf16.
+fn add_rms_norm(
+    dev: &CudaDevice,
+    x: &Tensor,
+    y: &Tensor,
+    w: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    let (t, n) = x.dims2()?;
+    let (x, y) = (x.contiguous()?, y.contiguous()?);
+    // Safety: the kernel writes every element of both outputs.
+    let mut x_out = unsafe { dev.alloc::<bf16>(t * n) }?;
+    let mut h_out = unsafe { dev.alloc::<bf16>(t * n) }?;
+    {
+        let (xs, xl) = x.storage_and_layout();
+        let (ys, yl) = y.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (x_s, y_s, w_s) = (
+            slice_of::<bf16>(&xs, xl)?,
+            slice_of::<bf16>(&ys, yl)?,
+            slice_of::<bf16>(&ws, wl)?,
+        );
+        let func = dev.get_or_load_custom_func("arbor_add_rmsnorm", MODULE, PTX)?;
+        let (ni, epsf) = (n as i32, eps);
+        let mut b = func.builder();
+        b.arg(&x_s)
+            .arg(&y_s)
+            .arg(&w_s)
+            .arg(&mut x_out)
+            .arg(&mut h_out)
+            .arg(&ni)
+            .arg(&epsf);
+        let cfg = LaunchConfig {
+            grid_dim: (t as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Safety: one block per row reads and writes that row only (n elements).
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok((wrap(x_out, dev, (t, n)), wrap(h_out, dev, (t, n))))
 }
 
 /// The device slice behind a contiguous tensor, from its offset on.
