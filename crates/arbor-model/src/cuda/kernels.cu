@@ -415,41 +415,51 @@ extern "C" __global__ void arbor_attention_merge(
     const float* __restrict__ o_part, const float* __restrict__ m_part,
     const float* __restrict__ l_part, __nv_bfloat16* __restrict__ out, int H, int D,
     int n_splits) {
-    const int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
+    // One block per (row, head); threads are (split group g, output dim d): each sums the
+    // splits s = g, g + G, ... for its dim, so a long context's hundred splits cost a few
+    // memory round trips instead of one per split (a warp per (row, head) left the merge
+    // latency-bound at long contexts).
+    extern __shared__ float w[];  // [n_splits] weights, then [blockDim.x] partial sums
+    __shared__ float red[32];
+    const int r = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, nt = blockDim.x;
     const long first = ((long)r * H + h) * n_splits;
     float M = -INFINITY;
-    for (int s = lane; s < n_splits; s += WARP)
+    for (int s = tid; s < n_splits; s += nt)
         if (l_part[first + s] > 0.f) M = fmaxf(M, m_part[first + s]);
     M = warp_max(M);
-    float acc[MAX_PER_LANE];
-#pragma unroll
-    for (int i = 0; i < MAX_PER_LANE; i++) acc[i] = 0.f;
+    if ((tid & 31) == 0) red[tid / 32] = M;
+    __syncthreads();
+    M = -INFINITY;
+    for (int i = 0; i < nt / 32; i++) M = fmaxf(M, red[i]);
+    __syncthreads();
     float L = 0.f;
-    for (int s0 = 0; s0 < n_splits; s0 += WARP) {
-        const int s = s0 + lane;
-        float w = 0.f;
-        if (s < n_splits) {
-            const float ls = l_part[first + s];
-            if (ls > 0.f) {
-                w = __expf(m_part[first + s] - M);
-                L += ls * w;
-            }
-        }
-        const int n = min(WARP, n_splits - s0);
-#pragma unroll 8
-        for (int j = 0; j < n; j++) {
-            const float wj = __shfl_sync(0xffffffff, w, j);
-            const float* o = o_part + (first + s0 + j) * D;
-#pragma unroll
-            for (int i = 0; i < MAX_PER_LANE; i++)
-                if (lane + i * WARP < D) acc[i] += wj * o[lane + i * WARP];
-        }
+    for (int s = tid; s < n_splits; s += nt) {
+        const float ls = l_part[first + s];
+        const float ws = ls > 0.f ? __expf(m_part[first + s] - M) : 0.f;
+        w[s] = ws;
+        L += ls > 0.f ? ls * ws : 0.f;
     }
     L = warp_sum(L);
-#pragma unroll
-    for (int i = 0; i < MAX_PER_LANE; i++)
-        if (lane + i * WARP < D)
-            out[((long)r * H + h) * D + lane + i * WARP] = __float2bfloat16(L > 0.f ? acc[i] / L : 0.f);
+    if ((tid & 31) == 0) red[tid / 32] = L;
+    __syncthreads();
+    L = 0.f;
+    for (int i = 0; i < nt / 32; i++) L += red[i];
+    const int groups = max(1, nt / D);
+    const int g = tid / D, d = tid % D;
+    float acc = 0.f;
+    if (g < groups) {
+#pragma unroll 8
+        for (int s = g; s < n_splits; s += groups)
+            acc += w[s] * o_part[(first + s) * D + d];
+    }
+    float* sums = w + n_splits;
+    sums[tid] = acc;
+    __syncthreads();
+    if (g == 0 && d < D) {
+        float total = 0.f;
+        for (int k = 0; k < groups; k++) total += sums[k * D + d];
+        out[((long)r * H + h) * D + d] = __float2bfloat16(L > 0.f ? total / L : 0.f);
+    }
 }
 
 // gate_up: [T, 2F] (gate then up); out: [T, F] = silu(gate) * up.

@@ -785,12 +785,18 @@ fn attention(
         .arg(&hi)
         .arg(&di)
         .arg(&splits_i);
+    // Up to four split groups per output dim (kernels.cu), no more groups than splits (a
+    // batch of decodes has few splits per row), at least a warp.
+    let threads = (head_dim * parts.splits.min(4))
+        .clamp(32, 512)
+        .next_multiple_of(32);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, heads as u32, 1),
-        block_dim: (32, 1, 1),
-        shared_mem_bytes: 0,
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: ((parts.splits + threads) * 4) as u32,
     };
-    // Safety: one warp per (row, head) reading that entry's splits.
+    // Safety: one block per (row, head) reading that entry's splits; shared memory holds one
+    // weight per split and one partial sum per thread.
     unsafe { b.launch(cfg) }.w()?;
     Ok(out)
 }
