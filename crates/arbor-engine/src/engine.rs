@@ -344,6 +344,9 @@ pub struct StepStats {
     pub decode_tokens: usize,
     /// Requests sent back to the queue for lack of KV memory.
     pub preempted: usize,
+    /// Seconds spent in the model's forward pass (the rest of a step is scheduling, sampling
+    /// and detokenizing on the host).
+    pub forward_seconds: f64,
 }
 
 impl Engine {
@@ -747,7 +750,10 @@ impl Engine {
             .filter(|(_, st)| st.logits == LogitsWanted::Last)
             .map(|(&(i, _), _)| i)
             .collect();
-        let logits = match self.model.forward(&steps, &mut self.pool) {
+        let forward_started = Instant::now();
+        let forward = self.model.forward(&steps, &mut self.pool);
+        stats.forward_seconds = forward_started.elapsed().as_secs_f64();
+        let logits = match forward {
             Ok(l) => l,
             Err(e) => {
                 // Give the step's slots back so that state stays consistent, then report.
