@@ -15,7 +15,6 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use crate::config::ModelConfig;
-use crate::error::{ModelError, Result};
 
 #[derive(Debug)]
 pub struct LayerKv {
@@ -58,16 +57,6 @@ impl KvPool {
 
     pub fn layer(&self, layer: usize) -> &LayerKv {
         &self.layers[layer]
-    }
-
-    pub fn check_slots(&self, slots: &[u32]) -> Result<()> {
-        match slots.iter().find(|&&s| s as usize >= self.num_slots) {
-            Some(s) => Err(ModelError::BadBatch(format!(
-                "slot {s} is outside the pool of {} slots",
-                self.num_slots
-            ))),
-            None => Ok(()),
-        }
     }
 
     /// Writes the K and V rows (`[slots.len(), kv_dim]`) of one layer into their slots, rounded

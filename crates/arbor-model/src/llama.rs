@@ -84,6 +84,38 @@ pub struct SeqStep<'a> {
     pub logits: LogitsWanted,
 }
 
+impl SeqStep<'_> {
+    /// Checks one sequence of a step against the model and a KV pool of `pool_slots` slots:
+    /// bad batches are errors, whatever the backend.
+    pub fn validate(&self, cfg: &ModelConfig, pool_slots: usize) -> Result<()> {
+        if self.tokens.is_empty() || self.slots.len() < self.tokens.len() {
+            return Err(ModelError::BadBatch(format!(
+                "{} new tokens with {} slots",
+                self.tokens.len(),
+                self.slots.len()
+            )));
+        }
+        if self.slots.len() > cfg.max_position_embeddings {
+            return Err(ModelError::ContextOverflow {
+                len: self.slots.len(),
+                max: cfg.max_position_embeddings,
+            });
+        }
+        if let Some(&t) = self.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(ModelError::TokenOutOfRange {
+                token: t,
+                vocab: cfg.vocab_size,
+            });
+        }
+        if let Some(&s) = self.slots.iter().find(|&&s| s as usize >= pool_slots) {
+            return Err(ModelError::BadBatch(format!(
+                "slot {s} is outside the pool of {pool_slots} slots"
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Llama {
     pub fn new(
         config: ModelConfig,
@@ -113,30 +145,13 @@ impl Llama {
     /// Runs one step and returns the requested logit rows, sequence by sequence in batch order.
     pub fn forward(&self, batch: &[SeqStep], kv: &mut KvPool) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.config;
-        let vocab = cfg.vocab_size;
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
         let mut new_slots = Vec::new();
         let mut attn_seqs = Vec::with_capacity(batch.len());
         let mut logit_rows = Vec::new();
         for s in batch {
-            if s.tokens.is_empty() || s.slots.len() < s.tokens.len() {
-                return Err(ModelError::BadBatch(format!(
-                    "{} new tokens with {} slots",
-                    s.tokens.len(),
-                    s.slots.len()
-                )));
-            }
-            if s.slots.len() > cfg.max_position_embeddings {
-                return Err(ModelError::ContextOverflow {
-                    len: s.slots.len(),
-                    max: cfg.max_position_embeddings,
-                });
-            }
-            if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= vocab) {
-                return Err(ModelError::TokenOutOfRange { token: t, vocab });
-            }
-            kv.check_slots(s.slots)?;
+            s.validate(cfg, kv.num_slots())?;
             let past = s.slots.len() - s.tokens.len();
             attn_seqs.push(AttnSeq {
                 row_offset: tokens.len(),

@@ -603,13 +603,7 @@ async fn chat_inner(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let key = st.tenancy.authenticate(&headers)?;
-    let value = read_body(&st, body)?;
-    let common: CommonFields = api::parse(&value)?;
-    let fields: ChatFields = api::parse(&value)?;
-    check_model(&st, common.model.as_deref())?;
-    let namespace = st.tenancy.namespace(key, common.cache_salt.as_deref());
-    let gen = common.generation(st.vocab)?;
+    let (fields, gen, namespace) = parse_generation::<ChatFields>(&st, &headers, body)?;
     let logprobs = fields.logprobs()?;
     let messages = fields.messages()?;
     let add_generation_prompt = fields.add_generation_prompt.unwrap_or(true);
@@ -629,16 +623,56 @@ async fn chat_inner(
         })
     })
     .await?;
-    let requests = engine_requests(&st, &[prompt], &gen, logprobs, namespace)?;
-    let rx = submit(&st, requests).await?;
-    let responder = Responder::new(
+    run(
         st,
         Api::Chat,
-        1,
+        &[prompt],
+        Vec::new(),
+        &gen,
+        logprobs,
+        namespace,
+    )
+    .await
+}
+
+/// What both generation endpoints parse first: the caller's key and cache namespace, the
+/// endpoint's own fields and the validated sampling fields.
+fn parse_generation<F: serde::de::DeserializeOwned>(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(F, Generation, u64), ApiError> {
+    let key = st.tenancy.authenticate(headers)?;
+    let value = read_body(st, body)?;
+    let common: CommonFields = api::parse(&value)?;
+    let fields: F = api::parse(&value)?;
+    check_model(st, common.model.as_deref())?;
+    let namespace = st.tenancy.namespace(key, common.cache_salt.as_deref());
+    Ok((fields, common.generation(st.vocab)?, namespace))
+}
+
+/// Queues one engine request per (prompt, choice) and answers with one JSON response or a
+/// stream; `echo` holds per prompt the text put before its completions.
+async fn run(
+    st: Shared,
+    api: Api,
+    prompts: &[Vec<u32>],
+    echo: Vec<String>,
+    gen: &Generation,
+    logprobs: Option<usize>,
+    namespace: u64,
+) -> Result<Response, ApiError> {
+    let requests = engine_requests(&st, prompts, gen, logprobs, namespace)?;
+    let rx = submit(&st, requests).await?;
+    let mut responder = Responder::new(
+        st,
+        api,
+        prompts.len(),
         gen.n,
         logprobs.is_some(),
         gen.stop.ignore_eos,
     );
+    responder.echo = echo;
     if gen.stream {
         Ok(responder.stream(rx, gen.include_usage))
     } else {
@@ -660,13 +694,7 @@ async fn completions_inner(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let key = st.tenancy.authenticate(&headers)?;
-    let value = read_body(&st, body)?;
-    let common: CommonFields = api::parse(&value)?;
-    let fields: CompletionFields = api::parse(&value)?;
-    check_model(&st, common.model.as_deref())?;
-    let namespace = st.tenancy.namespace(key, common.cache_salt.as_deref());
-    let gen = common.generation(st.vocab)?;
+    let (fields, gen, namespace) = parse_generation::<CompletionFields>(&st, &headers, body)?;
     let logprobs = fields.logprobs()?;
     let prompts = fields.prompts()?;
     let echo = fields.echo.unwrap_or(false);
@@ -714,24 +742,17 @@ async fn completions_inner(
         Ok((tokens, texts))
     })
     .await?;
-    let requests = engine_requests(&st, &token_prompts, &gen, logprobs, namespace)?;
-    let rx = submit(&st, requests).await?;
-    let mut responder = Responder::new(
+    let echo = if echo { echoes } else { Vec::new() };
+    run(
         st,
         Api::Completion,
-        token_prompts.len(),
-        gen.n,
-        logprobs.is_some(),
-        gen.stop.ignore_eos,
-    );
-    if echo {
-        responder.echo = echoes;
-    }
-    if gen.stream {
-        Ok(responder.stream(rx, gen.include_usage))
-    } else {
-        responder.collect(rx).await
-    }
+        &token_prompts,
+        echo,
+        &gen,
+        logprobs,
+        namespace,
+    )
+    .await
 }
 
 fn model_card(st: &AppState) -> Value {

@@ -351,31 +351,7 @@ impl CudaLlama {
         let mut new_slots = Vec::new();
         let mut logit_rows: Vec<u32> = Vec::new();
         for s in batch {
-            if s.tokens.is_empty() || s.slots.len() < s.tokens.len() {
-                return Err(ModelError::BadBatch(format!(
-                    "{} new tokens with {} slots",
-                    s.tokens.len(),
-                    s.slots.len()
-                )));
-            }
-            if s.slots.len() > cfg.max_position_embeddings {
-                return Err(ModelError::ContextOverflow {
-                    len: s.slots.len(),
-                    max: cfg.max_position_embeddings,
-                });
-            }
-            if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                return Err(ModelError::TokenOutOfRange {
-                    token: t,
-                    vocab: cfg.vocab_size,
-                });
-            }
-            if let Some(&bad) = s.slots.iter().find(|&&x| x as usize >= kv.num_slots) {
-                return Err(ModelError::BadBatch(format!(
-                    "slot {bad} outside a pool of {}",
-                    kv.num_slots
-                )));
-            }
+            s.validate(cfg, kv.num_slots)?;
             let past = s.slots.len() - s.tokens.len();
             tokens.extend_from_slice(s.tokens);
             positions.extend((past..s.slots.len()).map(|p| p as u32));
@@ -684,11 +660,28 @@ fn attention(
     let (splits_i, split_len_i) = (parts.splits as i32, lists.split_len as i32);
     let scale = 1.0 / (head_dim as f32).sqrt();
     let group = heads / kv_heads;
-    // The GQA decode kernel: one block per (row, KV head, split), one warp per query head.
+    // Decode rows: the GQA kernel (one block per (row, KV head, split), one warp per query
+    // head) where its shared memory fits, else a warp per (row, head, split). Both take the
+    // same arguments.
     let gqa_smem = (group * head_dim + 2 * 32 * (head_dim + 1) + 32) * 4;
     let use_gqa = head_dim % 8 == 0 && group * 32 <= 1024 && gqa_smem <= 48 * 1024;
-    if lists.n_decode > 0 && use_gqa {
-        let func = dev.get_or_load_custom_func("arbor_attention_gqa", MODULE, PTX)?;
+    if lists.n_decode > 0 {
+        let (name, cfg) = if use_gqa {
+            let cfg = LaunchConfig {
+                grid_dim: (lists.n_decode as u32, kv_heads as u32, parts.splits as u32),
+                block_dim: (32 * group as u32, 1, 1),
+                shared_mem_bytes: gqa_smem as u32,
+            };
+            ("arbor_attention_gqa", cfg)
+        } else {
+            let cfg = LaunchConfig {
+                grid_dim: (lists.n_decode as u32, heads as u32, parts.splits as u32),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            ("arbor_attention", cfg)
+        };
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
         let mut b = func.builder();
         b.arg(q)
             .arg(k_pool)
@@ -706,41 +699,9 @@ fn attention(
             .arg(&splits_i)
             .arg(&split_len_i)
             .arg(&scale);
-        let cfg = LaunchConfig {
-            grid_dim: (lists.n_decode as u32, kv_heads as u32, parts.splits as u32),
-            block_dim: (32 * group as u32, 1, 1),
-            shared_mem_bytes: gqa_smem as u32,
-        };
-        // Safety: argument types and order match `arbor_attention_gqa`; each block reads its
-        // row's slot list and writes the partial entries of its group's heads only.
-        unsafe { b.launch(cfg) }.w()?;
-    } else if lists.n_decode > 0 {
-        let func = dev.get_or_load_custom_func("arbor_attention", MODULE, PTX)?;
-        let mut b = func.builder();
-        b.arg(q)
-            .arg(k_pool)
-            .arg(v_pool)
-            .arg(&lists.flat)
-            .arg(&lists.row_offset)
-            .arg(&lists.row_keys)
-            .arg(&lists.decode_rows)
-            .arg(&mut parts.o)
-            .arg(&mut parts.m)
-            .arg(&mut parts.l)
-            .arg(&hi)
-            .arg(&kvi)
-            .arg(&di)
-            .arg(&splits_i)
-            .arg(&split_len_i)
-            .arg(&scale);
-        let cfg = LaunchConfig {
-            grid_dim: (lists.n_decode as u32, heads as u32, parts.splits as u32),
-            block_dim: (32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // Safety: argument types and order match `arbor_attention`; one warp per (row, head,
-        // split) reads only its row's slot list (checked against the pool size by the caller)
-        // and writes only its own partial entry.
+        // Safety: argument types and order match both decode kernels' signatures; each block
+        // reads only its row's slot list (checked against the pool size by the caller) and
+        // writes only its own (row, head, split) partial entries.
         unsafe { b.launch(cfg) }.w()?;
     }
     if lists.n_tiles > 0 {
