@@ -188,6 +188,18 @@ pub fn open_hf(dir: &Path) -> Result<(ModelConfig, Tokenizer, ChatTemplate)> {
     let cfg_json = read_json(&dir.join("config.json"))?;
     let config = parse_config(&cfg_json)?;
     // The tokenizer first: a mismatch is reported before seconds of weight loading.
+    let (tokenizer, chat_template) = open_tokenizer(dir, &cfg_json, config.vocab_size)?;
+    Ok((config, tokenizer, chat_template))
+}
+
+/// The tokenizer and chat template of a Hugging Face folder (`tokenizer.json`, with
+/// `tokenizer_config.json` and `generation_config.json` if present), checked against a model
+/// of `vocab_size` embeddings whose `config.json` is `cfg_json`.
+pub fn open_tokenizer(
+    dir: &Path,
+    cfg_json: &Value,
+    vocab_size: usize,
+) -> Result<(Tokenizer, ChatTemplate)> {
     let tok_cfg_path = dir.join("tokenizer_config.json");
     let tok_cfg = if tok_cfg_path.exists() {
         Some(read_json(&tok_cfg_path)?)
@@ -207,11 +219,11 @@ pub fn open_hf(dir: &Path) -> Result<(ModelConfig, Tokenizer, ChatTemplate)> {
         return Err(ModelError::NotFound(tokenizer_path));
     }
     let tokenizer = Tokenizer::from_hf_files(&tokenizer_path, tok_cfg.as_ref(), &gen_eos)?;
-    if tokenizer.max_token_id() as usize >= config.vocab_size {
+    if tokenizer.max_token_id() as usize >= vocab_size {
         return Err(ModelError::TokenizerMismatch(format!(
             "the tokenizer produces ids up to {} but the model has {} embeddings",
             tokenizer.max_token_id(),
-            config.vocab_size
+            vocab_size
         )));
     }
     let template_src = chat_template_source(dir, tok_cfg.as_ref())?;
@@ -224,7 +236,7 @@ pub fn open_hf(dir: &Path) -> Result<(ModelConfig, Tokenizer, ChatTemplate)> {
             ChatTemplate::new(CHATML_TEMPLATE, &bos, &eos)?
         }
     };
-    Ok((config, tokenizer, chat_template))
+    Ok((tokenizer, chat_template))
 }
 
 /// The safetensors files of a folder, checked to exist.

@@ -73,6 +73,22 @@ pub struct ModelArgs {
     /// --model's config.json, on the GPU (benchmarking models that cannot be downloaded).
     #[arg(long, value_enum, default_value = "auto")]
     load_format: LoadFormat,
+    /// With `--load-format dummy`: a Hugging Face folder whose tokenizer.json (and chat
+    /// template) to use, so that prompts are as many tokens as on a real model. Default: a
+    /// stand-in tokenizer of one token per character.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// On a GPU, how a GGUF model's weights run: `bf16` (dequantized at load, cuBLAS; the
+    /// default) or `quantized` (kept in their GGUF format, candle's quantized kernels: fewer
+    /// bytes per decode step). The CPU path always runs GGUF formats as they are.
+    #[arg(long, value_enum)]
+    gguf_weights: Option<GgufWeightsArg>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum GgufWeightsArg {
+    Bf16,
+    Quantized,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -274,11 +290,17 @@ fn engine_config(args: &ModelArgs, model: &impl arbor_model::KvBudget) -> Result
 /// Loads the model (fetching the default one if none is given) into an engine on the chosen
 /// device.
 fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
+    if args.tokenizer.is_some() && args.load_format != LoadFormat::Dummy {
+        bail!("--tokenizer goes with --load-format dummy (a real model brings its own)");
+    }
     let path = model_path(args)?;
     match parse_device(&args.device)? {
         None => {
             if args.load_format == LoadFormat::Dummy {
                 bail!("--load-format dummy needs --device cuda");
+            }
+            if args.gguf_weights.is_some() {
+                bail!("--gguf-weights is for --device cuda (the CPU path runs GGUF formats as they are)");
             }
             let loaded = arbor_model::load_model(&path, &Device::Cpu)
                 .with_context(|| format!("loading {}", path.display()))?;
@@ -301,8 +323,16 @@ fn load_cuda(
     let device = arbor_model::cuda::device(ordinal)?;
     let started = std::time::Instant::now();
     let loaded = match args.load_format {
-        LoadFormat::Auto => arbor_model::cuda::load(path, &device),
-        LoadFormat::Dummy => arbor_model::cuda::load_dummy(path, &device, 0),
+        LoadFormat::Auto => {
+            let weights = match args.gguf_weights {
+                Some(GgufWeightsArg::Quantized) => arbor_model::cuda::GgufWeights::Quantized,
+                Some(GgufWeightsArg::Bf16) | None => arbor_model::cuda::GgufWeights::Bf16,
+            };
+            arbor_model::cuda::load(path, &device, weights)
+        }
+        LoadFormat::Dummy => {
+            arbor_model::cuda::load_dummy(path, args.tokenizer.as_deref(), &device, 0)
+        }
     }
     .with_context(|| format!("loading {} onto cuda:{ordinal}", path.display()))?;
     tracing::info!(

@@ -20,9 +20,9 @@ pub struct EngineBenchArgs {
     /// Decode batch sizes (sequences decoding together).
     #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
     pub batch: Vec<usize>,
-    /// Prompt tokens of each sequence in the decode runs.
-    #[arg(long, default_value_t = 512)]
-    pub context: usize,
+    /// Prompt tokens of each sequence in the decode runs (several: every batch size at each).
+    #[arg(long, value_delimiter = ',', default_value = "512")]
+    pub context: Vec<usize>,
     /// Tokens each sequence decodes (the first few steps are not timed).
     #[arg(long, default_value_t = 64)]
     pub decode_tokens: usize,
@@ -78,12 +78,17 @@ pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
         weight_params(&cfg) / 1e9,
         weight_bytes / 1e9
     );
-    for &b in &a.batch {
+    let runs: Vec<(usize, usize)> = a
+        .context
+        .iter()
+        .flat_map(|&c| a.batch.iter().map(move |&b| (c, b)))
+        .collect();
+    for (context, b) in runs {
         if b == 0 {
             continue;
         }
         for _ in 0..b {
-            engine.add_request(request(prompt(&mut rng, a.context, vocab), a.decode_tokens))?;
+            engine.add_request(request(prompt(&mut rng, context, vocab), a.decode_tokens))?;
         }
         let (mut steps, mut time, mut forward) = (0usize, 0.0f64, 0.0f64);
         let mut warm = 0;
@@ -127,18 +132,18 @@ pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
                 let total: f64 = prof.iter().map(|p| p.1).sum();
                 for (name, secs, n) in prof {
                     eprintln!(
-                        "  profile batch {b}: {name:<18} {:>8.3} ms per step ({:>5.1}%), {n} marks",
+                        "  profile batch {b} at {context}: {name:<18} {:>8.3} ms per step ({:>5.1}%), {n} marks",
                         secs * 1e3 / steps as f64,
                         100.0 * secs / total
                     );
                 }
             }
         }
-        let ctx = a.context + a.decode_tokens / 2;
+        let ctx = context + a.decode_tokens / 2;
         let kv_bytes = (b * ctx * cfg.kv_bytes_per_slot()) as f64;
         let roofline_step = (weight_bytes + kv_bytes) / (a.bandwidth_gbs * 1e9);
         let r = json!({
-            "test": "decode", "batch": b, "context": a.context, "steps": steps,
+            "test": "decode", "batch": b, "context": context, "steps": steps,
             "step_ms": step_s * 1e3, "forward_ms": forward_s * 1e3,
             "tokens_per_s": b as f64 / step_s,
             "per_sequence_tokens_per_s": 1.0 / step_s,
@@ -147,7 +152,7 @@ pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
         });
         eprintln!(
             "decode batch {b:>3} at {} tokens: {:.2} ms/step ({:.2} in the forward pass), {:.1} tok/s ({:.1} per sequence); bandwidth roofline {:.2} ms/step ({:.0}% of it)",
-            a.context,
+            context,
             step_s * 1e3,
             forward_s * 1e3,
             b as f64 / step_s,
@@ -211,6 +216,18 @@ pub struct GpuCheckArgs {
     /// scripts/make_fixtures_transformers.py): the GPU path is compared at every position.
     #[arg(long)]
     pub transformers: Option<PathBuf>,
+    /// Run a GGUF model's weights in their quantized format on the GPU (`--gguf-weights
+    /// quantized` of the other commands) instead of bf16.
+    #[arg(long)]
+    pub quantized: bool,
+    /// transformers/PyTorch results on the same weights (scripts/cuda/hf_reference.py, made on
+    /// the GPU machine): the GPU path's last-position logits and greedy tokens against each.
+    #[arg(long)]
+    pub hf_reference: Vec<PathBuf>,
+    /// Time one layer's linear layers of this config.json's shape, dense bf16 (cuBLAS) against
+    /// GGUF block formats (candle's quantized kernels), by batch size (no model).
+    #[arg(long)]
+    pub linear_bench: Option<PathBuf>,
     /// Check the attention kernels alone against a float reference on random inputs (no model).
     #[arg(long)]
     pub kernels: bool,
@@ -224,6 +241,31 @@ pub struct GpuCheckArgs {
 pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
     use arbor_engine::{Engine, EngineConfig};
     use serde_json::Value;
+    if let Some(config) = &a.linear_bench {
+        use arbor_model::cuda::GgmlDType;
+        let ordinal = crate::parse_device(&a.device)?.unwrap_or(0);
+        let cfg = arbor_model::hf::parse_config(&serde_json::from_str(&std::fs::read_to_string(
+            config,
+        )?)?)?;
+        let rows = arbor_model::cuda::linear_bench(
+            &arbor_model::cuda::device(ordinal)?,
+            &cfg,
+            &[GgmlDType::Q4_1, GgmlDType::Q4K, GgmlDType::Q8_0],
+            &[1, 4, 8, 32, 64, 256],
+            20,
+        )?;
+        for r in &rows {
+            eprintln!(
+                "{:<5} batch {:>3}: {:.3} ms per layer, weights read at {:.0} GB/s",
+                r.format, r.batch, r.ms_per_layer, r.weight_gbs
+            );
+        }
+        let out = json!({"config": config.display().to_string(), "layers": cfg.num_layers, "rows": rows});
+        if let Some(p) = &a.json {
+            std::fs::write(p, serde_json::to_string_pretty(&out)?)?;
+        }
+        return Ok(());
+    }
     if a.kernels {
         let ordinal = crate::parse_device(&a.device)?.unwrap_or(0);
         let out = kernel_checks(&arbor_model::cuda::device(ordinal)?)?;
@@ -243,7 +285,12 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
     let ordinal = crate::parse_device(&a.device)?.unwrap_or(0);
     let cpu = arbor_model::load_model(&path, &arbor_model::Device::Cpu)?;
     let dev = arbor_model::cuda::device(ordinal)?;
-    let gpu = arbor_model::cuda::load(&path, &dev)?;
+    let weights = if a.quantized {
+        arbor_model::cuda::GgufWeights::Quantized
+    } else {
+        arbor_model::cuda::GgufWeights::Bf16
+    };
+    let gpu = arbor_model::cuda::load(&path, &dev, weights)?;
     let vocab = cpu.model.config.vocab_size;
     let prompts: Vec<Vec<u32>> = match &a.fixture {
         Some(f) => {
@@ -275,6 +322,8 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
     let mut gpu_engine = Engine::try_new(gpu.model, gpu.tokenizer, cfg)?;
     let mut rows = Vec::new();
     let (mut worst_rel, mut same_top1, mut same_all) = (0f64, 0usize, 0usize);
+    // The GPU path's greedy tokens and last-position logits per prompt.
+    let mut gpu_results: Vec<(Vec<u32>, Vec<f32>)> = Vec::new();
     for p in &prompts {
         let c = cpu_engine.generate(request(p.clone(), a.tokens), |_| {})?;
         let g = gpu_engine.generate(request(p.clone(), a.tokens), |_| {})?;
@@ -298,6 +347,7 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
         worst_rel = worst_rel.max(rel);
         same_top1 += usize::from(top1);
         same_all += usize::from(common == c.tokens.len().min(g.tokens.len()));
+        gpu_results.push((g.tokens.clone(), lg.clone()));
         rows.push(json!({
             "prompt_tokens": p.len(), "max_abs_diff": max_abs, "max_abs_logit": scale,
             "relative": rel, "same_top1": top1, "greedy_common_prefix": common,
@@ -308,16 +358,72 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
         Some(f) => Some(against_transformers(&gpu_engine, f, &path)?),
         None => None,
     };
+    let hf: Vec<Value> = a
+        .hf_reference
+        .iter()
+        .map(|f| against_hf_reference(f, &prompts, &gpu_results))
+        .collect::<Result<_>>()?;
     let out = json!({
         "model": path.display().to_string(), "prompts": prompts.len(),
+        "gguf_weights": format!("{weights:?}"),
         "worst_relative_logit_error": worst_rel, "same_top1": same_top1,
         "greedy_identical": same_all, "rows": rows, "transformers": transformers,
+        "hf_reference": hf,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&out)?)?;
     }
     Ok(())
+}
+
+/// The GPU path's results (greedy tokens, last-position logits per prompt) against a
+/// transformers run on the same weights (scripts/cuda/hf_reference.py).
+#[cfg(feature = "cuda")]
+fn against_hf_reference(
+    file: &std::path::Path,
+    prompts: &[Vec<u32>],
+    ours: &[(Vec<u32>, Vec<f32>)],
+) -> Result<serde_json::Value> {
+    use serde_json::Value;
+    let fx: Value = serde_json::from_str(&std::fs::read_to_string(file)?)?;
+    let mut rows = Vec::new();
+    let (mut worst_rel, mut same_top1, mut same_greedy) = (0f64, 0usize, 0usize);
+    for case in fx["cases"].as_array().into_iter().flatten() {
+        let ids: Vec<u32> = serde_json::from_value(case["prompt_ids"].clone())?;
+        let Some(i) = prompts.iter().position(|p| *p == ids) else {
+            bail!("{}: a prompt the fixture does not have", file.display());
+        };
+        let (tokens, logits) = &ours[i];
+        let theirs: Vec<f32> = serde_json::from_value(case["last_logits"].clone())?;
+        let want: Vec<u32> = serde_json::from_value(case["greedy"].clone())?;
+        if theirs.len() != logits.len() {
+            bail!("{}: {} logits, the model has {}", file.display(), theirs.len(), logits.len());
+        }
+        let max_abs = logits
+            .iter()
+            .zip(&theirs)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        let scale = theirs.iter().map(|x| x.abs()).fold(0f32, f32::max).max(1e-6);
+        let rel = f64::from(max_abs / scale);
+        let top1 =
+            arbor_engine::sampler::argmax(logits) == arbor_engine::sampler::argmax(&theirs);
+        let common = tokens.iter().zip(&want).take_while(|(x, y)| x == y).count();
+        worst_rel = worst_rel.max(rel);
+        same_top1 += usize::from(top1);
+        same_greedy += usize::from(common == want.len().min(tokens.len()));
+        rows.push(json!({
+            "prompt_tokens": ids.len(), "max_abs_diff": max_abs, "relative": rel,
+            "same_top1": top1, "greedy_common_prefix": common, "greedy_tokens": want.len(),
+        }));
+    }
+    Ok(json!({
+        "file": file.display().to_string(), "dtype": fx["dtype"], "torch": fx["torch"],
+        "transformers": fx["transformers"], "device": fx["device"], "prompts": rows.len(),
+        "worst_relative_logit_error": worst_rel, "same_top1": same_top1,
+        "greedy_identical": same_greedy, "rows": rows,
+    }))
 }
 
 /// The logits after `prompt`, computed from scratch in a fresh part of the engine's pool.
@@ -388,7 +494,7 @@ fn against_transformers(
 /// sequences of different lengths in one launch, long cached prefixes, scattered slots.
 #[cfg(feature = "cuda")]
 fn kernel_checks(device: &arbor_model::Device) -> Result<serde_json::Value> {
-    use arbor_model::cuda::{attention_on_host, CheckSeq};
+    use arbor_model::cuda::{attention_on_host, AttnKernel, CheckSeq};
     let mut rng = 12345u64;
     let mut uniform = move || {
         rng ^= rng << 13;
@@ -403,7 +509,7 @@ fn kernel_checks(device: &arbor_model::Device) -> Result<serde_json::Value> {
     // (heads, kv_heads, head_dim, [(context, new tokens)])
     // The first case is decodes only (the split-K decode path), the others mix decode rows with
     // prefill tiles.
-    let shapes: [(usize, usize, usize, Vec<(usize, usize)>); 4] = [
+    let shapes: [(usize, usize, usize, Vec<(usize, usize)>); 7] = [
         (32, 8, 128, vec![(5000, 1), (37, 1), (1, 1), (700, 1)]),
         (
             32,
@@ -411,6 +517,10 @@ fn kernel_checks(device: &arbor_model::Device) -> Result<serde_json::Value> {
             128,
             vec![(1, 1), (7, 7), (257, 257), (4037, 37), (5000, 1), (300, 1)],
         ),
+        // A prefill chunk over a cached prefix, long enough to be cut into several splits.
+        (32, 8, 128, vec![(1500, 300), (8000, 1)]),
+        (64, 8, 128, vec![(100, 100), (2049, 17), (6000, 1)]),
+        (28, 4, 128, vec![(90, 90), (1025, 3), (3000, 1)]),
         (9, 3, 64, vec![(33, 33), (255, 255), (1000, 1), (3001, 64)]),
         (4, 2, 8, vec![(2, 2), (513, 513), (70, 1)]),
     ];
@@ -437,9 +547,8 @@ fn kernel_checks(device: &arbor_model::Device) -> Result<serde_json::Value> {
         let q: Vec<f32> = (0..rows * heads * d)
             .map(|_| round((uniform() * 4.0 - 2.0) as f32))
             .collect();
-        let got = attention_on_host(device, &q, &k, &v, &seqs, heads, kv_heads, d)?;
-        // Reference in f64.
-        let mut worst = 0f64;
+        // Reference in f64, [rows, heads, d].
+        let mut want = vec![0f64; rows * heads * d];
         let mut row = 0;
         for s in &seqs {
             let past = s.slots.len() - s.n_new;
@@ -463,7 +572,7 @@ fn kernel_checks(device: &arbor_model::Device) -> Result<serde_json::Value> {
                     let w: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
                     let z: f64 = w.iter().sum();
                     for c in 0..d {
-                        let want: f64 = s.slots[..n_keys]
+                        want[(row * heads + h) * d + c] = s.slots[..n_keys]
                             .iter()
                             .zip(&w)
                             .map(|(&slot, wi)| {
@@ -471,22 +580,35 @@ fn kernel_checks(device: &arbor_model::Device) -> Result<serde_json::Value> {
                             })
                             .sum::<f64>()
                             / z;
-                        let have = got[(row * heads + h) * d + c] as f64;
-                        worst = worst.max((have - want).abs());
                     }
                 }
                 row += 1;
             }
         }
-        // Outputs are averages of values in [-1, 1] stored in bf16 (8 bits of mantissa).
-        let ok = worst < 1.5e-2;
-        failed += usize::from(!ok);
-        cases.push(json!({
-            "heads": heads, "kv_heads": kv_heads, "head_dim": d, "sequences": seq_shapes,
-            "query_rows": rows, "max_abs_error": worst, "ok": ok,
-        }));
+        for kernel in [AttnKernel::TensorCore, AttnKernel::CudaCore] {
+            if kernel == AttnKernel::TensorCore
+                && !AttnKernel::tensor_core_fits(heads, kv_heads, d)
+            {
+                continue;
+            }
+            let got = attention_on_host(device, kernel, &q, &k, &v, &seqs, heads, kv_heads, d)?;
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(&g, &w)| (g as f64 - w).abs())
+                .fold(0f64, f64::max);
+            // Outputs are averages of values in [-1, 1] stored in bf16 (8 bits of mantissa);
+            // the tensor-core kernel also rounds the softmax weights to bf16 for P V.
+            let ok = worst < 1.5e-2;
+            failed += usize::from(!ok);
+            cases.push(json!({
+                "kernel": format!("{kernel:?}"),
+                "heads": heads, "kv_heads": kv_heads, "head_dim": d, "sequences": seq_shapes,
+                "query_rows": rows, "max_abs_error": worst, "ok": ok,
+            }));
+        }
     }
     Ok(
-        json!({"kernel": "arbor_attention + arbor_attention_merge", "cases": cases, "failed": failed}),
+        json!({"kernels": "tensor-core and CUDA-core attention + arbor_attention_merge", "cases": cases, "failed": failed}),
     )
 }

@@ -472,3 +472,251 @@ extern "C" __global__ void arbor_silu_mul(const __nv_bfloat16* __restrict__ gate
     const float u = __bfloat162float(gate_up[t * 2 * F + F + f]);
     out[idx] = __float2bfloat16(g / (1.f + __expf(-g)) * u);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core attention over slot lists: prefill tiles and decode rows in one kernel.
+//
+// mma.sync m16n8k16 (bf16 in, f32 accumulate), FlashAttention-2 style: each warp owns 16
+// "rows", the scores S = Q K^T and the output O stay in registers, P is re-packed from S's
+// accumulator fragments straight into the A operand of O += P V (no trip through shared
+// memory), and the softmax runs online in the log2 domain.
+//
+// GQA: a block serves one KV head, and its rows are (query position, head of the group)
+// pairs, position-major: flat row f -> position f / G, query head kvh * G + f % G. Every K/V
+// row staged in shared memory serves all G heads of the group and all positions of the tile:
+//
+//   block (tile, kvh, split), W warps          shared memory, one 64-key stage
+//   warp 0: flat rows  0..15  ┐                ks [64 keys][D + 8]      (K rows as stored)
+//   warp 1: flat rows 16..31  ├─ same keys     vt [D][64 + 8]           (V transposed, so
+//   ...                       ┘                                          B fragments are pairs)
+//
+// Prefill tiles have 64 / G positions and 4 warps; a decode row is a tile of one position
+// with ceil(G / 16) warps (the rows past G are padding: decode is bound by reading K/V, not by
+// the tensor cores). The +8 padding makes every fragment load hit 32 distinct banks.
+// Partial results (unnormalized O, running max in natural-log units, sum of exponentials) go
+// to the same per-(row, head, split) buffers as the other kernels, merged by
+// arbor_attention_merge. Tiles are launched heaviest first (blockIdx.x counts down), so the
+// long causal tiles of a prefill do not trail at the end of the grid.
+#define MMA_KT 64
+
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t ld_u32(const __nv_bfloat16* p) {
+    return *reinterpret_cast<const uint32_t*>(p);
+}
+
+template <int D>
+__device__ __forceinline__ void attention_mma(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,
+    const __nv_bfloat16* __restrict__ v_pool, const uint32_t* __restrict__ slots,
+    const uint32_t* __restrict__ row_slot_off, const uint32_t* __restrict__ row_keys,
+    const uint32_t* __restrict__ tile_row0, const uint32_t* __restrict__ tile_rows,
+    int single_position, float* __restrict__ o_part, float* __restrict__ m_part,
+    float* __restrict__ l_part, int H, int KVH, int n_splits, int split_len, float scale_log2) {
+    constexpr int KS = D + 8;       // ks row stride (bf16 elements)
+    constexpr int VS = MMA_KT + 8;  // vt row stride
+    constexpr int KC = D / 16;      // 16-dim chunks of a head (k steps of S = Q K^T)
+    constexpr int NT = MMA_KT / 8;  // 8-key tiles of a stage (n tiles of S)
+    constexpr int DT = D / 8;       // 8-dim tiles of O
+    __shared__ __align__(16) __nv_bfloat16 ks[MMA_KT * KS];
+    __shared__ __align__(16) __nv_bfloat16 vt[D * VS];
+    __shared__ uint32_t sl[MMA_KT];
+
+    const int G = H / KVH;
+    const int tile = gridDim.x - 1 - blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int gid = lane >> 2, tig = lane & 3;  // fragment row group, thread in group
+    const int row0 = tile_row0[tile];
+    const int npos = single_position ? 1 : (int)tile_rows[tile];
+    const int nflat = npos * G;
+    const uint32_t* my_slots = slots + row_slot_off[row0];
+    const int last_keys = row_keys[row0 + npos - 1];  // the widest causal window of the tile
+    const int k_begin = split * split_len;
+    const int k_end = min(last_keys, k_begin + split_len);
+
+    // This lane's two fragment rows (gid and gid + 8 of the warp's 16).
+    int n_keys[2];
+    bool valid[2];
+    const __nv_bfloat16* qrow[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int f = warp * 16 + gid + 8 * i;
+        valid[i] = f < nflat;
+        const int p = valid[i] ? f / G : 0, g = valid[i] ? f % G : 0;
+        n_keys[i] = valid[i] ? (int)row_keys[row0 + p] : 0;
+        qrow[i] = q + ((long)(row0 + p) * H + kvh * G + g) * D;
+    }
+    // Q as A fragments, kept in registers for the whole key loop.
+    uint32_t qa[KC][4];
+#pragma unroll
+    for (int kc = 0; kc < KC; kc++) {
+        const int c = kc * 16 + 2 * tig;
+        qa[kc][0] = valid[0] ? ld_u32(qrow[0] + c) : 0u;
+        qa[kc][1] = valid[1] ? ld_u32(qrow[1] + c) : 0u;
+        qa[kc][2] = valid[0] ? ld_u32(qrow[0] + c + 8) : 0u;
+        qa[kc][3] = valid[1] ? ld_u32(qrow[1] + c + 8) : 0u;
+    }
+    float o[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+    for (int k0 = k_begin; k0 < k_end; k0 += MMA_KT) {
+        __syncthreads();  // the previous stage is consumed
+        for (int i = tid; i < MMA_KT; i += blockDim.x)
+            sl[i] = k0 + i < k_end ? my_slots[k0 + i] : 0xffffffffu;
+        __syncthreads();
+        // Thread i stages key i % 64, 16-byte piece i / 64: a warp's stores to vt then land on
+        // consecutive keys of one dim row (no bank conflicts). Keys past the split are zeros.
+        // Loads go in batches of 8 pieces per thread, all issued before any is stored: a
+        // one-warp decode block has 32 pieces per thread per stage, and one round trip each
+        // would leave it waiting on memory latency.
+        constexpr int PIECES = MMA_KT * (D / 8);
+        constexpr int BATCH = 8;
+        for (int i0 = tid; i0 < PIECES; i0 += BATCH * blockDim.x) {
+            uint4 kr[BATCH], vr[BATCH];
+#pragma unroll
+            for (int u = 0; u < BATCH; u++) {
+                const int i = i0 + u * blockDim.x;
+                kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
+                if (i < PIECES) {
+                    const int j = i % MMA_KT, c = (i / MMA_KT) * 8;
+                    if (sl[j] != 0xffffffffu) {
+                        const long base = ((long)sl[j] * KVH + kvh) * D + c;
+                        kr[u] = *reinterpret_cast<const uint4*>(k_pool + base);
+                        vr[u] = *reinterpret_cast<const uint4*>(v_pool + base);
+                    }
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < BATCH; u++) {
+                const int i = i0 + u * blockDim.x;
+                if (i < PIECES) {
+                    const int j = i % MMA_KT, c = (i / MMA_KT) * 8;
+                    *reinterpret_cast<uint4*>(&ks[j * KS + c]) = kr[u];
+                    const __nv_bfloat16* ve = reinterpret_cast<const __nv_bfloat16*>(&vr[u]);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) vt[(c + e) * VS + j] = ve[e];
+                }
+            }
+        }
+        __syncthreads();
+        if (warp * 16 >= nflat) continue;  // a padding warp (warp-uniform); still syncs above
+
+        // S = Q K^T: 16 rows x 64 keys, 8 n-tiles of 4 accumulators per lane.
+        float s[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            const __nv_bfloat16* kr = ks + (nt * 8 + gid) * KS + 2 * tig;
+#pragma unroll
+            for (int kc = 0; kc < KC; kc++)
+                mma_16816(s[nt], qa[kc], ld_u32(kr + kc * 16), ld_u32(kr + kc * 16 + 8));
+        }
+        // Causal mask and scale; accumulator e of tile nt is (row gid + 8 (e / 2), key
+        // nt * 8 + 2 tig + e % 2).
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = k0 + nt * 8 + 2 * tig + (e & 1), ri = e >> 1;
+                const float v = key < n_keys[ri] && key < k_end ? s[nt][e] * scale_log2 : -INFINITY;
+                s[nt][e] = v;
+                mx[ri] = fmaxf(mx[ri], v);
+            }
+        }
+        float corr[2], m_use[2];
+#pragma unroll
+        for (int ri = 0; ri < 2; ri++) {
+            // The 4 lanes of a row group hold its 64 scores between them.
+            mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffff, mx[ri], 1));
+            mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffff, mx[ri], 2));
+            const float m_new = fmaxf(m[ri], mx[ri]);
+            // A row with no keys yet keeps m = -inf; exponentials against 0 give it zeros.
+            m_use[ri] = m_new == -INFINITY ? 0.f : m_new;
+            corr[ri] = exp2f(m[ri] - m_use[ri]);
+            m[ri] = m_new;
+            l[ri] *= corr[ri];  // per-lane partial sums, reduced over the group at the end
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int ri = e >> 1;
+                s[nt][e] = exp2f(s[nt][e] - m_use[ri]);
+                l[ri] += s[nt][e];
+            }
+        }
+#pragma unroll
+        for (int dt = 0; dt < DT; dt++) {
+            o[dt][0] *= corr[0];
+            o[dt][1] *= corr[0];
+            o[dt][2] *= corr[1];
+            o[dt][3] *= corr[1];
+        }
+        // O += P V, 16 keys at a time: P's A fragment is two S tiles' accumulators.
+#pragma unroll
+        for (int kk = 0; kk < MMA_KT / 16; kk++) {
+            const uint32_t pa[4] = {
+                pack_bf16x2(s[2 * kk][0], s[2 * kk][1]),
+                pack_bf16x2(s[2 * kk][2], s[2 * kk][3]),
+                pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]),
+            };
+            const __nv_bfloat16* vr = vt + gid * VS + kk * 16 + 2 * tig;
+#pragma unroll
+            for (int dt = 0; dt < DT; dt++)
+                mma_16816(o[dt], pa, ld_u32(vr + dt * 8 * VS), ld_u32(vr + dt * 8 * VS + 8));
+        }
+    }
+#pragma unroll
+    for (int ri = 0; ri < 2; ri++) {
+        l[ri] += __shfl_xor_sync(0xffffffff, l[ri], 1);
+        l[ri] += __shfl_xor_sync(0xffffffff, l[ri], 2);
+    }
+#pragma unroll
+    for (int ri = 0; ri < 2; ri++) {
+        if (!valid[ri]) continue;
+        const int f = warp * 16 + gid + 8 * ri;
+        const int r = row0 + f / G, h = kvh * G + f % G;
+        const long part = ((long)r * H + h) * n_splits + split;
+        float* op = o_part + part * D + 2 * tig;
+#pragma unroll
+        for (int dt = 0; dt < DT; dt++)
+            *reinterpret_cast<float2*>(op + dt * 8) = make_float2(o[dt][2 * ri], o[dt][2 * ri + 1]);
+        if (tig == 0) {
+            // Natural-log units, as the merge (and the other kernels) use.
+            m_part[part] = m[ri] == -INFINITY ? -INFINITY : m[ri] * 0.69314718f;
+            l_part[part] = l[ri];
+        }
+    }
+}
+
+#define ATTENTION_MMA(D)                                                                        \
+    extern "C" __global__ void __launch_bounds__(128) arbor_attention_mma_d##D(                 \
+        const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,          \
+        const __nv_bfloat16* __restrict__ v_pool, const uint32_t* __restrict__ slots,           \
+        const uint32_t* __restrict__ row_slot_off, const uint32_t* __restrict__ row_keys,       \
+        const uint32_t* __restrict__ tile_row0, const uint32_t* __restrict__ tile_rows,         \
+        int single_position, float* __restrict__ o_part, float* __restrict__ m_part,            \
+        float* __restrict__ l_part, int H, int KVH, int n_splits, int split_len,                \
+        float scale_log2) {                                                                     \
+        attention_mma<D>(q, k_pool, v_pool, slots, row_slot_off, row_keys, tile_row0,           \
+                         tile_rows, single_position, o_part, m_part, l_part, H, KVH, n_splits,  \
+                         split_len, scale_log2);                                                \
+    }
+ATTENTION_MMA(64)
+ATTENTION_MMA(128)

@@ -23,6 +23,8 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Device, Storage, Tensor};
 use half::bf16;
 
+pub use candle_core::quantized::GgmlDType;
+
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::llama::{LogitsWanted, SeqStep};
@@ -33,17 +35,66 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/arbor_kernels.ptx"));
 const MODULE: &str = "arbor_kernels";
 /// Decode steps cut each context into splits that run in parallel and are merged
 /// (flash-decoding), as many as it takes to give the GPU about this many warps: one sequence
-/// of 512 tokens needs 32-key splits (128-key splits left its attention latency-bound at 100
-/// us a layer on the H200), while 64 sequences fill the GPU with one split each (and many
-/// splits would cost more in partial results and merging than they save).
+/// of 512 tokens needs short splits (128-key splits left the first kernel latency-bound at
+/// 100 us a layer on the H200), while 64 sequences fill the GPU with one split each (and many
+/// splits would cost more in partial results and merging than they save). Override with
+/// `ARBOR_DECODE_TARGET_WARPS` (benchmarking).
 const DECODE_TARGET_WARPS: usize = 4096;
-/// Keys per split in steps with prefill chunks: their tiles already give parallelism, and
-/// fewer splits mean less partial output written and merged.
+/// Steps with prefill chunks on the tensor-core kernel get enough splits for about this many
+/// blocks (about four waves of its two 128-thread blocks per SM on an H200): a long prompt's
+/// tiles fill the GPU unsplit, while a short chunk over a long cached prefix (a follow-up turn)
+/// is cut along its keys.
+const PREFILL_TARGET_BLOCKS: usize = 1024;
+/// Keys per split for the CUDA-core prefill kernel (shapes the tensor-core kernel lacks).
 const SPLIT_LEN_PREFILL: usize = 1024;
-/// Query rows per prefill tile (`QT` in kernels.cu) and the largest head_dim whose tile fits
-/// the default 48 KiB of shared memory.
+/// Query rows per CUDA-core prefill tile (`QT` in kernels.cu) and the largest head_dim whose
+/// tile fits the default 48 KiB of shared memory.
 const TILE_ROWS: usize = 16;
 const TILE_MAX_HEAD_DIM: usize = 128;
+/// Keys per shared-memory stage of the tensor-core kernel (`MMA_KT`) and its flat rows per
+/// prefill block (4 warps of 16).
+const MMA_KEYS: usize = 64;
+const MMA_BLOCK_ROWS: usize = 64;
+
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok()?.parse().ok()
+}
+
+fn decode_target_warps() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| env_usize("ARBOR_DECODE_TARGET_WARPS").unwrap_or(DECODE_TARGET_WARPS))
+}
+
+/// The attention kernels a head shape runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// `arbor_attention_mma_d{64,128}`: tensor cores, for head_dim 64 or 128 and query groups
+    /// of up to 64 heads per KV head (every Llama, Qwen2 and Mistral size).
+    TensorCore,
+    /// The CUDA-core kernels (`arbor_attention_gqa`/`arbor_attention` for decode rows,
+    /// `arbor_attention_tiled` for prefill tiles): any even head_dim up to 256.
+    CudaCore,
+}
+
+impl AttnKernel {
+    /// The fastest kernel that supports the shape; `ARBOR_CUDA_ATTN=cuda-core` forces the
+    /// CUDA-core kernels (A/B benchmarks).
+    pub fn for_shape(heads: usize, kv_heads: usize, head_dim: usize) -> Self {
+        static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let forced = *FORCED.get_or_init(|| {
+            std::env::var("ARBOR_CUDA_ATTN").is_ok_and(|v| v == "cuda-core")
+        });
+        if !forced && Self::tensor_core_fits(heads, kv_heads, head_dim) {
+            Self::TensorCore
+        } else {
+            Self::CudaCore
+        }
+    }
+
+    pub fn tensor_core_fits(heads: usize, kv_heads: usize, head_dim: usize) -> bool {
+        matches!(head_dim, 64 | 128) && heads / kv_heads <= MMA_BLOCK_ROWS
+    }
+}
 
 fn cuda_err(e: impl std::fmt::Display) -> ModelError {
     ModelError::Cuda(e.to_string())
@@ -61,17 +112,47 @@ fn cuda_device(device: &Device) -> Result<&CudaDevice> {
     }
 }
 
+/// How GGUF weights run on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GgufWeights {
+    /// Dequantized to bf16 at load; linear layers through cuBLAS.
+    #[default]
+    Bf16,
+    /// Kept in their GGUF block format; linear layers through candle's quantized kernels
+    /// (MMVQ for up to 8 rows, MMQ beyond), activations in bf16. Fewer bytes read per step;
+    /// tensors in float formats stay dense.
+    Quantized,
+}
+
+/// A linear layer's weight, `[out, in]`.
+#[derive(Debug)]
+enum GpuLinear {
+    Dense(Tensor),
+    Quantized(candle_core::quantized::QMatMul),
+}
+
+impl GpuLinear {
+    /// `x [T, in] -> [T, out]`, bf16.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        use candle_core::Module;
+        Ok(match self {
+            Self::Dense(w) => x.matmul(&w.t()?)?,
+            Self::Quantized(q) => q.forward(x)?,
+        })
+    }
+}
+
 #[derive(Debug)]
 pub struct CudaLayer {
     attn_norm: Tensor,
     /// `[(H + 2 KVH) D, hidden]`: Q, K and V projections stacked.
-    qkv: Tensor,
+    qkv: GpuLinear,
     qkv_bias: Option<Tensor>,
-    wo: Tensor,
+    wo: GpuLinear,
     ffn_norm: Tensor,
     /// `[2 F, hidden]`: gate then up.
-    gate_up: Tensor,
-    down: Tensor,
+    gate_up: GpuLinear,
+    down: GpuLinear,
 }
 
 #[derive(Debug)]
@@ -80,7 +161,7 @@ pub struct CudaLlama {
     embed: Tensor,
     layers: Vec<CudaLayer>,
     final_norm: Tensor,
-    lm_head: Tensor,
+    lm_head: GpuLinear,
     /// `[max_pos, D/2]` f32 RoPE tables (the CPU path's angles, so both agree).
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
@@ -114,7 +195,7 @@ impl CudaKvPool {
 
 /// Where a tensor's weights come from.
 enum Source<'a> {
-    Gguf(&'a mut crate::gguf::GgufModelFile, &'a Path),
+    Gguf(&'a mut crate::gguf::GgufModelFile, &'a Path, GgufWeights),
     Hf(std::collections::HashMap<String, Tensor>),
     Dummy,
 }
@@ -123,7 +204,7 @@ impl Source<'_> {
     /// A weight by its Hugging Face name, as bf16 on `device`, checked against `shape`.
     fn get(&mut self, hf_name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
         let t = match self {
-            Source::Gguf(f, path) => {
+            Source::Gguf(f, path, _) => {
                 let name = gguf_name(hf_name);
                 f.tensor(&name, path)?
                     .dequantize(&Device::Cpu)?
@@ -151,6 +232,62 @@ impl Source<'_> {
             });
         }
         Ok(t)
+    }
+}
+
+impl Source<'_> {
+    /// A linear layer's weight: `parts` (Hugging Face names and `[out, in]` shapes) stacked
+    /// along the output dimension. Quantized where asked for and every part has the same
+    /// block format (stacking rows of one format is concatenating their bytes), else bf16.
+    fn linear(&mut self, parts: &[(&str, [usize; 2])], device: &Device) -> Result<GpuLinear> {
+        if let Some(q) = self.quantized(parts, device)? {
+            return Ok(GpuLinear::Quantized(q));
+        }
+        let mut dense = Vec::with_capacity(parts.len());
+        for (name, shape) in parts {
+            dense.push(self.get(name, shape, device)?);
+        }
+        Ok(GpuLinear::Dense(if dense.len() == 1 {
+            dense.remove(0)
+        } else {
+            Tensor::cat(&dense, 0)?
+        }))
+    }
+
+    fn quantized(
+        &mut self,
+        parts: &[(&str, [usize; 2])],
+        device: &Device,
+    ) -> Result<Option<candle_core::quantized::QMatMul>> {
+        use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+        let Source::Gguf(f, path, GgufWeights::Quantized) = self else {
+            return Ok(None);
+        };
+        let mut tensors = Vec::with_capacity(parts.len());
+        for (name, shape) in parts {
+            let t = f.tensor(&gguf_name(name), path)?;
+            if t.shape().dims() != shape {
+                return Err(ModelError::BadShape {
+                    name: name.to_string(),
+                    actual: t.shape().dims().to_vec(),
+                    expected: shape.to_vec(),
+                });
+            }
+            tensors.push(t);
+        }
+        let dtype = tensors[0].dtype();
+        let float = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        if float || tensors.iter().any(|t| t.dtype() != dtype) {
+            return Ok(None);
+        }
+        let mut bytes = Vec::new();
+        for t in &tensors {
+            bytes.extend_from_slice(&t.data()?);
+        }
+        let rows: usize = parts.iter().map(|(_, s)| s[0]).sum();
+        let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), device, dtype)?;
+        let qt = QTensor::new(storage, (rows, parts[0].1[1]))?;
+        Ok(Some(QMatMul::from_qtensor(qt)?))
     }
 }
 
@@ -190,8 +327,9 @@ pub struct LoadedCuda {
     pub chat_template: ChatTemplate,
 }
 
-/// Loads a GGUF file or a Hugging Face folder onto the GPU in bf16.
-pub fn load(path: &Path, device: &Device) -> Result<LoadedCuda> {
+/// Loads a GGUF file or a Hugging Face folder onto the GPU: bf16, or GGUF weights in their
+/// own block format (`gguf_weights`).
+pub fn load(path: &Path, device: &Device, gguf_weights: GgufWeights) -> Result<LoadedCuda> {
     if !path.exists() {
         return Err(ModelError::NotFound(path.to_path_buf()));
     }
@@ -212,7 +350,7 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedCuda> {
     } else {
         let mut file = crate::gguf::open_gguf(path, &Device::Cpu)?;
         let config = file.config.clone();
-        let model = CudaLlama::build(config, Source::Gguf(&mut file, path), device)?;
+        let model = CudaLlama::build(config, Source::Gguf(&mut file, path, gguf_weights), device)?;
         Ok(LoadedCuda {
             model,
             tokenizer: file.tokenizer,
@@ -222,8 +360,15 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedCuda> {
 }
 
 /// Random weights of the shapes a Hugging Face `config.json` describes (`--load-format
-/// dummy`), made on the GPU; a stand-in tokenizer of the model's vocabulary size.
-pub fn load_dummy(config_path: &Path, device: &Device, seed: u64) -> Result<LoadedCuda> {
+/// dummy`), made on the GPU. The text side is the tokenizer folder's if one is given (a real
+/// tokenizer makes benchmark prompts as long in tokens as they would be on the real model),
+/// else a stand-in of one token per character.
+pub fn load_dummy(
+    config_path: &Path,
+    tokenizer_dir: Option<&Path>,
+    device: &Device,
+    seed: u64,
+) -> Result<LoadedCuda> {
     let path = if config_path.is_dir() {
         config_path.join("config.json")
     } else {
@@ -236,10 +381,15 @@ pub fn load_dummy(config_path: &Path, device: &Device, seed: u64) -> Result<Load
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| ModelError::BadConfig(format!("{}: {e}", path.display())))?;
     let config = crate::hf::parse_config(&json)?;
+    let (tokenizer, chat_template) = match tokenizer_dir {
+        Some(dir) => crate::hf::open_tokenizer(dir, &json, config.vocab_size)?,
+        None => (
+            Tokenizer::placeholder(config.vocab_size)?,
+            ChatTemplate::new(crate::chat::CHATML_TEMPLATE, "", "")?,
+        ),
+    };
     device.set_seed(seed)?;
-    let tokenizer = Tokenizer::placeholder(config.vocab_size)?;
     let model = CudaLlama::build(config, Source::Dummy, device)?;
-    let chat_template = ChatTemplate::new(crate::chat::CHATML_TEMPLATE, "", "")?;
     Ok(LoadedCuda {
         model,
         tokenizer,
@@ -265,51 +415,46 @@ impl CudaLlama {
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let p = format!("model.layers.{i}");
-            let mut w =
-                |name: &str, shape: &[usize]| src.get(&format!("{p}.{name}"), shape, device);
-            let qkv = Tensor::cat(
-                &[
-                    w("self_attn.q_proj.weight", &[q, h])?,
-                    w("self_attn.k_proj.weight", &[kv, h])?,
-                    w("self_attn.v_proj.weight", &[kv, h])?,
-                ],
-                0,
-            )?;
+            let name = |n: &str| format!("{p}.{n}");
+            let (qn, kn, vn) = (
+                name("self_attn.q_proj.weight"),
+                name("self_attn.k_proj.weight"),
+                name("self_attn.v_proj.weight"),
+            );
+            let qkv = src.linear(&[(&qn, [q, h]), (&kn, [kv, h]), (&vn, [kv, h])], device)?;
             let qkv_bias = if config.qkv_bias {
+                let mut b = |n: &str, len: usize| src.get(&name(n), &[len], device);
                 Some(Tensor::cat(
                     &[
-                        w("self_attn.q_proj.bias", &[q])?,
-                        w("self_attn.k_proj.bias", &[kv])?,
-                        w("self_attn.v_proj.bias", &[kv])?,
+                        b("self_attn.q_proj.bias", q)?,
+                        b("self_attn.k_proj.bias", kv)?,
+                        b("self_attn.v_proj.bias", kv)?,
                     ],
                     0,
                 )?)
             } else {
                 None
             };
-            let gate_up = Tensor::cat(
-                &[
-                    w("mlp.gate_proj.weight", &[f, h])?,
-                    w("mlp.up_proj.weight", &[f, h])?,
-                ],
-                0,
-            )?;
+            let (gn, un) = (name("mlp.gate_proj.weight"), name("mlp.up_proj.weight"));
+            let gate_up = src.linear(&[(&gn, [f, h]), (&un, [f, h])], device)?;
+            let wo = src.linear(&[(&name("self_attn.o_proj.weight"), [h, q])], device)?;
+            let down = src.linear(&[(&name("mlp.down_proj.weight"), [h, f])], device)?;
             layers.push(CudaLayer {
-                attn_norm: w("input_layernorm.weight", &[h])?,
+                attn_norm: src.get(&name("input_layernorm.weight"), &[h], device)?,
                 qkv,
                 qkv_bias,
-                wo: w("self_attn.o_proj.weight", &[h, q])?,
-                ffn_norm: w("post_attention_layernorm.weight", &[h])?,
+                wo,
+                ffn_norm: src.get(&name("post_attention_layernorm.weight"), &[h], device)?,
                 gate_up,
-                down: w("mlp.down_proj.weight", &[h, f])?,
+                down,
             });
         }
         let embed = src.get("model.embed_tokens.weight", &[config.vocab_size, h], device)?;
         let final_norm = src.get("model.norm.weight", &[h], device)?;
         let lm_head = if config.tie_word_embeddings {
-            embed.clone()
+            GpuLinear::Dense(embed.clone())
         } else {
-            src.get("lm_head.weight", &[config.vocab_size, h], device)?
+            src.linear(&[("lm_head.weight", [config.vocab_size, h])], device)?
         };
         let rope = Rope::new(&config);
         let (cos, sin) = rope.full_tables(config.max_position_embeddings);
@@ -370,8 +515,18 @@ impl CudaLlama {
         }
         let up = |v: &[u32]| stream.clone_htod(v).map_err(cuda_err);
         let (positions_d, new_slots_d) = (up(&positions)?, up(&new_slots)?);
-        let slot_lists =
-            SlotLists::build(dev, batch.iter().map(|s| (s.slots, s.tokens.len())), nh, d)?;
+        let dims = AttnDims {
+            rows: t,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: d,
+        };
+        let slot_lists = SlotLists::build(
+            dev,
+            batch.iter().map(|s| (s.slots, s.tokens.len())),
+            dims,
+            AttnKernel::for_shape(nh, nkv, d),
+        )?;
         let mut parts = AttnPartials::new(dev, t, nh, d, &slot_lists)?;
 
         let ids = Tensor::from_vec(tokens, t, &self.device)?;
@@ -385,7 +540,7 @@ impl CudaLlama {
         let mut h = candle_nn::ops::rms_norm(&x, &self.layers[0].attn_norm, eps)?;
         prof.mark("rms_norm");
         for (l, layer) in self.layers.iter().enumerate() {
-            let mut qkv = h.matmul(&layer.qkv.t()?)?;
+            let mut qkv = layer.qkv.forward(&h)?;
             if let Some(b) = &layer.qkv_bias {
                 qkv = qkv.broadcast_add(b)?;
             }
@@ -423,21 +578,16 @@ impl CudaLlama {
                 &kv.k[l],
                 &kv.v[l],
                 &slot_lists,
-                AttnDims {
-                    rows: t,
-                    heads: nh,
-                    kv_heads: nkv,
-                    head_dim: d,
-                },
+                dims,
                 &mut parts,
             )?;
             prof.mark("attention");
             let attn = wrap(attn, dev, (t, nh * d));
-            let o = attn.matmul(&layer.wo.t()?)?;
+            let o = layer.wo.forward(&attn)?;
             prof.mark("matmul_wo");
             (x, h) = add_rms_norm(dev, &x, &o, &layer.ffn_norm, eps)?;
             prof.mark("add+rms_norm");
-            let gu = h.matmul(&layer.gate_up.t()?)?.contiguous()?;
+            let gu = layer.gate_up.forward(&h)?.contiguous()?;
             prof.mark("matmul_gate_up");
             let ffn = cfg.intermediate_size;
             // Safety: the kernel writes all T x F elements.
@@ -454,7 +604,7 @@ impl CudaLlama {
             }
             prof.mark("silu_mul");
             let act = wrap(act, dev, (t, ffn));
-            let down = act.matmul(&layer.down.t()?)?;
+            let down = layer.down.forward(&act)?;
             prof.mark("matmul_down");
             let next_norm = self
                 .layers
@@ -470,7 +620,7 @@ impl CudaLlama {
         let rows = Tensor::from_vec(logit_rows, n_rows, &self.device)?;
         // `h` holds every row after the final norm (fused into the last layer's add).
         let normed = h.index_select(&rows, 0)?;
-        let logits = normed.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?;
+        let logits = self.lm_head.forward(&normed)?.to_dtype(DType::F32)?;
         prof.mark("lm_head");
         let logits = logits.to_vec2::<f32>()?;
         prof.mark("copy_out");
@@ -529,9 +679,10 @@ pub fn take_profile() -> Vec<(&'static str, f64, u64)> {
 
 /// The slot lists of one step, on the GPU: query row r attends keys `0..row_keys[r]` of the
 /// list starting at `flat[row_offset[r]]` (its sequence's slots; causal within the chunk).
-/// Rows of prefill chunks go to the tiled kernel in tiles of up to `TILE_ROWS` consecutive
-/// rows of one sequence; decode rows to the warp-per-row kernel.
+/// Rows of prefill chunks go to the prefill kernel in tiles of consecutive rows of one
+/// sequence; decode rows (one new token) to the decode kernel, a row each.
 pub struct SlotLists {
+    kernel: AttnKernel,
     flat: CudaSlice<u32>,
     row_offset: CudaSlice<u32>,
     row_keys: CudaSlice<u32>,
@@ -549,12 +700,17 @@ impl SlotLists {
     fn build<'a>(
         dev: &CudaDevice,
         seqs: impl Iterator<Item = (&'a [u32], usize)>,
-        heads: usize,
-        head_dim: usize,
+        dims: AttnDims,
+        kernel: AttnKernel,
     ) -> Result<Self> {
         let (mut flat, mut off, mut keys) = (Vec::new(), Vec::new(), Vec::new());
         let (mut decode, mut tile0, mut tile_n) = (Vec::new(), Vec::new(), Vec::new());
-        let tiled = head_dim <= TILE_MAX_HEAD_DIM;
+        let group = dims.heads / dims.kv_heads;
+        let tile_positions = match kernel {
+            AttnKernel::TensorCore => (MMA_BLOCK_ROWS / group).max(1),
+            AttnKernel::CudaCore if dims.head_dim <= TILE_MAX_HEAD_DIM => TILE_ROWS,
+            AttnKernel::CudaCore => 0,
+        };
         for (slots, n_new) in seqs {
             let o = flat.len() as u32;
             flat.extend_from_slice(slots);
@@ -564,10 +720,10 @@ impl SlotLists {
                 off.push(o);
                 keys.push((past + i + 1) as u32);
             }
-            if tiled && n_new > 1 {
-                for start in (0..n_new).step_by(TILE_ROWS) {
+            if tile_positions > 0 && n_new > 1 {
+                for start in (0..n_new).step_by(tile_positions) {
                     tile0.push((first_row + start) as u32);
-                    tile_n.push(TILE_ROWS.min(n_new - start) as u32);
+                    tile_n.push(tile_positions.min(n_new - start) as u32);
                 }
             } else {
                 decode.extend((first_row..first_row + n_new).map(|r| r as u32));
@@ -580,14 +736,9 @@ impl SlotLists {
             stream.clone_htod(v).map_err(cuda_err)
         };
         let max_keys = keys.iter().copied().max().unwrap_or(1) as usize;
-        let split_len = if tile0.is_empty() {
-            let warps_per_split = (decode.len() * heads).max(1);
-            let splits = (DECODE_TARGET_WARPS / warps_per_split).clamp(1, max_keys.div_ceil(32));
-            max_keys.div_ceil(splits).next_multiple_of(32)
-        } else {
-            SPLIT_LEN_PREFILL
-        };
+        let split_len = split_len(kernel, dims, decode.len(), tile0.len(), max_keys);
         Ok(Self {
+            kernel,
             max_keys,
             split_len,
             flat: up(&flat)?,
@@ -599,6 +750,36 @@ impl SlotLists {
             tile_row0: up(&tile0)?,
             tile_rows: up(&tile_n)?,
         })
+    }
+}
+
+/// Keys per split of one step (see [`DECODE_TARGET_WARPS`], [`PREFILL_TARGET_BLOCKS`]).
+fn split_len(
+    kernel: AttnKernel,
+    dims: AttnDims,
+    n_decode: usize,
+    n_tiles: usize,
+    max_keys: usize,
+) -> usize {
+    let group = dims.heads / dims.kv_heads;
+    // Splits for `units` parallel pieces of work to reach `target`, in whole stages of `stage` keys.
+    let fit = |target: usize, units: usize, stage: usize| {
+        let splits = (target / units.max(1)).clamp(1, max_keys.div_ceil(stage));
+        max_keys.div_ceil(splits).next_multiple_of(stage)
+    };
+    match (kernel, n_tiles) {
+        (AttnKernel::TensorCore, 0) => {
+            // One warp per 16 (head of the group) rows of a decode row.
+            let warps = n_decode * dims.kv_heads * group.div_ceil(16);
+            fit(decode_target_warps(), warps, MMA_KEYS)
+        }
+        (AttnKernel::TensorCore, _) => fit(
+            PREFILL_TARGET_BLOCKS,
+            (n_tiles + n_decode) * dims.kv_heads,
+            MMA_KEYS,
+        ),
+        (AttnKernel::CudaCore, 0) => fit(decode_target_warps(), n_decode * dims.heads, 32),
+        (AttnKernel::CudaCore, _) => SPLIT_LEN_PREFILL,
     }
 }
 
@@ -659,6 +840,107 @@ fn attention(
     let (hi, kvi, di) = (heads as i32, kv_heads as i32, head_dim as i32);
     let (splits_i, split_len_i) = (parts.splits as i32, lists.split_len as i32);
     let scale = 1.0 / (head_dim as f32).sqrt();
+    let group = heads / kv_heads;
+    match lists.kernel {
+        AttnKernel::TensorCore => {
+            let name = if head_dim == 64 {
+                "arbor_attention_mma_d64"
+            } else {
+                "arbor_attention_mma_d128"
+            };
+            let scale_log2 = scale * std::f32::consts::LOG2_E;
+            // Decode rows: tiles of one position, a warp per 16 heads of the group; prefill
+            // tiles: 64 / group positions, 4 warps.
+            let launches = [
+                (&lists.decode_rows, lists.n_decode, 1i32, group.div_ceil(16)),
+                (&lists.tile_row0, lists.n_tiles, 0i32, MMA_BLOCK_ROWS / 16),
+            ];
+            for (row0, n, single, warps) in launches {
+                if n == 0 {
+                    continue;
+                }
+                let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+                let mut b = func.builder();
+                b.arg(q)
+                    .arg(k_pool)
+                    .arg(v_pool)
+                    .arg(&lists.flat)
+                    .arg(&lists.row_offset)
+                    .arg(&lists.row_keys)
+                    .arg(row0)
+                    .arg(&lists.tile_rows)
+                    .arg(&single)
+                    .arg(&mut parts.o)
+                    .arg(&mut parts.m)
+                    .arg(&mut parts.l)
+                    .arg(&hi)
+                    .arg(&kvi)
+                    .arg(&splits_i)
+                    .arg(&split_len_i)
+                    .arg(&scale_log2);
+                let cfg = LaunchConfig {
+                    grid_dim: (n as u32, kv_heads as u32, parts.splits as u32),
+                    block_dim: (32 * warps as u32, 1, 1),
+                    shared_mem_bytes: 0, // static: 36 KiB at head_dim 128
+                };
+                // Safety: argument types and order match the kernel's signature; each block
+                // reads its tile's rows of q and its sequence's slot list (checked against the
+                // pool size by the caller), and writes only the partial entries of its own
+                // (row, head, split)s; `tile_rows` is read only when `single` is 0.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+        }
+        AttnKernel::CudaCore => cuda_core_attention(
+            dev, q, k_pool, v_pool, lists, dims, parts, scale,
+        )?,
+    }
+    // Safety: the merge kernel writes every element of its output.
+    let mut out = unsafe { dev.alloc::<bf16>(rows * heads * head_dim) }?;
+    let func = dev.get_or_load_custom_func("arbor_attention_merge", MODULE, PTX)?;
+    let mut b = func.builder();
+    b.arg(&parts.o)
+        .arg(&parts.m)
+        .arg(&parts.l)
+        .arg(&mut out)
+        .arg(&hi)
+        .arg(&di)
+        .arg(&splits_i);
+    // Up to four split groups per output dim (kernels.cu), no more groups than splits (a
+    // batch of decodes has few splits per row), at least a warp.
+    let threads = (head_dim * parts.splits.min(4))
+        .clamp(32, 512)
+        .next_multiple_of(32);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, heads as u32, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: ((parts.splits + threads) * 4) as u32,
+    };
+    // Safety: one block per (row, head) reading that entry's splits; shared memory holds one
+    // weight per split and one partial sum per thread.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(out)
+}
+
+/// The CUDA-core kernels' launches (see [`AttnKernel::CudaCore`]).
+#[allow(clippy::too_many_arguments)]
+fn cuda_core_attention(
+    dev: &CudaDevice,
+    q: &CudaSlice<bf16>,
+    k_pool: &CudaSlice<bf16>,
+    v_pool: &CudaSlice<bf16>,
+    lists: &SlotLists,
+    dims: AttnDims,
+    parts: &mut AttnPartials,
+    scale: f32,
+) -> Result<()> {
+    let AttnDims {
+        heads,
+        kv_heads,
+        head_dim,
+        ..
+    } = dims;
+    let (hi, kvi, di) = (heads as i32, kv_heads as i32, head_dim as i32);
+    let (splits_i, split_len_i) = (parts.splits as i32, lists.split_len as i32);
     let group = heads / kv_heads;
     // Decode rows: the GQA kernel (one block per (row, KV head, split), one warp per query
     // head) where its shared memory fits, else a warp per (row, head, split). Both take the
@@ -735,31 +1017,7 @@ fn attention(
         // tile's rows only; shared memory is sized for head_dim <= TILE_MAX_HEAD_DIM.
         unsafe { b.launch(cfg) }.w()?;
     }
-    // Safety: the merge kernel writes every element of its output.
-    let mut out = unsafe { dev.alloc::<bf16>(rows * heads * head_dim) }?;
-    let func = dev.get_or_load_custom_func("arbor_attention_merge", MODULE, PTX)?;
-    let mut b = func.builder();
-    b.arg(&parts.o)
-        .arg(&parts.m)
-        .arg(&parts.l)
-        .arg(&mut out)
-        .arg(&hi)
-        .arg(&di)
-        .arg(&splits_i);
-    // Up to four split groups per output dim (kernels.cu), no more groups than splits (a
-    // batch of decodes has few splits per row), at least a warp.
-    let threads = (head_dim * parts.splits.min(4))
-        .clamp(32, 512)
-        .next_multiple_of(32);
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, heads as u32, 1),
-        block_dim: (threads as u32, 1, 1),
-        shared_mem_bytes: ((parts.splits + threads) * 4) as u32,
-    };
-    // Safety: one block per (row, head) reading that entry's splits; shared memory holds one
-    // weight per split and one partial sum per thread.
-    unsafe { b.launch(cfg) }.w()?;
-    Ok(out)
+    Ok(())
 }
 
 /// One sequence of a kernel check: its slot list and how many of its last tokens are queries.
@@ -774,6 +1032,7 @@ pub struct CheckSeq {
 #[allow(clippy::too_many_arguments)]
 pub fn attention_on_host(
     device: &Device,
+    kernel: AttnKernel,
     q: &[f32],
     k_pool: &[f32],
     v_pool: &[f32],
@@ -787,20 +1046,21 @@ pub fn attention_on_host(
     let to_bf16 = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
     let up_bf16 = |x: &[f32]| stream.clone_htod(&to_bf16(x)).map_err(cuda_err);
     let (q_d, k_d, v_d) = (up_bf16(q)?, up_bf16(k_pool)?, up_bf16(v_pool)?);
-    let lists = SlotLists::build(
-        dev,
-        seqs.iter().map(|s| (&s.slots[..], s.n_new)),
-        heads,
-        head_dim,
-    )?;
     let rows: usize = seqs.iter().map(|s| s.n_new).sum();
-    let mut parts = AttnPartials::new(dev, rows, heads, head_dim, &lists)?;
     let dims = AttnDims {
         rows,
         heads,
         kv_heads,
         head_dim,
     };
+    if kernel == AttnKernel::TensorCore && !AttnKernel::tensor_core_fits(heads, kv_heads, head_dim)
+    {
+        return Err(ModelError::Cuda(format!(
+            "no tensor-core attention kernel for {heads} heads, {kv_heads} KV heads, head_dim {head_dim}"
+        )));
+    }
+    let lists = SlotLists::build(dev, seqs.iter().map(|s| (&s.slots[..], s.n_new)), dims, kernel)?;
+    let mut parts = AttnPartials::new(dev, rows, heads, head_dim, &lists)?;
     let out = attention(dev, &q_d, &k_d, &v_d, &lists, dims, &mut parts)?;
     let host: Vec<bf16> = stream.clone_dtoh(&out).map_err(cuda_err)?;
     Ok(host.into_iter().map(f32::from).collect())
@@ -873,4 +1133,110 @@ fn wrap(slice: CudaSlice<bf16>, dev: &CudaDevice, shape: (usize, usize)) -> Tens
 #[allow(dead_code)]
 fn _storage_device(s: &CudaStorage) -> &CudaDevice {
     s.device()
+}
+
+/// One row of [`linear_bench`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LinearBenchRow {
+    /// `bf16` (dense, cuBLAS) or a GGUF block format through candle's quantized kernels.
+    pub format: String,
+    pub batch: usize,
+    /// The four linear layers of one transformer layer (QKV, O, gate/up, down).
+    pub ms_per_layer: f64,
+    /// Weight bytes read per layer over the time: the bandwidth the kernels reach.
+    pub weight_gbs: f64,
+}
+
+/// Times one layer's linear layers (QKV, O, gate/up, down) of `config`'s shape with random
+/// weights, dense bf16 against each quantized `format`, for each batch size (rows of
+/// activations). Four copies of the layer are cycled so that the weights come from HBM, not
+/// the 50 MB L2.
+pub fn linear_bench(
+    device: &Device,
+    config: &ModelConfig,
+    formats: &[candle_core::quantized::GgmlDType],
+    batches: &[usize],
+    iters: usize,
+) -> Result<Vec<LinearBenchRow>> {
+    use candle_core::quantized::{QMatMul, QStorage, QTensor};
+    let dev = cuda_device(device)?;
+    let stream = dev.cuda_stream();
+    let (h, q, kv, f) = (
+        config.hidden_size,
+        config.q_dim(),
+        config.kv_dim(),
+        config.intermediate_size,
+    );
+    let shapes = [(q + 2 * kv, h), (h, q), (2 * f, h), (h, f)];
+    let params: usize = shapes.iter().map(|(o, i)| o * i).sum();
+    const COPIES: usize = 4;
+    let mut rows = Vec::new();
+    let mut time = |layers: &[Vec<GpuLinear>], format: String, bytes: f64| -> Result<()> {
+        for &b in batches {
+            let x = Tensor::randn(0f32, 1.0, (b, h.max(q).max(f)), device)?.to_dtype(DType::BF16)?;
+            let inputs: Vec<Tensor> = shapes
+                .iter()
+                .map(|&(_, i)| x.narrow(1, 0, i).and_then(|t| t.contiguous()))
+                .collect::<candle_core::Result<_>>()?;
+            let run = |n: usize| -> Result<()> {
+                for it in 0..n {
+                    for (lin, inp) in layers[it % COPIES].iter().zip(&inputs) {
+                        lin.forward(inp)?;
+                    }
+                }
+                Ok(())
+            };
+            run(COPIES)?; // warm-up: kernels loaded, workspaces allocated
+            stream.synchronize().map_err(cuda_err)?;
+            let t0 = std::time::Instant::now();
+            run(iters)?;
+            stream.synchronize().map_err(cuda_err)?;
+            let per_layer = t0.elapsed().as_secs_f64() / iters as f64;
+            rows.push(LinearBenchRow {
+                format: format.clone(),
+                batch: b,
+                ms_per_layer: per_layer * 1e3,
+                weight_gbs: bytes / per_layer / 1e9,
+            });
+        }
+        Ok(())
+    };
+    // Dense bf16, made on the GPU.
+    let dense: Vec<Vec<GpuLinear>> = (0..COPIES)
+        .map(|_| {
+            shapes
+                .iter()
+                .map(|&s| {
+                    Ok(GpuLinear::Dense(
+                        Tensor::randn(0f32, 0.02, s, device)?.to_dtype(DType::BF16)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<_>>()?;
+    time(&dense, "bf16".into(), params as f64 * 2.0)?;
+    drop(dense);
+    for &fmt in formats {
+        // Quantized once on the CPU; the copies share the bytes, uploaded separately.
+        let mut blobs = Vec::new();
+        for &s in &shapes {
+            let w = Tensor::randn(0f32, 0.02, s, &Device::Cpu)?;
+            let qt = QTensor::quantize(&w, fmt)?;
+            blobs.push((qt.data()?.into_owned(), s));
+        }
+        let bytes: usize = blobs.iter().map(|(b, _)| b.len()).sum();
+        let layers: Vec<Vec<GpuLinear>> = (0..COPIES)
+            .map(|_| {
+                blobs
+                    .iter()
+                    .map(|(data, s)| {
+                        let st = QStorage::from_data(std::borrow::Cow::Borrowed(data), device, fmt)?;
+                        Ok(GpuLinear::Quantized(QMatMul::from_qtensor(QTensor::new(st, *s)?)?))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?;
+        time(&layers, format!("{fmt:?}"), bytes as f64)?;
+    }
+    Ok(rows)
 }
