@@ -18,7 +18,7 @@
 #   quick      a short decode/prefill run only
 # Environment: ARBOR_GGUF (default models/SmolLM2-135M-Instruct.Q4_1.gguf), ARBOR_GGUF_WHEEL
 # (a gguf-*.whl put on PYTHONPATH), ARBOR_TOKENIZER (a Hugging Face folder whose tokenizer the
-# dummy 8B model uses, so the reference context is ~7k real tokens).
+# dummy 8B model uses, so the reference context is ~7k real tokens), ARBOR_REF_REPEATS (2).
 set -uo pipefail
 BIN=${1:?usage: gpu_checks.sh BIN OUT_DIR [STAGE ...]}
 OUT=${2:?usage: gpu_checks.sh BIN OUT_DIR [STAGE ...]}
@@ -81,9 +81,18 @@ if has bench; then
         --prefill 2048,8192 --kv-slots 200000 --json "$OUT/bench-8b.json"
     run bench-8b-long "$BIN" engine-bench "${DUMMY[@]}" --batch 1,8 --context 8192 --decode-tokens 48 \
         --prefill 0 --kv-slots 200000 --json "$OUT/bench-8b-long.json"
-    ARBOR_CUDA_ATTN=cuda-core run bench-8b-cudacore "$BIN" engine-bench "${DUMMY[@]}" --batch 1,64 \
-        --context 512,8192 --decode-tokens 48 --prefill 2048,8192 --kv-slots 200000 \
-        --json "$OUT/bench-8b-cudacore.json"
+    # A/B of one change at a time against the defaults above (batch 1, 4 and 8, short and long
+    # contexts): the GEMV kernel instead of cuBLAS for one-row steps, the CUDA-core attention
+    # kernels, fewer decode splits; then where a step's time goes (ARBOR_CUDA_PROFILE: a sync
+    # per section, so its sections add up to more than an unprofiled step).
+    AB=(--batch 1,4,8 --context 512,8192 --decode-tokens 40 --prefill 0 --kv-slots 200000)
+    ARBOR_GEMV=1 run ab-gemv "$BIN" engine-bench "${DUMMY[@]}" "${AB[@]}" --json "$OUT/ab-gemv.json"
+    ARBOR_CUDA_ATTN=cuda-core run ab-cudacore "$BIN" engine-bench "${DUMMY[@]}" "${AB[@]}" \
+        --prefill 2048,8192 --json "$OUT/ab-cudacore.json"
+    ARBOR_DECODE_TARGET_WARPS=1024 run ab-splits1024 "$BIN" engine-bench "${DUMMY[@]}" "${AB[@]}" \
+        --json "$OUT/ab-splits1024.json"
+    ARBOR_CUDA_PROFILE=1 run profile-8b "$BIN" engine-bench "${DUMMY[@]}" --batch 1,64 --context 512 \
+        --decode-tokens 24 --prefill 0 --kv-slots 200000
 fi
 if has bench-gguf && [ -f "$GGUF" ]; then
     for w in bf16 quantized; do
@@ -95,7 +104,7 @@ if has reference; then
     TOK=(); [ -n "${ARBOR_TOKENIZER:-}" ] && TOK=(--tokenizer "$ARBOR_TOKENIZER")
     SPAWN=()
     for a in "${DUMMY[@]}" "${TOK[@]}" --kv-slots 200000; do SPAWN+=("--spawn-arg=$a"); done
-    run reference-8b "$BIN" bench --spawn "${SPAWN[@]}" --workload reference --repeats 2 \
+    run reference-8b "$BIN" bench --spawn "${SPAWN[@]}" --workload reference --repeats "${ARBOR_REF_REPEATS:-2}" \
         --out "$OUT/reference-8b.json" --html "$OUT/reference-8b.html"
 fi
 if has quick; then

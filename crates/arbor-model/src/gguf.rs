@@ -309,7 +309,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
         "output"
     };
     let lm_head = src.linear(lm_head_name, config.vocab_size, h, false)?;
-    let embedding = Embedding::Quantized(src.tensor("token_embd.weight")?);
+    let embedding = Embedding::Quantized(Box::new(src.tensor("token_embd.weight")?));
 
     let model = Llama::new(
         config,

@@ -17,8 +17,9 @@ use crate::rope::Rope;
 
 #[derive(Debug)]
 pub enum Embedding {
-    /// GGUF rows, dequantized on lookup (exact, and no f32 copy of a large vocabulary).
-    Quantized(QTensor),
+    /// GGUF rows, dequantized on lookup (exact, and no f32 copy of a large vocabulary). Boxed:
+    /// a QTensor is several times a Tensor's size in CUDA builds.
+    Quantized(Box<QTensor>),
     /// `[vocab, hidden]` f32.
     Dense(Tensor),
 }

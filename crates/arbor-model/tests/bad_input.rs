@@ -155,3 +155,16 @@ fn missing_shard_and_truncated_safetensors() {
     let e = load(dir.path());
     assert!(matches!(e, ModelError::NotFound(_)), "{e}");
 }
+
+#[test]
+fn dummy_model_tokenizer_larger_than_its_vocabulary() {
+    // `--load-format dummy --tokenizer DIR` reads a tokenizer folder against a config's
+    // vocabulary: a tokenizer with more ids than the embedding has rows is refused.
+    let dir = common::fixtures().join("tiny-llama");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let e = arbor_model::hf::open_tokenizer(&dir, &cfg, 10).unwrap_err();
+    assert!(matches!(e, ModelError::TokenizerMismatch(_)), "{e}");
+    let (tok, _) = arbor_model::hf::open_tokenizer(&dir, &cfg, 1 << 20).unwrap();
+    assert!(!tok.encode("hello world", false).unwrap().is_empty());
+}

@@ -251,16 +251,17 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
             &arbor_model::cuda::device(ordinal)?,
             &cfg,
             &[GgmlDType::Q4_1, GgmlDType::Q4K, GgmlDType::Q8_0],
-            &[1, 4, 8, 32, 64, 256],
+            &[1, 2, 3, 4, 8, 32, 64, 256],
             20,
         )?;
         for r in &rows {
             eprintln!(
-                "{:<5} batch {:>3}: {:.3} ms per layer, weights read at {:.0} GB/s",
+                "{:<11} batch {:>3}: {:.3} ms per layer, weights read at {:.0} GB/s",
                 r.format, r.batch, r.ms_per_layer, r.weight_gbs
             );
         }
-        let out = json!({"config": config.display().to_string(), "layers": cfg.num_layers, "rows": rows});
+        let out =
+            json!({"config": config.display().to_string(), "layers": cfg.num_layers, "rows": rows});
         if let Some(p) = &a.json {
             std::fs::write(p, serde_json::to_string_pretty(&out)?)?;
         }
@@ -398,17 +399,25 @@ fn against_hf_reference(
         let theirs: Vec<f32> = serde_json::from_value(case["last_logits"].clone())?;
         let want: Vec<u32> = serde_json::from_value(case["greedy"].clone())?;
         if theirs.len() != logits.len() {
-            bail!("{}: {} logits, the model has {}", file.display(), theirs.len(), logits.len());
+            bail!(
+                "{}: {} logits, the model has {}",
+                file.display(),
+                theirs.len(),
+                logits.len()
+            );
         }
         let max_abs = logits
             .iter()
             .zip(&theirs)
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max);
-        let scale = theirs.iter().map(|x| x.abs()).fold(0f32, f32::max).max(1e-6);
+        let scale = theirs
+            .iter()
+            .map(|x| x.abs())
+            .fold(0f32, f32::max)
+            .max(1e-6);
         let rel = f64::from(max_abs / scale);
-        let top1 =
-            arbor_engine::sampler::argmax(logits) == arbor_engine::sampler::argmax(&theirs);
+        let top1 = arbor_engine::sampler::argmax(logits) == arbor_engine::sampler::argmax(&theirs);
         let common = tokens.iter().zip(&want).take_while(|(x, y)| x == y).count();
         worst_rel = worst_rel.max(rel);
         same_top1 += usize::from(top1);
@@ -492,6 +501,10 @@ fn against_transformers(
 /// The attention kernels against an f64 reference on random inputs: head shapes of real and
 /// tiny models, sequence lengths that are not multiples of the kernel's 32-key blocks or 128-key splits, many
 /// sequences of different lengths in one launch, long cached prefixes, scattered slots.
+/// (heads, kv_heads, head_dim, [(context, new tokens) per sequence]) of one kernel check.
+#[cfg(feature = "cuda")]
+type KernelShape = (usize, usize, usize, Vec<(usize, usize)>);
+
 #[cfg(feature = "cuda")]
 fn kernel_checks(device: &arbor_model::Device) -> Result<serde_json::Value> {
     use arbor_model::cuda::{attention_on_host, AttnKernel, CheckSeq};
@@ -509,7 +522,7 @@ fn kernel_checks(device: &arbor_model::Device) -> Result<serde_json::Value> {
     // (heads, kv_heads, head_dim, [(context, new tokens)])
     // The first case is decodes only (the split-K decode path), the others mix decode rows with
     // prefill tiles.
-    let shapes: [(usize, usize, usize, Vec<(usize, usize)>); 7] = [
+    let shapes: [KernelShape; 7] = [
         (32, 8, 128, vec![(5000, 1), (37, 1), (1, 1), (700, 1)]),
         (
             32,
@@ -586,8 +599,7 @@ fn kernel_checks(device: &arbor_model::Device) -> Result<serde_json::Value> {
             }
         }
         for kernel in [AttnKernel::TensorCore, AttnKernel::CudaCore] {
-            if kernel == AttnKernel::TensorCore
-                && !AttnKernel::tensor_core_fits(heads, kv_heads, d)
+            if kernel == AttnKernel::TensorCore && !AttnKernel::tensor_core_fits(heads, kv_heads, d)
             {
                 continue;
             }
@@ -608,7 +620,16 @@ fn kernel_checks(device: &arbor_model::Device) -> Result<serde_json::Value> {
             }));
         }
     }
-    Ok(
-        json!({"kernels": "tensor-core and CUDA-core attention + arbor_attention_merge", "cases": cases, "failed": failed}),
-    )
+    // The GEMV kernel against cuBLAS: both round one f32 sum to bf16 (2^-8 relative), in
+    // different orders.
+    let mut gemv = Vec::new();
+    for (m, n, k, rel) in arbor_model::cuda::gemv_check(device)? {
+        let ok = rel < 1e-2;
+        failed += usize::from(!ok);
+        gemv.push(json!({"rows": m, "out": n, "in": k, "max_relative_difference": rel, "ok": ok}));
+    }
+    Ok(json!({
+        "kernels": "tensor-core and CUDA-core attention + arbor_attention_merge; arbor_gemv against cuBLAS",
+        "cases": cases, "gemv": gemv, "failed": failed,
+    }))
 }

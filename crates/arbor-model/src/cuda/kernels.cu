@@ -370,22 +370,61 @@ extern "C" __global__ void arbor_attention_gqa(
 }
 
 // x_out = x + y; h = x_out * rsqrt(mean(x_out^2) + eps) * w. One block per row: the residual
-// add and the next RMSNorm in one pass over the row instead of two kernels.
+// add and the next RMSNorm in one pass over the row instead of two kernels. Each thread owns
+// up to RMS_PIECES 16-byte pieces of the row and issues all its loads (x, y and w) before
+// using any, keeping the sums in registers for the second pass: at one row (batch-1 decode)
+// the block is alone on the GPU, and a loop of dependent loads left it latency-bound at
+// ~10 us a call, 64 calls a step. n % 8 == 0 and n <= 8 * RMS_PIECES * blockDim.x.
+#define RMS_PIECES 4
+__device__ __forceinline__ void bf16x8_to_float(const uint4& v, float (&f)[8]) {
+    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const float2 t = __bfloat1622float2(p[e]);
+        f[2 * e] = t.x;
+        f[2 * e + 1] = t.y;
+    }
+}
+
 extern "C" __global__ void arbor_add_rmsnorm(
     const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ y,
     const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ x_out,
     __nv_bfloat16* __restrict__ h_out, int n, float eps) {
     __shared__ float part[32];
     const long row = blockIdx.x;
-    const __nv_bfloat16* xr = x + row * n;
-    const __nv_bfloat16* yr = y + row * n;
+    const int pieces = n / 8;
+    const uint4* xr = reinterpret_cast<const uint4*>(x + row * n);
+    const uint4* yr = reinterpret_cast<const uint4*>(y + row * n);
+    const uint4* wr = reinterpret_cast<const uint4*>(w);
+    uint4 xv[RMS_PIECES], yv[RMS_PIECES], wv[RMS_PIECES];
+#pragma unroll
+    for (int p = 0; p < RMS_PIECES; p++) {
+        const int i = threadIdx.x + p * blockDim.x;
+        if (i < pieces) {
+            xv[p] = xr[i];
+            yv[p] = yr[i];
+            wv[p] = wr[i];
+        }
+    }
+    float sum[RMS_PIECES][8];
     float ss = 0.f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        // Rounded to bf16 first: the residual stream is bf16, like candle's add would leave it.
-        const __nv_bfloat16 v = __float2bfloat16(__bfloat162float(xr[i]) + __bfloat162float(yr[i]));
-        x_out[row * n + i] = v;
-        const float f = __bfloat162float(v);
-        ss += f * f;
+#pragma unroll
+    for (int p = 0; p < RMS_PIECES; p++) {
+        const int i = threadIdx.x + p * blockDim.x;
+        if (i >= pieces) continue;
+        float a[8], b[8];
+        bf16x8_to_float(xv[p], a);
+        bf16x8_to_float(yv[p], b);
+        uint4 packed;
+        __nv_bfloat16* pk = reinterpret_cast<__nv_bfloat16*>(&packed);
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            // Rounded to bf16 first: the residual stream is bf16, like candle's add leaves it.
+            pk[e] = __float2bfloat16(a[e] + b[e]);
+            sum[p][e] = __bfloat162float(pk[e]);
+            ss += sum[p][e] * sum[p][e];
+        }
+        reinterpret_cast<uint4*>(x_out + row * n)[i] = packed;
     }
     ss = warp_sum(ss);
     if ((threadIdx.x & 31) == 0) part[threadIdx.x / 32] = ss;
@@ -397,9 +436,18 @@ extern "C" __global__ void arbor_add_rmsnorm(
     }
     __syncthreads();
     const float inv = rsqrtf(part[0] / n + eps);
-    for (int i = threadIdx.x; i < n; i += blockDim.x)
-        h_out[row * n + i] =
-            __float2bfloat16(__bfloat162float(x_out[row * n + i]) * inv * __bfloat162float(w[i]));
+#pragma unroll
+    for (int p = 0; p < RMS_PIECES; p++) {
+        const int i = threadIdx.x + p * blockDim.x;
+        if (i >= pieces) continue;
+        float g[8];
+        bf16x8_to_float(wv[p], g);
+        uint4 packed;
+        __nv_bfloat16* pk = reinterpret_cast<__nv_bfloat16*>(&packed);
+#pragma unroll
+        for (int e = 0; e < 8; e++) pk[e] = __float2bfloat16(sum[p][e] * inv * g[e]);
+        reinterpret_cast<uint4*>(h_out + row * n)[i] = packed;
+    }
 }
 
 // One warp per (row, head): out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M). Lanes read
@@ -486,13 +534,14 @@ extern "C" __global__ void arbor_silu_mul(const __nv_bfloat16* __restrict__ gate
 // row staged in shared memory serves all G heads of the group and all positions of the tile:
 //
 //   block (tile, kvh, split), W warps          shared memory, one 64-key stage
-//   warp 0: flat rows  0..15  ┐                ks [64 keys][D + 8]      (K rows as stored)
-//   warp 1: flat rows 16..31  ├─ same keys     vt [D][64 + 8]           (V transposed, so
-//   ...                       ┘                                          B fragments are pairs)
+//   warp 0: flat rows  0..15  ┐                ks [64 keys][D + 8]   (K rows, as stored)
+//   warp 1: flat rows 16..31  ├─ same keys     vs [64 keys][D + 8]   (V rows; ldmatrix.trans
+//   ...                       ┘                                       makes the B fragments)
 //
 // Prefill tiles have 64 / G positions and 4 warps; a decode row is a tile of one position
 // with ceil(G / 16) warps (the rows past G are padding: decode is bound by reading K/V, not by
-// the tensor cores). The +8 padding makes every fragment load hit 32 distinct banks.
+// the tensor cores). Stages are copied with cp.async; the +8 padding makes every fragment
+// load hit 32 distinct banks.
 // Partial results (unnormalized O, running max in natural-log units, sum of exponentials) go
 // to the same per-(row, head, split) buffers as the other kernels, merged by
 // arbor_attention_merge. Tiles are launched heaviest first (blockIdx.x counts down), so the
@@ -517,6 +566,27 @@ __device__ __forceinline__ uint32_t ld_u32(const __nv_bfloat16* p) {
     return *reinterpret_cast<const uint32_t*>(p);
 }
 
+// 16 bytes global -> shared without passing through registers; `live` false writes zeros.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool live) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    const int n = live ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+
+// Four 8x8 bf16 matrices from shared memory, transposed: lanes 8i..8i+7 give the row
+// addresses of matrix i; register i of lane l receives elements (2 (l % 4), l / 4) and
+// (2 (l % 4) + 1, l / 4) of matrix i: an m16n8k16 B fragment from row-major rows.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
 template <int D>
 __device__ __forceinline__ void attention_mma(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,
@@ -525,13 +595,12 @@ __device__ __forceinline__ void attention_mma(
     const uint32_t* __restrict__ tile_row0, const uint32_t* __restrict__ tile_rows,
     int single_position, float* __restrict__ o_part, float* __restrict__ m_part,
     float* __restrict__ l_part, int H, int KVH, int n_splits, int split_len, float scale_log2) {
-    constexpr int KS = D + 8;       // ks row stride (bf16 elements)
-    constexpr int VS = MMA_KT + 8;  // vt row stride
+    constexpr int KS = D + 8;       // ks, vs row stride (bf16 elements)
     constexpr int KC = D / 16;      // 16-dim chunks of a head (k steps of S = Q K^T)
     constexpr int NT = MMA_KT / 8;  // 8-key tiles of a stage (n tiles of S)
     constexpr int DT = D / 8;       // 8-dim tiles of O
     __shared__ __align__(16) __nv_bfloat16 ks[MMA_KT * KS];
-    __shared__ __align__(16) __nv_bfloat16 vt[D * VS];
+    __shared__ __align__(16) __nv_bfloat16 vs[MMA_KT * KS];
     __shared__ uint32_t sl[MMA_KT];
 
     const int G = H / KVH;
@@ -578,40 +647,18 @@ __device__ __forceinline__ void attention_mma(
         for (int i = tid; i < MMA_KT; i += blockDim.x)
             sl[i] = k0 + i < k_end ? my_slots[k0 + i] : 0xffffffffu;
         __syncthreads();
-        // Thread i stages key i % 64, 16-byte piece i / 64: a warp's stores to vt then land on
-        // consecutive keys of one dim row (no bank conflicts). Keys past the split are zeros.
-        // Loads go in batches of 8 pieces per thread, all issued before any is stored: a
-        // one-warp decode block has 32 pieces per thread per stage, and one round trip each
-        // would leave it waiting on memory latency.
+        // The stage's K and V rows straight from the pool into shared memory (cp.async: every
+        // copy of the stage in flight at once, no registers held, one memory round trip per
+        // stage even for a one-warp decode block). Keys past the split are zeros.
         constexpr int PIECES = MMA_KT * (D / 8);
-        constexpr int BATCH = 8;
-        for (int i0 = tid; i0 < PIECES; i0 += BATCH * blockDim.x) {
-            uint4 kr[BATCH], vr[BATCH];
-#pragma unroll
-            for (int u = 0; u < BATCH; u++) {
-                const int i = i0 + u * blockDim.x;
-                kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
-                if (i < PIECES) {
-                    const int j = i % MMA_KT, c = (i / MMA_KT) * 8;
-                    if (sl[j] != 0xffffffffu) {
-                        const long base = ((long)sl[j] * KVH + kvh) * D + c;
-                        kr[u] = *reinterpret_cast<const uint4*>(k_pool + base);
-                        vr[u] = *reinterpret_cast<const uint4*>(v_pool + base);
-                    }
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < BATCH; u++) {
-                const int i = i0 + u * blockDim.x;
-                if (i < PIECES) {
-                    const int j = i % MMA_KT, c = (i / MMA_KT) * 8;
-                    *reinterpret_cast<uint4*>(&ks[j * KS + c]) = kr[u];
-                    const __nv_bfloat16* ve = reinterpret_cast<const __nv_bfloat16*>(&vr[u]);
-#pragma unroll
-                    for (int e = 0; e < 8; e++) vt[(c + e) * VS + j] = ve[e];
-                }
-            }
+        for (int i = tid; i < PIECES; i += blockDim.x) {
+            const int j = i / (D / 8), c = (i % (D / 8)) * 8;
+            const bool live = sl[j] != 0xffffffffu;
+            const long base = live ? ((long)sl[j] * KVH + kvh) * D + c : 0;
+            cp_async16(&ks[j * KS + c], k_pool + base, live);
+            cp_async16(&vs[j * KS + c], v_pool + base, live);
         }
+        cp_async_wait_all();
         __syncthreads();
         if (warp * 16 >= nflat) continue;  // a padding warp (warp-uniform); still syncs above
 
@@ -676,10 +723,16 @@ __device__ __forceinline__ void attention_mma(
                 pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                 pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]),
             };
-            const __nv_bfloat16* vr = vt + gid * VS + kk * 16 + 2 * tig;
+            // V's B fragments for two 8-dim tiles at once: lanes 0-15 address keys kk * 16 + 0..15
+            // of tile dt, lanes 16-31 the same keys of tile dt + 1.
+            const __nv_bfloat16* vrow = vs + (kk * 16 + (lane & 15)) * KS + (lane >> 4) * 8;
 #pragma unroll
-            for (int dt = 0; dt < DT; dt++)
-                mma_16816(o[dt], pa, ld_u32(vr + dt * 8 * VS), ld_u32(vr + dt * 8 * VS + 8));
+            for (int dt = 0; dt < DT; dt += 2) {
+                uint32_t vb[4];
+                ldmatrix_x4_trans(vb, vrow + dt * 8);
+                mma_16816(o[dt], pa, vb[0], vb[1]);
+                mma_16816(o[dt + 1], pa, vb[2], vb[3]);
+            }
         }
     }
 #pragma unroll
@@ -720,3 +773,75 @@ __device__ __forceinline__ void attention_mma(
     }
 ATTENTION_MMA(64)
 ATTENTION_MMA(128)
+
+// ---------------------------------------------------------------------------------------------
+// y [M, N] = x [M, K] W^T for a few rows, W [N, K] bf16 row-major: an experiment kept behind
+// ARBOR_GEMV=1 (docs/BENCHMARKS.md). Pure weight streaming: one warp per output row n reads W's
+// row once in 16-byte loads (four in flight per lane, L1 bypassed) and dots it with the M
+// activation rows (served from L1/L2). On the H200 it matched cuBLAS at one row (0.125 against
+// 0.124 ms per 8B layer) and lost at 2-4 rows (the M activation reads per weight piece), so
+// cuBLAS stays the default. K % 8 == 0.
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
+    const __nv_bfloat162* pa = reinterpret_cast<const __nv_bfloat162*>(&a);
+    const __nv_bfloat162* pb = reinterpret_cast<const __nv_bfloat162*>(&b);
+    float s = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const float2 fa = __bfloat1622float2(pa[e]), fb = __bfloat1622float2(pb[e]);
+        s += fa.x * fb.x + fa.y * fb.y;
+    }
+    return s;
+}
+
+#define GEMV_WARPS 4
+#define GEMV_UNROLL 4
+template <int M>
+__device__ __forceinline__ void gemv_bf16(const __nv_bfloat16* __restrict__ x,
+                                          const __nv_bfloat16* __restrict__ w,
+                                          __nv_bfloat16* __restrict__ y, int N, int K) {
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const long n = (long)blockIdx.x * GEMV_WARPS + warp;
+    if (n >= N) return;
+    const uint4* wr = reinterpret_cast<const uint4*>(w + n * K);
+    const uint4* xr = reinterpret_cast<const uint4*>(x);
+    const int chunks = K / 8, xstride = K / 8;
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; m++) acc[m] = 0.f;
+    int c = lane;
+    for (; c + (GEMV_UNROLL - 1) * WARP < chunks; c += GEMV_UNROLL * WARP) {
+        uint4 wv[GEMV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) wv[u] = ld_stream(wr + c + u * WARP);
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++)
+#pragma unroll
+            for (int m = 0; m < M; m++) acc[m] += dot8(wv[u], __ldg(xr + m * xstride + c + u * WARP));
+    }
+    for (; c < chunks; c += WARP) {
+        const uint4 wv = ld_stream(wr + c);
+#pragma unroll
+        for (int m = 0; m < M; m++) acc[m] += dot8(wv, __ldg(xr + m * xstride + c));
+    }
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        const float v = warp_sum(acc[m]);
+        if (lane == 0) y[(long)m * N + n] = __float2bfloat16(v);
+    }
+}
+
+#define GEMV(M)                                                                                \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP) arbor_gemv_m##M(           \
+        const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,              \
+        __nv_bfloat16* __restrict__ y, int N, int K) {                                         \
+        gemv_bf16<M>(x, w, y, N, K);                                                           \
+    }
+GEMV(1)

@@ -1,23 +1,27 @@
 //! The CUDA backend: the Llama forward pass on one NVIDIA GPU, in bf16.
 //!
 //! Weights live on the GPU in bf16 (Hugging Face safetensors as they are; GGUF tensors
-//! dequantized at load; or random for `--load-format dummy`), linear layers go through candle's
-//! cuBLAS matmul, RMSNorm through candle-nn's kernel, and Arbor's own kernels
-//! (`kernels.cu`) do what candle lacks:
+//! dequantized at load, or kept in their block format with [`GgufWeights::Quantized`]; or
+//! random for `--load-format dummy`), linear layers go through cuBLAS (or candle's quantized
+//! kernels), and Arbor's own kernels (`kernels.cu`) do what candle lacks:
 //!
 //! ```text
-//!  x --rms_norm--> h --matmul(Wqkv)--> qkv --arbor_qkv_rope_write--> q, and K/V into their slots
-//!  q, slot lists --arbor_attention (split along keys)--> partials --arbor_attention_merge--> o
-//!  x += o Wo;  h = rms_norm(x);  gu = h Wgate_up;  act = arbor_silu_mul(gu);  x += act Wdown
+//!  x --add+rms_norm--> h --matmul(Wqkv)--> qkv --arbor_qkv_rope_write--> q, and K/V into slots
+//!  q, slot lists --attention (tensor cores, split along keys)--> partials --merge--> o
+//!  x += o Wo (fused with the next RMSNorm);  gu = h Wgate_up;  act = silu_mul(gu);  x += act Wdown
 //! ```
 //!
 //! The KV pool is one bf16 buffer per layer for K and one for V, `[slots, kv_heads, head_dim]`,
-//! owned here (not candle tensors) because the kernels write into it in place.
+//! owned here (not candle tensors) because the kernels write into it in place. Attention runs
+//! on the tensor-core kernel where the head shape allows ([`AttnKernel`]), else on the CUDA-core
+//! kernels; both write per-split partial results that one merge kernel combines.
 
 use std::path::Path;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Device, Storage, Tensor};
@@ -81,9 +85,8 @@ impl AttnKernel {
     /// CUDA-core kernels (A/B benchmarks).
     pub fn for_shape(heads: usize, kv_heads: usize, head_dim: usize) -> Self {
         static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let forced = *FORCED.get_or_init(|| {
-            std::env::var("ARBOR_CUDA_ATTN").is_ok_and(|v| v == "cuda-core")
-        });
+        let forced = *FORCED
+            .get_or_init(|| std::env::var("ARBOR_CUDA_ATTN").is_ok_and(|v| v == "cuda-core"));
         if !forced && Self::tensor_core_fits(heads, kv_heads, head_dim) {
             Self::TensorCore
         } else {
@@ -131,15 +134,92 @@ enum GpuLinear {
     Quantized(candle_core::quantized::QMatMul),
 }
 
+/// Activation rows up to which `ARBOR_GEMV=1` runs dense linear layers through Arbor's GEMV
+/// kernel (`arbor_gemv_m1`) instead of cuBLAS.
+const GEMV_MAX_ROWS: usize = 1;
+
+/// `ARBOR_GEMV=1`: one-row linear layers through `arbor_gemv_m1` (an A/B experiment; cuBLAS
+/// measured as fast or faster, docs/BENCHMARKS.md).
+fn gemv_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ARBOR_GEMV").is_ok_and(|v| v == "1"))
+}
+
 impl GpuLinear {
     /// `x [T, in] -> [T, out]`, bf16.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         use candle_core::Module;
         Ok(match self {
+            Self::Dense(w) if gemv_enabled() && gemv_fits(x, w) => gemv(x, w)?,
             Self::Dense(w) => x.matmul(&w.t()?)?,
             Self::Quantized(q) => q.forward(x)?,
         })
     }
+}
+
+fn gemv_fits(x: &Tensor, w: &Tensor) -> bool {
+    let (Ok((m, k)), Ok((_, wk))) = (x.dims2(), w.dims2()) else {
+        return false;
+    };
+    // 16-byte loads: rows of whole 8-element pieces starting on a piece boundary.
+    (1..=GEMV_MAX_ROWS).contains(&m)
+        && k == wk
+        && k % 8 == 0
+        && x.dtype() == DType::BF16
+        && w.dtype() == DType::BF16
+        && w.is_contiguous()
+        && w.layout().start_offset().is_multiple_of(8)
+}
+
+/// `x W^T` through `arbor_gemv_m{rows}` (see [`GEMV_MAX_ROWS`]).
+fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dev = cuda_device(x.device())?;
+    let (m, k) = x.dims2()?;
+    let n = w.dims2()?.0;
+    let x = if x.is_contiguous() && x.layout().start_offset().is_multiple_of(8) {
+        x.clone()
+    } else {
+        x.copy()?
+    };
+    // Safety: the kernel writes all m x n outputs.
+    let mut y = unsafe { dev.alloc::<bf16>(m * n) }?;
+    {
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (x_s, w_s) = (slice_of::<bf16>(&xs, xl)?, slice_of::<bf16>(&ws, wl)?);
+        let func = dev.get_or_load_custom_func("arbor_gemv_m1", MODULE, PTX)?;
+        let (ni, ki) = (n as i32, k as i32);
+        let mut b = func.builder();
+        b.arg(&x_s).arg(&w_s).arg(&mut y).arg(&ni).arg(&ki);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(4) as u32, 1, 1), // GEMV_WARPS rows per block
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Safety: one warp per output row reads that row of w (k elements) and the m rows of
+        // x; both are contiguous bf16 starting at 16-byte boundaries (checked by gemv_fits
+        // and above), k % 8 == 0.
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok(wrap(y, dev, (m, n)))
+}
+
+/// Arbor's GEMV against cuBLAS on random data: `(rows, out, in, max |difference| / max |y|)`
+/// per shape (the 8B shape's layers, the default model's, an odd small one).
+pub fn gemv_check(device: &Device) -> Result<Vec<(usize, usize, usize, f64)>> {
+    let mut rows = Vec::new();
+    for (n, k) in [(6144, 4096), (4096, 14336), (1000, 576), (37, 8)] {
+        let w = Tensor::randn(0f32, 0.02, (n, k), device)?.to_dtype(DType::BF16)?;
+        for m in 1..=GEMV_MAX_ROWS {
+            let x = Tensor::randn(0f32, 1.0, (m, k), device)?.to_dtype(DType::BF16)?;
+            let ours = gemv(&x, &w)?.to_dtype(DType::F32)?;
+            let theirs = x.matmul(&w.t()?)?.to_dtype(DType::F32)?;
+            let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = theirs.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+            rows.push((m, n, k, f64::from(diff / scale)));
+        }
+    }
+    Ok(rows)
 }
 
 #[derive(Debug)]
@@ -166,6 +246,9 @@ pub struct CudaLlama {
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
     device: Device,
+    /// Page-locked host memory the logits are copied into, grown as needed: a pageable copy
+    /// ran at about 1 GB/s on the H200 machine's host (38 ms a step for 64 rows of 128k).
+    logits_host: std::sync::Mutex<Option<PinnedHostSlice<f32>>>,
 }
 
 /// K and V of every slot, per layer, on the GPU.
@@ -400,7 +483,7 @@ pub fn load_dummy(
 impl CudaLlama {
     fn build(config: ModelConfig, mut src: Source, device: &Device) -> Result<Self> {
         config.validate()?;
-        if config.head_dim % 2 != 0 || config.head_dim > 256 {
+        if !config.head_dim.is_multiple_of(2) || config.head_dim > 256 {
             return Err(ModelError::BadConfig(format!(
                 "the CUDA kernels need an even head_dim up to 256, got {}",
                 config.head_dim
@@ -468,6 +551,7 @@ impl CudaLlama {
             final_norm,
             lm_head,
             device: device.clone(),
+            logits_host: std::sync::Mutex::new(None),
         })
     }
 
@@ -572,15 +656,7 @@ impl CudaLlama {
                 unsafe { b.launch(LaunchConfig::for_num_elems(pairs as u32)) }.w()?;
             }
             prof.mark("qkv_rope_write");
-            let attn = attention(
-                dev,
-                &q,
-                &kv.k[l],
-                &kv.v[l],
-                &slot_lists,
-                dims,
-                &mut parts,
-            )?;
+            let attn = attention(dev, &q, &kv.k[l], &kv.v[l], &slot_lists, dims, &mut parts)?;
             prof.mark("attention");
             let attn = wrap(attn, dev, (t, nh * d));
             let o = layer.wo.forward(&attn)?;
@@ -589,23 +665,7 @@ impl CudaLlama {
             prof.mark("add+rms_norm");
             let gu = layer.gate_up.forward(&h)?.contiguous()?;
             prof.mark("matmul_gate_up");
-            let ffn = cfg.intermediate_size;
-            // Safety: the kernel writes all T x F elements.
-            let mut act = unsafe { dev.alloc::<bf16>(t * ffn) }?;
-            {
-                let (st, lay) = gu.storage_and_layout();
-                let gu_s = slice_of::<bf16>(&st, lay)?;
-                let func = dev.get_or_load_custom_func("arbor_silu_mul", MODULE, PTX)?;
-                let fi = ffn as i32;
-                let mut b = func.builder();
-                b.arg(&gu_s).arg(&mut act).arg(&ti).arg(&fi);
-                // Safety: one thread per output element.
-                unsafe { b.launch(LaunchConfig::for_num_elems((t * ffn) as u32)) }.w()?;
-            }
-            prof.mark("silu_mul");
-            let act = wrap(act, dev, (t, ffn));
-            let down = layer.down.forward(&act)?;
-            prof.mark("matmul_down");
+            let down = swiglu_down(dev, &gu, &layer.down, t, cfg.intermediate_size, &mut prof)?;
             let next_norm = self
                 .layers
                 .get(l + 1)
@@ -622,7 +682,36 @@ impl CudaLlama {
         let normed = h.index_select(&rows, 0)?;
         let logits = self.lm_head.forward(&normed)?.to_dtype(DType::F32)?;
         prof.mark("lm_head");
-        let logits = logits.to_vec2::<f32>()?;
+        // One flat copy into page-locked memory, then rows on the host (candle's `to_vec2`
+        // gathers element by element through pageable memory).
+        let vocab = logits.dim(1)?;
+        let n = n_rows * vocab;
+        let mut pinned = self.logits_host.lock().unwrap_or_else(|e| e.into_inner());
+        if pinned.as_ref().is_none_or(|p| p.len() < n) {
+            *pinned = None; // the old buffer goes first
+                            // Safety: only the first n elements are read, after the copy below wrote them.
+                            // Flags 0: cacheable (write-combined memory is slow for the host to read).
+            let fresh = unsafe {
+                stream
+                    .context()
+                    .alloc_pinned_with_flags::<f32>(n.next_power_of_two(), 0)
+            };
+            *pinned = Some(fresh.map_err(cuda_err)?);
+        }
+        let Some(host) = pinned.as_mut() else {
+            return Err(ModelError::Cuda("no host buffer for the logits".into()));
+        };
+        let host = host.as_mut_slice().map_err(cuda_err)?;
+        {
+            let (st, lay) = logits.storage_and_layout();
+            let all = slice_of::<f32>(&st, lay)?;
+            stream
+                .memcpy_dtoh(&all.slice(..n), &mut host[..n])
+                .map_err(cuda_err)?;
+        }
+        // The copy into page-locked memory is asynchronous.
+        stream.synchronize().map_err(cuda_err)?;
+        let logits = host[..n].chunks_exact(vocab).map(<[f32]>::to_vec).collect();
         prof.mark("copy_out");
         Ok(logits)
     }
@@ -890,9 +979,9 @@ fn attention(
                 unsafe { b.launch(cfg) }.w()?;
             }
         }
-        AttnKernel::CudaCore => cuda_core_attention(
-            dev, q, k_pool, v_pool, lists, dims, parts, scale,
-        )?,
+        AttnKernel::CudaCore => {
+            cuda_core_attention(dev, q, k_pool, v_pool, lists, dims, parts, scale)?
+        }
     }
     // Safety: the merge kernel writes every element of its output.
     let mut out = unsafe { dev.alloc::<bf16>(rows * heads * head_dim) }?;
@@ -905,10 +994,12 @@ fn attention(
         .arg(&hi)
         .arg(&di)
         .arg(&splits_i);
-    // Up to four split groups per output dim (kernels.cu), no more groups than splits (a
-    // batch of decodes has few splits per row), at least a warp.
-    let threads = (head_dim * parts.splits.min(4))
-        .clamp(32, 512)
+    // Up to eight split groups per output dim (kernels.cu), no more groups than splits (a
+    // batch of decodes has few splits per row), at least a warp: one sequence decoding at 8k
+    // tokens has ~130 splits per head, merged by 32 blocks (one per head), so each thread
+    // reads ~16 of them rather than ~33.
+    let threads = (head_dim * parts.splits.min(8))
+        .clamp(32, 1024)
         .next_multiple_of(32);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, heads as u32, 1),
@@ -1059,11 +1150,47 @@ pub fn attention_on_host(
             "no tensor-core attention kernel for {heads} heads, {kv_heads} KV heads, head_dim {head_dim}"
         )));
     }
-    let lists = SlotLists::build(dev, seqs.iter().map(|s| (&s.slots[..], s.n_new)), dims, kernel)?;
+    let lists = SlotLists::build(
+        dev,
+        seqs.iter().map(|s| (&s.slots[..], s.n_new)),
+        dims,
+        kernel,
+    )?;
     let mut parts = AttnPartials::new(dev, rows, heads, head_dim, &lists)?;
     let out = attention(dev, &q_d, &k_d, &v_d, &lists, dims, &mut parts)?;
     let host: Vec<bf16> = stream.clone_dtoh(&out).map_err(cuda_err)?;
     Ok(host.into_iter().map(f32::from).collect())
+}
+
+/// `silu(gate) * up` of the fused gate/up output `gu [T, 2F]` (`arbor_silu_mul`), through the
+/// down projection. (Fusing SwiGLU into a one-row down-projection GEMV cost 0.5 ms a step on
+/// the H200: each of its 4,096 warps recomputed the 14,336 activations, bound by the
+/// special-function units.)
+fn swiglu_down(
+    dev: &CudaDevice,
+    gu: &Tensor,
+    down: &GpuLinear,
+    t: usize,
+    ffn: usize,
+    prof: &mut Profiler,
+) -> Result<Tensor> {
+    // Safety: the kernel writes all T x F elements.
+    let mut act = unsafe { dev.alloc::<bf16>(t * ffn) }?;
+    {
+        let (st, lay) = gu.storage_and_layout();
+        let gu_s = slice_of::<bf16>(&st, lay)?;
+        let func = dev.get_or_load_custom_func("arbor_silu_mul", MODULE, PTX)?;
+        let (ti, fi) = (t as i32, ffn as i32);
+        let mut b = func.builder();
+        b.arg(&gu_s).arg(&mut act).arg(&ti).arg(&fi);
+        // Safety: one thread per output element.
+        unsafe { b.launch(LaunchConfig::for_num_elems((t * ffn) as u32)) }.w()?;
+    }
+    prof.mark("silu_mul");
+    let act = wrap(act, dev, (t, ffn));
+    let down = down.forward(&act)?;
+    prof.mark("matmul_down");
+    Ok(down)
 }
 
 /// `x + y` and the RMSNorm of it with weight `w`, in one kernel: returns both, `[T, n]` bf16.
@@ -1075,6 +1202,14 @@ fn add_rms_norm(
     eps: f32,
 ) -> Result<(Tensor, Tensor)> {
     let (t, n) = x.dims2()?;
+    // 16-byte pieces, up to RMS_PIECES (kernels.cu) per thread of a 1024-thread block.
+    let pieces = n / 8;
+    let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(8);
+    if n % 8 != 0 || pieces > 4 * 1024 || !aligned(x) || !aligned(y) || !aligned(w) {
+        let sum = (x + y)?;
+        let h = candle_nn::ops::rms_norm(&sum, w, eps)?;
+        return Ok((sum, h));
+    }
     let (x, y) = (x.contiguous()?, y.contiguous()?);
     // Safety: the kernel writes every element of both outputs.
     let mut x_out = unsafe { dev.alloc::<bf16>(t * n) }?;
@@ -1100,10 +1235,12 @@ fn add_rms_norm(
             .arg(&epsf);
         let cfg = LaunchConfig {
             grid_dim: (t as u32, 1, 1),
-            block_dim: (256, 1, 1),
+            block_dim: (pieces.next_multiple_of(32).min(1024) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // Safety: one block per row reads and writes that row only (n elements).
+        // Safety: one block per row reads and writes that row only (n elements, n % 8 == 0, in
+        // 16-byte pieces: x, y and the outputs are fresh or offset by whole rows, w is a
+        // whole tensor); the block has at least pieces / 4 threads.
         unsafe { b.launch(cfg) }.w()?;
     }
     Ok((wrap(x_out, dev, (t, n)), wrap(h_out, dev, (t, n))))
@@ -1148,8 +1285,8 @@ pub struct LinearBenchRow {
 }
 
 /// Times one layer's linear layers (QKV, O, gate/up, down) of `config`'s shape with random
-/// weights, dense bf16 against each quantized `format`, for each batch size (rows of
-/// activations). Four copies of the layer are cycled so that the weights come from HBM, not
+/// weights, dense bf16 (cuBLAS; and Arbor's GEMV kernel where it applies) against each
+/// quantized `format`, for each batch size (rows of activations). Four copies of the layer are cycled so that the weights come from HBM, not
 /// the 50 MB L2.
 pub fn linear_bench(
     device: &Device,
@@ -1171,36 +1308,45 @@ pub fn linear_bench(
     let params: usize = shapes.iter().map(|(o, i)| o * i).sum();
     const COPIES: usize = 4;
     let mut rows = Vec::new();
-    let mut time = |layers: &[Vec<GpuLinear>], format: String, bytes: f64| -> Result<()> {
-        for &b in batches {
-            let x = Tensor::randn(0f32, 1.0, (b, h.max(q).max(f)), device)?.to_dtype(DType::BF16)?;
-            let inputs: Vec<Tensor> = shapes
-                .iter()
-                .map(|&(_, i)| x.narrow(1, 0, i).and_then(|t| t.contiguous()))
-                .collect::<candle_core::Result<_>>()?;
-            let run = |n: usize| -> Result<()> {
-                for it in 0..n {
-                    for (lin, inp) in layers[it % COPIES].iter().zip(&inputs) {
-                        lin.forward(inp)?;
-                    }
+    // `gemv`: dense layers through Arbor's GEMV kernel (batches it takes only).
+    let mut time =
+        |layers: &[Vec<GpuLinear>], format: String, bytes: f64, gemv_rows: bool| -> Result<()> {
+            for &b in batches {
+                if gemv_rows && b > GEMV_MAX_ROWS {
+                    continue;
                 }
-                Ok(())
-            };
-            run(COPIES)?; // warm-up: kernels loaded, workspaces allocated
-            stream.synchronize().map_err(cuda_err)?;
-            let t0 = std::time::Instant::now();
-            run(iters)?;
-            stream.synchronize().map_err(cuda_err)?;
-            let per_layer = t0.elapsed().as_secs_f64() / iters as f64;
-            rows.push(LinearBenchRow {
-                format: format.clone(),
-                batch: b,
-                ms_per_layer: per_layer * 1e3,
-                weight_gbs: bytes / per_layer / 1e9,
-            });
-        }
-        Ok(())
-    };
+                let x = Tensor::randn(0f32, 1.0, (b, h.max(q).max(f)), device)?
+                    .to_dtype(DType::BF16)?;
+                let inputs: Vec<Tensor> = shapes
+                    .iter()
+                    .map(|&(_, i)| x.narrow(1, 0, i).and_then(|t| t.contiguous()))
+                    .collect::<candle_core::Result<_>>()?;
+                let run = |n: usize| -> Result<()> {
+                    for it in 0..n {
+                        for (lin, inp) in layers[it % COPIES].iter().zip(&inputs) {
+                            match lin {
+                                GpuLinear::Dense(w) if gemv_rows => gemv(inp, w)?,
+                                _ => lin.forward(inp)?,
+                            };
+                        }
+                    }
+                    Ok(())
+                };
+                run(COPIES)?; // warm-up: kernels loaded, workspaces allocated
+                stream.synchronize().map_err(cuda_err)?;
+                let t0 = std::time::Instant::now();
+                run(iters)?;
+                stream.synchronize().map_err(cuda_err)?;
+                let per_layer = t0.elapsed().as_secs_f64() / iters as f64;
+                rows.push(LinearBenchRow {
+                    format: format.clone(),
+                    batch: b,
+                    ms_per_layer: per_layer * 1e3,
+                    weight_gbs: bytes / per_layer / 1e9,
+                });
+            }
+            Ok(())
+        };
     // Dense bf16, made on the GPU.
     let dense: Vec<Vec<GpuLinear>> = (0..COPIES)
         .map(|_| {
@@ -1214,7 +1360,8 @@ pub fn linear_bench(
                 .collect::<Result<Vec<_>>>()
         })
         .collect::<Result<_>>()?;
-    time(&dense, "bf16".into(), params as f64 * 2.0)?;
+    time(&dense, "bf16".into(), params as f64 * 2.0, false)?;
+    time(&dense, "bf16-gemv".into(), params as f64 * 2.0, true)?;
     drop(dense);
     for &fmt in formats {
         // Quantized once on the CPU; the copies share the bytes, uploaded separately.
@@ -1230,13 +1377,16 @@ pub fn linear_bench(
                 blobs
                     .iter()
                     .map(|(data, s)| {
-                        let st = QStorage::from_data(std::borrow::Cow::Borrowed(data), device, fmt)?;
-                        Ok(GpuLinear::Quantized(QMatMul::from_qtensor(QTensor::new(st, *s)?)?))
+                        let st =
+                            QStorage::from_data(std::borrow::Cow::Borrowed(data), device, fmt)?;
+                        Ok(GpuLinear::Quantized(QMatMul::from_qtensor(QTensor::new(
+                            st, *s,
+                        )?)?))
                     })
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<_>>()?;
-        time(&layers, format!("{fmt:?}"), bytes as f64)?;
+        time(&layers, format!("{fmt:?}"), bytes as f64, false)?;
     }
     Ok(rows)
 }
