@@ -541,3 +541,80 @@ fn preemption_under_memory_pressure_keeps_outputs_exact() {
         );
     }
 }
+
+/// A request's generated tokens and their log-probabilities.
+type TokensAndLogprobs = (Vec<u32>, Vec<f32>);
+
+/// Runs requests together to the end: each one's tokens and log-probabilities, and the most
+/// rows decoded in one step.
+fn run_together(e: &mut Engine, reqs: Vec<Request>) -> (Vec<TokensAndLogprobs>, usize) {
+    let ids_: Vec<_> = reqs
+        .into_iter()
+        .map(|r| e.add_request(r).unwrap())
+        .collect();
+    let mut got: Vec<TokensAndLogprobs> = vec![(Vec::new(), Vec::new()); ids_.len()];
+    let mut widest = 0;
+    while e.has_work() {
+        let (events, stats) = e.step().unwrap();
+        widest = widest.max(stats.decode_tokens);
+        for ev in events {
+            if let arbor_engine::Event::Token {
+                id, token, logprob, ..
+            } = ev
+            {
+                let k = ids_.iter().position(|&x| x == id).unwrap();
+                got[k].0.push(token);
+                got[k].1.push(logprob.expect("asked for").logprob);
+            }
+        }
+    }
+    (got, widest)
+}
+
+/// Sampling a step's rows on several threads changes no token: seeded temperature sampling
+/// with penalties, bans and log-probabilities, eight requests decoding together, with the
+/// threads forced on against one thread.
+#[test]
+fn parallel_sampling_gives_the_tokens_of_sequential_sampling() {
+    let fx = llama_cpp_fixture();
+    let prompts: Vec<Vec<u32>> = fx["greedy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take(8)
+        .map(|c| ids(&c["prompt_ids"]))
+        .collect();
+    let request = |i: usize| Request {
+        logprobs: Some(2),
+        namespace: 0,
+        prompt: prompts[i].clone(),
+        sampling: SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            frequency_penalty: 0.3,
+            seed: Some(100 + i as u64),
+            ..Default::default()
+        },
+        stop: StopConditions {
+            max_tokens: 10,
+            min_tokens: 4,
+            ..Default::default()
+        },
+    };
+    let s = shared();
+    let mut cfg = EngineConfig::for_model(&s.model);
+    cfg.kv_slots = 4096;
+    cfg.max_batch_tokens = 2048;
+    cfg.parallel_sampling_min_logits = usize::MAX;
+    let mut one = Engine::new(s.model.clone(), s.tokenizer.clone(), cfg.clone());
+    let (sequential, _) = run_together(&mut one, (0..prompts.len()).map(request).collect());
+    cfg.parallel_sampling_min_logits = 0;
+    let mut many = Engine::new(s.model.clone(), s.tokenizer.clone(), cfg);
+    let (parallel, widest) = run_together(&mut many, (0..prompts.len()).map(request).collect());
+    assert!(
+        widest >= 4,
+        "the rows should have been sampled together ({widest})"
+    );
+    assert!(sequential.iter().all(|(t, _)| t.len() >= 4));
+    assert_eq!(parallel, sequential);
+}
