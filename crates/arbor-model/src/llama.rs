@@ -117,6 +117,42 @@ impl SeqStep<'_> {
     }
 }
 
+/// A step's batch flattened for a forward pass, the same for every backend: each new token
+/// in batch order with its position and its slot, and the rows whose logits are wanted.
+pub(crate) struct FlatStep {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<usize>,
+    pub new_slots: Vec<u32>,
+    pub logit_rows: Vec<u32>,
+}
+
+impl FlatStep {
+    /// Validates every sequence (see [`SeqStep::validate`]), then flattens the batch.
+    pub(crate) fn gather(batch: &[SeqStep], cfg: &ModelConfig, pool_slots: usize) -> Result<Self> {
+        let mut flat = Self {
+            tokens: Vec::new(),
+            positions: Vec::new(),
+            new_slots: Vec::new(),
+            logit_rows: Vec::new(),
+        };
+        for s in batch {
+            s.validate(cfg, pool_slots)?;
+            let past = s.slots.len() - s.tokens.len();
+            let first_row = flat.tokens.len() as u32;
+            flat.tokens.extend_from_slice(s.tokens);
+            flat.positions.extend(past..s.slots.len());
+            flat.new_slots.extend_from_slice(&s.slots[past..]);
+            let end = flat.tokens.len() as u32;
+            match s.logits {
+                LogitsWanted::None => {}
+                LogitsWanted::Last => flat.logit_rows.push(end - 1),
+                LogitsWanted::All => flat.logit_rows.extend(first_row..end),
+            }
+        }
+        Ok(flat)
+    }
+}
+
 impl Llama {
     pub fn new(
         config: ModelConfig,
@@ -146,30 +182,25 @@ impl Llama {
     /// Runs one step and returns the requested logit rows, sequence by sequence in batch order.
     pub fn forward(&self, batch: &[SeqStep], kv: &mut KvPool) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.config;
-        let mut tokens = Vec::new();
-        let mut positions = Vec::new();
-        let mut new_slots = Vec::new();
-        let mut attn_seqs = Vec::with_capacity(batch.len());
-        let mut logit_rows = Vec::new();
-        for s in batch {
-            s.validate(cfg, kv.num_slots())?;
-            let past = s.slots.len() - s.tokens.len();
-            attn_seqs.push(AttnSeq {
-                row_offset: tokens.len(),
-                n_new: s.tokens.len(),
-                slots: s.slots,
-            });
-            tokens.extend_from_slice(s.tokens);
-            positions.extend(past..s.slots.len());
-            new_slots.extend_from_slice(&s.slots[past..]);
-            match s.logits {
-                LogitsWanted::None => {}
-                LogitsWanted::Last => logit_rows.push((tokens.len() - 1) as u32),
-                LogitsWanted::All => {
-                    logit_rows.extend((tokens.len() - s.tokens.len()) as u32..tokens.len() as u32)
-                }
-            }
-        }
+        let FlatStep {
+            tokens,
+            positions,
+            new_slots,
+            logit_rows,
+        } = FlatStep::gather(batch, cfg, kv.num_slots())?;
+        let mut row_offset = 0;
+        let attn_seqs: Vec<AttnSeq> = batch
+            .iter()
+            .map(|s| {
+                let seq = AttnSeq {
+                    row_offset,
+                    n_new: s.tokens.len(),
+                    slots: s.slots,
+                };
+                row_offset += s.tokens.len();
+                seq
+            })
+            .collect();
         let n_tokens = tokens.len();
         if n_tokens == 0 {
             return Ok(Vec::new());

@@ -20,7 +20,7 @@ use std::path::Path;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    CudaSlice, LaunchArgs, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::op::BackpropOp;
@@ -31,7 +31,7 @@ pub use candle_core::quantized::GgmlDType;
 
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
-use crate::llama::{LogitsWanted, SeqStep};
+use crate::llama::{FlatStep, SeqStep};
 use crate::rope::Rope;
 use crate::{ChatTemplate, Tokenizer};
 
@@ -575,24 +575,13 @@ impl CudaLlama {
         let dev = cuda_device(&self.device)?;
         let stream = dev.cuda_stream();
         let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let mut tokens = Vec::new();
-        let mut positions = Vec::new();
-        let mut new_slots = Vec::new();
-        let mut logit_rows: Vec<u32> = Vec::new();
-        for s in batch {
-            s.validate(cfg, kv.num_slots)?;
-            let past = s.slots.len() - s.tokens.len();
-            tokens.extend_from_slice(s.tokens);
-            positions.extend((past..s.slots.len()).map(|p| p as u32));
-            new_slots.extend_from_slice(&s.slots[past..]);
-            match s.logits {
-                LogitsWanted::None => {}
-                LogitsWanted::Last => logit_rows.push((tokens.len() - 1) as u32),
-                LogitsWanted::All => {
-                    logit_rows.extend((tokens.len() - s.tokens.len()) as u32..tokens.len() as u32)
-                }
-            }
-        }
+        let FlatStep {
+            tokens,
+            positions,
+            new_slots,
+            logit_rows,
+        } = FlatStep::gather(batch, cfg, kv.num_slots)?;
+        let positions: Vec<u32> = positions.into_iter().map(|p| p as u32).collect();
         let t = tokens.len();
         if t == 0 {
             return Ok(Vec::new());
@@ -950,13 +939,8 @@ fn attention(
                 }
                 let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
                 let mut b = func.builder();
-                b.arg(q)
-                    .arg(k_pool)
-                    .arg(v_pool)
-                    .arg(&lists.flat)
-                    .arg(&lists.row_offset)
-                    .arg(&lists.row_keys)
-                    .arg(row0)
+                slot_list_args(&mut b, q, k_pool, v_pool, lists);
+                b.arg(row0)
                     .arg(&lists.tile_rows)
                     .arg(&single)
                     .arg(&mut parts.o)
@@ -1012,6 +996,23 @@ fn attention(
     Ok(out)
 }
 
+/// The arguments every attention kernel takes first: q, the layer's K and V pools, and the
+/// step's slot lists.
+fn slot_list_args<'a>(
+    b: &mut LaunchArgs<'a>,
+    q: &'a CudaSlice<bf16>,
+    k_pool: &'a CudaSlice<bf16>,
+    v_pool: &'a CudaSlice<bf16>,
+    lists: &'a SlotLists,
+) {
+    b.arg(q)
+        .arg(k_pool)
+        .arg(v_pool)
+        .arg(&lists.flat)
+        .arg(&lists.row_offset)
+        .arg(&lists.row_keys);
+}
+
 /// The CUDA-core kernels' launches (see [`AttnKernel::CudaCore`]).
 #[allow(clippy::too_many_arguments)]
 fn cuda_core_attention(
@@ -1038,6 +1039,8 @@ fn cuda_core_attention(
     // same arguments.
     let gqa_smem = (group * head_dim + 2 * 32 * (head_dim + 1) + 32) * 4;
     let use_gqa = head_dim % 8 == 0 && group * 32 <= 1024 && gqa_smem <= 48 * 1024;
+    // (kernel, launch shape, the row lists it takes after the slot lists)
+    let mut launches: Vec<(&str, LaunchConfig, Vec<&CudaSlice<u32>>)> = Vec::new();
     if lists.n_decode > 0 {
         let (name, cfg) = if use_gqa {
             let cfg = LaunchConfig {
@@ -1054,49 +1057,9 @@ fn cuda_core_attention(
             };
             ("arbor_attention", cfg)
         };
-        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-        let mut b = func.builder();
-        b.arg(q)
-            .arg(k_pool)
-            .arg(v_pool)
-            .arg(&lists.flat)
-            .arg(&lists.row_offset)
-            .arg(&lists.row_keys)
-            .arg(&lists.decode_rows)
-            .arg(&mut parts.o)
-            .arg(&mut parts.m)
-            .arg(&mut parts.l)
-            .arg(&hi)
-            .arg(&kvi)
-            .arg(&di)
-            .arg(&splits_i)
-            .arg(&split_len_i)
-            .arg(&scale);
-        // Safety: argument types and order match both decode kernels' signatures; each block
-        // reads only its row's slot list (checked against the pool size by the caller) and
-        // writes only its own (row, head, split) partial entries.
-        unsafe { b.launch(cfg) }.w()?;
+        launches.push((name, cfg, vec![&lists.decode_rows]));
     }
     if lists.n_tiles > 0 {
-        let func = dev.get_or_load_custom_func("arbor_attention_tiled", MODULE, PTX)?;
-        let mut b = func.builder();
-        b.arg(q)
-            .arg(k_pool)
-            .arg(v_pool)
-            .arg(&lists.flat)
-            .arg(&lists.row_offset)
-            .arg(&lists.row_keys)
-            .arg(&lists.tile_row0)
-            .arg(&lists.tile_rows)
-            .arg(&mut parts.o)
-            .arg(&mut parts.m)
-            .arg(&mut parts.l)
-            .arg(&hi)
-            .arg(&kvi)
-            .arg(&di)
-            .arg(&splits_i)
-            .arg(&split_len_i)
-            .arg(&scale);
         // qs [16][D] + ks, vs [32][D + 1] floats + 32 slot ids (kernels.cu).
         let smem = (TILE_ROWS * head_dim + 2 * 32 * (head_dim + 1) + 32) * 4;
         let cfg = LaunchConfig {
@@ -1104,8 +1067,29 @@ fn cuda_core_attention(
             block_dim: (128, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        // Safety: as above; one block per (tile, head, split) writes the partial entries of its
-        // tile's rows only; shared memory is sized for head_dim <= TILE_MAX_HEAD_DIM.
+        let rows = vec![&lists.tile_row0, &lists.tile_rows];
+        launches.push(("arbor_attention_tiled", cfg, rows));
+    }
+    for (name, cfg, rows) in launches {
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let mut b = func.builder();
+        slot_list_args(&mut b, q, k_pool, v_pool, lists);
+        for r in rows {
+            b.arg(r);
+        }
+        b.arg(&mut parts.o)
+            .arg(&mut parts.m)
+            .arg(&mut parts.l)
+            .arg(&hi)
+            .arg(&kvi)
+            .arg(&di)
+            .arg(&splits_i)
+            .arg(&split_len_i)
+            .arg(&scale);
+        // Safety: argument types and order match the three kernels' signatures; each block
+        // reads only its rows' slot lists (checked against the pool size by the caller) and
+        // writes only its own (row, head, split) partial entries; the tiled kernel's shared
+        // memory is sized for head_dim <= TILE_MAX_HEAD_DIM.
         unsafe { b.launch(cfg) }.w()?;
     }
     Ok(())
