@@ -283,8 +283,8 @@ mod tests {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let mut c = BlockCache::new(2);
             let mut alloc = SlotAllocator::new(TOTAL);
-            let mut inserted: Vec<(Namespace, Vec<u32>)> = Vec::new();
             let mut locks: Vec<(Namespace, Vec<u32>, Vec<SlotId>, NodeId)> = Vec::new();
+            let (mut checked_probes, mut nonempty_matches) = (0, 0);
             for _ in 0..2000 {
                 let ns: Namespace = rng.random_range(0..2);
                 let seq: Vec<u32> = (0..rng.random_range(1..9))
@@ -306,7 +306,6 @@ mod tests {
                         assert!(already >= hit.len() && until == seq.len() / 2 * 2);
                         alloc.free(&slots[hit.len()..already]).unwrap();
                         alloc.free(&slots[until..]).unwrap();
-                        inserted.push((ns, seq));
                     }
                     4..=5 => {
                         let (node, hit) = c.match_prefix(ns, &seq);
@@ -349,24 +348,46 @@ mod tests {
                         "seed {seed}: locked prefix lost"
                     );
                 }
-                // A match never exceeds whole blocks of what was ever inserted.
+                // A match is exactly the longest whole-block prefix of the probe among the
+                // block chains still cached (brute force: each live block's full token path,
+                // its namespace recovered from its chained hash).
                 let probe: Vec<u32> = (0..rng.random_range(0..9))
                     .map(|_| rng.random_range(0..2))
                     .collect();
                 let pns: Namespace = rng.random_range(0..2);
-                let bound = inserted
+                let mut live_paths = 0;
+                let want = c
+                    .blocks
                     .iter()
-                    .filter(|(n, _)| *n == pns)
-                    .map(|(_, s)| s.iter().zip(&probe).take_while(|(a, b)| a == b).count())
+                    .flatten()
+                    .filter_map(|b| {
+                        let mut path = b.tokens.clone();
+                        let mut cur = b.parent;
+                        while let Some(p) = cur {
+                            let pb = c.block(p);
+                            path.splice(0..0, pb.tokens.iter().copied());
+                            cur = pb.parent;
+                        }
+                        live_paths += 1;
+                        let parent_hash = b.parent.map(|p| c.block(p).hash);
+                        let in_ns = chain_hash(pns, parent_hash, &b.tokens) == b.hash;
+                        (in_ns && probe.starts_with(&path)).then_some(path.len())
+                    })
                     .max()
                     .unwrap_or(0);
+                assert_eq!(live_paths, c.blocks.iter().flatten().count());
                 let got = c.peek_prefix_len(pns, &probe);
-                assert!(
-                    got <= bound / 2 * 2 && got.is_multiple_of(2),
-                    "seed {seed}: matched {got}, bound {bound}"
-                );
+                assert_eq!(got, want, "seed {seed}: probe {probe:?} in namespace {pns}");
+                checked_probes += 1;
+                nonempty_matches += usize::from(got > 0);
                 assert_eq!(c.match_prefix(pns, &probe).1.len(), got);
             }
+            assert_eq!(checked_probes, 2000);
+            // The probes exercised real matches, not just empty ones.
+            assert!(
+                nonempty_matches > 200,
+                "seed {seed}: {nonempty_matches} non-empty matches"
+            );
         }
     }
 

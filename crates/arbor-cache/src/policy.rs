@@ -46,7 +46,7 @@ impl PrefixCache for RadixCache {
     fn match_prefix(&mut self, ns: Namespace, tokens: &[u32]) -> CacheHit {
         let m = RadixCache::match_prefix(self, ns, tokens);
         CacheHit {
-            node: Some(m.node),
+            node: m.node,
             slots: m.slots,
         }
     }

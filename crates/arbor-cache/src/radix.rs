@@ -20,9 +20,15 @@
 //! ```
 //!
 //! Namespaces (a tenant, an adapter) get separate roots, so different namespaces never share
-//! KV. The tree only accounts for slots; the K/V tensors live in the model's pool.
+//! KV. A root exists only while something is cached under it: when its last child is evicted,
+//! the root goes too (every distinct `cache_salt` would otherwise leave a root forever). The
+//! tree only accounts for slots; the K/V tensors live in the model's pool.
+//!
+//! Eviction candidates (unlocked leaves) are kept in an ordered set keyed by (last access,
+//! node), updated as nodes are touched, locked and unlocked, so an eviction costs
+//! O(log n) per leaf freed instead of a scan of the whole tree.
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use crate::slots::SlotId;
 
@@ -57,13 +63,16 @@ struct Node {
     lock_ref: u32,
     /// Logical time of the last match or insert that reached this node.
     last_access: u64,
+    /// The namespace whose tree this node is in (lets a root be unregistered in O(1)).
+    namespace: Namespace,
 }
 
 /// The result of [`RadixCache::match_prefix`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrefixMatch {
-    /// The deepest node of the match: lock it to keep the prefix while it is used.
-    pub node: NodeId,
+    /// The deepest node of the match: lock it to keep the prefix while it is used (`None` for
+    /// an empty match: there is nothing to keep).
+    pub node: Option<NodeId>,
     /// Slots of the matched prefix, in token order.
     pub slots: Vec<SlotId>,
 }
@@ -88,6 +97,8 @@ pub struct RadixCache {
     cached: usize,
     /// Of those, slots on locked nodes (not evictable).
     locked: usize,
+    /// Unlocked leaves (not roots) by (last access, id): the eviction order.
+    evictable_leaves: BTreeSet<(u64, NodeId)>,
 }
 
 impl RadixCache {
@@ -132,6 +143,45 @@ impl RadixCache {
         }
     }
 
+    /// Namespaces that have a root (something cached under them).
+    pub fn namespaces(&self) -> usize {
+        self.roots.len()
+    }
+
+    /// Live nodes, roots included.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len() - self.free_nodes.len()
+    }
+
+    /// Whether `id` may be evicted now: a live, unlocked leaf that is not a root.
+    fn is_evictable_leaf(n: &Node) -> bool {
+        n.children.is_empty() && n.lock_ref == 0 && n.parent.is_some()
+    }
+
+    /// Puts `id` in the eviction order, or takes it out, as its state now says.
+    fn sync_evictable(&mut self, id: NodeId) {
+        let n = self.node(id);
+        let key = (n.last_access, id);
+        if Self::is_evictable_leaf(n) {
+            self.evictable_leaves.insert(key);
+        } else {
+            self.evictable_leaves.remove(&key);
+        }
+    }
+
+    /// Records an access to `id` at `now`, keeping the eviction order in step.
+    fn touch(&mut self, id: NodeId, now: u64) {
+        let old = self.node(id).last_access;
+        if old == now {
+            return;
+        }
+        let was = self.evictable_leaves.remove(&(old, id));
+        self.node_mut(id).last_access = now;
+        if was {
+            self.evictable_leaves.insert((now, id));
+        }
+    }
+
     fn root(&mut self, ns: Namespace) -> NodeId {
         if let Some(&r) = self.roots.get(&ns) {
             return r;
@@ -144,6 +194,7 @@ impl RadixCache {
             // Roots are never evicted.
             lock_ref: 1,
             last_access: 0,
+            namespace: ns,
         });
         self.roots.insert(ns, r);
         r
@@ -157,13 +208,20 @@ impl RadixCache {
     /// Splits `id`'s edge after `at` tokens (0 < at < len): a new parent takes the first `at`
     /// tokens and slots, `id` keeps the rest. Returns the new parent.
     fn split(&mut self, id: NodeId, at: usize) -> NodeId {
-        let (parent, key_head, slots_head, lock_ref, last_access) = {
+        let (parent, key_head, slots_head, lock_ref, last_access, namespace) = {
             let n = self.node_mut(id);
             let key_tail = n.key.split_off(at);
             let slots_tail = n.slots.split_off(at);
             let key_head = std::mem::replace(&mut n.key, key_tail);
             let slots_head = std::mem::replace(&mut n.slots, slots_tail);
-            (n.parent, key_head, slots_head, n.lock_ref, n.last_access)
+            (
+                n.parent,
+                key_head,
+                slots_head,
+                n.lock_ref,
+                n.last_access,
+                n.namespace,
+            )
         };
         let first_rest = self.node(id).key[0];
         let first_head = key_head[0];
@@ -175,6 +233,7 @@ impl RadixCache {
             // Every lock through `id` also passes through the new parent.
             lock_ref,
             last_access,
+            namespace,
         });
         self.node_mut(id).parent = Some(mid);
         let p = parent
@@ -184,11 +243,18 @@ impl RadixCache {
     }
 
     /// The longest cached prefix of `tokens` in namespace `ns`. A match ending inside an edge
-    /// splits it so the returned node covers exactly the match.
+    /// splits it so the returned node covers exactly the match. A namespace with nothing
+    /// cached gets no root from a match (only an insert creates one).
     pub fn match_prefix(&mut self, ns: Namespace, tokens: &[u32]) -> PrefixMatch {
+        let Some(&root) = self.roots.get(&ns) else {
+            return PrefixMatch {
+                node: None,
+                slots: Vec::new(),
+            };
+        };
         let now = self.tick();
-        let mut node = self.root(ns);
-        self.node_mut(node).last_access = now;
+        self.touch(root, now);
+        let mut node = root;
         let mut slots = Vec::new();
         let mut pos = 0;
         while let Some((child, common)) = self.descend(node, &tokens[pos..], now) {
@@ -196,7 +262,10 @@ impl RadixCache {
             pos += common;
             node = child;
         }
-        PrefixMatch { node, slots }
+        PrefixMatch {
+            node: (node != root).then_some(node),
+            slots,
+        }
     }
 
     /// Length of the longest cached prefix of `tokens`, without splitting nodes or touching
@@ -237,7 +306,7 @@ impl RadixCache {
         } else {
             child
         };
-        self.node_mut(child).last_access = now;
+        self.touch(child, now);
         Some((child, common))
     }
 
@@ -247,6 +316,9 @@ impl RadixCache {
     /// tree takes ownership of `slots[returned..]`.
     pub fn insert(&mut self, ns: Namespace, tokens: &[u32], slots: &[SlotId]) -> usize {
         assert_eq!(tokens.len(), slots.len(), "one slot per token");
+        if tokens.is_empty() {
+            return 0;
+        }
         let now = self.tick();
         let mut node = self.root(ns);
         let mut pos = 0;
@@ -264,8 +336,12 @@ impl RadixCache {
                         children: HashMap::new(),
                         lock_ref: 0,
                         last_access: now,
+                        namespace: ns,
                     });
                     self.node_mut(node).children.insert(tokens[pos], leaf);
+                    // The parent stopped being a leaf; the new node is one.
+                    self.sync_evictable(node);
+                    self.sync_evictable(leaf);
                     self.cached += tokens.len() - pos;
                     return pos;
                 }
@@ -284,6 +360,7 @@ impl RadixCache {
             let (len, parent) = (n.slots.len(), n.parent);
             if newly_locked {
                 self.locked += len;
+                self.sync_evictable(id);
             }
             cur = parent;
         }
@@ -299,45 +376,53 @@ impl RadixCache {
             let (now_free, len, parent) = (n.lock_ref == 0, n.slots.len(), n.parent);
             if now_free {
                 self.locked -= len;
+                self.sync_evictable(id);
             }
             cur = parent;
         }
     }
 
     /// Frees at least `wanted` slots if it can, evicting unlocked leaves, least recently used
-    /// first; a parent whose last child goes becomes a candidate in turn. Returns the freed
-    /// slots (fewer than `wanted` when not enough are evictable).
+    /// first; a parent whose last child goes becomes a candidate in turn, and a namespace root
+    /// left with nothing under it is removed. Returns the freed slots (fewer than `wanted`
+    /// when not enough are evictable).
     pub fn evict(&mut self, wanted: usize) -> Vec<SlotId> {
         let mut freed = Vec::new();
-        // Min-heap on last access (Reverse), then node id for a deterministic order.
-        let mut heap: BinaryHeap<std::cmp::Reverse<(u64, NodeId)>> = self
-            .nodes
-            .iter()
-            .enumerate()
-            .filter_map(|(i, n)| {
-                let n = n.as_ref()?;
-                (n.children.is_empty() && n.lock_ref == 0 && n.parent.is_some())
-                    .then_some(std::cmp::Reverse((n.last_access, NodeId(i as u32))))
-            })
-            .collect();
         while freed.len() < wanted {
-            let Some(std::cmp::Reverse((_, id))) = heap.pop() else {
+            let Some((_, id)) = self.evictable_leaves.pop_first() else {
                 break;
             };
             let node = self.nodes[id.0 as usize]
                 .take()
-                .expect("heap holds live nodes only");
+                .expect("the eviction order holds live nodes only");
             self.free_nodes.push(id);
             self.cached -= node.slots.len();
             freed.extend_from_slice(&node.slots);
             let parent = node.parent.expect("roots are never evicted");
             let p = self.node_mut(parent);
             p.children.remove(&node.key[0]);
-            if p.children.is_empty() && p.lock_ref == 0 && p.parent.is_some() {
-                heap.push(std::cmp::Reverse((p.last_access, parent)));
+            if p.parent.is_none() {
+                self.remove_root_if_empty(parent);
+            } else {
+                self.sync_evictable(parent);
             }
         }
         freed
+    }
+
+    /// Drops a namespace root with no children and no lock but its own.
+    fn remove_root_if_empty(&mut self, root: NodeId) {
+        let n = self.node(root);
+        if !n.children.is_empty() || n.lock_ref != 1 {
+            return;
+        }
+        let ns = n.namespace;
+        self.nodes[root.0 as usize] = None;
+        self.free_nodes.push(root);
+        self.roots.remove(&ns);
+        if self.roots.capacity() > 64 && self.roots.len() < self.roots.capacity() / 4 {
+            self.roots.shrink_to_fit();
+        }
     }
 
     /// Every cached sequence that ends at a leaf, with its slots, per namespace (tests and
@@ -392,14 +477,15 @@ mod tests {
         t.insert(0, &[1, 2, 3], &[0, 1, 2]);
         t.insert(0, &[1, 2, 4, 5], &[0, 1, 3, 4]);
         let m = t.match_prefix(0, &[1, 2, 4]);
-        t.lock(m.node);
+        let node = m.node.unwrap();
+        t.lock(node);
         assert_eq!(t.locked_slots(), 3);
         // Only [3] (slot 2) and [5] (slot 4) are evictable.
         let mut freed = t.evict(100);
         freed.sort();
         assert_eq!(freed, vec![2, 4]);
         assert_eq!(t.match_prefix(0, &[1, 2, 4, 5]).slots, vec![0, 1, 3]);
-        t.unlock(m.node);
+        t.unlock(node);
         let mut freed = t.evict(100);
         freed.sort();
         assert_eq!(freed, vec![0, 1, 3]);
@@ -468,9 +554,12 @@ mod tests {
                     }
                     4..=5 => {
                         let m = tree.match_prefix(ns, &seq);
-                        tree.lock(m.node);
-                        let toks = seq[..m.len()].to_vec();
-                        locks.push((ns, toks, m.slots, m.node));
+                        assert_eq!(m.node.is_none(), m.is_empty());
+                        if let Some(node) = m.node {
+                            tree.lock(node);
+                            let toks = seq[..m.len()].to_vec();
+                            locks.push((ns, toks, m.slots, node));
+                        }
                     }
                     6..=7 => {
                         if !locks.is_empty() {
@@ -512,6 +601,7 @@ mod tests {
                     "seed {seed}: slots leaked"
                 );
                 assert!(tree.locked_slots() <= tree.cached_slots());
+                tree.assert_index_consistent();
                 // Locked prefixes are still cached with the same slots.
                 for (ns, toks, slots, _) in &locks {
                     let m = tree.match_prefix(*ns, toks);
@@ -542,6 +632,53 @@ mod tests {
             let freed = tree.evict(usize::MAX);
             alloc.free(&freed).unwrap();
             assert_eq!(alloc.free_count(), TOTAL);
+            assert_eq!(tree.namespaces(), 0, "seed {seed}: empty roots left behind");
+            assert_eq!(tree.node_count(), 0, "seed {seed}: nodes left behind");
+        }
+    }
+
+    /// A root lives only while something is cached under it: salts that come and go leave
+    /// nothing behind, and a match in an unknown namespace creates nothing.
+    #[test]
+    fn namespace_roots_go_with_their_last_prefix() {
+        let mut t = RadixCache::new();
+        for ns in 1..=1000u64 {
+            assert!(t.match_prefix(ns, &[1, 2, 3]).node.is_none());
+            t.insert(ns, &[1, 2, 3], &[0, 1, 2]);
+            assert_eq!(t.evict(3).len(), 3);
+        }
+        assert_eq!(t.namespaces(), 0);
+        assert_eq!(t.node_count(), 0);
+        // A locked prefix keeps its root; the root goes once the prefix is evicted.
+        t.insert(7, &[4, 5], &[0, 1]);
+        let m = t.match_prefix(7, &[4, 5]);
+        t.lock(m.node.unwrap());
+        assert!(t.evict(10).is_empty());
+        assert_eq!(t.namespaces(), 1);
+        t.unlock(m.node.unwrap());
+        assert_eq!(t.evict(10).len(), 2);
+        assert_eq!(t.namespaces(), 0);
+    }
+
+    impl RadixCache {
+        /// The eviction index holds exactly the unlocked non-root leaves, at their access
+        /// times, and every root is registered under its namespace (a full scan).
+        fn assert_index_consistent(&self) {
+            let scanned: BTreeSet<(u64, NodeId)> = self
+                .nodes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, n)| {
+                    let n = n.as_ref()?;
+                    Self::is_evictable_leaf(n).then_some((n.last_access, NodeId(i as u32)))
+                })
+                .collect();
+            assert_eq!(scanned, self.evictable_leaves, "eviction index out of step");
+            for (&ns, &r) in &self.roots {
+                let n = self.node(r);
+                assert!(n.parent.is_none() && n.namespace == ns);
+                assert!(!n.children.is_empty(), "an empty root was kept");
+            }
         }
     }
 }

@@ -26,6 +26,8 @@
 //! of memory and no request is lost.
 
 use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 use std::time::Instant;
 
 use arbor_cache::{
@@ -97,6 +99,42 @@ pub struct EngineConfig {
     /// rows of a 128k vocabulary took 13 ms a step on one thread behind a 26 ms GPU forward
     /// pass. Below it, thread start-up costs more than it saves.
     pub parallel_sampling_min_logits: usize,
+    /// Test-only fault injection (see [`FaultInjector`]); `None` in every real configuration.
+    #[doc(hidden)]
+    pub fault_injector: Option<FaultInjector>,
+}
+
+/// Where a [`FaultInjector`] is called: the places where one request's processing, or the
+/// engine itself, can fail.
+#[derive(Debug, Clone, Copy)]
+pub enum FaultSite<'a> {
+    /// Before the forward pass of step `step` (counted from 0): a panic here is an engine
+    /// failure.
+    Forward { step: u64 },
+    /// Before a request's row is sampled: a panic here fails that request alone.
+    Sample { prompt: &'a [u32] },
+    /// Before a request's new token is detokenized and checked for stop strings.
+    Detokenize { prompt: &'a [u32] },
+}
+
+/// A hook the engine calls at each [`FaultSite`]; a test makes it panic to check that the
+/// fault stays where it belongs (one request, or the whole engine, failed cleanly).
+#[derive(Clone)]
+pub struct FaultInjector(pub Arc<dyn Fn(FaultSite<'_>) + Send + Sync>);
+
+impl std::fmt::Debug for FaultInjector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FaultInjector")
+    }
+}
+
+/// The text of a caught panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic with a non-text payload".into())
 }
 
 /// Default pool bound in tokens.
@@ -120,6 +158,7 @@ impl EngineConfig {
             max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
             max_running: 64,
             parallel_sampling_min_logits: 1 << 20,
+            fault_injector: None,
         }
     }
 }
@@ -130,9 +169,10 @@ pub struct StopConditions {
     pub max_tokens: usize,
     /// Generate at least this many tokens before a stop token may end the request.
     pub min_tokens: usize,
-    /// Extra stop tokens, besides the model's EOS/end-of-turn tokens.
-    pub stop_token_ids: Vec<u32>,
-    pub stop_strings: Vec<String>,
+    /// Extra stop tokens, besides the model's EOS/end-of-turn tokens. Shared, not copied, by
+    /// the choices of one API call.
+    pub stop_token_ids: Arc<[u32]>,
+    pub stop_strings: Arc<[String]>,
     /// Do not stop at the model's EOS/end-of-turn tokens.
     pub ignore_eos: bool,
 }
@@ -208,6 +248,8 @@ pub enum FinishReason {
     Length,
     /// Cancelled by the caller.
     Cancelled,
+    /// Processing this request failed (the event's `error` says why); others go on.
+    Error,
 }
 
 impl FinishReason {
@@ -216,6 +258,7 @@ impl FinishReason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
             FinishReason::Cancelled => "cancelled",
+            FinishReason::Error => "error",
         }
     }
 }
@@ -277,6 +320,8 @@ pub enum Event {
         text: String,
         usage: Usage,
         timing: Timing,
+        /// Why the request failed, with [`FinishReason::Error`].
+        error: Option<String>,
     },
 }
 
@@ -301,6 +346,12 @@ struct Sequence {
     admissions: u32,
     max_new: usize,
     stop: StopConditions,
+    /// Tokens that end the request: the request's stop ids, plus the model's unless
+    /// `ignore_eos`; sorted, built once at admission so the per-token check is a binary search.
+    stop_set: Vec<u32>,
+    /// Tokens banned until `min_tokens` are generated (every stop token, the model's included);
+    /// sorted, built once.
+    banned_before_min: Vec<u32>,
     logprobs: Option<usize>,
     sampler: Sampler,
     decoder: IncrementalDecoder,
@@ -310,25 +361,34 @@ struct Sequence {
 
 /// One row's next token: penalties, bans (stop tokens before `min_tokens`), sampling, and the
 /// log-probabilities of the raw distribution when asked for.
-fn sample_row(
-    s: &mut Sequence,
-    mut row: Vec<f32>,
-    stop_ids: &[u32],
-) -> (u32, Option<TokenLogprob>) {
-    let banned: Vec<u32> = if s.generated() < s.stop.min_tokens {
-        stop_ids
-            .iter()
-            .chain(&s.stop.stop_token_ids)
-            .copied()
-            .collect()
+fn sample_row(s: &mut Sequence, mut row: Vec<f32>) -> (u32, Option<TokenLogprob>) {
+    let banned: &[u32] = if s.generated() < s.stop.min_tokens {
+        &s.banned_before_min
     } else {
-        Vec::new()
+        &[]
     };
     // Log-probabilities come from the raw distribution, so keep it until we know the token.
     let raw = s.logprobs.map(|_| row.clone());
-    let token = s.sampler.sample(&mut row, &banned);
+    let token = s.sampler.sample(&mut row, banned);
     let logprob = raw.map(|raw| TokenLogprob::from_logits(&raw, token, s.logprobs.unwrap_or(0)));
     (token, logprob)
+}
+
+/// What sampling one row gave: the token, or why this request failed (a panic while sampling
+/// it is caught here and fails that request alone).
+type RowPick = Result<(u32, Option<TokenLogprob>), String>;
+
+/// [`sample_row`] behind the fault hook and a panic boundary.
+fn sample_row_isolated(s: &mut Sequence, row: Vec<f32>, faults: Option<&FaultInjector>) -> RowPick {
+    catch_unwind(AssertUnwindSafe(|| {
+        if let Some(f) = faults {
+            (f.0)(FaultSite::Sample {
+                prompt: &s.tokens[..s.prompt_len],
+            });
+        }
+        sample_row(s, row)
+    }))
+    .map_err(|p| format!("sampling failed: {}", panic_message(p.as_ref())))
 }
 
 /// [`sample_row`] for every row of a step, on up to one thread per core once the step has at
@@ -337,9 +397,9 @@ fn sample_row(
 fn sample_rows(
     seqs: Vec<&mut Sequence>,
     rows: Vec<Vec<f32>>,
-    stop_ids: &[u32],
     min_parallel_logits: usize,
-) -> Vec<(u32, Option<TokenLogprob>)> {
+    faults: Option<&FaultInjector>,
+) -> Vec<RowPick> {
     let logits: usize = rows.iter().map(Vec::len).sum();
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -348,7 +408,7 @@ fn sample_rows(
     if threads < 2 || logits < min_parallel_logits {
         return work
             .into_iter()
-            .map(|(s, row)| sample_row(s, row, stop_ids))
+            .map(|(s, row)| sample_row_isolated(s, row, faults))
             .collect();
     }
     let per_thread = work.len().div_ceil(threads);
@@ -364,16 +424,76 @@ fn sample_rows(
                 scope.spawn(move || {
                     chunk
                         .into_iter()
-                        .map(|(s, row)| sample_row(s, row, stop_ids))
+                        .map(|(s, row)| sample_row_isolated(s, row, faults))
                         .collect::<Vec<_>>()
                 })
             })
             .collect();
         handles
             .into_iter()
-            .flat_map(|h| h.join().expect("sampling does not panic"))
+            .flat_map(|h| {
+                h.join()
+                    .expect("sampling panics are caught per row in sample_row_isolated")
+            })
             .collect()
     })
+}
+
+/// What happens to text a finishing request still holds back as a possible stop string.
+#[derive(Debug, Clone, Copy)]
+enum Flush {
+    /// It is real output (a stop token, or the length limit, ended the request).
+    Release,
+    /// It is dropped (a stop string matched, or the request failed).
+    Drop,
+}
+
+/// Appends a sampled token to a sequence: its event, and how the request ends if it does.
+fn advance_with_token(
+    s: &mut Sequence,
+    tokenizer: &Tokenizer,
+    token: u32,
+    logprob: Option<TokenLogprob>,
+    faults: Option<&FaultInjector>,
+) -> Result<(Event, Option<(FinishReason, Flush)>), String> {
+    s.sampler.observe(token);
+    s.tokens.push(token);
+    s.timing.first_token_at.get_or_insert_with(Instant::now);
+    if s.stop_set.binary_search(&token).is_ok() {
+        let event = Event::Token {
+            id: s.id,
+            token,
+            text: String::new(),
+            logprob,
+        };
+        // Text held back as a possible stop-string start is real output now.
+        return Ok((event, Some((FinishReason::Stop, Flush::Release))));
+    }
+    if let Some(f) = faults {
+        (f.0)(FaultSite::Detokenize {
+            prompt: &s.tokens[..s.prompt_len],
+        });
+    }
+    let delta = s
+        .decoder
+        .push(tokenizer, token)
+        .map_err(|e| format!("detokenizing token {token} failed: {e}"))?;
+    let (text, end) = match s.matcher.push(&delta) {
+        // Everything from the stop string on is dropped.
+        StopScan::Stopped(text) => (text, Some((FinishReason::Stop, Flush::Drop))),
+        StopScan::Continue(text) => {
+            let end =
+                (s.generated() >= s.max_new).then_some((FinishReason::Length, Flush::Release));
+            (text, end)
+        }
+    };
+    let event = Event::Token {
+        id: s.id,
+        token,
+        text,
+        logprob,
+    };
+    Ok((event, end))
 }
 
 impl Sequence {
@@ -396,6 +516,8 @@ pub struct Engine {
     running: Vec<Sequence>,
     next_id: RequestId,
     admissions: u64,
+    /// Forward passes run so far (the fault hook's step number).
+    steps: u64,
 }
 
 /// Where the pool's KV slots are (see [`Engine::slot_usage`]).
@@ -457,6 +579,7 @@ impl Engine {
             running: Vec::new(),
             next_id: 0,
             admissions: 0,
+            steps: 0,
         })
     }
 
@@ -557,6 +680,16 @@ impl Engine {
         let id = self.next_id;
         self.next_id += 1;
         let sampler = Sampler::new(req.sampling, &req.prompt);
+        let mut stop_set: Vec<u32> = req.stop.stop_token_ids.to_vec();
+        let mut banned_before_min = stop_set.clone();
+        banned_before_min.extend_from_slice(&self.tokenizer.stop_ids);
+        if !req.stop.ignore_eos {
+            stop_set.extend_from_slice(&self.tokenizer.stop_ids);
+        }
+        for set in [&mut stop_set, &mut banned_before_min] {
+            set.sort_unstable();
+            set.dedup();
+        }
         self.waiting.push_back(Sequence {
             id,
             prompt_len: req.prompt.len(),
@@ -571,6 +704,8 @@ impl Engine {
             max_new,
             matcher: StopMatcher::new(req.stop.stop_strings.clone()),
             stop: req.stop,
+            stop_set,
+            banned_before_min,
             logprobs: req.logprobs,
             sampler,
             decoder: IncrementalDecoder::new(),
@@ -823,6 +958,10 @@ impl Engine {
             .filter(|(_, st)| st.logits == LogitsWanted::Last)
             .map(|(&(i, _), _)| i)
             .collect();
+        if let Some(f) = &self.config.fault_injector {
+            (f.0)(FaultSite::Forward { step: self.steps });
+        }
+        self.steps += 1;
         let forward_started = Instant::now();
         let forward = self.model.forward(&steps, &mut self.pool);
         stats.forward_seconds = forward_started.elapsed().as_secs_f64();
@@ -851,8 +990,9 @@ impl Engine {
         }
 
         let mut events = Vec::new();
-        // (index into running, reason, whether held-back text is released)
-        let mut finished: Vec<(usize, FinishReason, bool)> = Vec::new();
+        // (index into running, reason, text released at the end, error)
+        let mut finished: Vec<(usize, FinishReason, Flush, Option<String>)> = Vec::new();
+        let faults = self.config.fault_injector.clone();
         let picks = {
             // Disjoint borrows of the rows' sequences, in `wants` order (distinct indices).
             let mut by_index: Vec<Option<&mut Sequence>> =
@@ -864,64 +1004,51 @@ impl Engine {
             sample_rows(
                 seqs,
                 logits,
-                &self.tokenizer.stop_ids,
                 self.config.parallel_sampling_min_logits,
+                faults.as_ref(),
             )
         };
-        for (i, (token, logprob)) in wants.into_iter().zip(picks) {
+        for (i, pick) in wants.into_iter().zip(picks) {
             let s = &mut self.running[i];
-            s.sampler.observe(token);
-            s.tokens.push(token);
-            let now = Instant::now();
-            s.timing.first_token_at.get_or_insert(now);
-            let is_stop_token = s.stop.stop_token_ids.contains(&token)
-                || (!s.stop.ignore_eos && self.tokenizer.is_stop(token));
-            if is_stop_token {
-                events.push(Event::Token {
-                    id: s.id,
-                    token,
-                    text: String::new(),
-                    logprob,
-                });
-                // Text held back as a possible stop-string start is real output now.
-                finished.push((i, FinishReason::Stop, true));
-                continue;
-            }
-            let delta = s.decoder.push(&self.tokenizer, token)?;
-            match s.matcher.push(&delta) {
-                StopScan::Stopped(text) => {
-                    events.push(Event::Token {
-                        id: s.id,
-                        token,
-                        text,
-                        logprob: logprob.clone(),
-                    });
-                    // Everything from the stop string on is dropped.
-                    finished.push((i, FinishReason::Stop, false));
-                }
-                StopScan::Continue(text) => {
-                    events.push(Event::Token {
-                        id: s.id,
-                        token,
-                        text,
-                        logprob: logprob.clone(),
-                    });
-                    if s.generated() >= s.max_new {
-                        finished.push((i, FinishReason::Length, true));
+            // A fault while handling one request (sampling, detokenizing, a stop check) ends
+            // that request with an error; the others in the step go on.
+            let outcome = pick.and_then(|(token, logprob)| {
+                catch_unwind(AssertUnwindSafe(|| {
+                    advance_with_token(s, &self.tokenizer, token, logprob, faults.as_ref())
+                }))
+                .unwrap_or_else(|p| {
+                    Err(format!(
+                        "processing a token failed: {}",
+                        panic_message(p.as_ref())
+                    ))
+                })
+            });
+            match outcome {
+                Ok((event, end)) => {
+                    events.push(event);
+                    if let Some((reason, flush)) = end {
+                        finished.push((i, reason, flush, None));
                     }
+                }
+                Err(error) => {
+                    tracing::warn!(id = s.id, "request failed: {error}");
+                    finished.push((i, FinishReason::Error, Flush::Drop, Some(error)));
                 }
             }
         }
         // Remove finished sequences back to front so indices stay valid.
         finished.sort_by_key(|f| std::cmp::Reverse(f.0));
-        for (i, reason, flush) in finished {
+        for (i, reason, flush, error) in finished {
             let mut seq = self.running.swap_remove(i);
-            let tail = if flush {
-                seq.matcher.flush()
-            } else {
-                String::new()
+            let tail = match flush {
+                Flush::Release => seq.matcher.flush(),
+                Flush::Drop => String::new(),
             };
-            events.push(self.finish(seq, reason, tail));
+            let mut event = self.finish(seq, reason, tail);
+            if let Event::Finished { error: slot, .. } = &mut event {
+                *slot = error;
+            }
+            events.push(event);
         }
         Ok((events, stats))
     }
@@ -940,6 +1067,7 @@ impl Engine {
                 cached_tokens: seq.reused,
             },
             timing: seq.timing,
+            error: None,
         }
     }
 
@@ -991,10 +1119,21 @@ impl Engine {
                     }
                     Event::Finished {
                         id: rid,
+                        reason: FinishReason::Error,
+                        error,
+                        ..
+                    } if rid == id => {
+                        return Err(EngineError::RequestFailed(
+                            error.unwrap_or_else(|| "unknown error".into()),
+                        ));
+                    }
+                    Event::Finished {
+                        id: rid,
                         reason,
                         text: t,
                         usage,
                         timing,
+                        ..
                     } if rid == id => {
                         on_text(&t);
                         text.push_str(&t);

@@ -17,6 +17,8 @@ pub enum EngineError {
     PoolTooSmall { needed: usize, total: usize },
     #[error("invalid sampling parameters: {0}")]
     InvalidParams(String),
+    #[error("the request failed: {0}")]
+    RequestFailed(String),
     #[error("unknown request {0}")]
     UnknownRequest(u64),
 }

@@ -11,8 +11,9 @@ pub mod sampler;
 pub mod stop;
 
 pub use engine::{
-    Completion, Engine, EngineConfig, Event, FinishReason, PrefixCacheMode, Request, RequestId,
-    SlotUsage, StepStats, StopConditions, Timing, TokenLogprob, Usage, DEFAULT_MAX_BATCH_TOKENS,
+    Completion, Engine, EngineConfig, Event, FaultInjector, FaultSite, FinishReason,
+    PrefixCacheMode, Request, RequestId, SlotUsage, StepStats, StopConditions, Timing,
+    TokenLogprob, Usage, DEFAULT_MAX_BATCH_TOKENS,
 };
 pub use error::EngineError;
 pub use sampler::{Sampler, SamplingParams};

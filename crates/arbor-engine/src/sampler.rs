@@ -5,6 +5,7 @@
 //! (argmax after penalties; ties go to the lowest id, like llama.cpp's and PyTorch's argmax).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -31,7 +32,8 @@ pub struct SamplingParams {
     /// Same seed, same prompt, same parameters: same tokens.
     pub seed: Option<u64>,
     /// Added to a token's logit before anything else (OpenAI's `logit_bias`; -100 bans it).
-    pub logit_bias: Vec<(u32, f32)>,
+    /// Shared, not copied, by the choices of one API call.
+    pub logit_bias: Arc<[(u32, f32)]>,
 }
 
 impl Default for SamplingParams {
@@ -45,7 +47,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
-            logit_bias: Vec::new(),
+            logit_bias: Arc::new([]),
         }
     }
 }
@@ -126,18 +128,19 @@ impl Sampler {
 
     fn apply_penalties(&self, logits: &mut [f32]) {
         let p = &self.params;
-        for &(t, bias) in &p.logit_bias {
+        for &(t, bias) in p.logit_bias.iter() {
             if let Some(l) = logits.get_mut(t as usize) {
                 *l += bias;
             }
         }
         if p.repetition_penalty != 1.0 {
-            let seen = self.prompt_tokens.iter().chain(self.output_counts.keys());
-            let mut done = std::collections::HashSet::new();
-            for &t in seen {
-                if !done.insert(t) {
-                    continue;
-                }
+            // Each distinct token once: the prompt's (sorted, deduplicated), then generated
+            // tokens the prompt does not have. No allocation per token.
+            let from_output = self
+                .output_counts
+                .keys()
+                .filter(|t| self.prompt_tokens.binary_search(t).is_err());
+            for &t in self.prompt_tokens.iter().chain(from_output) {
                 if let Some(l) = logits.get_mut(t as usize) {
                     *l = if *l > 0.0 {
                         *l / p.repetition_penalty
@@ -319,7 +322,7 @@ mod tests {
         assert_eq!(s.sample(&mut [3.0, 2.0], &[]), 1);
         let mut s = Sampler::new(
             SamplingParams {
-                logit_bias: vec![(1, 1.5)],
+                logit_bias: vec![(1, 1.5)].into(),
                 ..Default::default()
             },
             &[],

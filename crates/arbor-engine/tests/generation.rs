@@ -191,7 +191,7 @@ fn stop_strings_max_tokens_and_seeds() {
     assert!(full.text.contains('5'), "{:?}", full.text);
     let cut = full.text.find('5').unwrap();
     let mut req = greedy(prompt.clone(), 40);
-    req.stop.stop_strings = vec!["5".into()];
+    req.stop.stop_strings = vec!["5".to_string()].into();
     let stopped = e.generate(req, |_| {}).unwrap();
     assert_eq!(stopped.reason, FinishReason::Stop);
     assert_eq!(stopped.text, full.text[..cut]);
@@ -238,7 +238,7 @@ fn held_back_text_is_released_when_a_stop_token_ends_the_request() {
     let last = full.text.chars().last().unwrap();
     // A stop string that starts with the reply's last character but never completes.
     let mut req = greedy(prompt, 64);
-    req.stop.stop_strings = vec![format!("{last}\u{1}never")];
+    req.stop.stop_strings = vec![format!("{last}\u{1}never")].into();
     let mut streamed = String::new();
     let out = e.generate(req, |t| streamed.push_str(t)).unwrap();
     assert_eq!(out.text, full.text);

@@ -1,25 +1,51 @@
 //! The OpenAI request bodies and their validation into engine parameters.
 //!
-//! A body is parsed once into a `serde_json::Value` (malformed JSON is a 400 of its own), then
-//! into the typed fields shared by both endpoints ([`CommonFields`]) and the endpoint's own
-//! ([`ChatFields`], [`CompletionFields`]). serde_path_to_error names the field of a type error
-//! (`messages[1].role`), which becomes the error's `param`. Unknown fields are ignored, as
-//! OpenAI's clients send fields a server may not know.
+//! A body is deserialized straight from its bytes into typed structs: the fields shared by
+//! both endpoints ([`CommonFields`]) in one pass and the endpoint's own ([`ChatFields`],
+//! [`CompletionFields`]) in a second; no `serde_json::Value` tree of the whole body is ever
+//! built, and fields a struct does not name are skipped without allocating. Every list a client
+//! controls has a bound that is enforced while it is read ([`BoundedVec`], [`StopField`],
+//! [`PromptField`]), so an oversized field is refused before it is copied. serde_path_to_error
+//! names the field of an error (`messages[1].role`), which becomes the error's `param`.
+//! Unknown fields are ignored, as OpenAI's clients send fields a server may not know.
 
-use std::collections::HashMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
 
 use arbor_engine::{SamplingParams, StopConditions};
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
-use serde_json::Value;
+use serde::de::{self, DeserializeOwned, IgnoredAny, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 use crate::error::ApiError;
 
-/// Parses a request body into `T`, naming the offending field on a type error.
-pub fn parse<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
+/// Most stop strings per request.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string, in bytes: the stop check's work per token grows with it.
+pub const MAX_STOP_STRING_BYTES: usize = 256;
+/// Most extra stop token ids per request.
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
+/// Most `logit_bias` entries (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
+
+/// Parses a request body into `T` in one pass over its bytes: 400 "not valid JSON" for a
+/// syntax error, else a 400 that names the offending field.
+pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let not_json = |e: serde_json::Error| {
+        ApiError::invalid(format!("The request body is not valid JSON: {e}"))
+    };
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            return not_json(inner);
+        }
+        let inner = inner.to_string();
+        if path == "." && (inner.starts_with("invalid type") || inner.starts_with("invalid length"))
+        {
+            return ApiError::invalid("The request body must be a JSON object.");
+        }
         // "missing field `messages`" is reported at the parent: name the field itself.
         let param = match inner.strip_prefix("missing field `") {
             Some(rest) => {
@@ -32,21 +58,315 @@ pub fn parse<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
             }
             None => path.clone(),
         };
+        // serde_json appends " at line L column C": the field name says where.
+        let inner = match inner.rfind(" at line ") {
+            Some(i) => inner[..i].to_string(),
+            None => inner,
+        };
         ApiError::invalid_param(
             param.clone(),
             format!("Invalid value for `{param}`: {inner}"),
         )
-    })
+    })?;
+    // Anything after the object is malformed JSON too.
+    de.end().map_err(not_json)?;
+    Ok(value)
 }
 
-/// The body as JSON, or a 400 that says where it broke.
-pub fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid(format!("The request body is not valid JSON: {e}")))?;
-    if !v.is_object() {
-        return Err(ApiError::invalid("The request body must be a JSON object."));
+/// A JSON list of at most `N` items; one more is refused while reading, before it is stored.
+#[derive(Debug, Clone)]
+pub struct BoundedVec<T, const N: usize>(pub Vec<T>);
+
+impl<'de, T: Deserialize<'de>, const N: usize> Deserialize<'de> for BoundedVec<T, N> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T, const N: usize>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>, const N: usize> Visitor<'de> for V<T, N> {
+            type Value = BoundedVec<T, N>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "a list of at most {N} items")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(N));
+                while let Some(item) = seq.next_element()? {
+                    if out.len() == N {
+                        return Err(de::Error::custom(format!(
+                            "at most {N} entries are allowed"
+                        )));
+                    }
+                    out.push(item);
+                }
+                Ok(BoundedVec(out))
+            }
+        }
+        d.deserialize_seq(V(PhantomData))
     }
-    Ok(v)
+}
+
+/// A JSON object of at most `N` entries, as (key, value) pairs in body order.
+#[derive(Debug, Clone)]
+pub struct BoundedMap<V, const N: usize>(pub Vec<(String, V)>);
+
+impl<'de, V: Deserialize<'de>, const N: usize> Deserialize<'de> for BoundedMap<V, N> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Vis<V, const N: usize>(PhantomData<V>);
+        impl<'de, V: Deserialize<'de>, const N: usize> Visitor<'de> for Vis<V, N> {
+            type Value = BoundedMap<V, N>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "an object of at most {N} entries")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = map.next_entry()? {
+                    if out.len() == N {
+                        return Err(de::Error::custom(format!(
+                            "at most {N} entries are allowed"
+                        )));
+                    }
+                    out.push((k, v));
+                }
+                Ok(BoundedMap(out))
+            }
+        }
+        d.deserialize_map(Vis(PhantomData))
+    }
+}
+
+/// One stop string, refused while reading when it is empty or longer than
+/// [`MAX_STOP_STRING_BYTES`].
+struct StopString(String);
+
+impl<'de> Deserialize<'de> for StopString {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StopString;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(
+                    f,
+                    "a non-empty string of at most {MAX_STOP_STRING_BYTES} bytes"
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<StopString, E> {
+                if v.is_empty() {
+                    return Err(E::custom("stop strings must not be empty"));
+                }
+                if v.len() > MAX_STOP_STRING_BYTES {
+                    return Err(E::custom(format!(
+                        "a stop string is {} bytes long; the limit is {MAX_STOP_STRING_BYTES}",
+                        v.len()
+                    )));
+                }
+                Ok(StopString(v.to_string()))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// `stop`: a string or a list of at most [`MAX_STOP_STRINGS`] strings.
+#[derive(Debug, Clone, Default)]
+pub struct StopField(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for StopField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StopField;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<StopField, E> {
+                let StopString(s) = StopString::deserialize(de::value::StrDeserializer::new(v))?;
+                Ok(StopField(vec![s]))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<StopField, E> {
+                Ok(StopField(Vec::new()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<StopField, A::Error> {
+                let items: BoundedVec<StopString, MAX_STOP_STRINGS> =
+                    Deserialize::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
+                Ok(StopField(items.0.into_iter().map(|s| s.0).collect()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A chat message's content: a string, or text parts.
+#[derive(Debug, Clone)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub text: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for MessageContent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MessageContent;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or a list of text parts")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<MessageContent, E> {
+                Ok(MessageContent::Text(v.to_string()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<MessageContent, E> {
+                Ok(MessageContent::Text(v))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<MessageContent, A::Error> {
+                Deserialize::deserialize(de::value::SeqAccessDeserializer::new(seq))
+                    .map(MessageContent::Parts)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `response_format`: only its type matters here.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+}
+
+/// A /v1/completions prompt as read: text, token ids, or lists of either (at most
+/// [`MAX_N`] prompts). The first element of a list decides which kind of list it is.
+#[derive(Debug, Clone)]
+pub enum PromptField {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// One element of a `prompt` list, before the list's kind is known.
+enum PromptItem {
+    Text(String),
+    Token(u32),
+    Tokens(Vec<u32>),
+}
+
+fn token_id<E: de::Error>(v: i128) -> Result<u32, E> {
+    u32::try_from(v).map_err(|_| E::custom("token ids must be non-negative integers below 2^32"))
+}
+
+/// A token id: a non-negative integer (not a float, not a string).
+struct TokenId(u32);
+
+impl<'de> Deserialize<'de> for TokenId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TokenId;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a token id (a non-negative integer)")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<TokenId, E> {
+                token_id(v as i128).map(TokenId)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<TokenId, E> {
+                token_id(v as i128).map(TokenId)
+            }
+        }
+        d.deserialize_u64(V)
+    }
+}
+
+fn token_list<'de, A: SeqAccess<'de>>(
+    mut seq: A,
+    first: Option<u32>,
+) -> Result<Vec<u32>, A::Error> {
+    let mut out: Vec<u32> = first.into_iter().collect();
+    while let Some(TokenId(t)) = seq.next_element()? {
+        out.push(t);
+    }
+    Ok(out)
+}
+
+impl<'de> Deserialize<'de> for PromptItem {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = PromptItem;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, a token id or a list of token ids")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PromptItem, E> {
+                Ok(PromptItem::Text(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PromptItem, E> {
+                token_id(v as i128).map(PromptItem::Token)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PromptItem, E> {
+                token_id(v as i128).map(PromptItem::Token)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<PromptItem, A::Error> {
+                token_list(seq, None).map(PromptItem::Tokens)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for PromptField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = PromptField;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a string, a list of strings, a list of token ids or a list of token-id lists",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PromptField, E> {
+                Ok(PromptField::Text(v.to_string()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PromptField, A::Error> {
+                let too_many = || {
+                    de::Error::custom(format!("at most {MAX_N} prompts are allowed per request"))
+                };
+                match seq.next_element::<PromptItem>()? {
+                    None => Err(de::Error::custom("`prompt` is an empty list")),
+                    Some(PromptItem::Token(t)) => token_list(seq, Some(t)).map(PromptField::Tokens),
+                    Some(PromptItem::Text(first)) => {
+                        let mut out = vec![first];
+                        while let Some(s) = seq.next_element::<String>()? {
+                            if out.len() == MAX_N {
+                                return Err(too_many());
+                            }
+                            out.push(s);
+                        }
+                        Ok(PromptField::Texts(out))
+                    }
+                    Some(PromptItem::Tokens(first)) => {
+                        struct List(Vec<u32>);
+                        impl<'de> Deserialize<'de> for List {
+                            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                                let v: Vec<TokenId> = Deserialize::deserialize(d)?;
+                                Ok(List(v.into_iter().map(|t| t.0).collect()))
+                            }
+                        }
+                        let mut out = vec![first];
+                        while let Some(List(l)) = seq.next_element()? {
+                            if out.len() == MAX_N {
+                                return Err(too_many());
+                            }
+                            out.push(l);
+                        }
+                        Ok(PromptField::TokenLists(out))
+                    }
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -65,11 +385,11 @@ pub struct CommonFields {
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub n: Option<i64>,
-    pub stop: Option<Value>,
+    pub stop: Option<StopField>,
     pub seed: Option<i64>,
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
-    pub logit_bias: Option<HashMap<String, f64>>,
+    pub logit_bias: Option<BoundedMap<f64, MAX_LOGIT_BIAS>>,
     pub user: Option<String>,
     pub best_of: Option<i64>,
     // Serving extensions (vLLM's names).
@@ -78,7 +398,7 @@ pub struct CommonFields {
     pub repetition_penalty: Option<f64>,
     pub ignore_eos: Option<bool>,
     pub min_tokens: Option<i64>,
-    pub stop_token_ids: Option<Vec<u32>>,
+    pub stop_token_ids: Option<BoundedVec<u32, MAX_STOP_TOKEN_IDS>>,
     /// Narrows the request's prefix-cache namespace (vLLM's field).
     pub cache_salt: Option<String>,
 }
@@ -86,9 +406,9 @@ pub struct CommonFields {
 #[derive(Debug, Deserialize)]
 pub struct MessageIn {
     pub role: String,
-    pub content: Option<Value>,
+    pub content: Option<MessageContent>,
     pub name: Option<String>,
-    pub tool_calls: Option<Value>,
+    pub tool_calls: Option<IgnoredAny>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,16 +416,16 @@ pub struct ChatFields {
     pub messages: Vec<MessageIn>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
-    pub tools: Option<Vec<Value>>,
-    pub tool_choice: Option<Value>,
-    pub response_format: Option<Value>,
+    pub tools: Option<Vec<IgnoredAny>>,
+    pub tool_choice: Option<IgnoredAny>,
+    pub response_format: Option<ResponseFormat>,
     /// Default true; false renders the conversation without opening an assistant turn.
     pub add_generation_prompt: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct CompletionFields {
-    pub prompt: Value,
+    pub prompt: PromptField,
     pub logprobs: Option<i64>,
     pub echo: Option<bool>,
     pub suffix: Option<String>,
@@ -115,10 +435,8 @@ pub struct CompletionFields {
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 /// Most alternatives per token for logprobs (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
-/// Most choices per request.
+/// Most choices per request, and most prompts per /v1/completions request.
 pub const MAX_N: usize = 128;
-/// Most stop strings per request.
-const MAX_STOP_STRINGS: usize = 16;
 
 impl ChatFields {
     /// The conversation as (role, text) pairs for the chat template.
@@ -138,7 +456,7 @@ impl ChatFields {
             }
         }
         if let Some(rf) = &self.response_format {
-            let kind = rf.get("type").and_then(Value::as_str).unwrap_or("");
+            let kind = rf.kind.as_deref().unwrap_or("");
             if kind != "text" {
                 return Err(ApiError::invalid_param(
                     "response_format",
@@ -205,16 +523,14 @@ impl ChatFields {
 }
 
 /// A message's text: a string, or the concatenated text of its text parts.
-fn message_text(content: Option<&Value>, i: usize) -> Result<Option<String>, ApiError> {
-    let param = || format!("messages[{i}].content");
+fn message_text(content: Option<&MessageContent>, i: usize) -> Result<Option<String>, ApiError> {
     match content {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(Value::Array(parts)) => {
+        None => Ok(None),
+        Some(MessageContent::Text(s)) => Ok(Some(s.clone())),
+        Some(MessageContent::Parts(parts)) => {
             let mut text = String::new();
             for (j, part) in parts.iter().enumerate() {
-                let kind = part.get("type").and_then(Value::as_str);
-                match (kind, part.get("text").and_then(Value::as_str)) {
+                match (part.kind.as_deref(), part.text.as_deref()) {
                     (Some("text"), Some(t)) => text.push_str(t),
                     (Some("text"), None) => {
                         return Err(ApiError::invalid_param(
@@ -238,24 +554,6 @@ fn message_text(content: Option<&Value>, i: usize) -> Result<Option<String>, Api
             }
             Ok(Some(text))
         }
-        Some(other) => Err(ApiError::invalid_param(
-            param(),
-            format!(
-                "messages[{i}].content must be a string or a list of text parts, got {}.",
-                json_kind(other)
-            ),
-        )),
-    }
-}
-
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 
@@ -270,47 +568,12 @@ impl CompletionFields {
     /// The prompts of the request (OpenAI takes a string, a list of strings, a list of token
     /// ids, or a list of such lists).
     pub fn prompts(&self) -> Result<Vec<PromptIn>, ApiError> {
-        let bad = |m: String| ApiError::invalid_param("prompt", m);
-        let as_tokens = |items: &[Value]| -> Option<Vec<u32>> {
-            items
-                .iter()
-                .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
-                .collect()
-        };
         let prompts = match &self.prompt {
-            Value::String(s) => vec![PromptIn::Text(s.clone())],
-            Value::Array(items) if items.is_empty() => {
-                return Err(bad("`prompt` is an empty list.".into()))
-            }
-            Value::Array(items) if items.iter().all(Value::is_string) => items
-                .iter()
-                .map(|s| PromptIn::Text(s.as_str().unwrap_or_default().to_string()))
-                .collect(),
-            Value::Array(items) if items.iter().all(Value::is_number) => {
-                vec![PromptIn::Tokens(as_tokens(items).ok_or_else(|| {
-                    bad("Token ids in `prompt` must be non-negative integers.".into())
-                })?)]
-            }
-            Value::Array(items) if items.iter().all(Value::is_array) => items
-                .iter()
-                .map(|p| {
-                    as_tokens(p.as_array().map(Vec::as_slice).unwrap_or_default())
-                        .map(PromptIn::Tokens)
-                        .ok_or_else(|| {
-                            bad("Token ids in `prompt` must be non-negative integers.".into())
-                        })
-                })
-                .collect::<Result<_, _>>()?,
-            other => {
-                return Err(bad(format!(
-                    "`prompt` must be a string, a list of strings, a list of token ids or a list of token-id lists; got {}.",
-                    json_kind(other)
-                )))
-            }
+            PromptField::Text(s) => vec![PromptIn::Text(s.clone())],
+            PromptField::Texts(v) => v.iter().cloned().map(PromptIn::Text).collect(),
+            PromptField::Tokens(t) => vec![PromptIn::Tokens(t.clone())],
+            PromptField::TokenLists(v) => v.iter().cloned().map(PromptIn::Tokens).collect(),
         };
-        if prompts.len() > MAX_N {
-            return Err(bad(format!("At most {MAX_N} prompts per request.")));
-        }
         if let Some(s) = &self.suffix {
             if !s.is_empty() {
                 return Err(ApiError::invalid_param(
@@ -414,7 +677,8 @@ impl CommonFields {
             }
         };
         let mut logit_bias = Vec::new();
-        for (k, &v) in self.logit_bias.iter().flatten() {
+        for (k, v) in self.logit_bias.iter().flat_map(|m| &m.0) {
+            let v = *v;
             let id = k.parse::<u32>().ok().filter(|&t| (t as usize) < vocab);
             let Some(id) = id else {
                 return Err(ApiError::invalid_param(
@@ -434,7 +698,7 @@ impl CommonFields {
         if let Some(&bad) = self
             .stop_token_ids
             .iter()
-            .flatten()
+            .flat_map(|v| &v.0)
             .find(|&&t| t as usize >= vocab)
         {
             return Err(ApiError::invalid_param(
@@ -480,15 +744,21 @@ impl CommonFields {
                 0.0,
             )?,
             seed: self.seed.map(|s| s as u64),
-            logit_bias,
+            logit_bias: logit_bias.into(),
         };
         Ok(Generation {
             sampling,
             stop: StopConditions {
                 max_tokens: max_tokens.unwrap_or(0),
                 min_tokens,
-                stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
-                stop_strings: self.stop_strings()?,
+                stop_token_ids: self
+                    .stop_token_ids
+                    .as_ref()
+                    .map_or_else(|| Arc::new([]) as Arc<[u32]>, |v| v.0.as_slice().into()),
+                stop_strings: self
+                    .stop
+                    .as_ref()
+                    .map_or_else(|| Arc::new([]) as Arc<[String]>, |s| s.0.as_slice().into()),
                 ignore_eos: self.ignore_eos.unwrap_or(false),
             },
             max_tokens,
@@ -501,35 +771,16 @@ impl CommonFields {
                 .unwrap_or(false),
         })
     }
-
-    fn stop_strings(&self) -> Result<Vec<String>, ApiError> {
-        let bad = |m: &str| ApiError::invalid_param("stop", m.to_string());
-        let stops = match &self.stop {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|s| s.as_str().map(str::to_string))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| bad("`stop` must be a string or a list of strings."))?,
-            Some(_) => return Err(bad("`stop` must be a string or a list of strings.")),
-        };
-        if stops.len() > MAX_STOP_STRINGS {
-            return Err(bad(&format!(
-                "At most {MAX_STOP_STRINGS} stop strings per request."
-            )));
-        }
-        if stops.iter().any(String::is_empty) {
-            return Err(bad("Stop strings must not be empty."));
-        }
-        Ok(stops)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
+
+    fn parse<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
+        parse_body(v.to_string().as_bytes())
+    }
 
     fn common(v: Value) -> Result<Generation, ApiError> {
         parse::<CommonFields>(&v)?.generation(1000)
@@ -547,6 +798,19 @@ mod tests {
     }
 
     #[test]
+    fn bodies_that_are_not_json_objects_are_refused_as_such() {
+        for body in [&b"{"[..], b"nul", b"{\"a\": 1} trailing", b"\xff\xfe"] {
+            let e = parse_body::<CommonFields>(body).unwrap_err();
+            assert!(e.message.contains("not valid JSON"), "{e}");
+            assert_eq!(e.param, None);
+        }
+        for body in [&b"[]"[..], b"3", b"\"x\"", b"null"] {
+            let e = parse_body::<CommonFields>(body).unwrap_err();
+            assert!(e.message.contains("must be a JSON object"), "{e}");
+        }
+    }
+
+    #[test]
     fn out_of_range_values_are_refused() {
         for (body, param) in [
             (json!({"temperature": 2.5}), "temperature"),
@@ -561,10 +825,12 @@ mod tests {
             (json!({"top_k": -2}), "top_k"),
             (json!({"min_p": 1.5}), "min_p"),
             (json!({"repetition_penalty": 0}), "repetition_penalty"),
-            (json!({"stop": ["a", 1]}), "stop"),
+            (json!({"stop": ["a", 1]}), "stop[1]"),
             (json!({"stop": ""}), "stop"),
+            (json!({"stop": 5}), "stop"),
             (json!({"logit_bias": {"5000": 1}}), "logit_bias"),
             (json!({"logit_bias": {"5": 101}}), "logit_bias"),
+            (json!({"stop_token_ids": [1, -1]}), "stop_token_ids[1]"),
             (
                 json!({"stream_options": {"include_usage": true}}),
                 "stream_options",
@@ -575,6 +841,52 @@ mod tests {
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {e}");
             assert_eq!(e.status.as_u16(), 400);
         }
+    }
+
+    /// Every client-sized list has a bound that is checked while reading, and the error names
+    /// the field and the limit.
+    #[test]
+    fn oversized_fields_are_refused_with_their_limit() {
+        let long_stop = "x".repeat(MAX_STOP_STRING_BYTES + 1);
+        let many_stops: Vec<String> = (0..=MAX_STOP_STRINGS).map(|i| format!("s{i}")).collect();
+        let many_ids: Vec<u32> = (0..=MAX_STOP_TOKEN_IDS as u32).collect();
+        let many_bias: serde_json::Map<String, Value> = (0..=MAX_LOGIT_BIAS)
+            .map(|i| (i.to_string(), json!(1)))
+            .collect();
+        for (body, param, limit) in [
+            (json!({"stop": long_stop}), "stop", MAX_STOP_STRING_BYTES),
+            (
+                json!({"stop": ["ok", long_stop]}),
+                "stop[1]",
+                MAX_STOP_STRING_BYTES,
+            ),
+            (json!({"stop": many_stops}), "stop", MAX_STOP_STRINGS),
+            (
+                json!({"stop_token_ids": many_ids}),
+                "stop_token_ids",
+                MAX_STOP_TOKEN_IDS,
+            ),
+            (
+                json!({"logit_bias": many_bias}),
+                "logit_bias",
+                MAX_LOGIT_BIAS,
+            ),
+        ] {
+            let e = parse::<CommonFields>(&body).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{e}");
+            assert!(e.message.contains(&limit.to_string()), "{e}");
+            assert_eq!(e.status.as_u16(), 400);
+        }
+        // At the limits, accepted.
+        let at_limit: Vec<String> = (0..MAX_STOP_STRINGS)
+            .map(|_| "y".repeat(MAX_STOP_STRING_BYTES))
+            .collect();
+        let g = common(json!({"stop": at_limit})).unwrap();
+        assert_eq!(g.stop.stop_strings.len(), MAX_STOP_STRINGS);
+        let prompts: Vec<&str> = vec!["p"; MAX_N + 1];
+        let e = parse::<CompletionFields>(&json!({ "prompt": prompts })).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("prompt"), "{e}");
+        assert!(e.message.contains(&MAX_N.to_string()), "{e}");
     }
 
     #[test]
@@ -588,8 +900,8 @@ mod tests {
         assert_eq!(g.max_tokens, Some(7), "max_completion_tokens wins");
         assert_eq!(g.sampling.top_k, 0);
         assert_eq!(g.sampling.temperature, 1.0, "OpenAI's default temperature");
-        assert_eq!(g.sampling.logit_bias, vec![(3, -100.0)]);
-        assert_eq!(g.stop.stop_strings, vec!["END".to_string()]);
+        assert_eq!(&g.sampling.logit_bias[..], &[(3, -100.0)]);
+        assert_eq!(&g.stop.stop_strings[..], &["END".to_string()]);
         assert!(g.stop.ignore_eos && g.stream && g.include_usage);
         assert_eq!(g.stop.min_tokens, 2);
     }
@@ -620,26 +932,35 @@ mod tests {
                 "messages[0].content[0].type",
             ),
         ] {
-            let f: ChatFields = parse(&json!({ "messages": bad })).unwrap();
-            let e = f.messages().unwrap_err();
+            let e = parse::<ChatFields>(&json!({ "messages": bad }))
+                .and_then(|f| f.messages())
+                .unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{e}");
         }
     }
 
     #[test]
     fn completion_prompts_in_every_shape() {
-        let p = |v: Value| {
-            parse::<CompletionFields>(&json!({ "prompt": v }))
-                .unwrap()
-                .prompts()
-        };
+        let p = |v: Value| parse::<CompletionFields>(&json!({ "prompt": v }))?.prompts();
         assert!(matches!(&p(json!("hi")).unwrap()[..], [PromptIn::Text(_)]));
         assert_eq!(p(json!(["a", "b"])).unwrap().len(), 2);
         assert!(matches!(&p(json!([1, 2, 3])).unwrap()[..], [PromptIn::Tokens(t)] if t.len() == 3));
         assert_eq!(p(json!([[1], [2, 3]])).unwrap().len(), 2);
-        assert!(p(json!([])).is_err());
-        assert!(p(json!([1, -2])).is_err());
-        assert!(p(json!({"a": 1})).is_err());
-        assert!(p(json!(["a", 1])).is_err());
+        for bad in [
+            json!([]),
+            json!([1, -2]),
+            json!([1, 2.5]),
+            json!({"a": 1}),
+            json!(["a", 1]),
+            json!([1, "a"]),
+            json!([[1], 2]),
+            json!([[1, 4294967296u64]]),
+        ] {
+            let e = p(bad.clone()).unwrap_err();
+            assert!(
+                e.param.as_deref().is_some_and(|p| p.starts_with("prompt")),
+                "{bad}: {e}"
+            );
+        }
     }
 }

@@ -31,7 +31,7 @@ use axum::Router;
 
 pub use error::ApiError;
 pub use metrics::Metrics;
-pub use tenancy::Tenancy;
+pub use tenancy::{parse_api_keys, Tenancy};
 pub use worker::EngineHandle;
 
 #[derive(Debug, Clone)]
@@ -46,6 +46,20 @@ pub struct ServerConfig {
     /// On SIGINT/SIGTERM, how long requests in flight may take to finish before they are
     /// cancelled.
     pub shutdown_timeout: Duration,
+    /// Sequences (prompts x n) one call may create; beyond, 400.
+    pub max_sequences_per_request: usize,
+    /// Prompt tokens one call may send, all prompts together (`None`: the KV pool's size,
+    /// which is also the most it may ever be).
+    pub max_prompt_tokens_per_request: Option<usize>,
+    /// With API keys, /metrics needs a key too unless this is set.
+    pub metrics_public: bool,
+}
+
+/// Per-call bounds on work, checked before anything is copied or queued.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    pub max_sequences_per_request: usize,
+    pub max_prompt_tokens_per_request: usize,
 }
 
 impl ServerConfig {
@@ -56,8 +70,30 @@ impl ServerConfig {
             max_queue: 256,
             max_body_bytes: 16 << 20,
             shutdown_timeout: Duration::from_secs(30),
+            max_sequences_per_request: DEFAULT_MAX_SEQUENCES_PER_REQUEST,
+            max_prompt_tokens_per_request: None,
+            metrics_public: false,
         }
     }
+}
+
+/// Default bound on the sequences of one call: as many as `n` alone may ask for. A full queue
+/// (256 waiting) of such calls' worth of sequence state is a few MiB.
+pub const DEFAULT_MAX_SEQUENCES_PER_REQUEST: usize = api::MAX_N;
+
+/// The warning to print when the server listens beyond loopback without API keys: every
+/// client then shares one cache namespace, and `cached_tokens` (and a fast first token) tell a
+/// client how much of its prompt someone else sent before.
+pub fn exposure_warning(addr: std::net::SocketAddr, has_keys: bool) -> Option<String> {
+    if has_keys || addr.ip().is_loopback() {
+        return None;
+    }
+    Some(format!(
+        "listening on {addr} without --api-key: anyone who can reach it may use it, and all \
+         clients share one prefix-cache namespace, so `cached_tokens` and time to first token \
+         reveal which prompts others sent; set --api-key (one namespace per key) or listen on \
+         127.0.0.1"
+    ))
 }
 
 /// What the handlers share.
@@ -73,6 +109,8 @@ pub struct AppState {
     pub vocab: usize,
     pub max_body_bytes: usize,
     pub shutdown_timeout: Duration,
+    pub limits: RequestLimits,
+    pub metrics_public: bool,
     /// Unix time the server started (the model card's `created`).
     pub created: u64,
 }
@@ -84,6 +122,13 @@ impl AppState {
         let tokenizer = Arc::new(engine.tokenizer().clone());
         let context = engine.model().config().max_position_embeddings;
         let vocab = engine.model().config().vocab_size;
+        let kv_slots = engine.config().kv_slots;
+        let limits = RequestLimits {
+            max_sequences_per_request: config.max_sequences_per_request,
+            max_prompt_tokens_per_request: config
+                .max_prompt_tokens_per_request
+                .map_or(kv_slots, |m| m.min(kv_slots)),
+        };
         Arc::new(Self {
             engine: EngineHandle::spawn(engine, config.max_queue, metrics.clone()),
             tokenizer,
@@ -95,6 +140,8 @@ impl AppState {
             vocab,
             max_body_bytes: config.max_body_bytes,
             shutdown_timeout: config.shutdown_timeout,
+            limits,
+            metrics_public: config.metrics_public,
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -119,9 +166,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// How long streams get to deliver their error events after the engine failed.
+const FAILURE_GRACE: Duration = Duration::from_secs(2);
+
 /// Serves until `shutdown` resolves, then drains: new requests get 503, requests in flight
 /// have `shutdown_timeout` to finish before they are cancelled, and the function returns once
 /// every connection has closed (or a few seconds after the deadline, whatever clients do).
+///
+/// If the engine fails, the server stops at once (requests in flight have already received
+/// their error events; they get [`FAILURE_GRACE`] to be delivered) and this returns an error,
+/// so that the process exits non-zero and a supervisor restarts it.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
@@ -132,8 +186,18 @@ pub async fn serve(
         let state = state.clone();
         let started = started.clone();
         async move {
-            shutdown.await;
-            let grace = state.shutdown_timeout;
+            let failed = tokio::select! {
+                _ = shutdown => false,
+                why = state.engine.failure() => {
+                    tracing::error!("stopping the server: {why}");
+                    true
+                }
+            };
+            let grace = if failed {
+                FAILURE_GRACE
+            } else {
+                state.shutdown_timeout
+            };
             tracing::info!(
                 "shutting down: refusing new requests, giving those in flight {:.0}s",
                 grace.as_secs_f64()
@@ -153,13 +217,17 @@ pub async fn serve(
         r = server => r,
         _ = async {
             started.notified().await;
-            tokio::time::sleep(grace + Duration::from_secs(5)).await;
+            let grace = if state.engine.failed().is_some() { FAILURE_GRACE } else { grace };
+            tokio::time::sleep(grace + Duration::from_secs(1)).await;
         } => {
             tracing::warn!("connections still open after the shutdown deadline; closing");
             Ok(())
         }
     };
     state.engine.shutdown();
+    if let Some(why) = state.engine.failed() {
+        return Err(std::io::Error::other(format!("the engine failed: {why}")));
+    }
     result
 }
 

@@ -26,6 +26,8 @@ pub enum Outcome {
     Invalid,
     /// Refused because the queue was full or the server was shutting down (503).
     Rejected,
+    /// Failed while running: its own processing, or the engine.
+    Error,
 }
 
 impl Outcome {
@@ -37,6 +39,7 @@ impl Outcome {
             Outcome::Aborted => "aborted",
             Outcome::Invalid => "invalid",
             Outcome::Rejected => "rejected",
+            Outcome::Error => "error",
         }
     }
 }
@@ -259,6 +262,7 @@ impl Metrics {
             Outcome::Aborted,
             Outcome::Invalid,
             Outcome::Rejected,
+            Outcome::Error,
         ] {
             let n = m.requests.get(&o).copied().unwrap_or(0);
             let _ = writeln!(out, "arbor_requests_total{{outcome=\"{}\"}} {n}", o.label());

@@ -55,10 +55,10 @@ fn respond(st: &AppState, result: Result<Response, ApiError>) -> Response {
     }
 }
 
-/// The body as a JSON object: 413 over the size limit, 400 if it is not JSON.
-fn read_body(st: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+/// The body's bytes: 413 over the size limit.
+fn read_body(st: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     match body {
-        Ok(bytes) => api::parse_json(&bytes),
+        Ok(bytes) => Ok(bytes),
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             Err(ApiError::too_large(st.max_body_bytes))
         }
@@ -114,8 +114,46 @@ fn fit_context(st: &AppState, prompt_len: usize, gen: &Generation) -> Result<usi
     }
 }
 
+/// The per-call bound on sequences (prompts x n), checked before any prompt is tokenized or
+/// any engine request built.
+fn check_sequences(st: &AppState, prompts: usize, n: usize) -> Result<(), ApiError> {
+    let limit = st.limits.max_sequences_per_request;
+    if prompts.saturating_mul(n) > limit {
+        let (param, what) = if prompts > 1 {
+            ("prompt", format!("{prompts} prompts x n = {n}"))
+        } else {
+            ("n", format!("n = {n}"))
+        };
+        return Err(ApiError::invalid_param(
+            param,
+            format!(
+                "This request asks for {} sequences ({what}); the limit per request is {limit} (--max-seqs-per-request).",
+                prompts.saturating_mul(n)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The per-call bound on prompt tokens (all prompts of the call together; `n` choices share
+/// their prompt's KV): never more than the KV pool holds.
+fn check_prompt_tokens(st: &AppState, prompts: &[Vec<u32>], param: &str) -> Result<(), ApiError> {
+    let total: usize = prompts.iter().map(Vec::len).sum();
+    let limit = st.limits.max_prompt_tokens_per_request;
+    if total > limit {
+        return Err(ApiError::invalid_param(
+            param,
+            format!(
+                "The prompts of this request have {total} tokens in all; the limit per request is {limit} (the KV pool's size, or --max-prompt-tokens-per-request)."
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// One engine request per (prompt, choice); choice `i` of a seeded request uses seed + i so
-/// the choices differ but replay identically.
+/// the choices differ but replay identically. The sampling and stop parameters' lists are
+/// shared between the choices (reference-counted), not copied.
 fn engine_requests(
     st: &AppState,
     prompts: &[Vec<u32>],
@@ -154,6 +192,9 @@ async fn submit(
             "The server is at capacity: {waiting} requests are waiting (limit {limit}). Retry later."
         ))),
         Err(SubmitError::Draining) => Err(ApiError::unavailable("The server is shutting down.")),
+        Err(SubmitError::EngineFailed(why)) => Err(ApiError::unavailable(format!(
+            "The engine has failed and the server is restarting: {why}"
+        ))),
     }
 }
 
@@ -169,6 +210,8 @@ fn finish_reason(r: FinishReason) -> &'static str {
         FinishReason::Length => "length",
         // Only seen by clients still connected: the server ended the request (shutdown).
         FinishReason::Cancelled => "abort",
+        // Reported as an error before it gets here; never sent as a finish reason.
+        FinishReason::Error => "error",
     }
 }
 
@@ -394,6 +437,17 @@ impl Responder {
                     texts[index].push_str(&text);
                 }
                 Event::Finished {
+                    reason: FinishReason::Error,
+                    error,
+                    ..
+                } => {
+                    // One failed choice fails the call; dropping `rx` cancels the others.
+                    return Err(ApiError::internal(format!(
+                        "generation failed: {}",
+                        error.unwrap_or_default()
+                    )));
+                }
+                Event::Finished {
                     reason,
                     text,
                     usage: u,
@@ -552,6 +606,21 @@ impl StreamState {
                     .push_back(r.chunk(self.include_usage, json!([choice])));
             }
             Event::Finished {
+                reason: FinishReason::Error,
+                error,
+                usage,
+                ..
+            } => {
+                // This choice failed: an error event in OpenAI's shape in its place; the
+                // call's other choices go on.
+                let err = ApiError::internal(format!(
+                    "generation failed for choice {index}: {}",
+                    error.unwrap_or_default()
+                ));
+                self.pending.push_back(err.body().to_string());
+                self.finish_choice(index, usage);
+            }
+            Event::Finished {
                 reason,
                 text,
                 usage,
@@ -573,18 +642,24 @@ impl StreamState {
                 };
                 self.pending
                     .push_back(r.chunk(self.include_usage, json!([choice])));
-                self.usage[index] = usage;
-                self.done += 1;
-                if self.done == r.choices {
-                    if self.include_usage {
-                        let mut v = r.envelope(true, json!([]));
-                        v["usage"] = usage_json(&r.total_usage(&self.usage));
-                        self.pending.push_back(v.to_string());
-                    }
-                    self.pending.push_back("[DONE]".into());
-                    self.finished = true;
-                }
+                self.finish_choice(index, usage);
             }
+        }
+    }
+
+    /// Counts a finished choice; after the last one, the usage chunk and `[DONE]`.
+    fn finish_choice(&mut self, index: usize, usage: Usage) {
+        let r = &self.responder;
+        self.usage[index] = usage;
+        self.done += 1;
+        if self.done == r.choices {
+            if self.include_usage {
+                let mut v = r.envelope(true, json!([]));
+                v["usage"] = usage_json(&r.total_usage(&self.usage));
+                self.pending.push_back(v.to_string());
+            }
+            self.pending.push_back("[DONE]".into());
+            self.finished = true;
         }
     }
 }
@@ -606,6 +681,7 @@ async fn chat_inner(
     let (fields, gen, namespace) = parse_generation::<ChatFields>(&st, &headers, body)?;
     let logprobs = fields.logprobs()?;
     let messages = fields.messages()?;
+    check_sequences(&st, 1, gen.n)?;
     let add_generation_prompt = fields.add_generation_prompt.unwrap_or(true);
     let worker = st.clone();
     let prompt = blocking(move || {
@@ -623,6 +699,7 @@ async fn chat_inner(
         })
     })
     .await?;
+    check_prompt_tokens(&st, std::slice::from_ref(&prompt), "messages")?;
     run(
         st,
         Api::Chat,
@@ -643,9 +720,11 @@ fn parse_generation<F: serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(F, Generation, u64), ApiError> {
     let key = st.tenancy.authenticate(headers)?;
-    let value = read_body(st, body)?;
-    let common: CommonFields = api::parse(&value)?;
-    let fields: F = api::parse(&value)?;
+    let bytes = read_body(st, body)?;
+    // Two typed passes over the bytes (the shared fields, then the endpoint's own): no
+    // JSON tree of the whole body is built.
+    let common: CommonFields = api::parse_body(&bytes)?;
+    let fields: F = api::parse_body(&bytes)?;
     check_model(st, common.model.as_deref())?;
     let namespace = st.tenancy.namespace(key, common.cache_salt.as_deref());
     Ok((fields, common.generation(st.vocab)?, namespace))
@@ -697,6 +776,7 @@ async fn completions_inner(
     let (fields, gen, namespace) = parse_generation::<CompletionFields>(&st, &headers, body)?;
     let logprobs = fields.logprobs()?;
     let prompts = fields.prompts()?;
+    check_sequences(&st, prompts.len(), gen.n)?;
     let echo = fields.echo.unwrap_or(false);
     if echo && logprobs.is_some() {
         return Err(ApiError::invalid_param(
@@ -742,6 +822,7 @@ async fn completions_inner(
         Ok((tokens, texts))
     })
     .await?;
+    check_prompt_tokens(&st, &token_prompts, "prompt")?;
     let echo = if echo { echoes } else { Vec::new() };
     run(
         st,
@@ -786,7 +867,13 @@ pub async fn get_model(
 }
 
 pub async fn health(State(st): State<Shared>) -> Response {
-    if st.engine.is_draining() {
+    if let Some(why) = st.engine.failed() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "failed", "error": why})),
+        )
+            .into_response()
+    } else if st.engine.is_draining() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "draining"})),
@@ -797,7 +884,14 @@ pub async fn health(State(st): State<Shared>) -> Response {
     }
 }
 
-pub async fn metrics(State(st): State<Shared>) -> Response {
+/// Prometheus text. With API keys it needs one too (its counters say how busy the server is
+/// and how much is cached), unless `--metrics-public`.
+pub async fn metrics(State(st): State<Shared>, headers: HeaderMap) -> Response {
+    if !st.metrics_public {
+        if let Err(e) = st.tenancy.authenticate(&headers) {
+            return respond(&st, Err(e));
+        }
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -826,8 +920,7 @@ pub async fn tokenize(
 ) -> Response {
     let result = async {
         st.tenancy.authenticate(&headers)?;
-        let value = read_body(&st, body)?;
-        let f: TokenizeFields = api::parse(&value)?;
+        let f: TokenizeFields = api::parse_body(&read_body(&st, body)?)?;
         check_model(&st, f.model.as_deref())?;
         let worker = st.clone();
         let tokens = blocking(move || {
@@ -885,8 +978,7 @@ pub async fn detokenize(
 ) -> Response {
     let result = async {
         st.tenancy.authenticate(&headers)?;
-        let value = read_body(&st, body)?;
-        let f: DetokenizeFields = api::parse(&value)?;
+        let f: DetokenizeFields = api::parse_body(&read_body(&st, body)?)?;
         check_model(&st, f.model.as_deref())?;
         if let Some(&bad) = f.tokens.iter().find(|&&t| t as usize >= st.vocab) {
             return Err(ApiError::invalid_param(

@@ -18,10 +18,35 @@ pub struct Tenancy {
     hasher: std::collections::hash_map::RandomState,
 }
 
+/// API keys as given on the command line or in `ARBOR_API_KEYS` (comma-separated): each is
+/// trimmed of white space; an empty one (a stray comma, a blank variable) is an error, since
+/// silently dropping it could leave a server open that its operator meant to protect.
+pub fn parse_api_keys(raw: &[String]) -> Result<Vec<String>, String> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let k = k.trim();
+            if k.is_empty() {
+                Err(format!(
+                    "API key #{} is empty: check --api-key / ARBOR_API_KEYS for a stray comma or blank value",
+                    i + 1
+                ))
+            } else {
+                Ok(k.to_string())
+            }
+        })
+        .collect()
+}
+
 impl Tenancy {
+    /// `keys` as [`parse_api_keys`] returns them (trimmed, none empty).
     pub fn new(keys: Vec<String>) -> Self {
         Self {
-            keys: keys.into_iter().filter(|k| !k.is_empty()).collect(),
+            keys: keys
+                .into_iter()
+                .map(|k| k.trim().to_string())
+                .filter(|k| !k.is_empty())
+                .collect(),
             hasher: std::collections::hash_map::RandomState::new(),
         }
     }
@@ -103,6 +128,19 @@ mod tests {
             "a salt narrows the namespace"
         );
         assert_ne!(t.namespace(a, Some("s")), t.namespace(b, Some("s")));
+    }
+
+    #[test]
+    fn keys_are_trimmed_and_an_empty_key_is_an_error() {
+        let raw = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            parse_api_keys(&raw(&[" alpha", "beta \n"])).unwrap(),
+            vec!["alpha".to_string(), "beta".to_string()]
+        );
+        for bad in [&["alpha", ""][..], &["  "], &["a", "\t"]] {
+            let e = parse_api_keys(&raw(bad)).unwrap_err();
+            assert!(e.contains("empty"), "{e}");
+        }
     }
 
     #[test]

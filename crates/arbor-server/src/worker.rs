@@ -12,15 +12,23 @@
 //!
 //! A client that disconnects drops its receiver; the loop checks every sink before each step
 //! and cancels the requests whose receiver is gone, so their KV returns to the pool at once.
+//!
+//! Faults: a request whose own processing fails (sampling, detokenizing, a stop check) is
+//! finished with an error by the engine and the others go on. A failure of the engine itself
+//! (a step that returns an error or panics: a forward pass, a lost device) is fatal: the
+//! engine's state can no longer be trusted, so every request in flight ends with an error
+//! event, [`EngineHandle::failure`] resolves (the server stops and the process exits non-zero
+//! for its supervisor to restart it), and /health answers 503 from that moment.
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use arbor_engine::{Engine, EngineError, Event, FinishReason, Request, RequestId};
-use tokio::sync::{mpsc as tmpsc, oneshot};
+use arbor_engine::{Engine, EngineError, Event, FinishReason, Request, RequestId, Timing, Usage};
+use tokio::sync::{mpsc as tmpsc, oneshot, Notify};
 
 use crate::metrics::{Finished, Metrics, Outcome};
 
@@ -40,6 +48,22 @@ pub enum SubmitError {
     QueueFull { waiting: usize, limit: usize },
     /// The server is shutting down.
     Draining,
+    /// The engine failed (the reason); the process is about to exit.
+    EngineFailed(String),
+}
+
+/// Whether the engine thread is alive, shared with the handlers: set once, when it fails.
+#[derive(Default)]
+struct Health {
+    failed: OnceLock<String>,
+    changed: Notify,
+}
+
+impl Health {
+    fn fail(&self, why: String) {
+        let _ = self.failed.set(why);
+        self.changed.notify_waiters();
+    }
 }
 
 enum Command {
@@ -64,6 +88,7 @@ struct Route {
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     draining: Arc<AtomicBool>,
+    health: Arc<Health>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -72,7 +97,9 @@ impl EngineHandle {
     pub fn spawn(engine: Engine, max_queue: usize, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::channel();
         let draining = Arc::new(AtomicBool::new(false));
+        let health = Arc::new(Health::default());
         let flag = draining.clone();
+        let loop_health = health.clone();
         let thread = std::thread::Builder::new()
             .name("arbor-engine".into())
             .spawn(move || {
@@ -82,6 +109,7 @@ impl EngineHandle {
                     metrics,
                     max_queue,
                     draining: flag,
+                    health: loop_health,
                 }
                 .run(rx)
             })
@@ -89,6 +117,7 @@ impl EngineHandle {
         Self {
             tx,
             draining,
+            health,
             thread: std::sync::Mutex::new(Some(thread)),
         }
     }
@@ -99,6 +128,9 @@ impl EngineHandle {
         &self,
         requests: Vec<Request>,
     ) -> Result<(Vec<RequestId>, tmpsc::UnboundedReceiver<Tagged>), SubmitError> {
+        if let Some(why) = self.failed() {
+            return Err(SubmitError::EngineFailed(why));
+        }
         if self.is_draining() {
             return Err(SubmitError::Draining);
         }
@@ -110,9 +142,33 @@ impl EngineHandle {
                 sink,
                 reply,
             })
-            .map_err(|_| SubmitError::Draining)?;
-        let ids = answer.await.map_err(|_| SubmitError::Draining)??;
+            .map_err(|_| self.gone())?;
+        let ids = answer.await.map_err(|_| self.gone())??;
         Ok((ids, events))
+    }
+
+    /// Why a command found no engine thread: it failed, or it was stopped.
+    fn gone(&self) -> SubmitError {
+        match self.failed() {
+            Some(why) => SubmitError::EngineFailed(why),
+            None => SubmitError::Draining,
+        }
+    }
+
+    /// Why the engine failed, once it has.
+    pub fn failed(&self) -> Option<String> {
+        self.health.failed.get().cloned()
+    }
+
+    /// Resolves when the engine fails, with the reason.
+    pub async fn failure(&self) -> String {
+        loop {
+            let changed = self.health.changed.notified();
+            if let Some(why) = self.failed() {
+                return why;
+            }
+            changed.await;
+        }
     }
 
     pub fn is_draining(&self) -> bool {
@@ -152,6 +208,7 @@ struct EngineLoop {
     metrics: Arc<Metrics>,
     max_queue: usize,
     draining: Arc<AtomicBool>,
+    health: Arc<Health>,
 }
 
 impl EngineLoop {
@@ -180,20 +237,23 @@ impl EngineLoop {
             }
             self.cancel_disconnected();
             if self.engine.has_work() {
-                match self.engine.step() {
-                    Ok((events, _)) => {
+                // Per-request faults are caught inside the step; what gets out is the
+                // engine's own failure.
+                match catch_unwind(AssertUnwindSafe(|| self.engine.step())) {
+                    Ok(Ok((events, _))) => {
                         // State first: a client that sees its request end also sees its slots
                         // back in /metrics.
                         self.publish_state();
                         self.route(events)
                     }
-                    Err(e) => {
-                        // A failed forward pass leaves the engine consistent but the requests
-                        // cannot go on: end them all rather than retry forever.
-                        tracing::error!("engine step failed, aborting requests in flight: {e}");
-                        let events = self.engine.cancel_all();
-                        self.publish_state();
-                        self.route(events);
+                    Ok(Err(e)) => return self.fail(format!("an engine step failed: {e}")),
+                    Err(panic) => {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        return self.fail(format!("the engine panicked: {what}"));
                     }
                 }
             }
@@ -202,6 +262,32 @@ impl EngineLoop {
         let events = self.engine.cancel_all();
         self.route(events);
         self.publish_state();
+    }
+
+    /// The engine failed: its state cannot be trusted, so it is not touched again. Every
+    /// request in flight gets an error event, the handle reports the failure (health 503, the
+    /// server exits non-zero), and the thread ends.
+    fn fail(mut self, why: String) {
+        tracing::error!("{why}; ending every request in flight and stopping the server");
+        self.health.fail(why.clone());
+        let now = Instant::now();
+        let ids: Vec<RequestId> = self.routes.keys().copied().collect();
+        let events = ids
+            .into_iter()
+            .map(|id| Event::Finished {
+                id,
+                reason: FinishReason::Error,
+                text: String::new(),
+                usage: Usage::default(),
+                timing: Timing {
+                    queued_at: now,
+                    first_token_at: None,
+                    finished_at: Some(now),
+                },
+                error: Some(why.clone()),
+            })
+            .collect();
+        self.route(events);
     }
 
     /// Returns false on `Stop`.
@@ -317,6 +403,7 @@ impl EngineLoop {
                         FinishReason::Length => Outcome::Length,
                         FinishReason::Cancelled if route.sink.is_closed() => Outcome::Cancelled,
                         FinishReason::Cancelled => Outcome::Aborted,
+                        FinishReason::Error => Outcome::Error,
                     };
                     self.metrics.finished(Finished {
                         outcome,

@@ -157,13 +157,13 @@ impl SamplingArgs {
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             seed: self.seed,
-            logit_bias: Vec::new(),
+            logit_bias: Default::default(),
         }
     }
     fn stop(&self) -> StopConditions {
         StopConditions {
             max_tokens: self.max_tokens,
-            stop_strings: self.stop.clone(),
+            stop_strings: self.stop.clone().into(),
             ignore_eos: self.ignore_eos,
             ..Default::default()
         }
@@ -229,6 +229,16 @@ struct ServeArgs {
     /// Seconds requests in flight get to finish on SIGINT/SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30.0)]
     shutdown_timeout: f64,
+    /// Sequences (prompts x n) one call may create; beyond, 400.
+    #[arg(long = "max-seqs-per-request", default_value_t = arbor_server::DEFAULT_MAX_SEQUENCES_PER_REQUEST)]
+    max_seqs_per_request: usize,
+    /// Prompt tokens one call may send, all its prompts together (default and ceiling: the
+    /// KV pool's size).
+    #[arg(long)]
+    max_prompt_tokens_per_request: Option<usize>,
+    /// With --api-key, serve /metrics without a key (for a scraper on a trusted network).
+    #[arg(long)]
+    metrics_public: bool,
 }
 
 fn main() {
@@ -484,8 +494,18 @@ fn serve(a: ServeArgs) -> Result<()> {
         bail!("--shutdown-timeout must be a number of seconds >= 0");
     }
     let (engine, template) = load(&a.model)?;
+    if a.max_seqs_per_request == 0 {
+        bail!("--max-seqs-per-request must be at least 1");
+    }
+    if a.max_prompt_tokens_per_request == Some(0) {
+        bail!("--max-prompt-tokens-per-request must be at least 1");
+    }
+    let api_keys = arbor_server::parse_api_keys(&a.api_keys).map_err(anyhow::Error::msg)?;
     let mut config = arbor_server::ServerConfig::new(name.clone());
-    config.api_keys = a.api_keys.clone();
+    config.api_keys = api_keys;
+    config.max_sequences_per_request = a.max_seqs_per_request;
+    config.max_prompt_tokens_per_request = a.max_prompt_tokens_per_request;
+    config.metrics_public = a.metrics_public;
     config.max_queue = a.max_queue;
     config.max_body_bytes = a.max_request_bytes;
     config.shutdown_timeout = std::time::Duration::from_secs_f64(a.shutdown_timeout);
@@ -499,6 +519,10 @@ fn serve(a: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding {}:{}", a.host, a.port))?;
         let addr = listener.local_addr()?;
+        if let Some(w) = arbor_server::exposure_warning(addr, !config.api_keys.is_empty()) {
+            tracing::warn!("{w}");
+            eprintln!("arbor: WARNING: {w}");
+        }
         let state = arbor_server::AppState::new(engine, template, &config);
         eprintln!(
             "arbor: serving `{name}` on http://{addr}/v1 ({}); Ctrl-C stops",
