@@ -72,8 +72,10 @@ impl Results {
                 .push(r);
         }
         let mut out: RowsByKey = BTreeMap::new();
-        for ((t, c, test, _), recs) in groups {
-            out.entry((t, c, test)).or_default().push(stats::row(&recs));
+        for ((t, c, test, repeat), recs) in groups {
+            let mut row = stats::row(&recs);
+            row.repeat = repeat;
+            out.entry((t, c, test)).or_default().push(row);
         }
         out
     }
@@ -242,8 +244,39 @@ fn text_table(cells: &[Vec<String>]) -> String {
     s
 }
 
+/// Geometric mean of the positive finite values (NaN if none).
+fn geometric_mean(v: &[f64]) -> f64 {
+    let ok: Vec<f64> = v
+        .iter()
+        .copied()
+        .filter(|x| x.is_finite() && *x > 0.0)
+        .collect();
+    if ok.is_empty() {
+        f64::NAN
+    } else {
+        (ok.iter().map(|x| x.ln()).sum::<f64>() / ok.len() as f64).exp()
+    }
+}
+
+/// "A failed 3/10 requests" for each target of a comparison that failed any.
+fn failures(named: &[(&str, &[Row])]) -> Option<String> {
+    let parts: Vec<String> = named
+        .iter()
+        .filter_map(|(name, rows)| {
+            let errors: usize = rows.iter().map(|r| r.errors).sum();
+            let requests: usize = rows.iter().map(|r| r.requests).sum();
+            (errors > 0).then(|| format!("{name} failed {errors}/{requests} requests"))
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(" and "))
+}
+
 /// Verdicts: every other target against the first, per test (on overall tokens/second, the
-/// published tables' measure) and overall (geometric mean over tests, per repeat).
+/// published tables' measure) and overall (geometric mean over tests, per repeat). Every
+/// sentence names both targets. A test in which either target failed requests is reported as
+/// failed, with the counts, and not judged: a target cannot win by failing its slow requests.
+/// The overall figure covers only the tests both targets completed, and pairs each test's
+/// values by repeat number.
 pub fn verdicts(res: &Results) -> Vec<String> {
     let rows = res.rows();
     let names = res.target_names();
@@ -258,8 +291,11 @@ pub fn verdicts(res: &Results) -> Vec<String> {
             String::new()
         };
         for other in &names[1..] {
-            let mut per_repeat_a: Vec<Vec<f64>> = Vec::new();
-            let mut per_repeat_b: Vec<Vec<f64>> = Vec::new();
+            // Repeat number -> overall tok/s of each completed test.
+            let mut per_repeat_a: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+            let mut per_repeat_b: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+            let mut compared = 0;
+            let mut left_out = Vec::new();
             for test in &res.tests {
                 let (Some(a), Some(b)) = (
                     rows.get(&(base.clone(), conc, test.clone())),
@@ -267,6 +303,13 @@ pub fn verdicts(res: &Results) -> Vec<String> {
                 ) else {
                     continue;
                 };
+                if let Some(failed) = failures(&[(base, a), (other, b)]) {
+                    out.push(format!(
+                        "FAILED {test}{at}: {failed}; {base} and {other} are not compared on it"
+                    ));
+                    left_out.push(test.clone());
+                    continue;
+                }
                 if let Some(v) = judge(
                     base,
                     spread(a, |r| r.overall_tps),
@@ -285,32 +328,52 @@ pub fn verdicts(res: &Results) -> Vec<String> {
                 ) {
                     out.push(v.sentence("time to first token", &format!("{test}{at}")));
                 }
-                for (i, r) in a.iter().enumerate() {
-                    per_repeat_a.resize(per_repeat_a.len().max(i + 1), Vec::new());
-                    per_repeat_a[i].push(r.overall_tps);
+                compared += 1;
+                for r in a {
+                    per_repeat_a
+                        .entry(r.repeat)
+                        .or_default()
+                        .push(r.overall_tps);
                 }
-                for (i, r) in b.iter().enumerate() {
-                    per_repeat_b.resize(per_repeat_b.len().max(i + 1), Vec::new());
-                    per_repeat_b[i].push(r.overall_tps);
+                for r in b {
+                    per_repeat_b
+                        .entry(r.repeat)
+                        .or_default()
+                        .push(r.overall_tps);
                 }
             }
-            let geo = |v: &Vec<f64>| {
-                let ok: Vec<f64> = v
-                    .iter()
-                    .copied()
-                    .filter(|x| x.is_finite() && *x > 0.0)
-                    .collect();
-                if ok.is_empty() {
-                    f64::NAN
-                } else {
-                    (ok.iter().map(|x| x.ln()).sum::<f64>() / ok.len() as f64).exp()
-                }
+            // Only repeats in which both targets have every compared test.
+            let complete = |m: &BTreeMap<usize, Vec<f64>>, r: &usize| {
+                m.get(r).is_some_and(|v| v.len() == compared)
             };
-            let a = Spread::of(&per_repeat_a.iter().map(geo).collect::<Vec<_>>());
-            let b = Spread::of(&per_repeat_b.iter().map(geo).collect::<Vec<_>>());
-            if let Some(v) = judge(base, a, other, b, false) {
+            let repeats: Vec<usize> = per_repeat_a
+                .keys()
+                .filter(|r| complete(&per_repeat_a, r) && complete(&per_repeat_b, r))
+                .copied()
+                .collect();
+            let geo = |m: &BTreeMap<usize, Vec<f64>>| {
+                repeats
+                    .iter()
+                    .map(|r| geometric_mean(&m[r]))
+                    .collect::<Vec<_>>()
+            };
+            let a = Spread::of(&geo(&per_repeat_a));
+            let b = Spread::of(&geo(&per_repeat_b));
+            let scope = if left_out.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (the {compared} tests both completed; left out: {})",
+                    left_out.join(", ")
+                )
+            };
+            if compared == 0 {
                 out.push(format!(
-                    "OVERALL: {}",
+                    "OVERALL: no test completed by both {base} and {other}{at}: no overall comparison"
+                ));
+            } else if let Some(v) = judge(base, a, other, b, false) {
+                out.push(format!(
+                    "OVERALL: {}{scope}",
                     v.sentence(
                         "tokens/second (geometric mean over tests)",
                         &format!("{}{at}", res.workload)
@@ -558,4 +621,114 @@ pub fn html(res: &Results) -> String {
     }
     h.push_str("</body></html>\n");
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::Measured;
+
+    fn record(target: &str, repeat: usize, test: &str, tps: f64, error: bool) -> RequestRecord {
+        RequestRecord {
+            target: target.into(),
+            repeat,
+            concurrency: 1,
+            session: 0,
+            branch: None,
+            turn: 1,
+            test: test.into(),
+            sent_at: 0.0,
+            m: Measured {
+                ttft: Some(0.1),
+                e2e: 1.0,
+                completion_tokens: Some(tps as usize),
+                error: error.then(|| "HTTP 500".to_string()),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn results(records: Vec<RequestRecord>) -> Results {
+        let target = |name: &str| TargetInfo {
+            name: name.into(),
+            base_url: String::new(),
+            model: String::new(),
+            notes: Vec::new(),
+            error: None,
+        };
+        Results {
+            version: 1,
+            created_unix: 0,
+            workload: "w".into(),
+            params: None,
+            repeats: 3,
+            targets: vec![target("A"), target("B"), target("C")],
+            runs: vec![RunInfo {
+                target: "A".into(),
+                repeat: 0,
+                concurrency: 1,
+                wall_s: 1.0,
+            }],
+            tests: vec!["t1".into(), "t2".into()],
+            records,
+        }
+    }
+
+    /// B fails a request on t2 (and is very fast on the ones it completes): t2 is reported as
+    /// failed for B with the count, not judged, and left out of OVERALL, which then shows A's
+    /// real 2x lead on t1. C equals A within noise, and that sentence names both. C's records
+    /// come in reverse repeat order and lack repeat 0 of t2: repeats pair by number.
+    #[test]
+    fn failures_are_reported_and_never_win_and_sentences_name_both_targets() {
+        let mut recs = Vec::new();
+        for repeat in 0..3 {
+            let wobble = repeat as f64;
+            for test in ["t1", "t2"] {
+                recs.push(record("A", repeat, test, 100.0 + wobble, false));
+                let b = if test == "t1" { 50.0 + wobble } else { 1000.0 };
+                recs.push(record("B", repeat, test, b, false));
+            }
+        }
+        recs.push(record("B", 1, "t2", 0.0, true));
+        for repeat in (0..3).rev() {
+            for test in ["t1", "t2"] {
+                if !(repeat == 0 && test == "t2") {
+                    recs.push(record("C", repeat, test, 101.0 - repeat as f64, false));
+                }
+            }
+        }
+        let v = verdicts(&results(recs));
+        let text = v.join("\n");
+        assert!(
+            v.iter()
+                .any(|l| l.starts_with("FAILED t2") && l.contains("B failed 1/4 requests")),
+            "{text}"
+        );
+        assert!(
+            !v.iter().any(|l| l.contains("B was") && l.contains("on t2")),
+            "{text}"
+        );
+        let overall_ab = v
+            .iter()
+            .find(|l| l.starts_with("OVERALL") && l.contains('B'))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(
+            overall_ab.contains("A was 1.98x faster than B"),
+            "{overall_ab}"
+        );
+        assert!(overall_ab.contains("left out: t2"), "{overall_ab}");
+        let same: Vec<&String> = v
+            .iter()
+            .filter(|l| l.contains("no real difference"))
+            .collect();
+        assert!(!same.is_empty(), "{text}");
+        for l in same {
+            assert!(l.contains("between A and C"), "{l}");
+        }
+        assert!(
+            v.iter()
+                .any(|l| l.starts_with("OVERALL") && l.contains('C')),
+            "{text}"
+        );
+    }
 }

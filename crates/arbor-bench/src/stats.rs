@@ -78,6 +78,9 @@ pub fn tpot(r: &RequestRecord) -> Option<f64> {
 /// One table row: a test on a target, mean over its requests in one repeat.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Row {
+    /// The repeat this row measured (rows of two targets are paired by it).
+    #[serde(default)]
+    pub repeat: usize,
     pub requests: usize,
     pub errors: usize,
     pub duration_s: f64,
@@ -107,6 +110,7 @@ pub fn row(records: &[&RequestRecord]) -> Row {
         .filter_map(|r| r.m.cached_tokens.map(|c| c as f64))
         .collect();
     Row {
+        repeat: records.first().map_or(0, |r| r.repeat),
         requests: records.len(),
         errors: records.len() - ok.len(),
         duration_s: mean(ok.iter().map(|r| r.m.e2e)),
@@ -160,7 +164,7 @@ pub enum Verdict {
         ratio: f64,
     },
     /// The difference is within run-to-run noise.
-    WithinNoise { ratio: f64 },
+    WithinNoise { a: String, b: String, ratio: f64 },
     /// One run each: noise unknown.
     Unknown {
         winner: String,
@@ -206,7 +210,11 @@ pub fn judge(
     }
     let se = (a.sd.powi(2) / a.n as f64 + b.sd.powi(2) / b.n as f64).sqrt();
     if (a.mean - b.mean).abs() <= 2.0 * se || ratio < 1.02 {
-        return Some(Verdict::WithinNoise { ratio });
+        return Some(Verdict::WithinNoise {
+            a: a_name.into(),
+            b: b_name.into(),
+            ratio,
+        });
     }
     Some(Verdict::Better {
         winner: wn.into(),
@@ -221,8 +229,8 @@ impl Verdict {
             Verdict::Better { winner, loser, ratio } => {
                 format!("{winner} was {ratio:.2}x faster than {loser} in {what} on {test}")
             }
-            Verdict::WithinNoise { ratio } => {
-                format!("no real difference in {what} on {test}: {ratio:.2}x is within run-to-run noise")
+            Verdict::WithinNoise { a, b, ratio } => {
+                format!("no real difference between {a} and {b} in {what} on {test}: {ratio:.2}x is within run-to-run noise")
             }
             Verdict::Unknown { winner, loser, ratio } => format!(
                 "{winner} was {ratio:.2}x faster than {loser} in {what} on {test} (one run each: noise unknown, use --repeats 3)"
