@@ -83,6 +83,7 @@ const NEAR_TIE: f64 = 0.35;
 fn greedy_continuations_match_llama_cpp() {
     let fx = llama_cpp_fixture();
     let cases = fx["greedy"].as_array().unwrap();
+    assert_eq!(cases.len(), 12, "the fixture's 12 greedy prompts");
     let mut e = engine(4096, 512);
     let mut identical = 0;
     let mut report = Vec::new();
@@ -421,16 +422,33 @@ fn concurrent_requests_compute_a_shared_prefix_once() {
     let id_a = e.add_request(greedy(a, 8)).unwrap();
     let id_b = e.add_request(greedy(b, 8)).unwrap();
     let mut done = std::collections::HashMap::new();
+    let mut generated: std::collections::HashMap<u64, Vec<u32>> = Default::default();
     let mut prefill_tokens = 0;
     while e.has_work() {
         let (events, stats) = e.step().unwrap();
         prefill_tokens += stats.prefill_tokens;
         for ev in events {
-            if let arbor_engine::Event::Finished { id, usage, .. } = ev {
-                done.insert(id, usage);
+            match ev {
+                arbor_engine::Event::Token { id, token, .. } => {
+                    generated.entry(id).or_default().push(token)
+                }
+                arbor_engine::Event::Finished { id, usage, .. } => {
+                    done.insert(id, usage);
+                }
             }
         }
     }
+    // The concurrent run, sharing the prefix within the batch, gives each request exactly the
+    // tokens it gives alone with no cache at all.
+    assert_eq!(
+        generated[&id_a], want_a,
+        "a: in-batch sharing changed the output"
+    );
+    assert_eq!(
+        generated[&id_b], want_b,
+        "b: in-batch sharing changed the output"
+    );
+    assert_eq!(want_a.len(), 8);
     let cached_b = done[&id_b].cached_tokens;
     assert_eq!(done[&id_a].cached_tokens, 0);
     assert!(

@@ -21,8 +21,7 @@ fn ids(v: &Value) -> Vec<u32> {
 fn short_sequences_match_llama_cpp_bit_for_bit() {
     let m = common::default_model();
     let fx = common::read_fixture("llamacpp_smollm2.json");
-    let cases = fx["short"].as_array().unwrap();
-    assert!(cases.len() >= 5);
+    let cases = common::cases(&fx, "short", 7);
     for case in cases {
         let tokens = ids(&case["ids"]);
         let ours = common::logits_all(m, &tokens).pop().unwrap();
@@ -51,7 +50,7 @@ fn first_position_logits_match_llama_cpp() {
     let m = common::default_model();
     let fx = common::read_fixture("llamacpp_smollm2.json");
     let mut worst = 0f32;
-    for case in fx["greedy"].as_array().unwrap() {
+    for case in common::cases(&fx, "greedy", 12) {
         let prompt = ids(&case["prompt_ids"]);
         let all = common::logits_all(m, &prompt);
         let last = all.last().unwrap();
@@ -105,9 +104,11 @@ fn tiny_hf_models_match_transformers_at_every_position() {
         .iter()
         .map(|x| x.as_u64().unwrap() as usize)
         .collect();
-    for (name, cases) in fx["models"].as_object().unwrap() {
+    let models = fx["models"].as_object().unwrap();
+    assert_eq!(models.len(), 2, "tiny-llama and tiny-qwen2");
+    for name in models.keys() {
         let m = arbor_model::load_model(&common::fixtures().join(name), &Device::Cpu).unwrap();
-        for case in cases.as_array().unwrap() {
+        for case in common::cases(&fx["models"], name, 3) {
             let tokens = ids(&case["ids"]);
             let ours = common::logits_all(&m, &tokens);
             let want = case["probe_logits"].as_array().unwrap();
@@ -188,7 +189,7 @@ fn teacher_forced_logits_track_llama_cpp() {
     let m = common::default_model();
     let fx = common::read_fixture("llamacpp_smollm2.json");
     let (mut sum, mut count, mut worst) = (0f64, 0usize, 0f32);
-    for case in fx["greedy"].as_array().unwrap() {
+    for case in common::cases(&fx, "greedy", 12) {
         let mut tokens = ids(&case["prompt_ids"]);
         let p = tokens.len();
         tokens.extend(ids(&case["generated"]));

@@ -58,3 +58,19 @@ pub fn logits_all(m: &LoadedModel, tokens: &[u32]) -> Vec<Vec<f32>> {
         )
         .unwrap()
 }
+
+/// A fixture's list, checked to hold exactly the cases its generator wrote: a loop over it
+/// cannot pass by running zero times, or quietly over a truncated fixture.
+#[allow(dead_code)]
+pub fn cases<'a>(fx: &'a serde_json::Value, key: &str, expected: usize) -> &'a [serde_json::Value] {
+    let list = fx[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("fixture has no list `{key}`"));
+    assert_eq!(
+        list.len(),
+        expected,
+        "fixture list `{key}` has {} cases",
+        list.len()
+    );
+    list
+}
