@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README): fetches the default model if it is missing, runs every Rust test,
-# then the end-to-end tests of `arbor serve` through the real `openai` Python client and a
-# bounded soak test. Tests read committed fixtures (fixtures/) and the default model; no network
+# then the end-to-end tests of `arbor serve` through the real `openai` Python client, the hostile
+# requests (bounded work and memory), and two bounded soak tests (a short version of the
+# 10-minute run in docs/RELIABILITY.md). Tests read committed fixtures (fixtures/) and the default model; no network
 # beyond the set-up (the model, and the openai package into .venv-e2e).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,3 +18,5 @@ fi
 export ARBOR_BIN=target/debug/arbor
 .venv-e2e/bin/python -m unittest discover -s tests/e2e -p 'test_*.py'
 .venv-e2e/bin/python tests/e2e/soak.py
+.venv-e2e/bin/python tests/e2e/hostile.py
+.venv-e2e/bin/python tests/e2e/soak_conversations.py --conversations 64 --duration 30

@@ -63,6 +63,14 @@ class ArborServer:
                 out[name] = float(value)
         return out
 
+    def rss_mib(self):
+        """The server's resident memory now, in MiB (Linux /proc)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
     def stop(self, timeout=60):
         """SIGTERM, then wait; returns the exit code."""
         if self.proc and self.proc.poll() is None:

@@ -34,6 +34,14 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let not_json = |e: serde_json::Error| {
         ApiError::invalid(format!("The request body is not valid JSON: {e}"))
     };
+    // Anything but an object is refused as such up front (a struct would otherwise read a
+    // list's items as its fields and name `[0]`).
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(match serde_json::from_slice::<IgnoredAny>(body) {
+            Ok(_) => ApiError::invalid("The request body must be a JSON object."),
+            Err(e) => not_json(e),
+        });
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -799,7 +807,15 @@ mod tests {
 
     #[test]
     fn bodies_that_are_not_json_objects_are_refused_as_such() {
-        for body in [&b"{"[..], b"nul", b"{\"a\": 1} trailing", b"\xff\xfe"] {
+        let deep = "[".repeat(100_000);
+        for body in [
+            &b"{"[..],
+            b"nul",
+            b"{\"a\": 1} trailing",
+            b"\xff\xfe",
+            b"",
+            deep.as_bytes(),
+        ] {
             let e = parse_body::<CommonFields>(body).unwrap_err();
             assert!(e.message.contains("not valid JSON"), "{e}");
             assert_eq!(e.param, None);

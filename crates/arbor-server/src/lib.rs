@@ -60,6 +60,10 @@ pub struct ServerConfig {
 pub struct RequestLimits {
     pub max_sequences_per_request: usize,
     pub max_prompt_tokens_per_request: usize,
+    /// Text longer than this many bytes cannot tokenize to fewer than the tokens allowed: it is
+    /// refused before the tokenizer runs (tokenizing 12 MB took 13 s of a blocking thread).
+    /// Twice the longest vocabulary entry per allowed token.
+    pub max_prompt_text_bytes: usize,
 }
 
 impl ServerConfig {
@@ -123,11 +127,23 @@ impl AppState {
         let context = engine.model().config().max_position_embeddings;
         let vocab = engine.model().config().vocab_size;
         let kv_slots = engine.config().kv_slots;
+        let max_prompt_tokens_per_request = config
+            .max_prompt_tokens_per_request
+            .map_or(kv_slots, |m| m.min(kv_slots));
+        // The longest vocabulary entry bounds the bytes one token can stand for (a byte-level
+        // or SentencePiece piece is never shorter than the text it covers).
+        let longest_token = (0..tokenizer.vocab_size() as u32)
+            .filter_map(|id| tokenizer.id_to_token(id))
+            .map(|t| t.len())
+            .max()
+            .unwrap_or(64)
+            .max(1);
         let limits = RequestLimits {
             max_sequences_per_request: config.max_sequences_per_request,
-            max_prompt_tokens_per_request: config
-                .max_prompt_tokens_per_request
-                .map_or(kv_slots, |m| m.min(kv_slots)),
+            max_prompt_tokens_per_request,
+            max_prompt_text_bytes: max_prompt_tokens_per_request
+                .max(context)
+                .saturating_mul(2 * longest_token),
         };
         Arc::new(Self {
             engine: EngineHandle::spawn(engine, config.max_queue, metrics.clone()),

@@ -135,6 +135,23 @@ fn check_sequences(st: &AppState, prompts: usize, n: usize) -> Result<(), ApiErr
     Ok(())
 }
 
+/// Text too long to fit the per-call token bound whatever it tokenizes to: refused before the
+/// tokenizer spends seconds on it.
+fn check_text_bytes(st: &AppState, bytes: usize, param: &str) -> Result<(), ApiError> {
+    let limit = st.limits.max_prompt_text_bytes;
+    if bytes > limit {
+        return Err(ApiError::invalid_param(
+            param,
+            format!(
+                "The prompt text is {bytes} bytes long, more than {limit} bytes: it cannot fit the {} prompt tokens allowed per request.",
+                st.limits.max_prompt_tokens_per_request
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    Ok(())
+}
+
 /// The per-call bound on prompt tokens (all prompts of the call together; `n` choices share
 /// their prompt's KV): never more than the KV pool holds.
 fn check_prompt_tokens(st: &AppState, prompts: &[Vec<u32>], param: &str) -> Result<(), ApiError> {
@@ -694,6 +711,7 @@ async fn chat_inner(
                     format!("The model's chat template cannot render these messages: {e}"),
                 )
             })?;
+        check_text_bytes(&worker, text.len(), "messages")?;
         worker.tokenizer.encode(&text, true).map_err(|e| {
             ApiError::invalid_param("messages", format!("Cannot tokenize the conversation: {e}"))
         })
@@ -784,6 +802,14 @@ async fn completions_inner(
             "`echo` together with `logprobs` (prompt log-probabilities) is not supported.",
         ));
     }
+    let text_bytes: usize = prompts
+        .iter()
+        .map(|p| match p {
+            PromptIn::Text(t) => t.len(),
+            PromptIn::Tokens(_) => 0,
+        })
+        .sum();
+    check_text_bytes(&st, text_bytes, "prompt")?;
     let worker = st.clone();
     let (token_prompts, echoes) = blocking(move || {
         let mut tokens = Vec::new();

@@ -408,6 +408,7 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
 /// Attention output vs the f64 reference, per (query row, head), relative L2: bf16 K/V, Q and
 /// output (2^-9 relative rounding each) and bf16 softmax weights in the tensor-core P V give
 /// about 0.5%; a split of keys dropped or counted twice gives 10% or more on the rows it hits.
+#[cfg(any(feature = "cuda", test))]
 const ATTENTION_RELATIVE_BOUND: f64 = 0.03;
 /// Worst relative logit error (max |GPU - CPU| / max |CPU logit|) of the GPU model check.
 #[cfg(feature = "cuda")]
@@ -676,6 +677,7 @@ fn kernel_checks(device: &arbor_model::Device) -> Result<serde_json::Value> {
 }
 
 /// The largest relative L2 error over output vectors of `d` values: |got - want| / |want|.
+#[cfg(any(feature = "cuda", test))]
 fn worst_relative_l2(got: &[f32], want: &[f64], d: usize) -> f64 {
     got.chunks(d)
         .zip(want.chunks(d))
