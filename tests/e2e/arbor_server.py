@@ -63,6 +63,25 @@ class ArborServer:
                 out[name] = float(value)
         return out
 
+    def settle(self, timeout=60):
+        """Waits until nothing runs or waits; returns (metrics, problems): slots held by
+        requests, or free + cached != total, are problems."""
+        deadline = time.time() + timeout
+        problems = []
+        while True:
+            m = self.metrics()
+            if m["arbor_requests_running"] == 0 and m["arbor_queue_length"] == 0:
+                break
+            if time.time() > deadline:
+                problems.append(f"requests still in flight {timeout} s after the load: {m}")
+                break
+            time.sleep(0.2)
+        m = self.metrics()
+        total, free, cached, used = (m[f"arbor_kv_slots_{k}"] for k in ("total", "free", "cached", "used"))
+        if used != 0 or free + cached != total:
+            problems.append(f"KV slots unaccounted: total {total}, free {free}, cached {cached}, used {used}")
+        return m, problems
+
     def rss_mib(self):
         """The server's resident memory now, in MiB (Linux /proc)."""
         with open(f"/proc/{self.proc.pid}/status") as f:

@@ -122,20 +122,9 @@ async def run(args):
         elapsed = time.time() - started
 
         # Cancelled requests release their slots at the next engine step: wait for quiet.
-        deadline = time.time() + 30
-        while True:
-            m = server.metrics()
-            if m["arbor_requests_running"] == 0 and m["arbor_queue_length"] == 0:
-                break
-            if time.time() > deadline:
-                problems.append(f"requests still in flight 30 s after the load: {m}")
-                break
-            await asyncio.sleep(0.2)
-        m = server.metrics()
-        total, free, cached, used = (m["arbor_kv_slots_total"], m["arbor_kv_slots_free"],
-                                     m["arbor_kv_slots_cached"], m["arbor_kv_slots_used"])
-        if used != 0 or free + cached != total:
-            problems.append(f"KV slots unaccounted: total {total}, free {free}, cached {cached}, used {used}")
+        m, settle_problems = server.settle(timeout=30)
+        problems.extend(settle_problems)
+        total, free, cached, used = (m[f"arbor_kv_slots_{k}"] for k in ("total", "free", "cached", "used"))
         cancelled = m['arbor_requests_total{outcome="cancelled"}']
         if cancelled < tally["disconnected"]:
             problems.append(f"{tally['disconnected']} clients hung up but only {cancelled} requests were cancelled")

@@ -131,19 +131,9 @@ async def run(args):
         elapsed = time.time() - started
         watcher.cancel()
 
-        settle = time.time() + 60
-        while True:
-            m = server.metrics()
-            if m["arbor_requests_running"] == 0 and m["arbor_queue_length"] == 0:
-                break
-            if time.time() > settle:
-                problems.append(f"requests still in flight 60 s after the load: {m}")
-                break
-            await asyncio.sleep(0.2)
-        m = server.metrics()
+        m, settle_problems = server.settle(timeout=60)
+        problems.extend(settle_problems)
         slots = {k: m[f"arbor_kv_slots_{k}"] for k in ("total", "free", "cached", "used")}
-        if slots["used"] != 0 or slots["free"] + slots["cached"] != slots["total"]:
-            problems.append(f"KV slots unaccounted: {slots}")
         again = (await client.completions.create(**probe)).choices[0].text
         if again != reference:
             problems.append(f"answer changed after the load: {reference!r} -> {again!r}")

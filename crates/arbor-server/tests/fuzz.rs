@@ -8,13 +8,8 @@
 //! few tokens so a case costs milliseconds). The generator is seeded, so a run is repeatable.
 //! `ARBOR_FUZZ_VERBOSE=1` prints why each refused case was refused.
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use arbor_engine::{Engine, EngineConfig};
-use arbor_model::Device;
-use arbor_server::{router, AppState, ServerConfig};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
@@ -24,12 +19,7 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{json, Map, Value};
 use tower::ServiceExt;
 
-fn model_path() -> PathBuf {
-    let dir = std::env::var_os("ARBOR_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
-}
+mod common;
 
 /// Any JSON value, a few levels deep.
 fn any_json() -> impl Strategy<Value = Value> {
@@ -330,43 +320,13 @@ fn check_response(status: StatusCode, text: &str) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-async fn metric(app: &Router, name: &str) -> f64 {
-    let req = Request::builder()
-        .uri("/metrics")
-        .body(Body::empty())
-        .unwrap();
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let text = String::from_utf8(
-        resp.into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics"))
-}
-
 #[test]
 fn generated_requests_never_break_the_server() {
-    assert!(
-        model_path().exists(),
-        "the README's test command fetches the default model"
-    );
     let cases: u32 = std::env::var("ARBOR_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
-    let loaded = arbor_model::load_model(&model_path(), &Device::Cpu).unwrap();
-    let mut engine_config = EngineConfig::for_model(&loaded.model);
-    engine_config.kv_slots = 2_048;
-    let config = ServerConfig::new("m");
-    let engine = Engine::new(Arc::new(loaded.model), loaded.tokenizer, engine_config);
-    let state = AppState::new(engine, loaded.chat_template, &config);
-    let app = router(state.clone());
+    let (app, _state) = common::server_with("m", 2_048, |_, _| {});
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -412,27 +372,14 @@ fn generated_requests_never_break_the_server() {
     let (ok, refused) = *counts.borrow();
     eprintln!("{cases} cases: {ok} served, {refused} refused");
     assert_eq!(ok + refused, cases, "every case was checked");
+    // About 1 case in 10 is served (most carry at least one bad field): both outcomes count.
     assert!(
-        ok >= cases / 10 && refused >= cases / 10,
+        ok >= cases / 20 && refused >= cases / 2,
         "the grammar reaches both outcomes: {ok} served, {refused} refused"
     );
 
     rt.block_on(async {
-        for _ in 0..200 {
-            if metric(&app, "arbor_kv_slots_used").await == 0.0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(
-            metric(&app, "arbor_kv_slots_used").await,
-            0.0,
-            "a slot leaked"
-        );
-        let total = metric(&app, "arbor_kv_slots_total").await;
-        let free = metric(&app, "arbor_kv_slots_free").await;
-        let cached = metric(&app, "arbor_kv_slots_cached").await;
-        assert_eq!(free + cached, total, "slots leaked");
+        common::assert_slots_settled(&app).await;
         let (status, text) = send(
             &app,
             "/v1/completions",

@@ -2,14 +2,12 @@
 //! fail only their own request, an engine failure that stops the server instead of leaving a
 //! zombie, and slot accounting after each.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arbor_engine::{Engine, EngineConfig, FaultInjector, FaultSite};
-use arbor_model::Device;
-use arbor_server::{router, AppState, ServerConfig};
+use arbor_engine::{EngineConfig, FaultInjector, FaultSite};
+use arbor_server::{AppState, ServerConfig};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
@@ -17,28 +15,11 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-fn model_path() -> PathBuf {
-    let dir = std::env::var_os("ARBOR_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "{} missing: the README's test command fetches it",
-        path.display()
-    );
-    path
-}
+mod common;
+use common::{assert_slots_settled, metric};
 
 fn server_with(f: impl FnOnce(&mut ServerConfig, &mut EngineConfig)) -> (Router, Arc<AppState>) {
-    let loaded = arbor_model::load_model(&model_path(), &Device::Cpu).unwrap();
-    let mut engine_config = EngineConfig::for_model(&loaded.model);
-    engine_config.kv_slots = 4_096;
-    let mut config = ServerConfig::new("m");
-    f(&mut config, &mut engine_config);
-    let engine = Engine::new(Arc::new(loaded.model), loaded.tokenizer, engine_config);
-    let state = AppState::new(engine, loaded.chat_template, &config);
-    (router(state.clone()), state)
+    common::server_with("m", 4_096, f)
 }
 
 fn post_req(path: &str, body: &Value, key: Option<&str>) -> Request<Body> {
@@ -65,34 +46,6 @@ async fn call(app: &Router, req: Request<Body>) -> (StatusCode, String) {
     let status = resp.status();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8(bytes.to_vec()).unwrap())
-}
-
-async fn metric(app: &Router, name: &str) -> f64 {
-    let (_, text) = call(app, get_req("/metrics", None)).await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
-}
-
-/// Every slot is free or cached, none held, no request running.
-async fn assert_slots_settled(app: &Router) {
-    for _ in 0..200 {
-        if metric(app, "arbor_kv_slots_used").await == 0.0
-            && metric(app, "arbor_requests_running").await == 0.0
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        metric(app, "arbor_kv_slots_used").await,
-        0.0,
-        "slots still held"
-    );
-    let total = metric(app, "arbor_kv_slots_total").await;
-    let free = metric(app, "arbor_kv_slots_free").await;
-    let cached = metric(app, "arbor_kv_slots_cached").await;
-    assert_eq!(free + cached, total, "slots leaked");
 }
 
 fn error_of(status: StatusCode, text: &str) -> Value {

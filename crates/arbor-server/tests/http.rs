@@ -4,13 +4,12 @@
 //! Each test starts its own engine thread; responses are checked against the engine run
 //! directly, so the server is shown to add nothing and lose nothing.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arbor_engine::{Engine, EngineConfig, Request as EngineRequest};
 use arbor_model::{ChatMessage, Device};
-use arbor_server::{router, AppState, ServerConfig};
+use arbor_server::{AppState, ServerConfig};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
@@ -20,18 +19,8 @@ use tower::ServiceExt;
 
 const MODEL_NAME: &str = "smollm2";
 
-fn model_path() -> PathBuf {
-    let dir = std::env::var_os("ARBOR_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "{} missing: the README's test command fetches it",
-        path.display()
-    );
-    path
-}
+mod common;
+use common::model_path;
 
 fn engine() -> (Engine, arbor_model::ChatTemplate) {
     let loaded = arbor_model::load_model(&model_path(), &Device::Cpu).unwrap();
@@ -44,14 +33,7 @@ fn engine() -> (Engine, arbor_model::ChatTemplate) {
 }
 
 fn server_with(f: impl FnOnce(&mut ServerConfig, &mut EngineConfig)) -> (Router, Arc<AppState>) {
-    let loaded = arbor_model::load_model(&model_path(), &Device::Cpu).unwrap();
-    let mut engine_config = EngineConfig::for_model(&loaded.model);
-    engine_config.kv_slots = 16_384;
-    let mut config = ServerConfig::new(MODEL_NAME);
-    f(&mut config, &mut engine_config);
-    let engine = Engine::new(Arc::new(loaded.model), loaded.tokenizer, engine_config);
-    let state = AppState::new(engine, loaded.chat_template, &config);
-    (router(state.clone()), state)
+    common::server_with(MODEL_NAME, 16_384, f)
 }
 
 fn server() -> (Router, Arc<AppState>) {

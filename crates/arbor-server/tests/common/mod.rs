@@ -1,0 +1,82 @@
+//! What the server's integration tests share: the default model, a server on it, and reading
+//! /metrics.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arbor_engine::{Engine, EngineConfig};
+use arbor_model::Device;
+use arbor_server::{router, AppState, ServerConfig};
+use axum::body::Body;
+use axum::http::Request;
+use axum::Router;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+pub fn model_path() -> PathBuf {
+    let dir = std::env::var_os("ARBOR_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
+    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "{} missing: the README's test command fetches it",
+        path.display()
+    );
+    path
+}
+
+/// A server on the default model with a `kv_slots` pool, configured further by `f`.
+pub fn server_with(
+    model_name: &str,
+    kv_slots: usize,
+    f: impl FnOnce(&mut ServerConfig, &mut EngineConfig),
+) -> (Router, Arc<AppState>) {
+    let loaded = arbor_model::load_model(&model_path(), &Device::Cpu).unwrap();
+    let mut engine_config = EngineConfig::for_model(&loaded.model);
+    engine_config.kv_slots = kv_slots;
+    let mut config = ServerConfig::new(model_name);
+    f(&mut config, &mut engine_config);
+    let engine = Engine::new(Arc::new(loaded.model), loaded.tokenizer, engine_config);
+    let state = AppState::new(engine, loaded.chat_template, &config);
+    (router(state.clone()), state)
+}
+
+/// One sample of /metrics (unauthenticated).
+pub async fn metric(app: &Router, name: &str) -> f64 {
+    let req = Request::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+}
+
+/// Waits for the engine to go quiet, then checks that no slot is held by a request and every
+/// slot is free or cached.
+pub async fn assert_slots_settled(app: &Router) {
+    for _ in 0..200 {
+        if metric(app, "arbor_kv_slots_used").await == 0.0
+            && metric(app, "arbor_requests_running").await == 0.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        metric(app, "arbor_kv_slots_used").await,
+        0.0,
+        "slots still held"
+    );
+    let total = metric(app, "arbor_kv_slots_total").await;
+    let free = metric(app, "arbor_kv_slots_free").await;
+    let cached = metric(app, "arbor_kv_slots_cached").await;
+    assert_eq!(free + cached, total, "slots leaked");
+}
