@@ -539,18 +539,8 @@ async fn shutdown_drains_then_aborts_what_is_left() {
         let _ = stopped.await;
     }));
     // A raw HTTP/1.1 request on a socket: a long stream that cannot finish within the deadline.
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let body = json!({"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": true, "stream": true}).to_string();
-    let head = format!(
-        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    sock.write_all(head.as_bytes()).await.unwrap();
-    sock.write_all(body.as_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = sock.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    use tokio::io::AsyncReadExt;
+    let mut sock = common::open_long_stream(addr).await;
     stop.send(()).unwrap();
     // New requests are refused while draining.
     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -80,3 +80,24 @@ pub async fn assert_slots_settled(app: &Router) {
     let cached = metric(app, "arbor_kv_slots_cached").await;
     assert_eq!(free + cached, total, "slots leaked");
 }
+
+/// A long streaming completion on a real socket (raw HTTP/1.1), returned once the server has
+/// answered 200; the caller reads the rest with `read_to_end`.
+pub async fn open_long_stream(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = serde_json::json!({
+        "prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": true, "stream": true,
+    })
+    .to_string();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock.write_all(body.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = sock.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    sock
+}
