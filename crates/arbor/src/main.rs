@@ -481,6 +481,14 @@ fn chat(a: ChatArgs) -> Result<()> {
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
+    // Flags first: a misconfigured server should fail before it loads a model.
+    let api_keys = arbor_server::parse_api_keys(&a.api_keys).map_err(anyhow::Error::msg)?;
+    if a.max_seqs_per_request == 0 {
+        bail!("--max-seqs-per-request must be at least 1");
+    }
+    if a.max_prompt_tokens_per_request == Some(0) {
+        bail!("--max-prompt-tokens-per-request must be at least 1");
+    }
     let path = model_path(&a.model)?;
     let name = match &a.served_model_name {
         Some(n) => n.clone(),
@@ -494,13 +502,6 @@ fn serve(a: ServeArgs) -> Result<()> {
         bail!("--shutdown-timeout must be a number of seconds >= 0");
     }
     let (engine, template) = load(&a.model)?;
-    if a.max_seqs_per_request == 0 {
-        bail!("--max-seqs-per-request must be at least 1");
-    }
-    if a.max_prompt_tokens_per_request == Some(0) {
-        bail!("--max-prompt-tokens-per-request must be at least 1");
-    }
-    let api_keys = arbor_server::parse_api_keys(&a.api_keys).map_err(anyhow::Error::msg)?;
     let mut config = arbor_server::ServerConfig::new(name.clone());
     config.api_keys = api_keys;
     config.max_sequences_per_request = a.max_seqs_per_request;

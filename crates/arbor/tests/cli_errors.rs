@@ -54,3 +54,27 @@ fn dummy_weights_need_a_gpu() {
     ]);
     assert!(e.contains("--load-format dummy needs --device cuda"), "{e}");
 }
+
+#[test]
+fn an_empty_api_key_is_an_error_at_start() {
+    // A stray comma in ARBOR_API_KEYS, or a blank --api-key, must not silently drop a key.
+    for args in [
+        &["serve", "--api-key", "a", "--api-key", "  "][..],
+        &["serve", "--api-key", ""],
+    ] {
+        let err = arbor_err(args);
+        assert!(err.contains("API key #") && err.contains("empty"), "{err}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_arbor"))
+        .args(["serve", "--model", "/nonexistent.gguf"])
+        .env("ARBOR_API_KEYS", "a,,b")
+        .output()
+        .expect("run arbor");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("API key #2 is empty"), "{err}");
+    assert!(
+        arbor_err(&["serve", "--max-seqs-per-request", "0"]).contains("at least 1"),
+        "a zero bound is refused"
+    );
+}
