@@ -24,6 +24,11 @@
 //! and it goes back to the front of the queue with its prompt and generated tokens, to be
 //! recomputed (mostly from the cache) and continued exactly where it stopped. Nothing runs out
 //! of memory and no request is lost.
+//!
+//! Faults: what the step does for one request after the forward pass (sampling its row,
+//! detokenizing, stop checks) runs behind a panic boundary per request; a fault there finishes
+//! that request with [`FinishReason::Error`] and the rest of the step goes on. An error from the
+//! forward pass is returned from [`Engine::step`]: the caller treats it as the engine's failure.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
