@@ -146,6 +146,24 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 const KV_POOL_MAX_SLOTS: usize = 1 << 20;
 
 impl EngineConfig {
+    /// Checks the settings an engine cannot run with, naming the setting: with no KV slot no
+    /// request fits, and with no token budget or no running request a step plans nothing,
+    /// forever.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        for (name, value) in [
+            ("kv_slots", self.kv_slots),
+            ("max_batch_tokens", self.max_batch_tokens),
+            ("max_running", self.max_running),
+        ] {
+            if value == 0 {
+                return Err(EngineError::InvalidConfig(format!(
+                    "{name} must be at least 1"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Defaults for a model: the KV pool takes the backend's memory budget (40% of the host
     /// memory available now on the CPU, 85% of the GPU memory left after the weights: it fills
     /// up with cached prefixes over time, so this is a real budget), at least one full context.
@@ -551,9 +569,11 @@ pub struct StepStats {
 
 impl Engine {
     /// An engine on a CPU model (its KV pool cannot fail to allocate: pages come lazily).
+    /// Panics on a configuration [`EngineConfig::validate`] refuses; [`Engine::try_new`]
+    /// returns that as an error.
     pub fn new(model: impl Into<Model>, tokenizer: Tokenizer, config: EngineConfig) -> Self {
         Self::try_new(model, tokenizer, config)
-            .expect("a CPU KV pool is allocated lazily and cannot fail")
+            .expect("a valid configuration, and a CPU KV pool that is allocated lazily")
     }
 
     /// An engine on any backend; fails when the KV pool does not fit (GPU memory).
@@ -562,6 +582,7 @@ impl Engine {
         tokenizer: Tokenizer,
         config: EngineConfig,
     ) -> Result<Self, EngineError> {
+        config.validate()?;
         let model = model.into();
         let per_slot = model.config().kv_bytes_per_slot();
         let pool = model.new_kv(config.kv_slots)?;
@@ -1194,7 +1215,46 @@ impl Completion {
 
 #[cfg(test)]
 mod tests {
-    use super::TokenLogprob;
+    use super::{EngineConfig, PrefixCacheMode, TokenLogprob};
+
+    #[test]
+    fn a_config_that_cannot_run_is_refused_by_name() {
+        let good = EngineConfig {
+            kv_slots: 64,
+            prefix_cache: PrefixCacheMode::Radix,
+            max_batch_tokens: 16,
+            max_running: 4,
+            parallel_sampling_min_logits: 1,
+            fault_injector: None,
+        };
+        assert!(good.validate().is_ok());
+        for (field, bad) in [
+            (
+                "kv_slots",
+                EngineConfig {
+                    kv_slots: 0,
+                    ..good.clone()
+                },
+            ),
+            (
+                "max_batch_tokens",
+                EngineConfig {
+                    max_batch_tokens: 0,
+                    ..good.clone()
+                },
+            ),
+            (
+                "max_running",
+                EngineConfig {
+                    max_running: 0,
+                    ..good.clone()
+                },
+            ),
+        ] {
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+    }
 
     #[test]
     fn logprobs_are_a_log_softmax_with_the_top_entries_in_order() {

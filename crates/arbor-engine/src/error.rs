@@ -15,6 +15,8 @@ pub enum EngineError {
     },
     #[error("the request needs {needed} KV slots but the pool only has {total}; raise --kv-slots or shorten the request")]
     PoolTooSmall { needed: usize, total: usize },
+    #[error("invalid engine configuration: {0}")]
+    InvalidConfig(String),
     #[error("invalid sampling parameters: {0}")]
     InvalidParams(String),
     #[error("the request failed: {0}")]

@@ -281,19 +281,17 @@ fn engine_config(args: &ModelArgs, model: &impl arbor_model::KvBudget) -> Result
     if let Some(n) = args.kv_slots {
         config.kv_slots = n;
     }
-    if args.max_batch_tokens == 0 {
-        bail!("--max-batch-tokens must be at least 1");
-    }
     config.max_batch_tokens = args.max_batch_tokens;
-    if args.max_running == 0 {
-        bail!("--max-running must be at least 1");
-    }
     config.max_running = args.max_running;
     config.prefix_cache = match args.prefix_cache {
         PrefixCacheArg::Radix => PrefixCacheMode::Radix,
         PrefixCacheArg::Blocks => PrefixCacheMode::Blocks,
         PrefixCacheArg::Off => PrefixCacheMode::Off,
     };
+    // The engine names the setting; say which flag it is.
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{e} (--kv-slots, --max-batch-tokens, --max-running)"))?;
     Ok(config)
 }
 
@@ -316,7 +314,7 @@ fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
                 .with_context(|| format!("loading {}", path.display()))?;
             let config = engine_config(args, &loaded.model)?;
             Ok((
-                Engine::new(loaded.model, loaded.tokenizer, config),
+                Engine::try_new(loaded.model, loaded.tokenizer, config)?,
                 loaded.chat_template,
             ))
         }
