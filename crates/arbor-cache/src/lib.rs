@@ -8,14 +8,18 @@
 //! This crate owns which slots are free and which hold a cached prefix. [`SlotAllocator`] hands
 //! out and takes back slot indices; [`RadixCache`] is the radix tree of cached prefixes
 //! (SGLang's RadixAttention) whose nodes own slots; [`BlockCache`] is vLLM's block-hash policy
-//! for comparison; [`PrefixCache`] is the interface the engine uses for either (or [`NoCache`]).
+//! for comparison; [`PrefixCache`] is the interface over either (or [`NoCache`]). The engine
+//! uses them through [`KvManager`], which owns the allocator and the policy and hands each
+//! sequence a [`SeqKv`] handle that owns its slots and frees them on drop.
 
 mod blocks;
+mod kv;
 mod policy;
 mod radix;
 mod slots;
 
 pub use blocks::BlockCache;
+pub use kv::{KvManager, KvUsage, SeqKv};
 pub use policy::{CacheHit, Inserted, NoCache, PrefixCache};
 pub use radix::{Namespace, NodeId, PrefixMatch, RadixCache};
 pub use slots::{SlotAllocator, SlotError, SlotId};

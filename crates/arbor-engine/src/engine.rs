@@ -18,6 +18,10 @@
 //! batch-invariant, a prefix's cached K/V are bit-identical to what recomputing it would give:
 //! the cache never changes an output.
 //!
+//! KV ownership lives in arbor-cache: each admitted sequence holds a `SeqKv` handle from the
+//! engine's `KvManager` (match-and-lock at admission, grow per step, commit prefill chunks,
+//! release at the end, free on drop), so the engine itself does no slot arithmetic.
+//!
 //! KV slots are taken when tokens are computed, evicting unlocked cached prefixes (least
 //! recently used first) when the pool is short. When the running decodes still do not fit, the
 //! youngest request is preempted: its computed tokens go into the cache, its slots are released,
@@ -35,9 +39,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
 
-use arbor_cache::{
-    BlockCache, Namespace, NoCache, NodeId, PrefixCache, RadixCache, SlotAllocator, SlotId,
-};
+use arbor_cache::{BlockCache, KvManager, Namespace, NoCache, PrefixCache, RadixCache, SeqKv};
 use arbor_model::{IncrementalDecoder, KvBudget, KvCache, LogitsWanted, Model, SeqStep, Tokenizer};
 
 use crate::error::EngineError;
@@ -354,15 +356,12 @@ struct Sequence {
     /// Prompt then generated tokens.
     tokens: Vec<u32>,
     prompt_len: usize,
-    /// Slots holding K/V of `tokens[..computed.len()]`; the first `cached_len` belong to the
-    /// prefix cache (matched at admission), the rest to this sequence.
-    computed: Vec<SlotId>,
-    cached_len: usize,
+    /// The KV of `tokens[..kv.len()]` while admitted (`None` while waiting): its cached
+    /// prefix is locked through it, and it frees what it owns when dropped.
+    kv: Option<SeqKv>,
     /// Prompt tokens found in the cache at admission (reported as `cached_tokens`).
     reused: usize,
     namespace: Namespace,
-    /// The locked node of the matched prefix.
-    prefix_node: Option<NodeId>,
     /// Admission order (larger is younger): the youngest is preempted first.
     admitted_at: u64,
     /// Times admitted (more than once after a preemption).
@@ -523,8 +522,12 @@ impl Sequence {
     fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
+    /// Tokens whose K/V is computed (0 while waiting).
+    fn computed(&self) -> usize {
+        self.kv.as_ref().map_or(0, SeqKv::len)
+    }
     fn pending(&self) -> usize {
-        self.tokens.len() - self.computed.len()
+        self.tokens.len() - self.computed()
     }
 }
 
@@ -532,8 +535,8 @@ pub struct Engine {
     model: Model,
     tokenizer: Tokenizer,
     pool: KvCache,
-    slots: SlotAllocator,
-    cache: Box<dyn PrefixCache>,
+    /// Which slots are free, cached or whose: every sequence's slots go through it.
+    kv: KvManager,
     config: EngineConfig,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
@@ -595,8 +598,7 @@ impl Engine {
             config.prefix_cache,
         );
         Ok(Self {
-            slots: SlotAllocator::new(config.kv_slots),
-            cache: config.prefix_cache.build(),
+            kv: KvManager::new(config.kv_slots, config.prefix_cache.build()),
             model,
             tokenizer,
             pool,
@@ -623,13 +625,14 @@ impl Engine {
 
     /// Slots neither cached nor held by a request.
     pub fn free_slots(&self) -> usize {
-        self.slots.free_count()
+        self.kv.usage().free
     }
 
     /// Slots held only by the prefix cache (evictable) and by cached prefixes that running
     /// requests use (locked).
     pub fn cached_slots(&self) -> (usize, usize) {
-        (self.cache.evictable_slots(), self.cache.locked_slots())
+        let u = self.kv.usage();
+        (u.evictable, u.locked)
     }
 
     /// Where every KV slot is: see [`SlotUsage`]. `held_by_requests` is counted from the
@@ -639,13 +642,18 @@ impl Engine {
         let own: usize = self
             .running
             .iter()
-            .map(|s| s.computed.len() - s.cached_len)
+            .map(|s| s.kv.as_ref().map_or(0, SeqKv::own_len))
             .sum();
+        let u = self.kv.usage();
+        debug_assert_eq!(
+            own, u.held_by_handles,
+            "the manager counts what the requests hold"
+        );
         SlotUsage {
-            total: self.slots.total(),
-            free: self.slots.free_count(),
-            cached: self.cache.evictable_slots(),
-            held_by_requests: own + self.cache.locked_slots(),
+            total: u.total,
+            free: u.free,
+            cached: u.evictable,
+            held_by_requests: own + u.locked,
         }
     }
 
@@ -697,10 +705,10 @@ impl Engine {
         let max_new = req.stop.max_tokens.min(context - req.prompt.len());
         // The last generated token is never fed back, so it needs no slot.
         let needed = req.prompt.len() + max_new.saturating_sub(1);
-        if needed > self.slots.total() {
+        if needed > self.kv.total() {
             return Err(EngineError::PoolTooSmall {
                 needed,
-                total: self.slots.total(),
+                total: self.kv.total(),
             });
         }
         let id = self.next_id;
@@ -720,11 +728,9 @@ impl Engine {
             id,
             prompt_len: req.prompt.len(),
             tokens: req.prompt,
-            computed: Vec::new(),
-            cached_len: 0,
+            kv: None,
             reused: 0,
             namespace: req.namespace,
-            prefix_node: None,
             admitted_at: 0,
             admissions: 0,
             max_new,
@@ -761,62 +767,35 @@ impl Engine {
         let mut i = 0;
         while i < self.waiting.len() && self.running.len() < self.config.max_running {
             let seq = &self.waiting[i];
-            // The last token is always computed: its logits give the next token.
+            // The last token is always computed: its logits give the next token. The matched
+            // prefix is locked from here (the handle), so making room cannot evict it.
             let known = seq.tokens.len() - 1;
-            let hit = self.cache.match_prefix(seq.namespace, &seq.tokens[..known]);
-            let (prefix, node) = (hit.slots, hit.node);
+            let kv = self.kv.acquire(seq.namespace, &seq.tokens[..known]);
+            let cached = kv.len();
             if self.config.prefix_cache != PrefixCacheMode::Off
-                && self.shares_prefill_in_progress(seq, prefix.len())
+                && self.shares_prefill_in_progress(seq, cached)
             {
                 // Another request is computing a longer part of this prompt right now: wait for
                 // it to land in the cache instead of computing it twice.
                 i += 1;
                 continue;
             }
-            if let Some(n) = node {
-                // Locked before anything is evicted for it, so it cannot evict itself.
-                self.cache.lock(n);
-            }
             // Room for the uncached tokens, and for one more token of every running request.
-            let need = seq.tokens.len() - prefix.len() + self.running.len();
-            if self.available_slots() < need {
-                if let Some(n) = node {
-                    self.cache.unlock(n);
-                }
+            let need = seq.tokens.len() - cached + self.running.len();
+            if self.kv.available() < need {
                 // Memory is short: later requests wait too, so the oldest is served first.
                 break;
             }
             let mut seq = self.waiting.remove(i).expect("index checked above");
             if seq.admissions == 0 {
-                seq.reused = prefix.len();
+                seq.reused = cached;
             }
             seq.admissions += 1;
             self.admissions += 1;
             seq.admitted_at = self.admissions;
-            seq.cached_len = prefix.len();
-            seq.computed = prefix;
-            seq.prefix_node = node;
+            seq.kv = Some(kv);
             self.running.push(seq);
         }
-    }
-
-    /// Slots that are free or can be freed by evicting unlocked cached prefixes.
-    fn available_slots(&self) -> usize {
-        self.slots.free_count() + self.cache.evictable_slots()
-    }
-
-    /// Takes `n` slots, evicting cached prefixes if needed. The caller has checked
-    /// [`Engine::available_slots`].
-    fn take_slots(&mut self, n: usize) -> Vec<SlotId> {
-        if self.slots.free_count() < n {
-            let freed = self.cache.evict(n - self.slots.free_count());
-            self.slots
-                .free(&freed)
-                .expect("evicted slots were owned by the cache alone");
-        }
-        self.slots
-            .allocate(n)
-            .expect("the step planned no more slots than free + evictable")
     }
 
     /// Sends the youngest running request back to the front of the queue, its computed
@@ -852,7 +831,7 @@ impl Engine {
             .drain(..)
             .map(|s| {
                 (
-                    self.cache
+                    self.kv
                         .peek_prefix_len(s.namespace, &s.tokens[..s.prompt_len - 1]),
                     s,
                 )
@@ -869,7 +848,7 @@ impl Engine {
     fn shares_prefill_in_progress(&self, seq: &Sequence, cached: usize) -> bool {
         let wanted = &seq.tokens[..seq.tokens.len() - 1];
         self.running.iter().any(|r| {
-            if r.namespace != seq.namespace || r.computed.len() + 1 >= r.tokens.len() {
+            if r.namespace != seq.namespace || r.computed() + 1 >= r.tokens.len() {
                 return false;
             }
             let shared = common_prefix(&r.tokens, wanted);
@@ -879,51 +858,33 @@ impl Engine {
     }
 
     /// Hands a sequence's computed tokens to the prefix cache right away (after a prefill
-    /// chunk), so that requests arriving meanwhile reuse them. The cache's slots replace the
-    /// sequence's where it already held the same tokens (bit-identical K/V: every kernel is
-    /// batch-invariant), and the sequence's lock moves to the longer prefix.
+    /// chunk), so that requests arriving meanwhile reuse them (see [`SeqKv::commit`]: where the
+    /// cache already had the same tokens its slots replace the sequence's, bit-identical K/V
+    /// since every kernel is batch-invariant).
     fn cache_computed(&mut self, i: usize) {
         let s = &mut self.running[i];
-        let n = s.computed.len();
-        let ins = self.cache.insert(s.namespace, &s.tokens[..n], &s.computed);
-        if ins.cached_until <= s.cached_len {
-            return;
+        if let Some(kv) = s.kv.as_mut() {
+            let n = kv.len();
+            kv.commit(&s.tokens[..n]);
         }
-        let hit = self.cache.match_prefix(s.namespace, &s.tokens[..n]);
-        debug_assert_eq!(
-            hit.slots.len(),
-            ins.cached_until,
-            "what was just cached matches"
-        );
-        if let Some(node) = hit.node {
-            self.cache.lock(node);
-        }
-        if let Some(old) = std::mem::replace(&mut s.prefix_node, hit.node) {
-            self.cache.unlock(old);
-        }
-        self.slots
-            .free(&s.computed[s.cached_len.min(ins.already_cached)..ins.already_cached])
-            .expect("a sequence owns the slots past its cached prefix");
-        s.computed[..hit.slots.len()].copy_from_slice(&hit.slots);
-        s.cached_len = hit.slots.len();
     }
 
     /// Runs one batched forward step.
     pub fn step(&mut self) -> Result<(Vec<Event>, StepStats), EngineError> {
         self.admit();
         let mut stats = StepStats::default();
-        let decoding = |s: &Sequence| s.pending() == 1 && s.computed.len() >= s.prompt_len;
+        let decoding = |s: &Sequence| s.pending() == 1 && s.computed() >= s.prompt_len;
         // Decodes need one slot each; preempt the youngest requests until they fit.
         loop {
             let decodes = self.running.iter().filter(|s| decoding(s)).count();
-            if decodes <= self.available_slots() || self.running.len() <= 1 {
+            if decodes <= self.kv.available() || self.running.len() <= 1 {
                 break;
             }
             self.preempt_youngest();
             stats.preempted += 1;
         }
         let mut budget = self.config.max_batch_tokens;
-        let mut memory = self.available_slots();
+        let mut memory = self.kv.available();
         // (index into running, tokens to run now)
         let mut plan: Vec<(usize, usize)> = Vec::new();
         // Decodes first: one token each, they keep the running requests moving.
@@ -959,18 +920,23 @@ impl Engine {
         // Slots for the new tokens join the sequences before the step: the forward pass writes
         // their K/V and attends over the whole list.
         for &(i, n) in &plan {
-            let slots = self.take_slots(n);
-            self.running[i].computed.extend(slots);
+            self.running[i]
+                .kv
+                .as_mut()
+                .expect("running sequences hold KV")
+                .grow(n)
+                .expect("the step planned no more slots than free + evictable");
         }
         let steps: Vec<SeqStep> = plan
             .iter()
             .map(|&(i, n)| {
                 let s = &self.running[i];
-                let start = s.computed.len() - n;
+                let slots = s.kv.as_ref().expect("running sequences hold KV").slots();
+                let start = slots.len() - n;
                 SeqStep {
-                    tokens: &s.tokens[start..s.computed.len()],
-                    slots: &s.computed,
-                    logits: if s.computed.len() == s.tokens.len() {
+                    tokens: &s.tokens[start..slots.len()],
+                    slots,
+                    logits: if slots.len() == s.tokens.len() {
                         LogitsWanted::Last
                     } else {
                         LogitsWanted::None
@@ -997,12 +963,9 @@ impl Engine {
                 // Give the step's slots back so that state stays consistent, then report.
                 drop(steps);
                 for &(i, n) in &plan {
-                    let s = &mut self.running[i];
-                    let keep = s.computed.len() - n;
-                    let taken = s.computed.split_off(keep);
-                    self.slots
-                        .free(&taken)
-                        .expect("slots taken for this step belong to the sequence");
+                    if let Some(kv) = self.running[i].kv.as_mut() {
+                        kv.truncate(kv.len() - n);
+                    }
                 }
                 return Err(e.into());
             }
@@ -1010,7 +973,7 @@ impl Engine {
 
         // Prefill chunks go into the prefix cache at once, for requests arriving meanwhile.
         for &(i, n) in &plan {
-            if n > 1 || self.running[i].computed.len() <= self.running[i].prompt_len {
+            if n > 1 || self.running[i].computed() <= self.running[i].prompt_len {
                 self.cache_computed(i);
             }
         }
@@ -1100,23 +1063,10 @@ impl Engine {
     /// Gives up a sequence's KV: its computed tokens go into the prefix cache (or their slots
     /// back to the pool) and its lock on the matched prefix is released.
     fn release(&mut self, seq: &mut Sequence) {
-        let computed = std::mem::take(&mut seq.computed);
-        let ins = self
-            .cache
-            .insert(seq.namespace, &seq.tokens[..computed.len()], &computed);
-        // Our slots for positions the cache already had (another request cached the same
-        // continuation meanwhile) are duplicates; the cache owns ours up to `cached_until`.
-        self.slots
-            .free(&computed[seq.cached_len.min(ins.already_cached)..ins.already_cached])
-            .expect("a sequence owns the slots past its cached prefix");
-        let own_from = ins.cached_until.max(seq.cached_len);
-        if let Some(node) = seq.prefix_node.take() {
-            self.cache.unlock(node);
+        if let Some(kv) = seq.kv.take() {
+            let n = kv.len();
+            kv.release(&seq.tokens[..n]);
         }
-        self.slots
-            .free(&computed[own_from..])
-            .expect("a sequence owns its slots exclusively, so freeing them cannot fail");
-        seq.cached_len = 0;
     }
 
     /// Runs one request to completion (other queued requests advance alongside it), calling
