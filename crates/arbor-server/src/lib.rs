@@ -3,7 +3,10 @@
 //! | module    | owns |
 //! |-----------|------|
 //! | `worker`  | the engine thread: the [`arbor_engine::Engine`] and its step loop, fed by channels |
-//! | `routes`  | the HTTP handlers and the OpenAI response / stream formats |
+//! | `routes`  | the HTTP handlers: authenticate, parse, check limits, submit, respond |
+//! | `limits`  | the per-call bounds a request meets before it is queued; the engine requests of a call |
+//! | `responder` | one JSON response or one event stream per call, from the engine's events |
+//! | `wire`    | OpenAI's wire format: finish reasons, usage, log-probabilities and token bytes |
 //! | `api`     | request bodies and their validation into engine parameters |
 //! | `error`   | errors in OpenAI's shape with the right status |
 //! | `metrics` | Prometheus counters, gauges and histograms |
@@ -14,9 +17,12 @@
 
 pub mod api;
 pub mod error;
+mod limits;
 pub mod metrics;
+mod responder;
 mod routes;
 pub mod tenancy;
+mod wire;
 pub mod worker;
 
 use std::future::Future;

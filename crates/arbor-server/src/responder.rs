@@ -1,0 +1,381 @@
+//! One response per call: collects every choice's events into a JSON body, or streams them as
+//! server-sent events (a chunk per token per choice, a final chunk per choice, the usage chunk,
+//! `[DONE]`); a failed choice becomes an error (500) or an error event in its stream.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arbor_engine::{Event, FinishReason, Usage};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::error::ApiError;
+use crate::wire::{chat_logprob, finish_reason, usage_json, CompletionLogprobs};
+use crate::worker::Tagged;
+use crate::AppState;
+
+type Shared = Arc<AppState>;
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Api {
+    Chat,
+    Completion,
+}
+
+/// What a response needs to know about its request.
+pub(crate) struct Responder {
+    st: Shared,
+    api: Api,
+    id: String,
+    created: u64,
+    /// Choices in all (prompts x n).
+    choices: usize,
+    /// Choices per prompt.
+    n: usize,
+    logprobs: bool,
+    ignore_eos: bool,
+    /// Per prompt, text put before the completion (`echo`).
+    pub(crate) echo: Vec<String>,
+}
+
+impl Responder {
+    pub(crate) fn new(
+        st: Shared,
+        api: Api,
+        prompts: usize,
+        n: usize,
+        logprobs: bool,
+        ignore_eos: bool,
+    ) -> Self {
+        let prefix = if api == Api::Chat { "chatcmpl" } else { "cmpl" };
+        Self {
+            st,
+            api,
+            id: format!(
+                "{prefix}-{:016x}{:08x}",
+                rand::random::<u64>(),
+                rand::random::<u32>()
+            ),
+            created: now_unix(),
+            choices: prompts * n,
+            n,
+            logprobs,
+            ignore_eos,
+            echo: Vec::new(),
+        }
+    }
+
+    /// Whether a token's logprob belongs in the output: the stop token that ended a request
+    /// is not part of the text, so it is not listed either.
+    fn lists_token(&self, token: u32) -> bool {
+        self.logprobs && (self.ignore_eos || !self.st.tokenizer.is_stop(token))
+    }
+
+    fn object(&self, streaming: bool) -> &'static str {
+        match (self.api, streaming) {
+            (Api::Chat, false) => "chat.completion",
+            (Api::Chat, true) => "chat.completion.chunk",
+            (Api::Completion, _) => "text_completion",
+        }
+    }
+
+    fn envelope(&self, streaming: bool, choices: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": self.object(streaming),
+            "created": self.created,
+            "model": self.st.model_name,
+            "system_fingerprint": Value::Null,
+            "choices": choices,
+        })
+    }
+
+    /// Totals over the choices: each prompt counts once, completions all count.
+    fn total_usage(&self, per_choice: &[Usage]) -> Usage {
+        let mut u = Usage::default();
+        for (i, c) in per_choice.iter().enumerate() {
+            if i % self.n == 0 {
+                u.prompt_tokens += c.prompt_tokens;
+                u.cached_tokens += c.cached_tokens;
+            }
+            u.completion_tokens += c.completion_tokens;
+        }
+        u
+    }
+
+    /// Waits for every choice and returns one JSON response.
+    pub(crate) async fn collect(
+        self,
+        mut rx: UnboundedReceiver<Tagged>,
+    ) -> Result<Response, ApiError> {
+        let mut texts: Vec<String> = (0..self.choices)
+            .map(|i| self.echo.get(i / self.n).cloned().unwrap_or_default())
+            .collect();
+        let mut chat_lps: Vec<Vec<Value>> = vec![Vec::new(); self.choices];
+        let mut cmpl_lps: Vec<CompletionLogprobs> = (0..self.choices)
+            .map(|_| CompletionLogprobs::default())
+            .collect();
+        let mut finish: Vec<Option<FinishReason>> = vec![None; self.choices];
+        let mut usage = vec![Usage::default(); self.choices];
+        let mut done = 0;
+        while done < self.choices {
+            let Some(Tagged { index, event }) = rx.recv().await else {
+                return Err(ApiError::internal(
+                    "the engine stopped before the request finished",
+                ));
+            };
+            match event {
+                Event::Token {
+                    token,
+                    text,
+                    logprob,
+                    ..
+                } => {
+                    if let Some(lp) = logprob.filter(|_| self.lists_token(token)) {
+                        match self.api {
+                            Api::Chat => chat_lps[index].push(chat_logprob(&self.st, token, &lp)),
+                            Api::Completion => {
+                                cmpl_lps[index].push(&self.st, token, &lp, texts[index].len())
+                            }
+                        }
+                    }
+                    texts[index].push_str(&text);
+                }
+                Event::Finished {
+                    reason: FinishReason::Error,
+                    error,
+                    ..
+                } => {
+                    // One failed choice fails the call; dropping `rx` cancels the others.
+                    return Err(ApiError::internal(format!(
+                        "generation failed: {}",
+                        error.unwrap_or_default()
+                    )));
+                }
+                Event::Finished {
+                    reason,
+                    text,
+                    usage: u,
+                    ..
+                } => {
+                    texts[index].push_str(&text);
+                    finish[index] = Some(reason);
+                    usage[index] = u;
+                    done += 1;
+                }
+            }
+        }
+        let choices: Vec<Value> = (0..self.choices)
+            .map(|i| {
+                let reason = finish[i].map(finish_reason);
+                match self.api {
+                    Api::Chat => json!({
+                        "index": i,
+                        "message": {"role": "assistant", "content": texts[i]},
+                        "logprobs": if self.logprobs { json!({"content": chat_lps[i]}) } else { Value::Null },
+                        "finish_reason": reason,
+                    }),
+                    Api::Completion => json!({
+                        "index": i,
+                        "text": texts[i],
+                        "logprobs": if self.logprobs { cmpl_lps[i].to_json() } else { Value::Null },
+                        "finish_reason": reason,
+                    }),
+                }
+            })
+            .collect();
+        let mut body = self.envelope(false, Value::Array(choices));
+        body["usage"] = usage_json(&self.total_usage(&usage));
+        Ok(Json(body).into_response())
+    }
+
+    /// Streams server-sent events: a chunk per token (per choice), a final chunk per choice with
+    /// its finish_reason, the usage chunk when asked for, then `data: [DONE]`.
+    pub(crate) fn stream(self, rx: UnboundedReceiver<Tagged>, include_usage: bool) -> Response {
+        let mut pending: VecDeque<String> = VecDeque::new();
+        if self.api == Api::Chat {
+            for i in 0..self.choices {
+                let chunk = self.chunk(
+                    include_usage,
+                    json!([{
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": Value::Null,
+                        "finish_reason": Value::Null,
+                    }]),
+                );
+                pending.push_back(chunk);
+            }
+        } else {
+            for (i, echo) in self.echo.iter().enumerate() {
+                for c in 0..self.n {
+                    let chunk = self.chunk(include_usage, json!([{
+                        "index": i * self.n + c, "text": echo, "logprobs": Value::Null, "finish_reason": Value::Null,
+                    }]));
+                    pending.push_back(chunk);
+                }
+            }
+        }
+        let state = StreamState {
+            offsets: vec![0; self.choices],
+            usage: vec![Usage::default(); self.choices],
+            done: 0,
+            finished: false,
+            responder: self,
+            rx,
+            pending,
+            include_usage,
+        };
+        let events = futures_util::stream::unfold(state, |mut s| async move {
+            loop {
+                if let Some(data) = s.pending.pop_front() {
+                    return Some((Ok::<_, Infallible>(SseEvent::default().data(data)), s));
+                }
+                if s.finished {
+                    return None;
+                }
+                s.advance().await;
+            }
+        });
+        Sse::new(events)
+            // Comments keep proxies from timing out a long prefill, and let a write to a
+            // client that has gone away fail soon, which cancels its request.
+            .keep_alive(KeepAlive::new().interval(Duration::from_secs(5)))
+            .into_response()
+    }
+
+    fn chunk(&self, include_usage: bool, choices: Value) -> String {
+        let mut v = self.envelope(true, choices);
+        if include_usage {
+            v["usage"] = Value::Null;
+        }
+        v.to_string()
+    }
+}
+
+pub(crate) struct StreamState {
+    responder: Responder,
+    rx: UnboundedReceiver<Tagged>,
+    pending: VecDeque<String>,
+    /// Per choice, bytes of text sent so far (completions' text_offset).
+    offsets: Vec<usize>,
+    usage: Vec<Usage>,
+    done: usize,
+    finished: bool,
+    include_usage: bool,
+}
+
+impl StreamState {
+    /// Waits for the next engine event and queues the chunks it makes.
+    async fn advance(&mut self) {
+        let r = &self.responder;
+        let Some(Tagged { index, event }) = self.rx.recv().await else {
+            // The engine went away mid-stream: say so in the stream, then end it.
+            let err = ApiError::internal("the engine stopped before the request finished");
+            self.pending.push_back(err.body().to_string());
+            self.pending.push_back("[DONE]".into());
+            self.finished = true;
+            return;
+        };
+        match event {
+            Event::Token {
+                token,
+                text,
+                logprob,
+                ..
+            } => {
+                let lp = logprob.filter(|_| r.lists_token(token));
+                if text.is_empty() && lp.is_none() {
+                    return;
+                }
+                let choice = match r.api {
+                    Api::Chat => json!({
+                        "index": index,
+                        "delta": {"content": text},
+                        "logprobs": lp.map(|lp| json!({"content": [chat_logprob(&r.st, token, &lp)]})),
+                        "finish_reason": Value::Null,
+                    }),
+                    Api::Completion => json!({
+                        "index": index,
+                        "text": text,
+                        "logprobs": lp.map(|lp| {
+                            let mut l = CompletionLogprobs::default();
+                            l.push(&r.st, token, &lp, self.offsets[index]);
+                            l.to_json()
+                        }),
+                        "finish_reason": Value::Null,
+                    }),
+                };
+                self.offsets[index] += text.len();
+                self.pending
+                    .push_back(r.chunk(self.include_usage, json!([choice])));
+            }
+            Event::Finished {
+                reason: FinishReason::Error,
+                error,
+                usage,
+                ..
+            } => {
+                // This choice failed: an error event in OpenAI's shape in its place; the
+                // call's other choices go on.
+                let err = ApiError::internal(format!(
+                    "generation failed for choice {index}: {}",
+                    error.unwrap_or_default()
+                ));
+                self.pending.push_back(err.body().to_string());
+                self.finish_choice(index, usage);
+            }
+            Event::Finished {
+                reason,
+                text,
+                usage,
+                ..
+            } => {
+                let reason = finish_reason(reason);
+                let choice = match r.api {
+                    Api::Chat => {
+                        let delta = if text.is_empty() {
+                            json!({})
+                        } else {
+                            json!({"content": text})
+                        };
+                        json!({"index": index, "delta": delta, "logprobs": Value::Null, "finish_reason": reason})
+                    }
+                    Api::Completion => {
+                        json!({"index": index, "text": text, "logprobs": Value::Null, "finish_reason": reason})
+                    }
+                };
+                self.pending
+                    .push_back(r.chunk(self.include_usage, json!([choice])));
+                self.finish_choice(index, usage);
+            }
+        }
+    }
+
+    /// Counts a finished choice; after the last one, the usage chunk and `[DONE]`.
+    fn finish_choice(&mut self, index: usize, usage: Usage) {
+        let r = &self.responder;
+        self.usage[index] = usage;
+        self.done += 1;
+        if self.done == r.choices {
+            if self.include_usage {
+                let mut v = r.envelope(true, json!([]));
+                v["usage"] = usage_json(&r.total_usage(&self.usage));
+                self.pending.push_back(v.to_string());
+            }
+            self.pending.push_back("[DONE]".into());
+            self.finished = true;
+        }
+    }
+}
