@@ -35,6 +35,14 @@ MALFORMED = [
 ]
 
 
+PROBE = dict(model=MODEL, prompt="The three primary colors are", max_tokens=20, temperature=0)
+
+
+async def greedy_probe(client):
+    """The greedy answer to a fixed prompt: the same before and after a load, or state leaked."""
+    return (await client.completions.create(**PROBE)).choices[0].text
+
+
 async def raw_request(host, port, payload, timeout=15):
     """Sends raw bytes; returns the status line (or '' if the server closed the connection)."""
     reader, writer = await asyncio.open_connection(host, port)
@@ -56,8 +64,7 @@ async def run(args):
         host, port = server.base_url.removeprefix("http://").split(":")
         client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0,
                                     timeout=120)
-        probe = dict(model=MODEL, prompt="The three primary colors are", max_tokens=20, temperature=0)
-        reference = (await client.completions.create(**probe)).choices[0].text
+        reference = await greedy_probe(client)
 
         rng = random.Random(args.seed)
         sem = asyncio.Semaphore(args.concurrency)
@@ -128,7 +135,7 @@ async def run(args):
         cancelled = m['arbor_requests_total{outcome="cancelled"}']
         if cancelled < tally["disconnected"]:
             problems.append(f"{tally['disconnected']} clients hung up but only {cancelled} requests were cancelled")
-        again = (await client.completions.create(**probe)).choices[0].text
+        again = await greedy_probe(client)
         if again != reference:
             problems.append(f"answer changed after the load: {reference!r} -> {again!r}")
         code = server.stop()

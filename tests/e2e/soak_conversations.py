@@ -24,9 +24,8 @@ import openai
 
 sys.path.insert(0, os.path.dirname(__file__))
 from arbor_server import ArborServer  # noqa: E402
-from soak import raw_request  # noqa: E402
+from soak import MODEL, greedy_probe, raw_request  # noqa: E402
 
-MODEL = "smollm2"
 SYSTEM = "You are a helpful assistant for a hiking club. Answer briefly and concretely. " * 6
 QUESTIONS = ["Which trail is best in spring?", "What should I pack?", "How long is the loop?",
              "Is it safe for children?", "Where can we park?", "What about dogs?", "Any water on the way?"]
@@ -47,8 +46,7 @@ async def run(args):
         host, port = server.base_url.removeprefix("http://").split(":")
         client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0,
                                     timeout=300)
-        probe = dict(model=MODEL, prompt="The three primary colors are", max_tokens=20, temperature=0)
-        reference = (await client.completions.create(**probe)).choices[0].text
+        reference = await greedy_probe(client)
         idle_rss = server.rss_mib()
         peak_rss = idle_rss
         tally = {"turns_served": 0, "hung_up": 0, "malformed_refused": 0, "failures_well_formed": 0,
@@ -134,7 +132,7 @@ async def run(args):
         m, settle_problems = server.settle(timeout=60)
         problems.extend(settle_problems)
         slots = {k: m[f"arbor_kv_slots_{k}"] for k in ("total", "free", "cached", "used")}
-        again = (await client.completions.create(**probe)).choices[0].text
+        again = await greedy_probe(client)
         if again != reference:
             problems.append(f"answer changed after the load: {reference!r} -> {again!r}")
         final_rss = server.rss_mib()

@@ -11,7 +11,7 @@ pub mod sampler;
 pub mod stop;
 
 pub use engine::{
-    Completion, Engine, EngineConfig, Event, FaultInjector, FaultSite, FinishReason,
+    panic_message, Completion, Engine, EngineConfig, Event, FaultInjector, FaultSite, FinishReason,
     PrefixCacheMode, Request, RequestId, SlotUsage, StepStats, StopConditions, Timing,
     TokenLogprob, Usage, DEFAULT_MAX_BATCH_TOKENS,
 };

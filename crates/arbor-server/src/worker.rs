@@ -248,11 +248,7 @@ impl EngineLoop {
                     }
                     Ok(Err(e)) => return self.fail(format!("an engine step failed: {e}")),
                     Err(panic) => {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
+                        let what = arbor_engine::panic_message(panic.as_ref());
                         return self.fail(format!("the engine panicked: {what}"));
                     }
                 }
