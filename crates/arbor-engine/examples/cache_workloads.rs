@@ -38,9 +38,10 @@ fn main() -> Res<()> {
     let loaded = arbor_model::load_model(&model_path, &Device::Cpu)?;
     let template = loaded.chat_template;
     let tokenizer = loaded.tokenizer.clone();
-    let mut cfg = EngineConfig::for_model(&loaded.model);
-    cfg.prefix_cache = mode;
-    cfg.kv_slots = cfg.kv_slots.min(65_536);
+    let mut cfg = EngineConfig {
+        prefix_cache: mode,
+        ..Default::default()
+    };
     let num: Vec<usize> = args[3..]
         .iter()
         .map(|a| a.parse())
@@ -48,7 +49,11 @@ fn main() -> Res<()> {
     if workload == "shared-prefix" {
         cfg.max_running = num.get(5).copied().unwrap_or(4);
     }
-    let engine = Engine::new(Arc::new(loaded.model), loaded.tokenizer, cfg);
+    let engine = Engine::new(
+        arbor_model::runner::cpu_runner(Arc::new(loaded.model), Some(65_536)),
+        loaded.tokenizer,
+        cfg,
+    )?;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let w: Value = serde_json::from_str(&std::fs::read_to_string(
         root.join("workloads/reference-multiturn.json"),

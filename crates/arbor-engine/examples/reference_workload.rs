@@ -34,10 +34,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let loaded = arbor_model::load_model(&model_path, &Device::Cpu)?;
     let template = loaded.chat_template;
     let tokenizer = loaded.tokenizer.clone();
-    let mut cfg = EngineConfig::for_model(&loaded.model);
-    cfg.prefix_cache = mode;
-    cfg.kv_slots = cfg.kv_slots.min(65_536);
-    let mut engine = Engine::new(Arc::new(loaded.model), loaded.tokenizer, cfg);
+    let cfg = EngineConfig {
+        prefix_cache: mode,
+        ..Default::default()
+    };
+    let mut engine = Engine::new(
+        arbor_model::runner::cpu_runner(Arc::new(loaded.model), Some(65_536)),
+        loaded.tokenizer,
+        cfg,
+    )?;
 
     // The recipe: the block repeated until the system message reaches the target size.
     let details: Vec<String> = w["technical_details"]

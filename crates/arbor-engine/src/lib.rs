@@ -1,19 +1,30 @@
-//! Arbor's engine: requests, the step scheduler and the sampler.
+//! Arbor's engine: requests in, events out, one batched step at a time over a model runner.
 //!
-//! [`Engine`] owns a model, its KV pool and slot allocator; callers add [`Request`]s and call
-//! [`Engine::step`] (or [`Engine::generate`] for one request) to advance every running request
-//! by one batched forward pass. A server runs the engine on its own thread and talks to it
-//! through channels.
+//! - [`request`]: what callers exchange with the engine ([`Request`], [`Event`], [`Completion`]).
+//! - [`scheduler`](crate::scheduler): pure planning: admission (cache-aware), the token
+//!   budget, preemption, and the step plan, over the KV manager's slots.
+//! - `output`: a sampled token's meaning for its request (detokenizing, stop tokens and
+//!   strings, length) and the events.
+//! - [`Engine`]: the loop that ties them to an `arbor_model::ModelRunner`, which runs the
+//!   forward pass and samples on its own device.
+//!
+//! A server runs the engine on its own thread and talks to it through channels.
 
 mod engine;
 mod error;
-pub mod sampler;
+mod output;
+pub mod request;
+mod scheduler;
 pub mod stop;
 
+pub use arbor_model::runner::fake;
+pub use arbor_model::{
+    panic_message, FaultInjector, FaultSite, Sampler, SamplingParams, TokenLogprob,
+};
 pub use engine::{
-    panic_message, Completion, Engine, EngineConfig, Event, FaultInjector, FaultSite, FinishReason,
-    PrefixCacheMode, Request, RequestId, SlotUsage, StepStats, StopConditions, Timing,
-    TokenLogprob, Usage, DEFAULT_MAX_BATCH_TOKENS,
+    Engine, EngineConfig, PrefixCacheMode, SlotUsage, StepStats, DEFAULT_MAX_BATCH_TOKENS,
 };
 pub use error::EngineError;
-pub use sampler::{Sampler, SamplingParams};
+pub use request::{
+    Completion, Event, FinishReason, Request, RequestId, StopConditions, Timing, Usage,
+};

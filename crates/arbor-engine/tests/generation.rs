@@ -8,6 +8,7 @@ use arbor_engine::{
     Engine, EngineConfig, EngineError, FinishReason, PrefixCacheMode, Request, SamplingParams,
     StopConditions,
 };
+use arbor_model::runner::{cpu_runner, CpuBackend, HostSampledRunner};
 use arbor_model::{Device, LoadedModel};
 use serde_json::Value;
 
@@ -269,7 +270,7 @@ fn bad_requests_are_errors_and_leave_the_engine_usable() {
     bad.sampling.temperature = -1.0;
     assert!(matches!(
         e.add_request(bad),
-        Err(EngineError::InvalidParams(_))
+        Err(EngineError::InvalidParam(_))
     ));
     // Cancelling frees the slots at once.
     let id = e.add_request(greedy(vec![1, 2, 3, 4], 100)).unwrap();
@@ -284,11 +285,17 @@ fn bad_requests_are_errors_and_leave_the_engine_usable() {
 
 fn engine_with_cache(mode: PrefixCacheMode, kv_slots: usize, max_batch_tokens: usize) -> Engine {
     let s = shared();
-    let mut cfg = EngineConfig::for_model(&s.model);
-    cfg.kv_slots = kv_slots;
-    cfg.max_batch_tokens = max_batch_tokens;
-    cfg.prefix_cache = mode;
-    Engine::new(s.model.clone(), s.tokenizer.clone(), cfg)
+    let cfg = EngineConfig {
+        max_batch_tokens,
+        prefix_cache: mode,
+        ..Default::default()
+    };
+    Engine::new(
+        cpu_runner(s.model.clone(), Some(kv_slots)),
+        s.tokenizer.clone(),
+        cfg,
+    )
+    .unwrap()
 }
 
 /// The cache never changes an output: prompts served from cached prefixes give exactly the
@@ -482,10 +489,16 @@ fn concurrent_requests_compute_a_shared_prefix_once() {
 #[test]
 fn cached_prompts_are_admitted_first() {
     let s = shared();
-    let mut cfg = EngineConfig::for_model(&s.model);
-    cfg.kv_slots = 2048;
-    cfg.max_running = 1;
-    let mut e = Engine::new(s.model.clone(), s.tokenizer.clone(), cfg);
+    let cfg = EngineConfig {
+        max_running: 1,
+        ..Default::default()
+    };
+    let mut e = Engine::new(
+        cpu_runner(s.model.clone(), Some(2048)),
+        s.tokenizer.clone(),
+        cfg,
+    )
+    .unwrap();
     let warm: Vec<u32> = (100..400).collect();
     e.generate(greedy(warm.clone(), 2), |_| {}).unwrap();
     let blocker = e.add_request(greedy((500..520).collect(), 2)).unwrap();
@@ -620,14 +633,19 @@ fn parallel_sampling_gives_the_tokens_of_sequential_sampling() {
         },
     };
     let s = shared();
-    let mut cfg = EngineConfig::for_model(&s.model);
-    cfg.kv_slots = 4096;
-    cfg.max_batch_tokens = 2048;
-    cfg.parallel_sampling_min_logits = usize::MAX;
-    let mut one = Engine::new(s.model.clone(), s.tokenizer.clone(), cfg.clone());
+    let cfg = EngineConfig {
+        max_batch_tokens: 2048,
+        ..Default::default()
+    };
+    let runner = |min_logits| -> Box<dyn arbor_model::ModelRunner> {
+        Box::new(
+            HostSampledRunner::new(CpuBackend::new(s.model.clone(), Some(4096)))
+                .with_parallel_sampling_min_logits(min_logits),
+        )
+    };
+    let mut one = Engine::new(runner(usize::MAX), s.tokenizer.clone(), cfg.clone()).unwrap();
     let (sequential, _) = run_together(&mut one, (0..prompts.len()).map(request).collect());
-    cfg.parallel_sampling_min_logits = 0;
-    let mut many = Engine::new(s.model.clone(), s.tokenizer.clone(), cfg);
+    let mut many = Engine::new(runner(0), s.tokenizer.clone(), cfg).unwrap();
     let (parallel, widest) = run_together(&mut many, (0..prompts.len()).map(request).collect());
     assert!(
         widest >= 4,

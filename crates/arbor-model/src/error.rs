@@ -46,6 +46,8 @@ pub enum ModelError {
     TokenOutOfRange { token: u32, vocab: usize },
     #[error("sequence of {len} tokens exceeds the context length of {max}")]
     ContextOverflow { len: usize, max: usize },
+    #[error("{0}")]
+    InvalidOption(String),
     #[error("invalid batch: {0}")]
     BadBatch(String),
     #[error("CUDA: {0}")]

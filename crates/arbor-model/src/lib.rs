@@ -5,8 +5,9 @@
 //! - [`KvPool`] holds K/V per token slot; [`Llama::forward`] runs one batched step of any mix of
 //!   prefill chunks and decodes, reading each sequence's K/V through its slot list
 //!   ([`attention`]).
-//! - [`Model`] / [`KvCache`]: the backend the engine runs (CPU, or CUDA with the `cuda`
-//!   feature: [`cuda`]).
+//! - [`runner`]: the seam the engine drives. A [`ModelRunner`] runs a step of token ids over
+//!   KV slot ids on its own device and samples it ([`sampling`]); [`open`] makes one for a model
+//!   file and a device (CPU, or CUDA with the `cuda` feature: [`cuda`]).
 //! - [`linear`] picks the matmul kernel by weight format; [`qmatmul`] is Arbor's batch-invariant
 //!   kernel for 32-wide GGUF blocks.
 
@@ -17,6 +18,7 @@ pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dense;
+pub mod diagnostics;
 pub mod error;
 pub mod fastmath;
 pub mod gguf;
@@ -24,9 +26,10 @@ pub mod hf;
 pub mod kv_pool;
 pub mod linear;
 pub mod llama;
-pub mod model;
 pub mod qmatmul;
 pub mod rope;
+pub mod runner;
+pub mod sampling;
 pub mod tokenizer;
 
 use std::path::Path;
@@ -37,7 +40,11 @@ pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use kv_pool::KvPool;
 pub use llama::{Llama, LogitsWanted, SeqStep};
-pub use model::{KvBudget, KvCache, Model};
+pub use runner::{
+    open, panic_message, DeviceSpec, FaultInjector, FaultSite, ModelRunner, OpenedModel,
+    RunnerOptions, Sampled, SeqId, SequenceSampling, StepOutput, StepRow,
+};
+pub use sampling::{InvalidParam, Sampler, SamplingParams, TokenLogprob};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// `MemAvailable` from /proc/meminfo (Linux); `None` elsewhere.

@@ -130,9 +130,9 @@ impl AppState {
     pub fn new(engine: Engine, template: ChatTemplate, config: &ServerConfig) -> Arc<Self> {
         let metrics = Arc::new(Metrics::default());
         let tokenizer = Arc::new(engine.tokenizer().clone());
-        let context = engine.model().config().max_position_embeddings;
-        let vocab = engine.model().config().vocab_size;
-        let kv_slots = engine.config().kv_slots;
+        let context = engine.model_config().max_position_embeddings;
+        let vocab = engine.model_config().vocab_size;
+        let kv_slots = engine.runner().kv_slots();
         let max_prompt_tokens_per_request = config
             .max_prompt_tokens_per_request
             .map_or(kv_slots, |m| m.min(kv_slots));

@@ -89,7 +89,11 @@ async fn submit(
 ) -> Result<UnboundedReceiver<Tagged>, ApiError> {
     match st.engine.submit(requests).await {
         Ok((_, rx)) => Ok(rx),
-        Err(SubmitError::Invalid(e)) => Err(ApiError::invalid(e.to_string())),
+        // The engine names the field it refused; OpenAI's error carries it as `param`.
+        Err(SubmitError::Invalid(e)) => Err(match e.param() {
+            Some(param) => ApiError::invalid_param(param, e.to_string()),
+            None => ApiError::invalid(e.to_string()),
+        }),
         Err(SubmitError::QueueFull { waiting, limit }) => Err(ApiError::unavailable(format!(
             "The server is at capacity: {waiting} requests are waiting (limit {limit}). Retry later."
         ))),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arbor_engine::{Engine, EngineConfig, Request as EngineRequest};
-use arbor_model::{ChatMessage, Device};
+use arbor_model::ChatMessage;
 use arbor_server::{AppState, ServerConfig};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -23,12 +23,14 @@ mod common;
 use common::model_path;
 
 fn engine() -> (Engine, arbor_model::ChatTemplate) {
-    let loaded = arbor_model::load_model(&model_path(), &Device::Cpu).unwrap();
-    let mut config = EngineConfig::for_model(&loaded.model);
-    config.kv_slots = 16_384;
+    let options = arbor_model::RunnerOptions {
+        kv_slots: Some(16_384),
+        ..Default::default()
+    };
+    let opened = arbor_model::open(&model_path(), arbor_model::DeviceSpec::Cpu, &options).unwrap();
     (
-        Engine::new(Arc::new(loaded.model), loaded.tokenizer, config),
-        loaded.chat_template,
+        Engine::new(opened.runner, opened.tokenizer, EngineConfig::default()).unwrap(),
+        opened.chat_template,
     )
 }
 

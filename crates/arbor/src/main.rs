@@ -10,7 +10,8 @@ use anyhow::{bail, Context, Result};
 use arbor_engine::{
     Engine, EngineConfig, PrefixCacheMode, Request, SamplingParams, StopConditions,
 };
-use arbor_model::{ChatMessage, Device};
+use arbor_model::runner::{GgufWeights, RunnerOptions};
+use arbor_model::ChatMessage;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -38,8 +39,8 @@ enum Command {
     /// Measure the engine alone: decode tok/s by batch size and prefill by length, against
     /// the memory-bandwidth roofline (e.g. with --device cuda --load-format dummy).
     EngineBench(perf::EngineBenchArgs),
-    /// Compare the GPU path's logits and greedy tokens with the CPU path's (CUDA builds).
-    #[cfg(feature = "cuda")]
+    /// Compare the GPU path's logits and greedy tokens with the CPU path's, or check the GPU
+    /// kernels alone (CUDA builds).
     GpuCheck(perf::GpuCheckArgs),
     /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) if it is missing.
     FetchModel,
@@ -97,16 +98,9 @@ enum LoadFormat {
     Dummy,
 }
 
-/// `cpu` -> None, `cuda` -> Some(0), `cuda:N` -> Some(N).
-fn parse_device(s: &str) -> Result<Option<usize>> {
-    match s {
-        "cpu" => Ok(None),
-        "cuda" => Ok(Some(0)),
-        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Ok(Some(n)),
-            _ => bail!("--device must be cpu, cuda or cuda:N, got {s:?}"),
-        },
-    }
+/// `cpu`, `cuda` or `cuda:N`, with the flag's name in the error.
+fn parse_device(s: &str) -> Result<arbor_model::DeviceSpec> {
+    s.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -256,7 +250,6 @@ fn main() {
         Command::Serve(a) => serve(a),
         Command::Bench(a) => bench(a),
         Command::EngineBench(a) => perf::engine_bench(a),
-        #[cfg(feature = "cuda")]
         Command::GpuCheck(a) => perf::gpu_check(a),
         Command::FetchModel => {
             model_fetch::default_model_path(true).map(|p| println!("{}", p.display()))
@@ -275,91 +268,66 @@ fn model_path(args: &ModelArgs) -> Result<PathBuf> {
     }
 }
 
-/// Loads the model (fetching the default one if none is given) into an engine.
-fn engine_config(args: &ModelArgs, model: &impl arbor_model::KvBudget) -> Result<EngineConfig> {
-    let mut config = EngineConfig::for_model(model);
-    if let Some(n) = args.kv_slots {
-        config.kv_slots = n;
-    }
-    config.max_batch_tokens = args.max_batch_tokens;
-    config.max_running = args.max_running;
-    config.prefix_cache = match args.prefix_cache {
-        PrefixCacheArg::Radix => PrefixCacheMode::Radix,
-        PrefixCacheArg::Blocks => PrefixCacheMode::Blocks,
-        PrefixCacheArg::Off => PrefixCacheMode::Off,
+/// The engine's settings from the flags (the KV pool's size is the runner's).
+fn engine_config(args: &ModelArgs) -> Result<EngineConfig> {
+    let config = EngineConfig {
+        max_batch_tokens: args.max_batch_tokens,
+        max_running: args.max_running,
+        prefix_cache: match args.prefix_cache {
+            PrefixCacheArg::Radix => PrefixCacheMode::Radix,
+            PrefixCacheArg::Blocks => PrefixCacheMode::Blocks,
+            PrefixCacheArg::Off => PrefixCacheMode::Off,
+        },
+        ..Default::default()
     };
     // The engine names the setting; say which flag it is.
     config
         .validate()
-        .map_err(|e| anyhow::anyhow!("{e} (--kv-slots, --max-batch-tokens, --max-running)"))?;
+        .map_err(|e| anyhow::anyhow!("{e} (--max-batch-tokens, --max-running)"))?;
     Ok(config)
 }
 
-/// Loads the model (fetching the default one if none is given) into an engine on the chosen
-/// device.
+/// The runner's options from the flags.
+fn runner_options(args: &ModelArgs) -> RunnerOptions {
+    RunnerOptions {
+        kv_slots: args.kv_slots,
+        load_format: match args.load_format {
+            LoadFormat::Auto => arbor_model::runner::LoadFormat::Auto,
+            LoadFormat::Dummy => arbor_model::runner::LoadFormat::Dummy,
+        },
+        gguf_weights: args.gguf_weights.map(|w| match w {
+            GgufWeightsArg::Bf16 => GgufWeights::Bf16,
+            GgufWeightsArg::Quantized => GgufWeights::Quantized,
+        }),
+        tokenizer: args.tokenizer.clone(),
+        ..Default::default()
+    }
+}
+
+/// Loads the model (fetching the default one if none is given) onto the chosen device, into
+/// an engine.
 fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
-    if args.tokenizer.is_some() && args.load_format != LoadFormat::Dummy {
-        bail!("--tokenizer goes with --load-format dummy (a real model brings its own)");
-    }
+    let device = parse_device(&args.device)?;
+    let config = engine_config(args)?;
     let path = model_path(args)?;
-    match parse_device(&args.device)? {
-        None => {
-            if args.load_format == LoadFormat::Dummy {
-                bail!("--load-format dummy needs --device cuda");
-            }
-            if args.gguf_weights.is_some() {
-                bail!("--gguf-weights is for --device cuda (the CPU path runs GGUF formats as they are)");
-            }
-            let loaded = arbor_model::load_model(&path, &Device::Cpu)
-                .with_context(|| format!("loading {}", path.display()))?;
-            let config = engine_config(args, &loaded.model)?;
-            Ok((
-                Engine::try_new(loaded.model, loaded.tokenizer, config)?,
-                loaded.chat_template,
-            ))
-        }
-        Some(ordinal) => load_cuda(args, &path, ordinal),
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn load_cuda(
-    args: &ModelArgs,
-    path: &std::path::Path,
-    ordinal: usize,
-) -> Result<(Engine, arbor_model::ChatTemplate)> {
-    let device = arbor_model::cuda::device(ordinal)?;
-    let started = std::time::Instant::now();
-    let loaded = match args.load_format {
-        LoadFormat::Auto => {
-            let weights = match args.gguf_weights {
-                Some(GgufWeightsArg::Quantized) => arbor_model::cuda::GgufWeights::Quantized,
-                Some(GgufWeightsArg::Bf16) | None => arbor_model::cuda::GgufWeights::Bf16,
-            };
-            arbor_model::cuda::load(path, &device, weights)
-        }
-        LoadFormat::Dummy => {
-            arbor_model::cuda::load_dummy(path, args.tokenizer.as_deref(), &device, 0)
-        }
-    }
-    .with_context(|| format!("loading {} onto cuda:{ordinal}", path.display()))?;
-    tracing::info!(
-        "loaded {} onto cuda:{ordinal} in {:.1}s",
-        path.display(),
-        started.elapsed().as_secs_f64()
-    );
-    let config = engine_config(args, &loaded.model)?;
-    let engine = Engine::try_new(loaded.model, loaded.tokenizer, config)?;
-    Ok((engine, loaded.chat_template))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn load_cuda(
-    _: &ModelArgs,
-    _: &std::path::Path,
-    _: usize,
-) -> Result<(Engine, arbor_model::ChatTemplate)> {
-    bail!("this arbor was built without CUDA; build it with scripts/cuda/build.sh")
+    let opened = arbor_model::open(&path, device, &runner_options(args)).map_err(|e| match e {
+        // Option errors name the options; the user typed them as flags.
+        arbor_model::ModelError::InvalidOption(why) => anyhow::anyhow!(
+            "{}",
+            [
+                ("kv_slots", "--kv-slots"),
+                ("load_format", "--load-format"),
+                ("gguf_weights", "--gguf-weights"),
+                ("tokenizer ", "--tokenizer "),
+                ("device ", "--device "),
+            ]
+            .iter()
+            .fold(why, |why, (option, flag)| why.replace(option, flag))
+        ),
+        e => anyhow::Error::new(e).context(format!("loading {}", path.display())),
+    })?;
+    let engine = Engine::new(opened.runner, opened.tokenizer, config)?;
+    Ok((engine, opened.chat_template))
 }
 
 fn generate(mut a: GenerateArgs) -> Result<()> {

@@ -1,6 +1,7 @@
 //! `arbor engine-bench` (the engine alone, no HTTP: decode speed by batch size, prefill speed
-//! by length, against the memory-bandwidth and matmul rooflines) and, in CUDA builds,
-//! `arbor gpu-check` (the GPU path's logits and greedy tokens against the CPU path).
+//! by length, against the memory-bandwidth and matmul rooflines) and `arbor gpu-check` (the GPU
+//! path's logits and greedy tokens against the CPU path, and the GPU kernels alone: needs a
+//! CUDA build, which `arbor_model::open` and `arbor_model::diagnostics` say when missing).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -65,7 +66,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> Request {
 
 pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
     let (mut engine, _) = crate::load(&a.model)?;
-    let cfg = engine.model().config().clone();
+    let cfg = engine.model_config().clone();
     let vocab = cfg.vocab_size;
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
     let bytes_per_param = if a.model.device == "cpu" { 0.5625 } else { 2.0 };
@@ -74,7 +75,7 @@ pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
     eprintln!(
         "{} on {}: {:.2}B parameters read per step ({:.1} GB)",
         cfg.architecture,
-        engine.model().device_name(),
+        engine.runner().device_name(),
         weight_params(&cfg) / 1e9,
         weight_bytes / 1e9
     );
@@ -93,7 +94,6 @@ pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
         let (mut steps, mut time, mut forward) = (0usize, 0.0f64, 0.0f64);
         let mut warm = 0;
         // CUDA profile of the timed steps only (ARBOR_CUDA_PROFILE=1).
-        #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
         let mut prof: Vec<(&'static str, f64, u64)> = Vec::new();
         while engine.has_work() {
             let t0 = Instant::now();
@@ -106,8 +106,7 @@ pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
                     steps += 1;
                     time += dt;
                     forward += stats.forward_seconds;
-                    #[cfg(feature = "cuda")]
-                    for (name, secs, n) in arbor_model::cuda::take_profile() {
+                    for (name, secs, n) in arbor_model::diagnostics::take_gpu_profile() {
                         match prof.iter_mut().find(|p| p.0 == name) {
                             Some(p) => {
                                 p.1 += secs;
@@ -119,8 +118,7 @@ pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
                     continue;
                 }
             }
-            #[cfg(feature = "cuda")]
-            arbor_model::cuda::take_profile();
+            arbor_model::diagnostics::take_gpu_profile();
         }
         if steps == 0 {
             bail!("batch {b}: no full decode steps (raise --decode-tokens or --kv-slots)");
@@ -189,7 +187,7 @@ pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
         );
         results.push(r);
     }
-    let out = json!({"model": cfg.architecture, "device": engine.model().device_name(), "results": results});
+    let out = json!({"model": cfg.architecture, "device": engine.runner().device_name(), "results": results});
     println!("{out}");
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&out)?)?;
@@ -197,7 +195,6 @@ pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
     Ok(())
 }
 
-#[cfg(feature = "cuda")]
 #[derive(Args)]
 pub struct GpuCheckArgs {
     /// A GGUF file or Hugging Face folder (default: the default model).
@@ -237,39 +234,27 @@ pub struct GpuCheckArgs {
 
 /// Runs the same prompts through the CPU and the GPU path: last-position logits (max absolute
 /// and relative difference, top-1 agreement) and greedy continuations.
-#[cfg(feature = "cuda")]
 pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
     use arbor_engine::{Engine, EngineConfig};
+    use arbor_model::{DeviceSpec, LogitsWanted, RunnerOptions};
     use serde_json::Value;
+    let device = crate::parse_device(&a.device)?;
+    let DeviceSpec::Cuda(ordinal) = device else {
+        bail!("--device must be a CUDA device (cuda or cuda:N)");
+    };
     if let Some(config) = &a.linear_bench {
-        use arbor_model::cuda::GgmlDType;
-        let ordinal = crate::parse_device(&a.device)?.unwrap_or(0);
         let cfg = arbor_model::hf::parse_config(&serde_json::from_str(&std::fs::read_to_string(
             config,
         )?)?)?;
-        let rows = arbor_model::cuda::linear_bench(
-            &arbor_model::cuda::device(ordinal)?,
-            &cfg,
-            &[GgmlDType::Q4_1, GgmlDType::Q4K, GgmlDType::Q8_0],
-            &[1, 2, 3, 4, 8, 32, 64, 256],
-            20,
-        )?;
-        for r in &rows {
-            eprintln!(
-                "{:<11} batch {:>3}: {:.3} ms per layer, weights read at {:.0} GB/s",
-                r.format, r.batch, r.ms_per_layer, r.weight_gbs
-            );
-        }
-        let out =
-            json!({"config": config.display().to_string(), "layers": cfg.num_layers, "rows": rows});
+        let mut out = arbor_model::diagnostics::linear_bench(ordinal, &cfg)?;
+        out["config"] = json!(config.display().to_string());
         if let Some(p) = &a.json {
             std::fs::write(p, serde_json::to_string_pretty(&out)?)?;
         }
         return Ok(());
     }
     if a.kernels {
-        let ordinal = crate::parse_device(&a.device)?.unwrap_or(0);
-        let out = kernel_checks(&arbor_model::cuda::device(ordinal)?)?;
+        let out = arbor_model::diagnostics::attention_kernel_checks(ordinal)?;
         println!("{}", serde_json::to_string_pretty(&out)?);
         if let Some(p) = &a.json {
             std::fs::write(p, serde_json::to_string_pretty(&out)?)?;
@@ -283,16 +268,20 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
         Some(p) => p.clone(),
         None => crate::model_fetch::default_model_path(false)?,
     };
-    let ordinal = crate::parse_device(&a.device)?.unwrap_or(0);
-    let cpu = arbor_model::load_model(&path, &arbor_model::Device::Cpu)?;
-    let dev = arbor_model::cuda::device(ordinal)?;
     let weights = if a.quantized {
-        arbor_model::cuda::GgufWeights::Quantized
+        arbor_model::runner::GgufWeights::Quantized
     } else {
-        arbor_model::cuda::GgufWeights::Bf16
+        arbor_model::runner::GgufWeights::Bf16
     };
-    let gpu = arbor_model::cuda::load(&path, &dev, weights)?;
-    let vocab = cpu.model.config.vocab_size;
+    let options = |gguf_weights| RunnerOptions {
+        kv_slots: Some(16_384),
+        gguf_weights,
+        ..Default::default()
+    };
+    let cpu = arbor_model::open(&path, DeviceSpec::Cpu, &options(None))?;
+    let gpu = arbor_model::open(&path, device, &options(Some(weights)))?;
+    let model_config = cpu.runner.config().clone();
+    let vocab = model_config.vocab_size;
     let prompts: Vec<Vec<u32>> = match &a.fixture {
         Some(f) => {
             let v: Value = serde_json::from_str(&std::fs::read_to_string(f)?)?;
@@ -310,17 +299,21 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
                 .map(|&n| {
                     prompt(
                         &mut rng,
-                        n.min(cpu.model.config.max_position_embeddings - a.tokens - 1),
+                        n.min(model_config.max_position_embeddings - a.tokens - 1),
                         vocab,
                     )
                 })
                 .collect()
         }
     };
-    let mut cfg = EngineConfig::for_model(&cpu.model);
-    cfg.kv_slots = 16_384;
-    let mut cpu_engine = Engine::new(cpu.model, cpu.tokenizer, cfg.clone());
-    let mut gpu_engine = Engine::try_new(gpu.model, gpu.tokenizer, cfg)?;
+    let mut cpu_engine = Engine::new(cpu.runner, cpu.tokenizer, EngineConfig::default())?;
+    let mut gpu_engine = Engine::new(gpu.runner, gpu.tokenizer, EngineConfig::default())?;
+    // The logits after a prompt, computed from scratch (no cache) on an engine's backend.
+    let last_logits = |e: &Engine, p: &[u32]| -> Result<Vec<f32>> {
+        Ok(e.runner()
+            .logits_from_scratch(p, LogitsWanted::Last)?
+            .remove(0))
+    };
     let mut rows = Vec::new();
     let (mut worst_rel, mut same_top1, mut same_all) = (0f64, 0usize, 0usize);
     // The GPU path's greedy tokens and last-position logits per prompt.
@@ -344,7 +337,7 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
             .fold(0f32, f32::max);
         let scale = lc.iter().map(|x| x.abs()).fold(0f32, f32::max).max(1e-6);
         let rel = (max_abs / scale) as f64;
-        let top1 = arbor_engine::sampler::argmax(&lc) == arbor_engine::sampler::argmax(&lg);
+        let top1 = arbor_model::sampling::argmax(&lc) == arbor_model::sampling::argmax(&lg);
         worst_rel = worst_rel.max(rel);
         same_top1 += usize::from(top1);
         same_all += usize::from(common == c.tokens.len().min(g.tokens.len()));
@@ -356,7 +349,7 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
         }));
     }
     let transformers = match &a.transformers {
-        Some(f) => Some(against_transformers(&gpu_engine, f, &path)?),
+        Some(f) => Some(against_transformers(gpu_engine.runner(), f, &path)?),
         None => None,
     };
     let hf: Vec<Value> = a
@@ -407,20 +400,12 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
     Ok(())
 }
 
-/// Attention output vs the f64 reference, per (query row, head), relative L2: bf16 K/V, Q and
-/// output (2^-9 relative rounding each) and bf16 softmax weights in the tensor-core P V give
-/// about 0.5%; a split of keys dropped or counted twice gives 10% or more on the rows it hits.
-#[cfg(any(feature = "cuda", test))]
-const ATTENTION_RELATIVE_BOUND: f64 = 0.03;
 /// Worst relative logit error (max |GPU - CPU| / max |CPU logit|) of the GPU model check.
-#[cfg(feature = "cuda")]
 const MODEL_RELATIVE_BOUND_BF16: f64 = 0.10;
-#[cfg(feature = "cuda")]
 const MODEL_RELATIVE_BOUND_QUANTIZED: f64 = 0.30;
 
 /// The GPU path's results (greedy tokens, last-position logits per prompt) against a
 /// transformers run on the same weights (scripts/cuda/hf_reference.py).
-#[cfg(feature = "cuda")]
 fn against_hf_reference(
     file: &std::path::Path,
     prompts: &[Vec<u32>],
@@ -457,7 +442,7 @@ fn against_hf_reference(
             .fold(0f32, f32::max)
             .max(1e-6);
         let rel = f64::from(max_abs / scale);
-        let top1 = arbor_engine::sampler::argmax(logits) == arbor_engine::sampler::argmax(&theirs);
+        let top1 = arbor_model::sampling::argmax(logits) == arbor_model::sampling::argmax(&theirs);
         let common = tokens.iter().zip(&want).take_while(|(x, y)| x == y).count();
         worst_rel = worst_rel.max(rel);
         same_top1 += usize::from(top1);
@@ -475,24 +460,9 @@ fn against_hf_reference(
     }))
 }
 
-/// The logits after `prompt`, computed from scratch in a fresh part of the engine's pool.
-#[cfg(feature = "cuda")]
-fn last_logits(engine: &arbor_engine::Engine, prompt: &[u32]) -> Result<Vec<f32>> {
-    let model = engine.model();
-    let mut kv = model.new_kv(prompt.len())?;
-    let slots: Vec<u32> = (0..prompt.len() as u32).collect();
-    let step = arbor_model::SeqStep {
-        tokens: prompt,
-        slots: &slots,
-        logits: arbor_model::LogitsWanted::Last,
-    };
-    Ok(model.forward(&[step], &mut kv)?.remove(0))
-}
-
 /// The GPU path's logits at every position against transformers' (probe tokens and argmax).
-#[cfg(feature = "cuda")]
 fn against_transformers(
-    engine: &arbor_engine::Engine,
+    runner: &dyn arbor_model::ModelRunner,
     fixture: &std::path::Path,
     model_path: &std::path::Path,
 ) -> Result<serde_json::Value> {
@@ -509,15 +479,7 @@ fn against_transformers(
     let (mut worst, mut argmax_same, mut positions) = (0f32, 0usize, 0usize);
     for case in cases {
         let ids: Vec<u32> = serde_json::from_value(case["ids"].clone())?;
-        let model = engine.model();
-        let mut kv = model.new_kv(ids.len())?;
-        let slots: Vec<u32> = (0..ids.len() as u32).collect();
-        let step = arbor_model::SeqStep {
-            tokens: &ids,
-            slots: &slots,
-            logits: arbor_model::LogitsWanted::All,
-        };
-        let ours = model.forward(&[step], &mut kv)?;
+        let ours = runner.logits_from_scratch(&ids, arbor_model::LogitsWanted::All)?;
         for (pos, row) in case["probe_logits"]
             .as_array()
             .into_iter()
@@ -529,243 +491,11 @@ fn against_transformers(
                 worst = worst.max((ours[pos][id] - want).abs());
             }
             let want_arg = case["argmax"][pos].as_u64().unwrap_or(u64::MAX) as u32;
-            argmax_same += usize::from(arbor_engine::sampler::argmax(&ours[pos]) == want_arg);
+            argmax_same += usize::from(arbor_model::sampling::argmax(&ours[pos]) == want_arg);
             positions += 1;
         }
     }
     Ok(serde_json::json!({
         "positions": positions, "max_abs_diff_probe_logits": worst, "argmax_same": argmax_same,
     }))
-}
-
-/// The attention kernels against an f64 reference on random inputs: head shapes of real and
-/// tiny models, sequence lengths that are not multiples of the kernel's 32-key blocks or 128-key splits, many
-/// sequences of different lengths in one launch, long cached prefixes, scattered slots.
-/// (heads, kv_heads, head_dim, [(context, new tokens) per sequence]) of one kernel check.
-#[cfg(feature = "cuda")]
-type KernelShape = (usize, usize, usize, Vec<(usize, usize)>);
-
-#[cfg(feature = "cuda")]
-fn kernel_checks(device: &arbor_model::Device) -> Result<serde_json::Value> {
-    use arbor_model::cuda::{attention_on_host, AttnKernel, CheckSeq};
-    let mut rng = 12345u64;
-    let mut uniform = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng >> 11) as f64 / (1u64 << 53) as f64
-    };
-    // bf16 rounding of the inputs, as the GPU sees them.
-    let round = |x: f32| half::bf16::from_f32(x).to_f32();
-    let mut cases = Vec::new();
-    let mut failed = 0;
-    // (heads, kv_heads, head_dim, [(context, new tokens)])
-    // The first case is decodes only (the split-K decode path), the others mix decode rows with
-    // prefill tiles.
-    let shapes: [KernelShape; 7] = [
-        (32, 8, 128, vec![(5000, 1), (37, 1), (1, 1), (700, 1)]),
-        (
-            32,
-            8,
-            128,
-            vec![(1, 1), (7, 7), (257, 257), (4037, 37), (5000, 1), (300, 1)],
-        ),
-        // A prefill chunk over a cached prefix, long enough to be cut into several splits.
-        (32, 8, 128, vec![(1500, 300), (8000, 1)]),
-        (64, 8, 128, vec![(100, 100), (2049, 17), (6000, 1)]),
-        (28, 4, 128, vec![(90, 90), (1025, 3), (3000, 1)]),
-        (9, 3, 64, vec![(33, 33), (255, 255), (1000, 1), (3001, 64)]),
-        (4, 2, 8, vec![(2, 2), (513, 513), (70, 1)]),
-    ];
-    for (heads, kv_heads, d, seq_shapes) in shapes {
-        let pool_slots = 9000;
-        let kv_dim = kv_heads * d;
-        let k: Vec<f32> = (0..pool_slots * kv_dim)
-            .map(|_| round((uniform() * 2.0 - 1.0) as f32))
-            .collect();
-        let v: Vec<f32> = (0..pool_slots * kv_dim)
-            .map(|_| round((uniform() * 2.0 - 1.0) as f32))
-            .collect();
-        // Scattered slots: each sequence a random walk over the pool.
-        let seqs: Vec<CheckSeq> = seq_shapes
-            .iter()
-            .map(|&(ctx, n_new)| CheckSeq {
-                slots: (0..ctx)
-                    .map(|_| (uniform() * pool_slots as f64) as u32)
-                    .collect(),
-                n_new,
-            })
-            .collect();
-        let rows: usize = seqs.iter().map(|s| s.n_new).sum();
-        let q: Vec<f32> = (0..rows * heads * d)
-            .map(|_| round((uniform() * 4.0 - 2.0) as f32))
-            .collect();
-        // Reference in f64, [rows, heads, d].
-        let mut want = vec![0f64; rows * heads * d];
-        let mut row = 0;
-        for s in &seqs {
-            let past = s.slots.len() - s.n_new;
-            for i in 0..s.n_new {
-                let n_keys = past + i + 1;
-                for h in 0..heads {
-                    let kvh = h / (heads / kv_heads);
-                    let qrow = &q[(row * heads + h) * d..(row * heads + h + 1) * d];
-                    let scores: Vec<f64> = s.slots[..n_keys]
-                        .iter()
-                        .map(|&slot| {
-                            let krow = &k[(slot as usize * kv_heads + kvh) * d..][..d];
-                            qrow.iter()
-                                .zip(krow)
-                                .map(|(a, b)| *a as f64 * *b as f64)
-                                .sum::<f64>()
-                                / (d as f64).sqrt()
-                        })
-                        .collect();
-                    let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let w: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
-                    let z: f64 = w.iter().sum();
-                    for c in 0..d {
-                        want[(row * heads + h) * d + c] = s.slots[..n_keys]
-                            .iter()
-                            .zip(&w)
-                            .map(|(&slot, wi)| {
-                                wi * v[(slot as usize * kv_heads + kvh) * d + c] as f64
-                            })
-                            .sum::<f64>()
-                            / z;
-                    }
-                }
-                row += 1;
-            }
-        }
-        for kernel in [AttnKernel::TensorCore, AttnKernel::CudaCore] {
-            if kernel == AttnKernel::TensorCore && !AttnKernel::tensor_core_fits(heads, kv_heads, d)
-            {
-                continue;
-            }
-            let got = attention_on_host(device, kernel, &q, &k, &v, &seqs, heads, kv_heads, d)?;
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(&g, &w)| (g as f64 - w).abs())
-                .fold(0f64, f64::max);
-            // Relative to each output vector's own size: over thousands of random keys an
-            // output is an average of many values in [-1, 1], about 1/sqrt(keys) in size, so an
-            // absolute bound would pass an output that dropped a whole split of keys. Per
-            // (query row, head): |got - want| / |want| (L2 over the head dimension).
-            let worst_rel = worst_relative_l2(&got, &want, d);
-            let ok = worst_rel < ATTENTION_RELATIVE_BOUND;
-            failed += usize::from(!ok);
-            cases.push(json!({
-                "kernel": format!("{kernel:?}"),
-                "heads": heads, "kv_heads": kv_heads, "head_dim": d, "sequences": seq_shapes,
-                "query_rows": rows, "max_abs_error": worst, "max_relative_error": worst_rel,
-                "bound": ATTENTION_RELATIVE_BOUND, "ok": ok,
-            }));
-        }
-    }
-    // The GEMV kernel against cuBLAS: both round one f32 sum to bf16 (2^-8 relative), in
-    // different orders.
-    let mut gemv = Vec::new();
-    for (m, n, k, rel) in arbor_model::cuda::gemv_check(device)? {
-        let ok = rel < 1e-2;
-        failed += usize::from(!ok);
-        gemv.push(json!({"rows": m, "out": n, "in": k, "max_relative_difference": rel, "ok": ok}));
-    }
-    Ok(json!({
-        "kernels": "tensor-core and CUDA-core attention + arbor_attention_merge; arbor_gemv against cuBLAS",
-        "cases": cases, "gemv": gemv, "failed": failed,
-    }))
-}
-
-/// The largest relative L2 error over output vectors of `d` values: |got - want| / |want|.
-#[cfg(any(feature = "cuda", test))]
-fn worst_relative_l2(got: &[f32], want: &[f64], d: usize) -> f64 {
-    got.chunks(d)
-        .zip(want.chunks(d))
-        .map(|(g, w)| {
-            let err: f64 = g.iter().zip(w).map(|(&g, &w)| (g as f64 - w).powi(2)).sum();
-            let size: f64 = w.iter().map(|w| w * w).sum();
-            (err / size.max(1e-30)).sqrt()
-        })
-        .fold(0f64, f64::max)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{worst_relative_l2, ATTENTION_RELATIVE_BOUND};
-
-    fn bf16(x: f64) -> f64 {
-        half::bf16::from_f64(x).to_f64()
-    }
-
-    /// Softmax-weighted average of `v` rows (d wide) under `scores`, over the keys `keep`
-    /// allows, with the weights optionally rounded to bf16 as the tensor-core kernel does.
-    fn attend(
-        scores: &[f64],
-        v: &[f64],
-        d: usize,
-        keep: impl Fn(usize) -> bool,
-        round: bool,
-    ) -> Vec<f64> {
-        let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let mut out = vec![0f64; d];
-        let mut z = 0f64;
-        for (i, &s) in scores.iter().enumerate().filter(|(i, _)| keep(*i)) {
-            let w = (s - m).exp();
-            let w = if round { bf16(w) } else { w };
-            z += w;
-            for c in 0..d {
-                out[c] += w * v[i * d + c];
-            }
-        }
-        out.iter().map(|x| x / z).collect()
-    }
-
-    /// The kernel check's bound separates bf16 rounding from a lost split of keys: over 8,000
-    /// random keys (outputs about 1/sqrt(8000) in size, where the old absolute bound of 0.015
-    /// passed anything), rounding inputs, weights and outputs to bf16 stays well inside the
-    /// bound, and dropping one 256-key split exceeds it.
-    #[test]
-    fn the_attention_bound_catches_a_dropped_split_but_not_rounding() {
-        let (n, d) = (8000usize, 128usize);
-        let mut state = 99u64;
-        let mut uniform = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        };
-        let scores: Vec<f64> = (0..n).map(|_| uniform()).collect();
-        let v: Vec<f64> = (0..n * d).map(|_| uniform()).collect();
-        let want = attend(&scores, &v, d, |_| true, false);
-        let rms = (want.iter().map(|x| x * x).sum::<f64>() / d as f64).sqrt();
-        assert!(rms < 0.015, "outputs are small: rms {rms}");
-
-        let v16: Vec<f64> = v.iter().map(|&x| bf16(x)).collect();
-        let s16: Vec<f64> = scores.iter().map(|&x| bf16(x)).collect();
-        let rounded: Vec<f32> = attend(&s16, &v16, d, |_| true, true)
-            .iter()
-            .map(|&x| bf16(x) as f32)
-            .collect();
-        let rounding = worst_relative_l2(&rounded, &want, d);
-        assert!(
-            rounding < ATTENTION_RELATIVE_BOUND / 3.0,
-            "bf16 rounding: {rounding}"
-        );
-
-        let dropped: Vec<f32> = attend(&scores, &v, d, |i| !(4096..4352).contains(&i), false)
-            .iter()
-            .map(|&x| x as f32)
-            .collect();
-        let lost = worst_relative_l2(&dropped, &want, d);
-        assert!(lost > ATTENTION_RELATIVE_BOUND, "a dropped split: {lost}");
-        // The old absolute bound passed it.
-        let abs = dropped
-            .iter()
-            .zip(&want)
-            .map(|(&g, &w)| (g as f64 - w).abs())
-            .fold(0f64, f64::max);
-        assert!(abs < 1.5e-2, "{abs}");
-    }
 }

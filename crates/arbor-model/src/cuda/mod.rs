@@ -115,17 +115,7 @@ fn cuda_device(device: &Device) -> Result<&CudaDevice> {
     }
 }
 
-/// How GGUF weights run on the GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum GgufWeights {
-    /// Dequantized to bf16 at load; linear layers through cuBLAS.
-    #[default]
-    Bf16,
-    /// Kept in their GGUF block format; linear layers through candle's quantized kernels
-    /// (MMVQ for up to 8 rows, MMQ beyond), activations in bf16. Fewer bytes read per step;
-    /// tensors in float formats stay dense.
-    Quantized,
-}
+pub use crate::runner::GgufWeights;
 
 /// A linear layer's weight, `[out, in]`.
 #[derive(Debug)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arbor_engine::{Engine, EngineConfig};
-use arbor_model::Device;
+use arbor_model::{DeviceSpec, RunnerOptions};
 use arbor_server::{router, AppState, ServerConfig};
 use axum::body::Body;
 use axum::http::Request;
@@ -35,13 +35,16 @@ pub fn server_with(
     kv_slots: usize,
     f: impl FnOnce(&mut ServerConfig, &mut EngineConfig),
 ) -> (Router, Arc<AppState>) {
-    let loaded = arbor_model::load_model(&model_path(), &Device::Cpu).unwrap();
-    let mut engine_config = EngineConfig::for_model(&loaded.model);
-    engine_config.kv_slots = kv_slots;
+    let options = RunnerOptions {
+        kv_slots: Some(kv_slots),
+        ..Default::default()
+    };
+    let opened = arbor_model::open(&model_path(), DeviceSpec::Cpu, &options).unwrap();
+    let mut engine_config = EngineConfig::default();
     let mut config = ServerConfig::new(model_name);
     f(&mut config, &mut engine_config);
-    let engine = Engine::new(Arc::new(loaded.model), loaded.tokenizer, engine_config);
-    let state = AppState::new(engine, loaded.chat_template, &config);
+    let engine = Engine::new(opened.runner, opened.tokenizer, engine_config).unwrap();
+    let state = AppState::new(engine, opened.chat_template, &config);
     (router(state.clone()), state)
 }
 

@@ -1,4 +1,7 @@
-//! Turning logits into the next token: penalties, temperature, top-k, top-p, min-p, seeded RNG.
+//! Turning logits into the next token: penalties, temperature, top-k, top-p, min-p, seeded RNG,
+//! and the log-probabilities reported with it. This is the one definition of sampling's
+//! semantics: every runner samples this way (the CPU runner by calling it; a device sampler
+//! must give the same greedy tokens and the same distribution for seeded draws).
 //!
 //! The order follows vLLM: penalties on the raw logits, then temperature, then the truncations
 //! (top-k, top-p, min-p) on the resulting distribution, then a draw. Temperature 0 is greedy
@@ -10,7 +13,14 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::error::EngineError;
+/// A sampling parameter out of its range, naming it (the server reports it as OpenAI's
+/// `param`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{param}: {message}")]
+pub struct InvalidParam {
+    pub param: &'static str,
+    pub message: String,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -57,32 +67,42 @@ impl SamplingParams {
         Self::default()
     }
 
-    pub fn validate(&self) -> Result<(), EngineError> {
-        let bad = |m: String| Err(EngineError::InvalidParams(m));
+    /// Checks every parameter's range; the error names the first one out of range.
+    pub fn validate(&self) -> Result<(), InvalidParam> {
+        let bad = |param: &'static str, message: String| Err(InvalidParam { param, message });
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(format!(
-                "temperature must be >= 0, got {}",
-                self.temperature
-            ));
+            return bad(
+                "temperature",
+                format!("temperature must be >= 0, got {}", self.temperature),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+            return bad(
+                "top_p",
+                format!("top_p must be in (0, 1], got {}", self.top_p),
+            );
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
+            return bad(
+                "min_p",
+                format!("min_p must be in [0, 1], got {}", self.min_p),
+            );
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return bad(format!(
-                "repetition_penalty must be > 0, got {}",
-                self.repetition_penalty
-            ));
+            return bad(
+                "repetition_penalty",
+                format!(
+                    "repetition_penalty must be > 0, got {}",
+                    self.repetition_penalty
+                ),
+            );
         }
         for (name, v) in [
             ("presence_penalty", self.presence_penalty),
             ("frequency_penalty", self.frequency_penalty),
         ] {
             if !(-2.0..=2.0).contains(&v) {
-                return bad(format!("{name} must be in [-2, 2], got {v}"));
+                return bad(name, format!("{name} must be in [-2, 2], got {v}"));
             }
         }
         Ok(())
@@ -218,6 +238,41 @@ impl Sampler {
     }
 }
 
+/// Log-probabilities of a generated token under the model's distribution (the raw logits,
+/// before penalties, temperature and truncation, as vLLM and OpenAI report them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprob {
+    /// Log-softmax of `logits` at `token`, plus the `top_n` largest entries.
+    pub fn from_logits(logits: &[f32], token: u32, top_n: usize) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+        let log_z = max as f64 + sum.ln();
+        let lp = |t: u32| (logits[t as usize] as f64 - log_z) as f32;
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_logit_desc = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        let top_n = top_n.min(ids.len());
+        if top_n > 0 && top_n < ids.len() {
+            ids.select_nth_unstable_by(top_n - 1, by_logit_desc);
+        }
+        ids.truncate(top_n);
+        ids.sort_unstable_by(by_logit_desc);
+        Self {
+            logprob: lp(token),
+            top: ids.into_iter().map(|t| (t, lp(t))).collect(),
+        }
+    }
+}
+
 /// Index of the largest value; the first one on ties. NaN never wins.
 pub fn argmax(xs: &[f32]) -> u32 {
     let mut best = 0;
@@ -343,11 +398,37 @@ mod tests {
     }
 
     #[test]
+    fn logprobs_are_a_log_softmax_with_the_top_entries_in_order() {
+        // softmax([ln 1, ln 2, ln 5, ln 2]) = [0.1, 0.2, 0.5, 0.2]
+        let logits: Vec<f32> = [1.0f32, 2.0, 5.0, 2.0].iter().map(|x| x.ln()).collect();
+        let lp = TokenLogprob::from_logits(&logits, 0, 3);
+        assert!((lp.logprob - 0.1f32.ln()).abs() < 1e-5, "{}", lp.logprob);
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        // Ties (tokens 1 and 3) go to the lower id.
+        assert_eq!(ids, vec![2, 1, 3]);
+        assert!((lp.top[0].1 - 0.5f32.ln()).abs() < 1e-5);
+        assert!(TokenLogprob::from_logits(&logits, 2, 0).top.is_empty());
+        assert_eq!(TokenLogprob::from_logits(&logits, 2, 10).top.len(), 4);
+    }
+
+    #[test]
     fn invalid_params_are_rejected() {
-        assert!(params(|p| p.temperature = -1.0).validate().is_err());
+        assert_eq!(
+            params(|p| p.temperature = -1.0)
+                .validate()
+                .unwrap_err()
+                .param,
+            "temperature"
+        );
         assert!(params(|p| p.top_p = 0.0).validate().is_err());
         assert!(params(|p| p.min_p = 1.5).validate().is_err());
-        assert!(params(|p| p.presence_penalty = 3.0).validate().is_err());
+        assert_eq!(
+            params(|p| p.presence_penalty = 3.0)
+                .validate()
+                .unwrap_err()
+                .param,
+            "presence_penalty"
+        );
         assert!(params(|_| {}).validate().is_ok());
     }
 }

@@ -1,0 +1,247 @@
+//! [`open`]: a model file onto a device, as a runner with its text side. The one place that
+//! knows which backends this build has.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use super::cpu::CpuBackend;
+use super::host::{HostSampledRunner, DEFAULT_PARALLEL_SAMPLING_MIN_LOGITS};
+use super::ModelRunner;
+use crate::chat::ChatTemplate;
+use crate::error::{ModelError, Result};
+use crate::tokenizer::Tokenizer;
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    /// A CUDA GPU by ordinal (builds with the `cuda` feature).
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+    /// `cpu`, `cuda` (GPU 0) or `cuda:N`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
+                _ => Err(format!("a device is cpu, cuda or cuda:N, not {s:?}")),
+            },
+        }
+    }
+}
+
+/// How the weights are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadFormat {
+    /// Read from the model path (GGUF file or Hugging Face folder).
+    #[default]
+    Auto,
+    /// Random weights of the shapes the path's `config.json` describes (GPU benchmarks of
+    /// models that are not here).
+    Dummy,
+}
+
+/// How GGUF weights run on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GgufWeights {
+    /// Dequantized to bf16 at load; linear layers through cuBLAS.
+    #[default]
+    Bf16,
+    /// Kept in their GGUF block format; linear layers through candle's quantized kernels
+    /// (MMVQ for up to 8 rows, MMQ beyond), activations in bf16. Fewer bytes read per step;
+    /// tensors in float formats stay dense.
+    Quantized,
+}
+
+/// What [`open`] may be told; `Default` is a real model with the backend's defaults.
+#[derive(Debug, Clone)]
+pub struct RunnerOptions {
+    /// KV pool size in token slots (default: the backend's memory budget, at least one
+    /// context).
+    pub kv_slots: Option<usize>,
+    pub load_format: LoadFormat,
+    /// GPU only: GGUF weights dequantized to bf16 (default) or kept quantized.
+    pub gguf_weights: Option<GgufWeights>,
+    /// With [`LoadFormat::Dummy`]: a tokenizer folder (default: one token per character).
+    pub tokenizer: Option<PathBuf>,
+    /// Seed of dummy weights.
+    pub seed: u64,
+    /// Steps with at least this many logits sample on several threads.
+    pub parallel_sampling_min_logits: usize,
+}
+
+impl Default for RunnerOptions {
+    fn default() -> Self {
+        Self {
+            kv_slots: None,
+            load_format: LoadFormat::Auto,
+            gguf_weights: None,
+            tokenizer: None,
+            seed: 0,
+            parallel_sampling_min_logits: DEFAULT_PARALLEL_SAMPLING_MIN_LOGITS,
+        }
+    }
+}
+
+/// A runner ready for an engine, with the text side of its model.
+pub struct OpenedModel {
+    pub runner: Box<dyn ModelRunner>,
+    pub tokenizer: Tokenizer,
+    pub chat_template: ChatTemplate,
+}
+
+impl std::fmt::Debug for OpenedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedModel")
+            .field("device", &self.runner.device_name())
+            .field("kv_slots", &self.runner.kv_slots())
+            .finish_non_exhaustive()
+    }
+}
+
+/// An option that cannot apply; the message starts with the option's name and names other
+/// options and values as `name value` (the command line turns them into its flags).
+fn invalid(message: impl Into<String>) -> ModelError {
+    ModelError::InvalidOption(message.into())
+}
+
+/// Loads `path` (a GGUF file, a Hugging Face folder, or with [`LoadFormat::Dummy`] a
+/// `config.json`) onto `device` and makes its runner. Options that do not apply to the device
+/// are errors naming the option, not silently ignored.
+pub fn open(path: &Path, device: DeviceSpec, options: &RunnerOptions) -> Result<OpenedModel> {
+    if options.kv_slots == Some(0) {
+        return Err(invalid("kv_slots must be at least 1"));
+    }
+    if options.tokenizer.is_some() && options.load_format != LoadFormat::Dummy {
+        return Err(invalid(
+            "tokenizer goes with load_format dummy (a real model brings its own)",
+        ));
+    }
+    match device {
+        DeviceSpec::Cpu => {
+            if options.load_format == LoadFormat::Dummy {
+                return Err(invalid("load_format dummy needs device cuda"));
+            }
+            if options.gguf_weights.is_some() {
+                return Err(invalid(
+                    "gguf_weights is for device cuda (the CPU runs GGUF formats as they are)",
+                ));
+            }
+            let loaded = crate::load_model(path, &crate::Device::Cpu)?;
+            let backend = CpuBackend::new(Arc::new(loaded.model), options.kv_slots);
+            Ok(OpenedModel {
+                runner: Box::new(
+                    HostSampledRunner::new(backend)
+                        .with_parallel_sampling_min_logits(options.parallel_sampling_min_logits),
+                ),
+                tokenizer: loaded.tokenizer,
+                chat_template: loaded.chat_template,
+            })
+        }
+        DeviceSpec::Cuda(ordinal) => open_cuda(path, ordinal, options),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(path: &Path, ordinal: usize, options: &RunnerOptions) -> Result<OpenedModel> {
+    use super::cuda::CudaBackend;
+    let device = crate::cuda::device(ordinal)?;
+    let started = std::time::Instant::now();
+    let loaded = match options.load_format {
+        LoadFormat::Auto => {
+            crate::cuda::load(path, &device, options.gguf_weights.unwrap_or_default())?
+        }
+        LoadFormat::Dummy => {
+            crate::cuda::load_dummy(path, options.tokenizer.as_deref(), &device, options.seed)?
+        }
+    };
+    tracing::info!(
+        "loaded {} onto cuda:{ordinal} in {:.1}s",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    let backend = CudaBackend::new(Arc::new(loaded.model), options.kv_slots)?;
+    Ok(OpenedModel {
+        runner: Box::new(
+            HostSampledRunner::new(backend)
+                .with_parallel_sampling_min_logits(options.parallel_sampling_min_logits),
+        ),
+        tokenizer: loaded.tokenizer,
+        chat_template: loaded.chat_template,
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_: &Path, _: usize, _: &RunnerOptions) -> Result<OpenedModel> {
+    Err(ModelError::Cuda(
+        "this build has no CUDA backend; build it with scripts/cuda/build.sh".into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_and_bad_ones_say_what_is_accepted() {
+        assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:3".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(3)));
+        for bad in ["gpu", "cuda:", "cuda:x", ""] {
+            let e = bad.parse::<DeviceSpec>().unwrap_err();
+            assert!(e.contains("cpu, cuda or cuda:N"), "{e}");
+        }
+    }
+
+    #[test]
+    fn options_that_do_not_apply_are_refused_by_name() {
+        let path = Path::new("no-such-model.gguf");
+        let cases = [
+            (
+                RunnerOptions {
+                    kv_slots: Some(0),
+                    ..Default::default()
+                },
+                "kv_slots",
+            ),
+            (
+                RunnerOptions {
+                    load_format: LoadFormat::Dummy,
+                    ..Default::default()
+                },
+                "load_format",
+            ),
+            (
+                RunnerOptions {
+                    gguf_weights: Some(GgufWeights::Quantized),
+                    ..Default::default()
+                },
+                "gguf_weights",
+            ),
+            (
+                RunnerOptions {
+                    tokenizer: Some("tok".into()),
+                    ..Default::default()
+                },
+                "tokenizer",
+            ),
+        ];
+        for (options, name) in cases {
+            let e = open(path, DeviceSpec::Cpu, &options)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(name), "{e}");
+        }
+        // Valid options reach the loader, which names the missing file.
+        let e = open(path, DeviceSpec::Cpu, &RunnerOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no-such-model.gguf"), "{e}");
+    }
+}
