@@ -1,51 +1,48 @@
-//! Arbor's model layer: everything that turns token ids into logits.
+//! Arbor's model layer: everything that turns token ids into sampled tokens. The folders
+//! are the architecture, each importing only from those listed before it:
 //!
-//! - [`load_model`] reads a GGUF file ([`gguf`]) or a Hugging Face folder ([`hf`]) into a
-//!   [`LoadedModel`]: the [`Llama`] weights, its [`Tokenizer`] and [`ChatTemplate`].
-//! - [`KvPool`] holds K/V per token slot; [`Llama::forward`] runs one batched step of any mix of
-//!   prefill chunks and decodes, reading each sequence's K/V through its slot list
-//!   ([`attention`]).
+//! - [`error`], [`config`] (a model's shape), [`step`] (one forward step's input, the same for
+//!   every backend), [`rope`] (positions): shared by everything below.
+//! - [`text`]: tokenizer, incremental detokenizer, chat templates.
+//! - [`weights`]: model files (GGUF, Hugging Face folders) and their configuration, tokenizer
+//!   and tensors.
+//! - [`cpu`]: the CPU backend ([`Llama`] over a [`KvPool`], Arbor's batch-invariant kernels);
+//!   [`load_model`] builds it from a model file.
+//! - `cuda` (feature `cuda`): the GPU backend, its kernels and loader.
+//! - [`sampling`]: the one definition of how logits become a token.
 //! - [`runner`]: the seam the engine drives. A [`ModelRunner`] runs a step of token ids over
-//!   KV slot ids on its own device and samples it ([`sampling`]); [`open`] makes one for a model
-//!   file and a device (CPU, or CUDA with the `cuda` feature: [`cuda`]).
-//! - [`linear`] picks the matmul kernel by weight format; [`qmatmul`] is Arbor's batch-invariant
-//!   kernel for 32-wide GGUF blocks.
+//!   KV slot ids on its own device and samples it; [`open`] makes one for a model file and a
+//!   device.
+//! - [`diagnostics`]: GPU kernel checks, the linear-layer benchmark and the CUDA profile.
 
-pub mod attention;
-pub mod chat;
-mod columns;
 pub mod config;
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-pub mod dense;
 pub mod diagnostics;
 pub mod error;
-pub mod fastmath;
-pub mod gguf;
-pub mod hf;
-pub mod kv_pool;
-pub mod linear;
-pub mod llama;
-pub mod qmatmul;
 pub mod rope;
 pub mod runner;
 pub mod sampling;
-pub mod tokenizer;
+pub mod step;
+pub mod text;
+pub mod weights;
 
 use std::path::Path;
 
 pub use candle_core::Device;
-pub use chat::{ChatMessage, ChatTemplate};
 pub use config::ModelConfig;
+pub use cpu::kv_pool::KvPool;
+pub use cpu::llama::Llama;
 pub use error::{ModelError, Result};
-pub use kv_pool::KvPool;
-pub use llama::{Llama, LogitsWanted, SeqStep};
 pub use runner::{
     open, panic_message, DeviceSpec, FaultInjector, FaultSite, ModelRunner, OpenedModel,
     RunnerOptions, Sampled, SeqId, SequenceSampling, StepOutput, StepRow,
 };
 pub use sampling::{InvalidParam, Sampler, SamplingParams, TokenLogprob};
-pub use tokenizer::{IncrementalDecoder, Tokenizer};
+pub use step::{LogitsWanted, SeqStep};
+pub use text::chat::{ChatMessage, ChatTemplate};
+pub use text::tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// `MemAvailable` from /proc/meminfo (Linux); `None` elsewhere.
 pub fn available_memory_bytes() -> Option<u64> {
@@ -70,9 +67,21 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
     }
     let started = std::time::Instant::now();
     let loaded = if path.is_dir() {
-        hf::load_hf(path, device)?
+        // Configuration and tokenizer first: a mismatch is reported before the weights load.
+        let (config, tokenizer, chat_template) = weights::hf::open_hf(path)?;
+        let mut src = weights::hf::SafetensorsWeights::load(path, config, device)?;
+        LoadedModel {
+            model: cpu::load::build(&mut src, device)?,
+            tokenizer,
+            chat_template,
+        }
     } else {
-        gguf::load_gguf(path, device)?
+        let mut file = weights::gguf::open_gguf(path)?;
+        LoadedModel {
+            model: cpu::load::build(&mut file, device)?,
+            tokenizer: file.tokenizer,
+            chat_template: file.chat_template,
+        }
     };
     let c = &loaded.model.config;
     tracing::info!(

@@ -163,8 +163,8 @@ fn dummy_model_tokenizer_larger_than_its_vocabulary() {
     let dir = common::fixtures().join("tiny-llama");
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let e = arbor_model::hf::open_tokenizer(&dir, &cfg, 10).unwrap_err();
+    let e = arbor_model::weights::hf::open_tokenizer(&dir, &cfg, 10).unwrap_err();
     assert!(matches!(e, ModelError::TokenizerMismatch(_)), "{e}");
-    let (tok, _) = arbor_model::hf::open_tokenizer(&dir, &cfg, 1 << 20).unwrap();
+    let (tok, _) = arbor_model::weights::hf::open_tokenizer(&dir, &cfg, 1 << 20).unwrap();
     assert!(!tok.encode("hello world", false).unwrap().is_empty());
 }

@@ -10,7 +10,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use arbor_model::tokenizer::{gguf_tokenizer_json, GgufVocab};
+use arbor_model::text::tokenizer::{gguf_tokenizer_json, GgufVocab};
 use arbor_model::{Device, LoadedModel};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};

@@ -243,7 +243,7 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
         bail!("--device must be a CUDA device (cuda or cuda:N)");
     };
     if let Some(config) = &a.linear_bench {
-        let cfg = arbor_model::hf::parse_config(&serde_json::from_str(&std::fs::read_to_string(
+        let cfg = arbor_model::weights::hf::parse_config(&serde_json::from_str(&std::fs::read_to_string(
             config,
         )?)?)?;
         let mut out = arbor_model::diagnostics::linear_bench(ordinal, &cfg)?;

@@ -31,8 +31,9 @@ pub use candle_core::quantized::GgmlDType;
 
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
-use crate::llama::{FlatStep, SeqStep};
 use crate::rope::Rope;
+use crate::step::{FlatStep, SeqStep};
+use crate::weights::{LayerWeight as L, Stored, Weight, WeightSource};
 use crate::{ChatTemplate, Tokenizer};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/arbor_kernels.ptx"));
@@ -266,131 +267,92 @@ impl CudaKvPool {
     }
 }
 
-/// Where a tensor's weights come from.
-enum Source<'a> {
-    Gguf(&'a mut crate::gguf::GgufModelFile, &'a Path, GgufWeights),
-    Hf(std::collections::HashMap<String, Tensor>),
-    Dummy,
+/// Random weights of a config's shapes, made on the GPU (`--load-format dummy`).
+struct DummyWeights {
+    config: ModelConfig,
+    device: Device,
 }
 
-impl Source<'_> {
-    /// A weight by its Hugging Face name, as bf16 on `device`, checked against `shape`.
-    fn get(&mut self, hf_name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
-        let t = match self {
-            Source::Gguf(f, path, _) => {
-                let name = gguf_name(hf_name);
-                f.tensor(&name, path)?
-                    .dequantize(&Device::Cpu)?
-                    .to_dtype(DType::BF16)?
-                    .to_device(device)?
-            }
-            Source::Hf(map) => map
-                .remove(hf_name)
-                .ok_or_else(|| ModelError::MissingTensor(hf_name.to_string()))?
-                .to_dtype(DType::BF16)?,
-            Source::Dummy => {
-                if hf_name.ends_with("norm.weight") {
-                    Tensor::ones(shape, DType::BF16, device)?
-                } else {
-                    // Small random weights keep activations finite through many layers.
-                    Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(DType::BF16)?
-                }
-            }
-        };
-        if t.dims() != shape {
-            return Err(ModelError::BadShape {
-                name: hf_name.into(),
-                actual: t.dims().to_vec(),
-                expected: shape.to_vec(),
-            });
-        }
-        Ok(t)
+impl WeightSource for DummyWeights {
+    fn config(&self) -> &ModelConfig {
+        &self.config
     }
-}
 
-impl Source<'_> {
-    /// A linear layer's weight: `parts` (Hugging Face names and `[out, in]` shapes) stacked
-    /// along the output dimension. Quantized where asked for and every part has the same
-    /// block format (stacking rows of one format is concatenating their bytes), else bf16.
-    fn linear(&mut self, parts: &[(&str, [usize; 2])], device: &Device) -> Result<GpuLinear> {
-        if let Some(q) = self.quantized(parts, device)? {
-            return Ok(GpuLinear::Quantized(q));
-        }
-        let mut dense = Vec::with_capacity(parts.len());
-        for (name, shape) in parts {
-            dense.push(self.get(name, shape, device)?);
-        }
-        Ok(GpuLinear::Dense(if dense.len() == 1 {
-            dense.remove(0)
+    fn get(&mut self, w: Weight) -> Result<Stored> {
+        let shape = w.shape(&self.config);
+        Ok(Stored::Dense(if w.hf_name().ends_with("norm.weight") {
+            Tensor::ones(shape, DType::BF16, &self.device)?
         } else {
-            Tensor::cat(&dense, 0)?
+            // Small random weights keep activations finite through many layers.
+            Tensor::randn(0f32, 0.02, shape, &self.device)?.to_dtype(DType::BF16)?
         }))
     }
-
-    fn quantized(
-        &mut self,
-        parts: &[(&str, [usize; 2])],
-        device: &Device,
-    ) -> Result<Option<candle_core::quantized::QMatMul>> {
-        use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-        let Source::Gguf(f, path, GgufWeights::Quantized) = self else {
-            return Ok(None);
-        };
-        let mut tensors = Vec::with_capacity(parts.len());
-        for (name, shape) in parts {
-            let t = f.tensor(&gguf_name(name), path)?;
-            if t.shape().dims() != shape {
-                return Err(ModelError::BadShape {
-                    name: name.to_string(),
-                    actual: t.shape().dims().to_vec(),
-                    expected: shape.to_vec(),
-                });
-            }
-            tensors.push(t);
-        }
-        let dtype = tensors[0].dtype();
-        let float = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-        if float || tensors.iter().any(|t| t.dtype() != dtype) {
-            return Ok(None);
-        }
-        let mut bytes = Vec::new();
-        for t in &tensors {
-            bytes.extend_from_slice(&t.data()?);
-        }
-        let rows: usize = parts.iter().map(|(_, s)| s[0]).sum();
-        let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), device, dtype)?;
-        let qt = QTensor::new(storage, (rows, parts[0].1[1]))?;
-        Ok(Some(QMatMul::from_qtensor(qt)?))
-    }
 }
 
-/// The GGUF name of a Hugging Face tensor name.
-fn gguf_name(hf: &str) -> String {
-    if let Some(rest) = hf.strip_prefix("model.layers.") {
-        let (i, what) = rest.split_once('.').unwrap_or((rest, ""));
-        let mapped = match what {
-            "self_attn.q_proj.weight" => "attn_q.weight",
-            "self_attn.k_proj.weight" => "attn_k.weight",
-            "self_attn.v_proj.weight" => "attn_v.weight",
-            "self_attn.q_proj.bias" => "attn_q.bias",
-            "self_attn.k_proj.bias" => "attn_k.bias",
-            "self_attn.v_proj.bias" => "attn_v.bias",
-            "self_attn.o_proj.weight" => "attn_output.weight",
-            "mlp.gate_proj.weight" => "ffn_gate.weight",
-            "mlp.up_proj.weight" => "ffn_up.weight",
-            "mlp.down_proj.weight" => "ffn_down.weight",
-            "input_layernorm.weight" => "attn_norm.weight",
-            "post_attention_layernorm.weight" => "ffn_norm.weight",
-            other => other,
-        };
-        return format!("blk.{i}.{mapped}");
+/// A weight as bf16 on `device`.
+fn dense_bf16(t: Stored, device: &Device) -> Result<Tensor> {
+    Ok(match t {
+        Stored::Quantized(q) => q
+            .dequantize(&Device::Cpu)?
+            .to_dtype(DType::BF16)?
+            .to_device(device)?,
+        Stored::Dense(t) => t.to_dtype(DType::BF16)?.to_device(device)?,
+    })
+}
+
+/// A linear layer's weight: `parts` (`[out, in]` each) stacked along the output dimension.
+/// With `keep_quantized`, GGUF block formats stay as they are when every part has the same one
+/// (stacking rows of one format is concatenating their bytes); otherwise bf16.
+fn gpu_linear(
+    src: &mut dyn WeightSource,
+    parts: &[Weight],
+    keep_quantized: bool,
+    device: &Device,
+) -> Result<GpuLinear> {
+    use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+    let mut stored = Vec::with_capacity(parts.len());
+    for &w in parts {
+        stored.push(src.get(w)?);
     }
-    match hf {
-        "model.embed_tokens.weight" => "token_embd.weight".into(),
-        "model.norm.weight" => "output_norm.weight".into(),
-        "lm_head.weight" => "output.weight".into(),
-        other => other.into(),
+    if keep_quantized {
+        let dtypes: Vec<Option<GgmlDType>> = stored
+            .iter()
+            .map(|t| match t {
+                Stored::Quantized(q) => Some(q.dtype()),
+                Stored::Dense(_) => None,
+            })
+            .collect();
+        let first = dtypes[0];
+        let float = matches!(
+            first,
+            None | Some(GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+        );
+        if !float && dtypes.iter().all(|d| *d == first) {
+            let dtype = first.expect("checked above");
+            let mut bytes = Vec::new();
+            let mut rows = 0;
+            let mut cols = 0;
+            for t in &stored {
+                if let Stored::Quantized(q) = t {
+                    bytes.extend_from_slice(&q.data()?);
+                    rows += q.shape().dims()[0];
+                    cols = q.shape().dims()[1];
+                }
+            }
+            let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), device, dtype)?;
+            let qt = QTensor::new(storage, (rows, cols))?;
+            return Ok(GpuLinear::Quantized(QMatMul::from_qtensor(qt)?));
+        }
     }
+    let mut dense = Vec::with_capacity(stored.len());
+    for t in stored {
+        dense.push(dense_bf16(t, device)?);
+    }
+    Ok(GpuLinear::Dense(if dense.len() == 1 {
+        dense.remove(0)
+    } else {
+        Tensor::cat(&dense, 0)?
+    }))
 }
 
 /// A GPU model with its text side.
@@ -407,23 +369,18 @@ pub fn load(path: &Path, device: &Device, gguf_weights: GgufWeights) -> Result<L
         return Err(ModelError::NotFound(path.to_path_buf()));
     }
     if path.is_dir() {
-        let (config, tokenizer, chat_template) = crate::hf::open_hf(path)?;
-        let mut tensors = std::collections::HashMap::new();
-        for file in crate::hf::weight_files(path)? {
-            let loaded = candle_core::safetensors::load(&file, device)
-                .map_err(|e| ModelError::BadConfig(format!("{}: {e}", file.display())))?;
-            tensors.extend(loaded);
-        }
-        let model = CudaLlama::build(config, Source::Hf(tensors), device)?;
+        let (config, tokenizer, chat_template) = crate::weights::hf::open_hf(path)?;
+        let mut src = crate::weights::hf::SafetensorsWeights::load(path, config, device)?;
+        let model = CudaLlama::build(&mut src, false, device)?;
         Ok(LoadedCuda {
             model,
             tokenizer,
             chat_template,
         })
     } else {
-        let mut file = crate::gguf::open_gguf(path, &Device::Cpu)?;
-        let config = file.config.clone();
-        let model = CudaLlama::build(config, Source::Gguf(&mut file, path, gguf_weights), device)?;
+        let mut file = crate::weights::gguf::open_gguf(path)?;
+        let keep_quantized = gguf_weights == GgufWeights::Quantized;
+        let model = CudaLlama::build(&mut file, keep_quantized, device)?;
         Ok(LoadedCuda {
             model,
             tokenizer: file.tokenizer,
@@ -453,16 +410,20 @@ pub fn load_dummy(
     })?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| ModelError::BadConfig(format!("{}: {e}", path.display())))?;
-    let config = crate::hf::parse_config(&json)?;
+    let config = crate::weights::hf::parse_config(&json)?;
     let (tokenizer, chat_template) = match tokenizer_dir {
-        Some(dir) => crate::hf::open_tokenizer(dir, &json, config.vocab_size)?,
+        Some(dir) => crate::weights::hf::open_tokenizer(dir, &json, config.vocab_size)?,
         None => (
             Tokenizer::placeholder(config.vocab_size)?,
-            ChatTemplate::new(crate::chat::CHATML_TEMPLATE, "", "")?,
+            ChatTemplate::new(crate::text::chat::CHATML_TEMPLATE, "", "")?,
         ),
     };
     device.set_seed(seed)?;
-    let model = CudaLlama::build(config, Source::Dummy, device)?;
+    let mut src = DummyWeights {
+        config,
+        device: device.clone(),
+    };
+    let model = CudaLlama::build(&mut src, false, device)?;
     Ok(LoadedCuda {
         model,
         tokenizer,
@@ -471,7 +432,10 @@ pub fn load_dummy(
 }
 
 impl CudaLlama {
-    fn build(config: ModelConfig, mut src: Source, device: &Device) -> Result<Self> {
+    /// The model from `src`: bf16 weights, or GGUF blocks kept as they are with
+    /// `keep_quantized` (see [`GgufWeights`]).
+    fn build(src: &mut dyn WeightSource, keep_quantized: bool, device: &Device) -> Result<Self> {
+        let config = src.config().clone();
         config.validate()?;
         if !config.head_dim.is_multiple_of(2) || config.head_dim > 256 {
             return Err(ModelError::BadConfig(format!(
@@ -479,55 +443,35 @@ impl CudaLlama {
                 config.head_dim
             )));
         }
-        let (h, q, kv, f) = (
-            config.hidden_size,
-            config.q_dim(),
-            config.kv_dim(),
-            config.intermediate_size,
-        );
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
-            let p = format!("model.layers.{i}");
-            let name = |n: &str| format!("{p}.{n}");
-            let (qn, kn, vn) = (
-                name("self_attn.q_proj.weight"),
-                name("self_attn.k_proj.weight"),
-                name("self_attn.v_proj.weight"),
-            );
-            let qkv = src.linear(&[(&qn, [q, h]), (&kn, [kv, h]), (&vn, [kv, h])], device)?;
+            let w = |role: L| Weight::Layer(i, role);
+            let qkv = gpu_linear(src, &[w(L::Q), w(L::K), w(L::V)], keep_quantized, device)?;
             let qkv_bias = if config.qkv_bias {
-                let mut b = |n: &str, len: usize| src.get(&name(n), &[len], device);
-                Some(Tensor::cat(
-                    &[
-                        b("self_attn.q_proj.bias", q)?,
-                        b("self_attn.k_proj.bias", kv)?,
-                        b("self_attn.v_proj.bias", kv)?,
-                    ],
-                    0,
-                )?)
+                let mut b = |role: L| dense_bf16(src.get(w(role))?, device);
+                Some(Tensor::cat(&[b(L::QBias)?, b(L::KBias)?, b(L::VBias)?], 0)?)
             } else {
                 None
             };
-            let (gn, un) = (name("mlp.gate_proj.weight"), name("mlp.up_proj.weight"));
-            let gate_up = src.linear(&[(&gn, [f, h]), (&un, [f, h])], device)?;
-            let wo = src.linear(&[(&name("self_attn.o_proj.weight"), [h, q])], device)?;
-            let down = src.linear(&[(&name("mlp.down_proj.weight"), [h, f])], device)?;
+            let gate_up = gpu_linear(src, &[w(L::Gate), w(L::Up)], keep_quantized, device)?;
+            let wo = gpu_linear(src, &[w(L::O)], keep_quantized, device)?;
+            let down = gpu_linear(src, &[w(L::Down)], keep_quantized, device)?;
             layers.push(CudaLayer {
-                attn_norm: src.get(&name("input_layernorm.weight"), &[h], device)?,
+                attn_norm: dense_bf16(src.get(w(L::AttnNorm))?, device)?,
                 qkv,
                 qkv_bias,
                 wo,
-                ffn_norm: src.get(&name("post_attention_layernorm.weight"), &[h], device)?,
+                ffn_norm: dense_bf16(src.get(w(L::FfnNorm))?, device)?,
                 gate_up,
                 down,
             });
         }
-        let embed = src.get("model.embed_tokens.weight", &[config.vocab_size, h], device)?;
-        let final_norm = src.get("model.norm.weight", &[h], device)?;
+        let embed = dense_bf16(src.get(Weight::TokenEmbedding)?, device)?;
+        let final_norm = dense_bf16(src.get(Weight::FinalNorm)?, device)?;
         let lm_head = if config.tie_word_embeddings {
             GpuLinear::Dense(embed.clone())
         } else {
-            src.linear(&[("lm_head.weight", [config.vocab_size, h])], device)?
+            gpu_linear(src, &[Weight::LmHead], keep_quantized, device)?
         };
         let rope = Rope::new(&config);
         let (cos, sin) = rope.full_tables(config.max_position_embeddings);

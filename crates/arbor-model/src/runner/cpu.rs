@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use super::host::LogitsBackend;
 use crate::config::ModelConfig;
+use crate::cpu::kv_pool::KvPool;
+use crate::cpu::llama::Llama;
 use crate::error::Result;
-use crate::kv_pool::KvPool;
-use crate::llama::{Llama, LogitsWanted, SeqStep};
+use crate::step::{LogitsWanted, SeqStep};
 
 /// Share of the host memory available at start that the default CPU KV pool may take: the
 /// rest is for the weights' working buffers, the OS and whatever else runs on the machine.

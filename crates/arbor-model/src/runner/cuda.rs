@@ -8,7 +8,7 @@ use super::host::LogitsBackend;
 use crate::config::ModelConfig;
 use crate::cuda::{CudaKvPool, CudaLlama};
 use crate::error::Result;
-use crate::llama::{LogitsWanted, SeqStep};
+use crate::step::{LogitsWanted, SeqStep};
 
 /// Share of the GPU memory free after loading the weights that the default KV pool takes: the
 /// rest is for activations and cuBLAS workspaces.

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use super::host::{HostSampledRunner, LogitsBackend};
 use crate::config::{ModelConfig, RopeScaling, RopeStyle};
 use crate::error::{ModelError, Result};
-use crate::llama::{LogitsWanted, SeqStep};
-use crate::tokenizer::Tokenizer;
+use crate::step::{LogitsWanted, SeqStep};
+use crate::text::tokenizer::Tokenizer;
 
 /// The toy model's end-of-sequence token.
 pub const FAKE_EOS: u32 = 3;

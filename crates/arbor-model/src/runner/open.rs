@@ -8,9 +8,9 @@ use std::sync::Arc;
 use super::cpu::CpuBackend;
 use super::host::{HostSampledRunner, DEFAULT_PARALLEL_SAMPLING_MIN_LOGITS};
 use super::ModelRunner;
-use crate::chat::ChatTemplate;
 use crate::error::{ModelError, Result};
-use crate::tokenizer::Tokenizer;
+use crate::text::chat::ChatTemplate;
+use crate::text::tokenizer::Tokenizer;
 
 /// Where a model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

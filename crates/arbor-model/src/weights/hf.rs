@@ -7,13 +7,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use crate::chat::{ChatTemplate, CHATML_TEMPLATE};
 use crate::config::{ModelConfig, RopeScaling, RopeStyle};
 use crate::error::{ModelError, Result};
-use crate::linear::{FusedLinear, Linear};
-use crate::llama::{Embedding, Layer, Llama};
-use crate::tokenizer::Tokenizer;
-use crate::LoadedModel;
+use crate::text::chat::{ChatTemplate, CHATML_TEMPLATE};
+use crate::text::tokenizer::Tokenizer;
+use crate::weights::{check_shape, Stored, Weight, WeightSource};
 
 const SUPPORTED: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
 
@@ -248,86 +246,42 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-pub fn load_hf(dir: &Path, device: &Device) -> Result<LoadedModel> {
-    let (config, tokenizer, chat_template) = open_hf(dir)?;
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for file in safetensor_files(dir)? {
-        if !file.exists() {
-            return Err(ModelError::NotFound(file));
-        }
-        let loaded = candle_core::safetensors::load(&file, device)
-            .map_err(|e| ModelError::BadConfig(format!("{}: {e}", file.display())))?;
-        tensors.extend(loaded);
-    }
-    let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
-        let t = tensors
-            .remove(name)
-            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        if t.dims() != shape {
-            return Err(ModelError::BadShape {
-                name: name.into(),
-                actual: t.dims().to_vec(),
-                expected: shape.to_vec(),
-            });
-        }
-        Ok(t.to_dtype(candle_core::DType::F32)?)
-    };
-    let (h, q, kv, ffn) = (
-        config.hidden_size,
-        config.q_dim(),
-        config.kv_dim(),
-        config.intermediate_size,
-    );
-    let mut layers = Vec::with_capacity(config.num_layers);
-    for i in 0..config.num_layers {
-        let p = format!("model.layers.{i}");
-        let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let w = take(&format!("{p}.{name}.weight"), &[out, inp])?;
-            let b = if bias {
-                Some(take(&format!("{p}.{name}.bias"), &[out])?)
-            } else {
-                None
-            };
-            Linear::from_dense(w, b)
-        };
-        let wq = lin("self_attn.q_proj", q, h, config.qkv_bias)?;
-        let wk = lin("self_attn.k_proj", kv, h, config.qkv_bias)?;
-        let wv = lin("self_attn.v_proj", kv, h, config.qkv_bias)?;
-        let wo = lin("self_attn.o_proj", h, q, false)?;
-        let w_gate = lin("mlp.gate_proj", ffn, h, false)?;
-        let w_up = lin("mlp.up_proj", ffn, h, false)?;
-        let w_down = lin("mlp.down_proj", h, ffn, false)?;
-        layers.push(Layer {
-            qkv: FusedLinear::new(vec![wq, wk, wv]),
-            wo,
-            gate_up: FusedLinear::new(vec![w_gate, w_up]),
-            w_down,
-            attn_norm: take(&format!("{p}.input_layernorm.weight"), &[h])?.to_vec1::<f32>()?,
-            ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"), &[h])?
-                .to_vec1::<f32>()?,
-        });
-    }
-    let embed = take("model.embed_tokens.weight", &[config.vocab_size, h])?;
-    let final_norm = take("model.norm.weight", &[h])?.to_vec1::<f32>()?;
-    let lm_head = if config.tie_word_embeddings {
-        Linear::from_dense(embed.clone(), None)?
-    } else {
-        Linear::from_dense(take("lm_head.weight", &[config.vocab_size, h])?, None)?
-    };
+/// A Hugging Face folder's safetensors, loaded onto a device, as a [`WeightSource`].
+pub struct SafetensorsWeights {
+    config: ModelConfig,
+    tensors: HashMap<String, Tensor>,
+}
 
-    let model = Llama::new(
-        config,
-        Embedding::Dense(embed),
-        layers,
-        final_norm,
-        lm_head,
-        device.clone(),
-    )?;
-    Ok(LoadedModel {
-        model,
-        tokenizer,
-        chat_template,
-    })
+impl SafetensorsWeights {
+    /// Every tensor of `dir`'s safetensors files (single or sharded), on `device`.
+    pub fn load(dir: &Path, config: ModelConfig, device: &Device) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        for file in weight_files(dir)? {
+            let loaded = candle_core::safetensors::load(&file, device)
+                .map_err(|e| ModelError::BadConfig(format!("{}: {e}", file.display())))?;
+            tensors.extend(loaded);
+        }
+        Ok(Self { config, tensors })
+    }
+}
+
+impl WeightSource for SafetensorsWeights {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Each tensor is handed over once (its memory leaves with it), except the embedding,
+    /// which a tied LM head asks for again.
+    fn get(&mut self, w: Weight) -> Result<Stored> {
+        let name = w.hf_name();
+        let t = if w == Weight::TokenEmbedding {
+            self.tensors.get(&name).cloned()
+        } else {
+            self.tensors.remove(&name)
+        }
+        .ok_or_else(|| ModelError::MissingTensor(name.clone()))?;
+        check_shape(Stored::Dense(t), w, &name, &self.config)
+    }
 }
 
 fn chat_template_source(dir: &Path, tok_cfg: Option<&Value>) -> Result<Option<String>> {

@@ -28,7 +28,7 @@ use half::f16;
 use rayon::prelude::*;
 
 pub const QK: usize = 32;
-use crate::columns::ROW_TILE;
+use crate::cpu::columns::ROW_TILE;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockFormat {
@@ -199,7 +199,7 @@ impl BlockMatrix {
         } else {
             quantize_row(x, with_sum).collect()
         };
-        crate::columns::par_columns(m, self.rows, |c, r0, out| {
+        crate::cpu::columns::par_columns(m, self.rows, |c, r0, out| {
             let a = &acts[r0 * nb..(r0 + out.len()) * nb];
             dot_rows(self.format, self.row(c), a, nb, out);
         })

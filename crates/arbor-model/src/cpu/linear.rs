@@ -1,14 +1,14 @@
 //! Linear layers, with the kernel chosen by weight format.
 //!
 //! - Q4_0, Q4_1, Q8_0 (and Q5_0/Q5_1, re-quantized to Q8_0 at load): Arbor's batch-invariant
-//!   block kernel ([`crate::qmatmul`]), the same arithmetic as llama.cpp, for prefill and
+//!   block kernel ([`crate::cpu::qmatmul`]), the same arithmetic as llama.cpp, for prefill and
 //!   decode alike. candle 0.11's Q4_1/Q5_x dot products are scalar loops (shared/cpu/README.md).
 //! - K-quants: candle's quantized matmul (AVX2 dot products). Each row is computed on its own,
 //!   but candle picks a different (repacked) kernel for Q6_K when there is more than one row, so
 //!   K-quant models are batch-invariant only up to the last bits; an own K-quant kernel would
 //!   close that.
 //! - F32/F16/BF16 (Hugging Face folders): f32 weights through Arbor's batch-invariant dense
-//!   kernel ([`crate::dense`]).
+//!   kernel ([`crate::cpu::dense`]).
 //!
 //! Why not dequantized f32 weights through a GEMM for prefill, which measured 2x faster than
 //! candle's quantized matmul? Because a token's K/V would then depend on whether it went
@@ -18,9 +18,9 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::dense::DenseMatrix;
+use crate::cpu::dense::DenseMatrix;
+use crate::cpu::qmatmul::{BlockFormat, BlockMatrix};
 use crate::error::Result;
-use crate::qmatmul::{BlockFormat, BlockMatrix};
 
 #[derive(Debug, Clone)]
 enum Kernel {

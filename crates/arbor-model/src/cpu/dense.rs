@@ -9,7 +9,7 @@
 //!
 //! Four activation rows share each weight chunk loaded, like the block kernel's row tile.
 
-use crate::columns::ROW_TILE;
+use crate::cpu::columns::ROW_TILE;
 
 #[derive(Debug, Clone)]
 pub struct DenseMatrix {
@@ -37,7 +37,7 @@ impl DenseMatrix {
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);
         assert_eq!(x.len(), m * k, "activation shape does not match the weight");
-        crate::columns::par_columns(m, n, |c, r0, out| {
+        crate::cpu::columns::par_columns(m, n, |c, r0, out| {
             let xs = &x[r0 * k..(r0 + out.len()) * k];
             dot_rows(&self.data[c * k..(c + 1) * k], xs, out);
         })

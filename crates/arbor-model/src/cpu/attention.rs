@@ -480,7 +480,7 @@ fn softmax_f16(row: &mut [f32], scratch: &mut [f16]) -> (f32, f64) {
     let mut sums = [0f64; 4];
     for chunk in row.chunks_mut(4) {
         for (s, x) in sums.iter_mut().zip(chunk.iter_mut()) {
-            *x = crate::fastmath::exp(*x - max);
+            *x = crate::cpu::fastmath::exp(*x - max);
             *s += *x as f64;
         }
     }

@@ -1,21 +1,20 @@
-//! Loading a Llama-family model, its tokenizer and chat template from one GGUF file.
+//! A GGUF file: a Llama-family model's configuration, tokenizer and chat template, and its
+//! tensors as a [`WeightSource`].
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 
-use crate::chat::{ChatTemplate, CHATML_TEMPLATE};
 use crate::config::{ModelConfig, RopeScaling, RopeStyle};
 use crate::error::{ModelError, Result};
-use crate::linear::{FusedLinear, Linear};
-use crate::llama::{Embedding, Layer, Llama};
-use crate::tokenizer::{tokenizer_from_gguf, GgufVocab, Tokenizer};
-use crate::LoadedModel;
+use crate::text::chat::{ChatTemplate, CHATML_TEMPLATE};
+use crate::text::tokenizer::{tokenizer_from_gguf, GgufVocab, Tokenizer};
+use crate::weights::{check_shape, Stored, Weight, WeightSource};
 
 /// GGUF architectures of the Llama decoder family and how RoPE pairs their dimensions.
 fn rope_style_for(arch: &str) -> Option<RopeStyle> {
@@ -99,6 +98,7 @@ fn bad_gguf(path: &Path, reason: impl std::fmt::Display) -> ModelError {
 /// A GGUF file's parsed header: the model's configuration, tokenizer and chat template, and
 /// the open file to read tensors from (shared by the CPU loader and the CUDA one).
 pub struct GgufModelFile {
+    pub path: PathBuf,
     pub content: Content,
     pub reader: BufReader<File>,
     pub config: ModelConfig,
@@ -108,20 +108,34 @@ pub struct GgufModelFile {
 
 impl GgufModelFile {
     /// Reads a tensor by name, in its GGUF format, into host memory.
-    pub fn tensor(&mut self, name: &str, path: &Path) -> Result<QTensor> {
-        TensorSource {
-            content: &self.content,
-            reader: &mut self.reader,
-            device: &Device::Cpu,
-            path,
-        }
-        .tensor(name)
+    pub fn tensor(&mut self, name: &str) -> Result<QTensor> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        check_dtype(name, info.ggml_dtype)?;
+        self.content
+            .tensor(&mut self.reader, name, &Device::Cpu)
+            .map_err(|e| bad_gguf(&self.path, format!("{name}: {e}")))
+    }
+}
+
+impl WeightSource for GgufModelFile {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn get(&mut self, w: Weight) -> Result<Stored> {
+        let name = w.gguf_name();
+        let t = Stored::Quantized(self.tensor(&name)?);
+        check_shape(t, w, &name, &self.config)
     }
 }
 
 /// Opens a GGUF model file: checks that it is complete and reads its configuration, tokenizer
 /// and chat template.
-pub fn open_gguf(path: &Path, device: &Device) -> Result<GgufModelFile> {
+pub fn open_gguf(path: &Path) -> Result<GgufModelFile> {
     let io = |source| ModelError::Io {
         path: path.to_path_buf(),
         source,
@@ -186,8 +200,12 @@ pub fn open_gguf(path: &Path, device: &Device) -> Result<GgufModelFile> {
     let vocab_size = embd_info.shape.dims().first().copied().unwrap_or(0);
 
     let freq_factors = if content.tensor_infos.contains_key("rope_freqs.weight") {
-        let t = content.tensor(&mut reader, "rope_freqs.weight", device)?;
-        Some(t.dequantize(device)?.flatten_all()?.to_vec1::<f32>()?)
+        let t = content.tensor(&mut reader, "rope_freqs.weight", &Device::Cpu)?;
+        Some(
+            t.dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        )
     } else {
         None
     };
@@ -253,74 +271,10 @@ pub fn open_gguf(path: &Path, device: &Device) -> Result<GgufModelFile> {
         }
     };
     Ok(GgufModelFile {
+        path: path.to_path_buf(),
         content,
         reader,
         config,
-        tokenizer,
-        chat_template,
-    })
-}
-
-pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
-    let GgufModelFile {
-        content,
-        mut reader,
-        config,
-        tokenizer,
-        chat_template,
-    } = open_gguf(path, device)?;
-    let num_layers = config.num_layers;
-    let mut src = TensorSource {
-        content: &content,
-        reader: &mut reader,
-        device,
-        path,
-    };
-    let (h, q_dim, kv_dim, ffn) = (
-        config.hidden_size,
-        config.q_dim(),
-        config.kv_dim(),
-        config.intermediate_size,
-    );
-    let bias = config.qkv_bias;
-    let mut layers = Vec::with_capacity(num_layers);
-    for i in 0..num_layers {
-        let p = format!("blk.{i}");
-        layers.push(Layer {
-            qkv: FusedLinear::new(vec![
-                src.linear(&format!("{p}.attn_q"), q_dim, h, bias)?,
-                src.linear(&format!("{p}.attn_k"), kv_dim, h, bias)?,
-                src.linear(&format!("{p}.attn_v"), kv_dim, h, bias)?,
-            ]),
-            wo: src.linear(&format!("{p}.attn_output"), h, q_dim, false)?,
-            gate_up: FusedLinear::new(vec![
-                src.linear(&format!("{p}.ffn_gate"), ffn, h, false)?,
-                src.linear(&format!("{p}.ffn_up"), ffn, h, false)?,
-            ]),
-            w_down: src.linear(&format!("{p}.ffn_down"), h, ffn, false)?,
-            attn_norm: src.norm(&format!("{p}.attn_norm.weight"), h)?,
-            ffn_norm: src.norm(&format!("{p}.ffn_norm.weight"), h)?,
-        });
-    }
-    let final_norm = src.norm("output_norm.weight", h)?;
-    let lm_head_name = if config.tie_word_embeddings {
-        "token_embd"
-    } else {
-        "output"
-    };
-    let lm_head = src.linear(lm_head_name, config.vocab_size, h, false)?;
-    let embedding = Embedding::Quantized(Box::new(src.tensor("token_embd.weight")?));
-
-    let model = Llama::new(
-        config,
-        embedding,
-        layers,
-        final_norm,
-        lm_head,
-        device.clone(),
-    )?;
-    Ok(LoadedModel {
-        model,
         tokenizer,
         chat_template,
     })
@@ -380,59 +334,4 @@ fn gguf_tokenizer(meta: &Meta, config: &ModelConfig) -> Result<Tokenizer> {
         }
     }
     tokenizer_from_gguf(&vocab, bos, eos, add_bos, &extra)
-}
-
-/// Reads named tensors out of an open GGUF file.
-struct TensorSource<'a, R> {
-    content: &'a Content,
-    reader: &'a mut R,
-    device: &'a Device,
-    path: &'a Path,
-}
-
-impl<R: std::io::Read + std::io::Seek> TensorSource<'_, R> {
-    fn tensor(&mut self, name: &str) -> Result<QTensor> {
-        let info = self
-            .content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        check_dtype(name, info.ggml_dtype)?;
-        self.content
-            .tensor(self.reader, name, self.device)
-            .map_err(|e| bad_gguf(self.path, format!("{name}: {e}")))
-    }
-
-    fn norm(&mut self, name: &str, len: usize) -> Result<Vec<f32>> {
-        let t = self.tensor(name)?.dequantize(self.device)?;
-        if t.dims() != [len] {
-            return Err(ModelError::BadShape {
-                name: name.into(),
-                actual: t.dims().to_vec(),
-                expected: vec![len],
-            });
-        }
-        Ok(t.to_vec1::<f32>()?)
-    }
-
-    fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let weight_name = format!("{name}.weight");
-        let w = self.tensor(&weight_name)?;
-        if w.shape().dims() != [out, inp] {
-            return Err(ModelError::BadShape {
-                name: weight_name,
-                actual: w.shape().dims().to_vec(),
-                expected: vec![out, inp],
-            });
-        }
-        let b = if bias {
-            Some(
-                self.tensor(&format!("{name}.bias"))?
-                    .dequantize(self.device)?,
-            )
-        } else {
-            None
-        };
-        Linear::from_qtensor(w, b, self.device)
-    }
 }
