@@ -16,6 +16,11 @@ Usage:
   python3 scripts/bench_cpu.py --arbor target/release/arbor \
       --llama-python /path/to/venv/bin/python --model models/SmolLM2-135M-Instruct.Q4_1.gguf
 where the venv has `llama-cpp-python[server]==0.3.36` (see shared/peers/README.md).
+
+Two Arbor builds against each other instead (before/after a change), alternated the same way:
+  python3 scripts/bench_cpu.py --arbor NEW_BIN --baseline OLD_BIN
+Prompts are then cut by characters (about 4 per token); the table shows the real token counts
+each run reported.
 """
 import argparse
 import json
@@ -76,15 +81,57 @@ def arbor_run(arbor, model, prompt, n_gen):
     return {"prompt_tokens": int(m[1]), "prefill_tps": float(m[4]), "decode_tps": float(m[6]), "generated": int(m[5])}
 
 
+def prompt_by_chars(target_tokens, run):
+    text = context_text()
+    out = f"Run {run}.\n"
+    while len(out) < 4 * target_tokens:
+        out += text + "\n\n"
+    return out[: 4 * target_tokens]
+
+
+def ab(args):
+    """The same prompts through two Arbor binaries, alternated; medians and their ratio."""
+    engines = {"before": args.baseline, "after": args.arbor}
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        res = {k: [] for k in engines}
+        for run in range(args.runs):
+            prompt = prompt_by_chars(size, run)
+            # Each build goes first in every other run, so that an order effect (caches, clock
+            # boost after a pause) does not favour one of them.
+            order = list(engines.items())
+            if run % 2:
+                order.reverse()
+            for name, binary in order:
+                res[name].append(arbor_run(binary, args.model, prompt, args.gen))
+            print(size, run, {k: v[-1] for k, v in res.items()}, file=sys.stderr, flush=True)
+        med = {k: {m: statistics.median(r[m] for r in v) for m in ("prompt_tokens", "prefill_tps", "decode_tps")}
+               for k, v in res.items()}
+        rows.append((size, med))
+    print("| prompt | build | prompt tokens | prefill tok/s | decode tok/s |")
+    print("|---|---|---|---|---|")
+    for size, med in rows:
+        for name in engines:
+            m = med[name]
+            print(f"| ~{size} | {name} | {m['prompt_tokens']:.0f} | {m['prefill_tps']:.1f} | {m['decode_tps']:.1f} |")
+        a, b = med["after"], med["before"]
+        print(f"| ~{size} | after / before | | {a['prefill_tps'] / b['prefill_tps']:.3f} | {a['decode_tps'] / b['decode_tps']:.3f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arbor", default=str(ROOT / "target/release/arbor"))
-    ap.add_argument("--llama-python", required=True)
+    ap.add_argument("--llama-python", help="python of a venv with llama-cpp-python[server]")
+    ap.add_argument("--baseline", help="another arbor binary to compare with, instead of llama.cpp")
     ap.add_argument("--model", default=str(ROOT / "models/SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--sizes", default="512,4096")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--gen", type=int, default=128)
     args = ap.parse_args()
+    if args.baseline:
+        return ab(args)
+    if not args.llama_python:
+        ap.error("give --llama-python (llama.cpp as the peer) or --baseline (another arbor build)")
 
     with LlamaCppServer(args.llama_python, args.model) as base:
         rows = []
