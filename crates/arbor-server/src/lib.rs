@@ -171,17 +171,28 @@ impl AppState {
     }
 }
 
-/// All routes, for `axum::serve` or for tests through `tower::ServiceExt::oneshot`.
+/// All routes, for `axum::serve` or for tests through `tower::ServiceExt::oneshot`. The API
+/// routes sit behind the authentication middleware; /health (and /metrics with
+/// `--metrics-public`) do not.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let auth = axum::middleware::from_fn_with_state(state.clone(), routes::require_key);
+    let mut keyed = Router::new()
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/models", get(routes::list_models))
         .route("/v1/models/{id}", get(routes::get_model))
-        .route("/health", get(routes::health))
-        .route("/metrics", get(routes::metrics))
         .route("/tokenize", post(routes::tokenize))
-        .route("/detokenize", post(routes::detokenize))
+        .route("/detokenize", post(routes::detokenize));
+    let mut open = Router::new().route("/health", get(routes::health));
+    // /metrics says how busy the server is and how much is cached: keyed unless made public.
+    if state.metrics_public {
+        open = open.route("/metrics", get(routes::metrics));
+    } else {
+        keyed = keyed.route("/metrics", get(routes::metrics));
+    }
+    Router::new()
+        .merge(keyed.route_layer(auth))
+        .merge(open)
         .fallback(routes::unknown_path)
         .method_not_allowed_fallback(routes::wrong_method)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))

@@ -1,7 +1,7 @@
 //! The HTTP handlers: OpenAI's /v1/chat/completions, /v1/completions and /v1/models, plus
 //! /health, /metrics, /tokenize and /detokenize.
 //!
-//! A generation request goes: API key -> body parsed into typed, bounded fields (`api`) ->
+//! A generation request goes: API key (the `require_key` middleware) -> body parsed into typed, bounded fields (`api`) ->
 //! per-call limits (`limits`) -> chat template and tokenizer (on the blocking pool, off the
 //! async workers) -> context and prompt-token checks -> one engine request per choice (`n`
 //! choices of one prompt share its KV: the later ones wait for the first one's prefill and
@@ -14,9 +14,10 @@ use arbor_engine::Request;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{Method, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -28,6 +29,7 @@ use crate::error::ApiError;
 use crate::limits::{check_prompt_tokens, check_sequences, check_text_bytes, engine_requests};
 use crate::metrics::Outcome;
 use crate::responder::{Api, Responder};
+use crate::tenancy::Caller;
 use crate::worker::{SubmitError, Tagged};
 use crate::AppState;
 
@@ -106,19 +108,19 @@ async fn submit(
 
 pub async fn chat_completions(
     State(st): State<Shared>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let result = chat_inner(st.clone(), headers, body).await;
+    let result = chat_inner(st.clone(), caller, body).await;
     respond(&st, result)
 }
 
 async fn chat_inner(
     st: Shared,
-    headers: HeaderMap,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (fields, gen, namespace) = parse_generation::<ChatFields>(&st, &headers, body)?;
+    let (fields, gen, namespace) = parse_generation::<ChatFields>(&st, &caller, body)?;
     let logprobs = fields.logprobs()?;
     let messages = fields.messages()?;
     check_sequences(&st, 1, gen.n)?;
@@ -153,14 +155,14 @@ async fn chat_inner(
     .await
 }
 
-/// What both generation endpoints parse first: the caller's key and cache namespace, the
-/// endpoint's own fields and the validated sampling fields.
+/// What both generation endpoints parse first: the endpoint's own fields, the validated
+/// sampling fields and the caller's cache namespace.
 fn parse_generation<F: serde::de::DeserializeOwned>(
     st: &AppState,
-    headers: &HeaderMap,
+    caller: &Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(F, Generation, u64), ApiError> {
-    let key = st.tenancy.authenticate(headers)?;
+    let key = caller.key.as_deref();
     let bytes = read_body(st, body)?;
     // Two typed passes over the bytes (the shared fields, then the endpoint's own): no
     // JSON tree of the whole body is built.
@@ -202,19 +204,19 @@ async fn run(
 
 pub async fn completions(
     State(st): State<Shared>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let result = completions_inner(st.clone(), headers, body).await;
+    let result = completions_inner(st.clone(), caller, body).await;
     respond(&st, result)
 }
 
 async fn completions_inner(
     st: Shared,
-    headers: HeaderMap,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (fields, gen, namespace) = parse_generation::<CompletionFields>(&st, &headers, body)?;
+    let (fields, gen, namespace) = parse_generation::<CompletionFields>(&st, &caller, body)?;
     let logprobs = fields.logprobs()?;
     let prompts = fields.prompts()?;
     check_sequences(&st, prompts.len(), gen.n)?;
@@ -295,23 +297,15 @@ fn model_card(st: &AppState) -> Value {
     })
 }
 
-pub async fn list_models(State(st): State<Shared>, headers: HeaderMap) -> Response {
-    let result = st
-        .tenancy
-        .authenticate(&headers)
-        .map(|_| Json(json!({"object": "list", "data": [model_card(&st)]})).into_response());
-    respond(&st, result)
+pub async fn list_models(State(st): State<Shared>) -> Response {
+    Json(json!({"object": "list", "data": [model_card(&st)]})).into_response()
 }
 
 pub async fn get_model(
     State(st): State<Shared>,
-    headers: HeaderMap,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
-    let result = st.tenancy.authenticate(&headers).and_then(|_| {
-        check_model(&st, Some(&id))?;
-        Ok(Json(model_card(&st)).into_response())
-    });
+    let result = check_model(&st, Some(&id)).map(|_| Json(model_card(&st)).into_response());
     respond(&st, result)
 }
 
@@ -334,13 +328,8 @@ pub async fn health(State(st): State<Shared>) -> Response {
 }
 
 /// Prometheus text. With API keys it needs one too (its counters say how busy the server is
-/// and how much is cached), unless `--metrics-public`.
-pub async fn metrics(State(st): State<Shared>, headers: HeaderMap) -> Response {
-    if !st.metrics_public {
-        if let Err(e) = st.tenancy.authenticate(&headers) {
-            return respond(&st, Err(e));
-        }
-    }
+/// and how much is cached), unless `--metrics-public` (see [`crate::router`]).
+pub async fn metrics(State(st): State<Shared>) -> Response {
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -362,13 +351,8 @@ struct TokenizeFields {
     add_special_tokens: Option<bool>,
 }
 
-pub async fn tokenize(
-    State(st): State<Shared>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+pub async fn tokenize(State(st): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
     let result = async {
-        st.tenancy.authenticate(&headers)?;
         let f: TokenizeFields = api::parse_body(&read_body(&st, body)?)?;
         check_model(&st, f.model.as_deref())?;
         let worker = st.clone();
@@ -420,13 +404,8 @@ struct DetokenizeFields {
     tokens: Vec<u32>,
 }
 
-pub async fn detokenize(
-    State(st): State<Shared>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+pub async fn detokenize(State(st): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
     let result = async {
-        st.tenancy.authenticate(&headers)?;
         let f: DetokenizeFields = api::parse_body(&read_body(&st, body)?)?;
         check_model(&st, f.model.as_deref())?;
         if let Some(&bad) = f.tokens.iter().find(|&&t| t as usize >= st.vocab) {
@@ -450,6 +429,26 @@ pub async fn detokenize(
     }
     .await;
     respond(&st, result)
+}
+
+/// Authentication as middleware: every route behind it gets the [`Caller`] (the API key it
+/// presented, whose tenant namespace its requests use), or the caller gets 401 before any
+/// handler or body extractor runs.
+pub async fn require_key(
+    State(st): State<Shared>,
+    mut req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    match st.tenancy.authenticate(req.headers()) {
+        Ok(key) => {
+            let caller = Caller {
+                key: key.map(Arc::from),
+            };
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(e) => respond(&st, Err(e)),
+    }
 }
 
 pub async fn unknown_path(State(st): State<Shared>, method: Method, uri: Uri) -> Response {

@@ -38,6 +38,13 @@ pub fn parse_api_keys(raw: &[String]) -> Result<Vec<String>, String> {
         .collect()
 }
 
+/// Who is calling, as the authentication middleware (`routes::require_key`) established it.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// The API key presented (`None` when the server has none).
+    pub key: Option<std::sync::Arc<str>>,
+}
+
 impl Tenancy {
     /// `keys` as [`parse_api_keys`] returns them (trimmed, none empty).
     pub fn new(keys: Vec<String>) -> Self {

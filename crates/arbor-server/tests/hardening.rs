@@ -320,6 +320,38 @@ async fn a_non_streaming_client_that_disconnects_frees_its_slots() {
     );
 }
 
+/// With API keys, every API route answers 401 in OpenAI's error shape before its body is
+/// read (even a body over the size limit), and /health stays open for probes.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_api_route_needs_a_key_when_keys_are_set() {
+    let (app, _) = server_with(|c, _| {
+        c.api_keys = vec!["k".into()];
+        c.max_body_bytes = 1024;
+    });
+    let big = json!({"prompt": "x".repeat(4096)});
+    for req in [
+        post_req("/v1/chat/completions", &json!({"messages": []}), None),
+        post_req("/v1/completions", &big, None),
+        post_req("/tokenize", &json!({"prompt": "hi"}), None),
+        post_req("/detokenize", &json!({"tokens": [1]}), Some("wrong")),
+        get_req("/v1/models", None),
+        get_req("/v1/models/smollm2", None),
+    ] {
+        let path = req.uri().path().to_string();
+        let (status, body) = call(&app, req).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert!(v["error"]["message"].is_string(), "{path}: {body}");
+    }
+    assert_eq!(call(&app, get_req("/health", None)).await.0, StatusCode::OK);
+    let (status, body) = call(
+        &app,
+        post_req("/tokenize", &json!({"prompt": "hi"}), Some("k")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
 /// With API keys, /metrics needs a key unless it is made public.
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_need_a_key_when_keys_are_set() {
