@@ -72,7 +72,8 @@ pub fn linear_bench(ordinal: usize, config: &ModelConfig) -> Result<serde_json::
 }
 
 /// The CUDA forward pass's time per phase since the last call, `(phase, seconds, marks)`, when
-/// profiling is on (`ARBOR_CUDA_PROFILE=1`); empty otherwise and on other backends.
+/// profiling is on (`CudaOptions::profile`, `--cuda-profile`); empty otherwise and on other
+/// backends.
 pub fn take_gpu_profile() -> Vec<(&'static str, f64, u64)> {
     #[cfg(feature = "cuda")]
     {

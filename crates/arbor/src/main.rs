@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use arbor_engine::{
     Engine, EngineConfig, PrefixCacheMode, Request, SamplingParams, StopConditions,
 };
-use arbor_model::runner::{GgufWeights, RunnerOptions};
+use arbor_model::runner::{CudaOptions, GgufWeights, RunnerOptions};
 use arbor_model::ChatMessage;
 use clap::{Args, Parser, Subcommand};
 
@@ -84,6 +84,26 @@ pub struct ModelArgs {
     /// bytes per decode step). The CPU path always runs GGUF formats as they are.
     #[arg(long, value_enum)]
     gguf_weights: Option<GgufWeightsArg>,
+    /// GPU, A/B benchmarks: attention on tensor cores where the head shape allows (`auto`) or
+    /// always on the CUDA-core kernels (`cuda-core`).
+    #[arg(long, value_enum, default_value = "auto")]
+    cuda_attention: CudaAttentionArg,
+    /// GPU, A/B benchmarks: one-row linear layers through Arbor's GEMV kernel, not cuBLAS.
+    #[arg(long)]
+    cuda_gemv: bool,
+    /// GPU: decode attention cuts each context into splits until about this many warps run.
+    #[arg(long, default_value_t = arbor_model::runner::DEFAULT_DECODE_TARGET_WARPS)]
+    cuda_decode_target_warps: usize,
+    /// GPU: time each phase of the forward pass (`engine-bench` prints the shares; it waits
+    /// for the GPU after each phase, so steps get slower).
+    #[arg(long)]
+    cuda_profile: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CudaAttentionArg {
+    Auto,
+    CudaCore,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -300,6 +320,12 @@ fn runner_options(args: &ModelArgs) -> RunnerOptions {
             GgufWeightsArg::Quantized => GgufWeights::Quantized,
         }),
         tokenizer: args.tokenizer.clone(),
+        cuda: CudaOptions {
+            force_cuda_core_attention: args.cuda_attention == CudaAttentionArg::CudaCore,
+            gemv_for_one_row: args.cuda_gemv,
+            decode_target_warps: args.cuda_decode_target_warps,
+            profile: args.cuda_profile,
+        },
         ..Default::default()
     }
 }
@@ -320,6 +346,10 @@ fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
                 ("gguf_weights", "--gguf-weights"),
                 ("tokenizer ", "--tokenizer "),
                 ("device ", "--device "),
+                ("cuda_attention", "--cuda-attention"),
+                ("cuda_gemv", "--cuda-gemv"),
+                ("cuda_decode_target_warps", "--cuda-decode-target-warps"),
+                ("cuda_profile", "--cuda-profile"),
             ]
             .iter()
             .fold(why, |why, (option, flag)| why.replace(option, flag))

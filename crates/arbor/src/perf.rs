@@ -93,7 +93,7 @@ pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
         }
         let (mut steps, mut time, mut forward) = (0usize, 0.0f64, 0.0f64);
         let mut warm = 0;
-        // CUDA profile of the timed steps only (ARBOR_CUDA_PROFILE=1).
+        // CUDA profile of the timed steps only (--cuda-profile).
         let mut prof: Vec<(&'static str, f64, u64)> = Vec::new();
         while engine.has_work() {
             let t0 = Instant::now();
@@ -243,9 +243,9 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
         bail!("--device must be a CUDA device (cuda or cuda:N)");
     };
     if let Some(config) = &a.linear_bench {
-        let cfg = arbor_model::weights::hf::parse_config(&serde_json::from_str(&std::fs::read_to_string(
-            config,
-        )?)?)?;
+        let cfg = arbor_model::weights::hf::parse_config(&serde_json::from_str(
+            &std::fs::read_to_string(config)?,
+        )?)?;
         let mut out = arbor_model::diagnostics::linear_bench(ordinal, &cfg)?;
         out["config"] = json!(config.display().to_string());
         if let Some(p) = &a.json {

@@ -78,3 +78,32 @@ fn an_empty_api_key_is_an_error_at_start() {
         "a zero bound is refused"
     );
 }
+
+#[test]
+fn cuda_knobs_are_for_the_gpu() {
+    let e = arbor_err(&[
+        "generate",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--cuda-profile",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(
+        e.contains("--cuda-profile") && e.contains("need --device cuda"),
+        "{e}"
+    );
+    let e = arbor_err(&[
+        "generate",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--cuda-decode-target-warps",
+        "0",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(
+        e.contains("--cuda-decode-target-warps must be at least 1"),
+        "{e}"
+    );
+}

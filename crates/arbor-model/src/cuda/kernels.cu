@@ -776,7 +776,7 @@ ATTENTION_MMA(128)
 
 // ---------------------------------------------------------------------------------------------
 // y [M, N] = x [M, K] W^T for a few rows, W [N, K] bf16 row-major: an experiment kept behind
-// ARBOR_GEMV=1 (docs/BENCHMARKS.md). Pure weight streaming: one warp per output row n reads W's
+// --cuda-gemv (docs/BENCHMARKS.md). Pure weight streaming: one warp per output row n reads W's
 // row once in 16-byte loads (four in flight per lane, L1 bypassed) and dots it with the M
 // activation rows (served from L1/L2). On the H200 it matched cuBLAS at one row (0.125 against
 // 0.124 ms per 8B layer) and lost at 2-4 rows (the M activation reads per weight piece), so

@@ -42,9 +42,9 @@ const MODULE: &str = "arbor_kernels";
 /// (flash-decoding), as many as it takes to give the GPU about this many warps: one sequence
 /// of 512 tokens needs short splits (128-key splits left the first kernel latency-bound at
 /// 100 us a layer on the H200), while 64 sequences fill the GPU with one split each (and many
-/// splits would cost more in partial results and merging than they save). Override with
-/// `ARBOR_DECODE_TARGET_WARPS` (benchmarking).
-const DECODE_TARGET_WARPS: usize = 4096;
+/// splits would cost more in partial results and merging than they save). Set per model with
+/// [`CudaOptions::decode_target_warps`] (benchmarking).
+pub const DECODE_TARGET_WARPS: usize = crate::runner::DEFAULT_DECODE_TARGET_WARPS;
 /// Steps with prefill chunks on the tensor-core kernel get enough splits for about this many
 /// blocks (about four waves of its two 128-thread blocks per SM on an H200): a long prompt's
 /// tiles fill the GPU unsplit, while a short chunk over a long cached prefix (a follow-up turn)
@@ -61,15 +61,6 @@ const TILE_MAX_HEAD_DIM: usize = 128;
 const MMA_KEYS: usize = 64;
 const MMA_BLOCK_ROWS: usize = 64;
 
-fn env_usize(name: &str) -> Option<usize> {
-    std::env::var(name).ok()?.parse().ok()
-}
-
-fn decode_target_warps() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| env_usize("ARBOR_DECODE_TARGET_WARPS").unwrap_or(DECODE_TARGET_WARPS))
-}
-
 /// The attention kernels a head shape runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttnKernel {
@@ -82,13 +73,15 @@ pub enum AttnKernel {
 }
 
 impl AttnKernel {
-    /// The fastest kernel that supports the shape; `ARBOR_CUDA_ATTN=cuda-core` forces the
-    /// CUDA-core kernels (A/B benchmarks).
-    pub fn for_shape(heads: usize, kv_heads: usize, head_dim: usize) -> Self {
-        static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let forced = *FORCED
-            .get_or_init(|| std::env::var("ARBOR_CUDA_ATTN").is_ok_and(|v| v == "cuda-core"));
-        if !forced && Self::tensor_core_fits(heads, kv_heads, head_dim) {
+    /// The fastest kernel that supports the shape; `force_cuda_core` takes the CUDA-core
+    /// kernels anyway ([`CudaOptions::force_cuda_core_attention`], A/B benchmarks).
+    pub fn for_shape(
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        force_cuda_core: bool,
+    ) -> Self {
+        if !force_cuda_core && Self::tensor_core_fits(heads, kv_heads, head_dim) {
             Self::TensorCore
         } else {
             Self::CudaCore
@@ -116,7 +109,7 @@ fn cuda_device(device: &Device) -> Result<&CudaDevice> {
     }
 }
 
-pub use crate::runner::GgufWeights;
+pub use crate::runner::{CudaOptions, GgufWeights};
 
 /// A linear layer's weight, `[out, in]`.
 #[derive(Debug)]
@@ -125,23 +118,22 @@ enum GpuLinear {
     Quantized(candle_core::quantized::QMatMul),
 }
 
-/// Activation rows up to which `ARBOR_GEMV=1` runs dense linear layers through Arbor's GEMV
-/// kernel (`arbor_gemv_m1`) instead of cuBLAS.
+/// Activation rows up to which [`CudaOptions::gemv_for_one_row`] runs dense linear layers
+/// through Arbor's GEMV kernel (`arbor_gemv_m1`) instead of cuBLAS (an A/B experiment; cuBLAS
+/// measured as fast or faster, docs/BENCHMARKS.md).
 const GEMV_MAX_ROWS: usize = 1;
 
-/// `ARBOR_GEMV=1`: one-row linear layers through `arbor_gemv_m1` (an A/B experiment; cuBLAS
-/// measured as fast or faster, docs/BENCHMARKS.md).
-fn gemv_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("ARBOR_GEMV").is_ok_and(|v| v == "1"))
-}
-
 impl GpuLinear {
-    /// `x [T, in] -> [T, out]`, bf16.
+    /// `x [T, in] -> [T, out]`, bf16, through cuBLAS (or candle's quantized kernels).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, false)
+    }
+
+    /// [`GpuLinear::forward`], one-row dense layers through Arbor's GEMV kernel with `gemv`.
+    fn forward_with(&self, x: &Tensor, gemv_enabled: bool) -> Result<Tensor> {
         use candle_core::Module;
         Ok(match self {
-            Self::Dense(w) if gemv_enabled() && gemv_fits(x, w) => gemv(x, w)?,
+            Self::Dense(w) if gemv_enabled && gemv_fits(x, w) => gemv(x, w)?,
             Self::Dense(w) => x.matmul(&w.t()?)?,
             Self::Quantized(q) => q.forward(x)?,
         })
@@ -237,6 +229,7 @@ pub struct CudaLlama {
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
     device: Device,
+    options: CudaOptions,
     /// Page-locked host memory the logits are copied into, grown as needed: a pageable copy
     /// ran at about 1 GB/s on the H200 machine's host (38 ms a step for 64 rows of 128k).
     logits_host: std::sync::Mutex<Option<PinnedHostSlice<f32>>>,
@@ -364,14 +357,19 @@ pub struct LoadedCuda {
 
 /// Loads a GGUF file or a Hugging Face folder onto the GPU: bf16, or GGUF weights in their
 /// own block format (`gguf_weights`).
-pub fn load(path: &Path, device: &Device, gguf_weights: GgufWeights) -> Result<LoadedCuda> {
+pub fn load(
+    path: &Path,
+    device: &Device,
+    gguf_weights: GgufWeights,
+    options: CudaOptions,
+) -> Result<LoadedCuda> {
     if !path.exists() {
         return Err(ModelError::NotFound(path.to_path_buf()));
     }
     if path.is_dir() {
         let (config, tokenizer, chat_template) = crate::weights::hf::open_hf(path)?;
         let mut src = crate::weights::hf::SafetensorsWeights::load(path, config, device)?;
-        let model = CudaLlama::build(&mut src, false, device)?;
+        let model = CudaLlama::build(&mut src, false, options, device)?;
         Ok(LoadedCuda {
             model,
             tokenizer,
@@ -380,7 +378,7 @@ pub fn load(path: &Path, device: &Device, gguf_weights: GgufWeights) -> Result<L
     } else {
         let mut file = crate::weights::gguf::open_gguf(path)?;
         let keep_quantized = gguf_weights == GgufWeights::Quantized;
-        let model = CudaLlama::build(&mut file, keep_quantized, device)?;
+        let model = CudaLlama::build(&mut file, keep_quantized, options, device)?;
         Ok(LoadedCuda {
             model,
             tokenizer: file.tokenizer,
@@ -398,6 +396,7 @@ pub fn load_dummy(
     tokenizer_dir: Option<&Path>,
     device: &Device,
     seed: u64,
+    options: CudaOptions,
 ) -> Result<LoadedCuda> {
     let path = if config_path.is_dir() {
         config_path.join("config.json")
@@ -423,7 +422,7 @@ pub fn load_dummy(
         config,
         device: device.clone(),
     };
-    let model = CudaLlama::build(&mut src, false, device)?;
+    let model = CudaLlama::build(&mut src, false, options, device)?;
     Ok(LoadedCuda {
         model,
         tokenizer,
@@ -434,7 +433,12 @@ pub fn load_dummy(
 impl CudaLlama {
     /// The model from `src`: bf16 weights, or GGUF blocks kept as they are with
     /// `keep_quantized` (see [`GgufWeights`]).
-    fn build(src: &mut dyn WeightSource, keep_quantized: bool, device: &Device) -> Result<Self> {
+    fn build(
+        src: &mut dyn WeightSource,
+        keep_quantized: bool,
+        options: CudaOptions,
+        device: &Device,
+    ) -> Result<Self> {
         let config = src.config().clone();
         config.validate()?;
         if !config.head_dim.is_multiple_of(2) || config.head_dim > 256 {
@@ -485,6 +489,7 @@ impl CudaLlama {
             final_norm,
             lm_head,
             device: device.clone(),
+            options,
             logits_host: std::sync::Mutex::new(None),
         })
     }
@@ -532,13 +537,15 @@ impl CudaLlama {
             dev,
             batch.iter().map(|s| (s.slots, s.tokens.len())),
             dims,
-            AttnKernel::for_shape(nh, nkv, d),
+            AttnKernel::for_shape(nh, nkv, d, self.options.force_cuda_core_attention),
+            self.options.decode_target_warps,
         )?;
         let mut parts = AttnPartials::new(dev, t, nh, d, &slot_lists)?;
 
         let ids = Tensor::from_vec(tokens, t, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        let mut prof = Profiler::start(dev);
+        let mut prof = Profiler::start(dev, self.options.profile);
+        let gemv = self.options.gemv_for_one_row;
         prof.mark("embed");
         let eps = cfg.rms_norm_eps;
         let interleaved = i32::from(cfg.rope_style == RopeStyle::Interleaved);
@@ -547,7 +554,7 @@ impl CudaLlama {
         let mut h = candle_nn::ops::rms_norm(&x, &self.layers[0].attn_norm, eps)?;
         prof.mark("rms_norm");
         for (l, layer) in self.layers.iter().enumerate() {
-            let mut qkv = layer.qkv.forward(&h)?;
+            let mut qkv = layer.qkv.forward_with(&h, gemv)?;
             if let Some(b) = &layer.qkv_bias {
                 qkv = qkv.broadcast_add(b)?;
             }
@@ -582,13 +589,20 @@ impl CudaLlama {
             let attn = attention(dev, &q, &kv.k[l], &kv.v[l], &slot_lists, dims, &mut parts)?;
             prof.mark("attention");
             let attn = wrap(attn, dev, (t, nh * d));
-            let o = layer.wo.forward(&attn)?;
+            let o = layer.wo.forward_with(&attn, gemv)?;
             prof.mark("matmul_wo");
             (x, h) = add_rms_norm(dev, &x, &o, &layer.ffn_norm, eps)?;
             prof.mark("add+rms_norm");
-            let gu = layer.gate_up.forward(&h)?.contiguous()?;
+            let gu = layer.gate_up.forward_with(&h, gemv)?.contiguous()?;
             prof.mark("matmul_gate_up");
-            let down = swiglu_down(dev, &gu, &layer.down, t, cfg.intermediate_size, &mut prof)?;
+            let down = swiglu_down(
+                dev,
+                &gu,
+                &layer.down,
+                (t, cfg.intermediate_size),
+                gemv,
+                &mut prof,
+            )?;
             let next_norm = self
                 .layers
                 .get(l + 1)
@@ -603,7 +617,10 @@ impl CudaLlama {
         let rows = Tensor::from_vec(logit_rows, n_rows, &self.device)?;
         // `h` holds every row after the final norm (fused into the last layer's add).
         let normed = h.index_select(&rows, 0)?;
-        let logits = self.lm_head.forward(&normed)?.to_dtype(DType::F32)?;
+        let logits = self
+            .lm_head
+            .forward_with(&normed, gemv)?
+            .to_dtype(DType::F32)?;
         prof.mark("lm_head");
         // One flat copy into page-locked memory, then rows on the host (candle's `to_vec2`
         // gathers element by element through pageable memory).
@@ -640,7 +657,7 @@ impl CudaLlama {
     }
 }
 
-/// Per-section GPU time of forward steps, when `ARBOR_CUDA_PROFILE=1`: each mark waits for
+/// Per-section GPU time of forward steps, with [`CudaOptions::profile`]: each mark waits for
 /// the GPU, so profiling slows the steps down; it says where the time goes, not how long a
 /// step takes.
 struct Profiler {
@@ -650,14 +667,9 @@ struct Profiler {
 
 static PROFILE: std::sync::Mutex<Vec<(&'static str, f64, u64)>> = std::sync::Mutex::new(Vec::new());
 
-fn profiling() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("ARBOR_CUDA_PROFILE").is_ok_and(|v| v == "1"))
-}
-
 impl Profiler {
-    fn start(dev: &CudaDevice) -> Self {
-        let stream = profiling().then(|| dev.cuda_stream());
+    fn start(dev: &CudaDevice, enabled: bool) -> Self {
+        let stream = enabled.then(|| dev.cuda_stream());
         if let Some(s) = &stream {
             let _ = s.synchronize();
         }
@@ -684,7 +696,7 @@ impl Profiler {
     }
 }
 
-/// The profile gathered so far (see `ARBOR_CUDA_PROFILE`), and clears it.
+/// The profile gathered so far by models with [`CudaOptions::profile`], and clears it.
 pub fn take_profile() -> Vec<(&'static str, f64, u64)> {
     std::mem::take(&mut *PROFILE.lock().unwrap_or_else(|e| e.into_inner()))
 }
@@ -714,6 +726,7 @@ impl SlotLists {
         seqs: impl Iterator<Item = (&'a [u32], usize)>,
         dims: AttnDims,
         kernel: AttnKernel,
+        decode_target_warps: usize,
     ) -> Result<Self> {
         let (mut flat, mut off, mut keys) = (Vec::new(), Vec::new(), Vec::new());
         let (mut decode, mut tile0, mut tile_n) = (Vec::new(), Vec::new(), Vec::new());
@@ -748,7 +761,13 @@ impl SlotLists {
             stream.clone_htod(v).map_err(cuda_err)
         };
         let max_keys = keys.iter().copied().max().unwrap_or(1) as usize;
-        let split_len = split_len(kernel, dims, decode.len(), tile0.len(), max_keys);
+        let split_len = split_len(
+            kernel,
+            dims,
+            (decode.len(), tile0.len()),
+            max_keys,
+            decode_target_warps,
+        );
         Ok(Self {
             kernel,
             max_keys,
@@ -769,9 +788,9 @@ impl SlotLists {
 fn split_len(
     kernel: AttnKernel,
     dims: AttnDims,
-    n_decode: usize,
-    n_tiles: usize,
+    (n_decode, n_tiles): (usize, usize),
     max_keys: usize,
+    decode_target_warps: usize,
 ) -> usize {
     let group = dims.heads / dims.kv_heads;
     // Splits for `units` parallel pieces of work to reach `target`, in whole stages of `stage` keys.
@@ -783,14 +802,14 @@ fn split_len(
         (AttnKernel::TensorCore, 0) => {
             // One warp per 16 (head of the group) rows of a decode row.
             let warps = n_decode * dims.kv_heads * group.div_ceil(16);
-            fit(decode_target_warps(), warps, MMA_KEYS)
+            fit(decode_target_warps, warps, MMA_KEYS)
         }
         (AttnKernel::TensorCore, _) => fit(
             PREFILL_TARGET_BLOCKS,
             (n_tiles + n_decode) * dims.kv_heads,
             MMA_KEYS,
         ),
-        (AttnKernel::CudaCore, 0) => fit(decode_target_warps(), n_decode * dims.heads, 32),
+        (AttnKernel::CudaCore, 0) => fit(decode_target_warps, n_decode * dims.heads, 32),
         (AttnKernel::CudaCore, _) => SPLIT_LEN_PREFILL,
     }
 }
@@ -1073,6 +1092,7 @@ pub fn attention_on_host(
         seqs.iter().map(|s| (&s.slots[..], s.n_new)),
         dims,
         kernel,
+        DECODE_TARGET_WARPS,
     )?;
     let mut parts = AttnPartials::new(dev, rows, heads, head_dim, &lists)?;
     let out = attention(dev, &q_d, &k_d, &v_d, &lists, dims, &mut parts)?;
@@ -1088,8 +1108,8 @@ fn swiglu_down(
     dev: &CudaDevice,
     gu: &Tensor,
     down: &GpuLinear,
-    t: usize,
-    ffn: usize,
+    (t, ffn): (usize, usize),
+    gemv: bool,
     prof: &mut Profiler,
 ) -> Result<Tensor> {
     // Safety: the kernel writes all T x F elements.
@@ -1106,7 +1126,7 @@ fn swiglu_down(
     }
     prof.mark("silu_mul");
     let act = wrap(act, dev, (t, ffn));
-    let down = down.forward(&act)?;
+    let down = down.forward_with(&act, gemv)?;
     prof.mark("matmul_down");
     Ok(down)
 }

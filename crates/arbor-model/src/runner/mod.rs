@@ -49,7 +49,10 @@ pub use cpu::CpuBackend;
 #[cfg(feature = "cuda")]
 pub use cuda::CudaBackend;
 pub use host::{HostSampledRunner, LogitsBackend};
-pub use open::{open, DeviceSpec, GgufWeights, LoadFormat, OpenedModel, RunnerOptions};
+pub use open::{
+    open, CudaOptions, DeviceSpec, GgufWeights, LoadFormat, OpenedModel, RunnerOptions,
+    DEFAULT_DECODE_TARGET_WARPS,
+};
 
 /// The engine's name for a sequence (its request id); the runner keys sampling state by it.
 pub type SeqId = u64;

@@ -59,6 +59,36 @@ pub enum GgufWeights {
     Quantized,
 }
 
+/// Default of [`CudaOptions::decode_target_warps`]: decode attention cuts each context into
+/// splits until about this many warps run (see the CUDA backend's launch planning).
+pub const DEFAULT_DECODE_TARGET_WARPS: usize = 4096;
+
+/// The CUDA backend's knobs, for A/B benchmarks; the defaults are what the measurements in
+/// docs/BENCHMARKS.md chose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CudaOptions {
+    /// Attention on the CUDA-core kernels even where the tensor-core kernel fits the shape.
+    pub force_cuda_core_attention: bool,
+    /// One-row linear layers through Arbor's GEMV kernel instead of cuBLAS.
+    pub gemv_for_one_row: bool,
+    /// Decode attention splits each context until about this many warps run.
+    pub decode_target_warps: usize,
+    /// Time each phase of the forward pass (`arbor_model::diagnostics::take_gpu_profile`); it
+    /// synchronizes after each phase, so it gives shares of a step, not its speed.
+    pub profile: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        Self {
+            force_cuda_core_attention: false,
+            gemv_for_one_row: false,
+            decode_target_warps: DEFAULT_DECODE_TARGET_WARPS,
+            profile: false,
+        }
+    }
+}
+
 /// What [`open`] may be told; `Default` is a real model with the backend's defaults.
 #[derive(Debug, Clone)]
 pub struct RunnerOptions {
@@ -74,6 +104,8 @@ pub struct RunnerOptions {
     pub seed: u64,
     /// Steps with at least this many logits sample on several threads.
     pub parallel_sampling_min_logits: usize,
+    /// GPU only: the CUDA backend's knobs.
+    pub cuda: CudaOptions,
 }
 
 impl Default for RunnerOptions {
@@ -85,6 +117,7 @@ impl Default for RunnerOptions {
             tokenizer: None,
             seed: 0,
             parallel_sampling_min_logits: DEFAULT_PARALLEL_SAMPLING_MIN_LOGITS,
+            cuda: CudaOptions::default(),
         }
     }
 }
@@ -118,6 +151,9 @@ pub fn open(path: &Path, device: DeviceSpec, options: &RunnerOptions) -> Result<
     if options.kv_slots == Some(0) {
         return Err(invalid("kv_slots must be at least 1"));
     }
+    if options.cuda.decode_target_warps == 0 {
+        return Err(invalid("cuda_decode_target_warps must be at least 1"));
+    }
     if options.tokenizer.is_some() && options.load_format != LoadFormat::Dummy {
         return Err(invalid(
             "tokenizer goes with load_format dummy (a real model brings its own)",
@@ -127,6 +163,11 @@ pub fn open(path: &Path, device: DeviceSpec, options: &RunnerOptions) -> Result<
         DeviceSpec::Cpu => {
             if options.load_format == LoadFormat::Dummy {
                 return Err(invalid("load_format dummy needs device cuda"));
+            }
+            if options.cuda != CudaOptions::default() {
+                return Err(invalid(
+                    "cuda_attention, cuda_gemv, cuda_decode_target_warps and cuda_profile need device cuda",
+                ));
             }
             if options.gguf_weights.is_some() {
                 return Err(invalid(
@@ -154,12 +195,19 @@ fn open_cuda(path: &Path, ordinal: usize, options: &RunnerOptions) -> Result<Ope
     let device = crate::cuda::device(ordinal)?;
     let started = std::time::Instant::now();
     let loaded = match options.load_format {
-        LoadFormat::Auto => {
-            crate::cuda::load(path, &device, options.gguf_weights.unwrap_or_default())?
-        }
-        LoadFormat::Dummy => {
-            crate::cuda::load_dummy(path, options.tokenizer.as_deref(), &device, options.seed)?
-        }
+        LoadFormat::Auto => crate::cuda::load(
+            path,
+            &device,
+            options.gguf_weights.unwrap_or_default(),
+            options.cuda.clone(),
+        )?,
+        LoadFormat::Dummy => crate::cuda::load_dummy(
+            path,
+            options.tokenizer.as_deref(),
+            &device,
+            options.seed,
+            options.cuda.clone(),
+        )?,
     };
     tracing::info!(
         "loaded {} onto cuda:{ordinal} in {:.1}s",
@@ -230,6 +278,26 @@ mod tests {
                     ..Default::default()
                 },
                 "tokenizer",
+            ),
+            (
+                RunnerOptions {
+                    cuda: CudaOptions {
+                        profile: true,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                "cuda_profile",
+            ),
+            (
+                RunnerOptions {
+                    cuda: CudaOptions {
+                        decode_target_warps: 0,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                "cuda_decode_target_warps",
             ),
         ];
         for (options, name) in cases {
