@@ -1,0 +1,194 @@
+//! Diagnostics of the GPU kernels, outside the runner: attention and GEMV against host
+//! references on chosen inputs, and one layer's linear layers timed by weight format.
+//! `arbor_model::diagnostics` drives them.
+
+use super::*;
+
+/// Arbor's GEMV against cuBLAS on random data: `(rows, out, in, max |difference| / max |y|)`
+/// per shape (the 8B shape's layers, the default model's, an odd small one).
+pub fn gemv_check(device: &Device) -> Result<Vec<(usize, usize, usize, f64)>> {
+    let mut rows = Vec::new();
+    for (n, k) in [(6144, 4096), (4096, 14336), (1000, 576), (37, 8)] {
+        let w = Tensor::randn(0f32, 0.02, (n, k), device)?.to_dtype(DType::BF16)?;
+        for m in 1..=GEMV_MAX_ROWS {
+            let x = Tensor::randn(0f32, 1.0, (m, k), device)?.to_dtype(DType::BF16)?;
+            let ours = gemv(&x, &w)?.to_dtype(DType::F32)?;
+            let theirs = x.matmul(&w.t()?)?.to_dtype(DType::F32)?;
+            let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = theirs.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+            rows.push((m, n, k, f64::from(diff / scale)));
+        }
+    }
+    Ok(rows)
+}
+
+/// One sequence of a kernel check: its slot list and how many of its last tokens are queries.
+#[derive(Debug, Clone)]
+pub struct CheckSeq {
+    pub slots: Vec<u32>,
+    pub n_new: usize,
+}
+
+/// Runs the attention kernels on host data (rounded to bf16 on the way in), for checks
+/// against a float reference: q `[rows, heads, d]`, pools `[slots, kv_heads, d]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_on_host(
+    device: &Device,
+    kernel: AttnKernel,
+    q: &[f32],
+    k_pool: &[f32],
+    v_pool: &[f32],
+    seqs: &[CheckSeq],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<Vec<f32>> {
+    let dev = cuda_device(device)?;
+    let stream = dev.cuda_stream();
+    let to_bf16 = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
+    let up_bf16 = |x: &[f32]| stream.clone_htod(&to_bf16(x)).map_err(cuda_err);
+    let (q_d, k_d, v_d) = (up_bf16(q)?, up_bf16(k_pool)?, up_bf16(v_pool)?);
+    let rows: usize = seqs.iter().map(|s| s.n_new).sum();
+    let dims = AttnDims {
+        rows,
+        heads,
+        kv_heads,
+        head_dim,
+    };
+    if kernel == AttnKernel::TensorCore && !AttnKernel::tensor_core_fits(heads, kv_heads, head_dim)
+    {
+        return Err(ModelError::Cuda(format!(
+            "no tensor-core attention kernel for {heads} heads, {kv_heads} KV heads, head_dim {head_dim}"
+        )));
+    }
+    let lists = SlotLists::build(
+        dev,
+        seqs.iter().map(|s| (&s.slots[..], s.n_new)),
+        dims,
+        kernel,
+        DECODE_TARGET_WARPS,
+    )?;
+    let mut parts = AttnPartials::new(dev, rows, heads, head_dim, &lists)?;
+    let out = attention(dev, &q_d, &k_d, &v_d, &lists, dims, &mut parts)?;
+    let host: Vec<bf16> = stream.clone_dtoh(&out).map_err(cuda_err)?;
+    Ok(host.into_iter().map(f32::from).collect())
+}
+
+/// One row of [`linear_bench`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LinearBenchRow {
+    /// `bf16` (dense, cuBLAS) or a GGUF block format through candle's quantized kernels.
+    pub format: String,
+    pub batch: usize,
+    /// The four linear layers of one transformer layer (QKV, O, gate/up, down).
+    pub ms_per_layer: f64,
+    /// Weight bytes read per layer over the time: the bandwidth the kernels reach.
+    pub weight_gbs: f64,
+}
+
+/// Times one layer's linear layers (QKV, O, gate/up, down) of `config`'s shape with random
+/// weights, dense bf16 (cuBLAS; and Arbor's GEMV kernel where it applies) against each
+/// quantized `format`, for each batch size (rows of activations). Four copies of the layer are cycled so that the weights come from HBM, not
+/// the 50 MB L2.
+pub fn linear_bench(
+    device: &Device,
+    config: &ModelConfig,
+    formats: &[candle_core::quantized::GgmlDType],
+    batches: &[usize],
+    iters: usize,
+) -> Result<Vec<LinearBenchRow>> {
+    use candle_core::quantized::{QMatMul, QStorage, QTensor};
+    let dev = cuda_device(device)?;
+    let stream = dev.cuda_stream();
+    let (h, q, kv, f) = (
+        config.hidden_size,
+        config.q_dim(),
+        config.kv_dim(),
+        config.intermediate_size,
+    );
+    let shapes = [(q + 2 * kv, h), (h, q), (2 * f, h), (h, f)];
+    let params: usize = shapes.iter().map(|(o, i)| o * i).sum();
+    const COPIES: usize = 4;
+    let mut rows = Vec::new();
+    // `gemv`: dense layers through Arbor's GEMV kernel (batches it takes only).
+    let mut time =
+        |layers: &[Vec<GpuLinear>], format: String, bytes: f64, gemv_rows: bool| -> Result<()> {
+            for &b in batches {
+                if gemv_rows && b > GEMV_MAX_ROWS {
+                    continue;
+                }
+                let x = Tensor::randn(0f32, 1.0, (b, h.max(q).max(f)), device)?
+                    .to_dtype(DType::BF16)?;
+                let inputs: Vec<Tensor> = shapes
+                    .iter()
+                    .map(|&(_, i)| x.narrow(1, 0, i).and_then(|t| t.contiguous()))
+                    .collect::<candle_core::Result<_>>()?;
+                let run = |n: usize| -> Result<()> {
+                    for it in 0..n {
+                        for (lin, inp) in layers[it % COPIES].iter().zip(&inputs) {
+                            match lin {
+                                GpuLinear::Dense(w) if gemv_rows => gemv(inp, w)?,
+                                _ => lin.forward(inp)?,
+                            };
+                        }
+                    }
+                    Ok(())
+                };
+                run(COPIES)?; // warm-up: kernels loaded, workspaces allocated
+                stream.synchronize().map_err(cuda_err)?;
+                let t0 = std::time::Instant::now();
+                run(iters)?;
+                stream.synchronize().map_err(cuda_err)?;
+                let per_layer = t0.elapsed().as_secs_f64() / iters as f64;
+                rows.push(LinearBenchRow {
+                    format: format.clone(),
+                    batch: b,
+                    ms_per_layer: per_layer * 1e3,
+                    weight_gbs: bytes / per_layer / 1e9,
+                });
+            }
+            Ok(())
+        };
+    // Dense bf16, made on the GPU.
+    let dense: Vec<Vec<GpuLinear>> = (0..COPIES)
+        .map(|_| {
+            shapes
+                .iter()
+                .map(|&s| {
+                    Ok(GpuLinear::Dense(
+                        Tensor::randn(0f32, 0.02, s, device)?.to_dtype(DType::BF16)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<_>>()?;
+    time(&dense, "bf16".into(), params as f64 * 2.0, false)?;
+    time(&dense, "bf16-gemv".into(), params as f64 * 2.0, true)?;
+    drop(dense);
+    for &fmt in formats {
+        // Quantized once on the CPU; the copies share the bytes, uploaded separately.
+        let mut blobs = Vec::new();
+        for &s in &shapes {
+            let w = Tensor::randn(0f32, 0.02, s, &Device::Cpu)?;
+            let qt = QTensor::quantize(&w, fmt)?;
+            blobs.push((qt.data()?.into_owned(), s));
+        }
+        let bytes: usize = blobs.iter().map(|(b, _)| b.len()).sum();
+        let layers: Vec<Vec<GpuLinear>> = (0..COPIES)
+            .map(|_| {
+                blobs
+                    .iter()
+                    .map(|(data, s)| {
+                        let st =
+                            QStorage::from_data(std::borrow::Cow::Borrowed(data), device, fmt)?;
+                        Ok(GpuLinear::Quantized(QMatMul::from_qtensor(QTensor::new(
+                            st, *s,
+                        )?)?))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?;
+        time(&layers, format!("{fmt:?}"), bytes as f64, false)?;
+    }
+    Ok(rows)
+}

@@ -1,0 +1,191 @@
+//! Fused operations and linear layers on the GPU: the linear layer types (cuBLAS, candle's
+//! quantized kernels, Arbor's one-row GEMV), add + RMSNorm, SwiGLU + down projection, and the
+//! helpers that hand candle's CUDA storage to Arbor's kernels.
+
+use super::*;
+
+/// A linear layer's weight, `[out, in]`.
+#[derive(Debug)]
+pub(crate) enum GpuLinear {
+    Dense(Tensor),
+    Quantized(candle_core::quantized::QMatMul),
+}
+
+/// Activation rows up to which [`CudaOptions::gemv_for_one_row`] runs dense linear layers
+/// through Arbor's GEMV kernel (`arbor_gemv_m1`) instead of cuBLAS (an A/B experiment; cuBLAS
+/// measured as fast or faster, docs/BENCHMARKS.md).
+pub(crate) const GEMV_MAX_ROWS: usize = 1;
+
+impl GpuLinear {
+    /// `x [T, in] -> [T, out]`, bf16, through cuBLAS (or candle's quantized kernels).
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, false)
+    }
+
+    /// [`GpuLinear::forward`], one-row dense layers through Arbor's GEMV kernel with `gemv`.
+    pub(crate) fn forward_with(&self, x: &Tensor, gemv_enabled: bool) -> Result<Tensor> {
+        use candle_core::Module;
+        Ok(match self {
+            Self::Dense(w) if gemv_enabled && gemv_fits(x, w) => gemv(x, w)?,
+            Self::Dense(w) => x.matmul(&w.t()?)?,
+            Self::Quantized(q) => q.forward(x)?,
+        })
+    }
+}
+
+pub(crate) fn gemv_fits(x: &Tensor, w: &Tensor) -> bool {
+    let (Ok((m, k)), Ok((_, wk))) = (x.dims2(), w.dims2()) else {
+        return false;
+    };
+    // 16-byte loads: rows of whole 8-element pieces starting on a piece boundary.
+    (1..=GEMV_MAX_ROWS).contains(&m)
+        && k == wk
+        && k % 8 == 0
+        && x.dtype() == DType::BF16
+        && w.dtype() == DType::BF16
+        && w.is_contiguous()
+        && w.layout().start_offset().is_multiple_of(8)
+}
+
+/// `x W^T` through `arbor_gemv_m{rows}` (see [`GEMV_MAX_ROWS`]).
+pub(crate) fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dev = cuda_device(x.device())?;
+    let (m, k) = x.dims2()?;
+    let n = w.dims2()?.0;
+    let x = if x.is_contiguous() && x.layout().start_offset().is_multiple_of(8) {
+        x.clone()
+    } else {
+        x.copy()?
+    };
+    // Safety: the kernel writes all m x n outputs.
+    let mut y = unsafe { dev.alloc::<bf16>(m * n) }?;
+    {
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (x_s, w_s) = (slice_of::<bf16>(&xs, xl)?, slice_of::<bf16>(&ws, wl)?);
+        let func = dev.get_or_load_custom_func("arbor_gemv_m1", MODULE, PTX)?;
+        let (ni, ki) = (n as i32, k as i32);
+        let mut b = func.builder();
+        b.arg(&x_s).arg(&w_s).arg(&mut y).arg(&ni).arg(&ki);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(4) as u32, 1, 1), // GEMV_WARPS rows per block
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Safety: one warp per output row reads that row of w (k elements) and the m rows of
+        // x; both are contiguous bf16 starting at 16-byte boundaries (checked by gemv_fits
+        // and above), k % 8 == 0.
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok(wrap(y, dev, (m, n)))
+}
+
+/// `silu(gate) * up` of the fused gate/up output `gu [T, 2F]` (`arbor_silu_mul`), through the
+/// down projection. (Fusing SwiGLU into a one-row down-projection GEMV cost 0.5 ms a step on
+/// the H200: each of its 4,096 warps recomputed the 14,336 activations, bound by the
+/// special-function units.)
+pub(crate) fn swiglu_down(
+    dev: &CudaDevice,
+    gu: &Tensor,
+    down: &GpuLinear,
+    (t, ffn): (usize, usize),
+    gemv: bool,
+    prof: &mut Profiler,
+) -> Result<Tensor> {
+    // Safety: the kernel writes all T x F elements.
+    let mut act = unsafe { dev.alloc::<bf16>(t * ffn) }?;
+    {
+        let (st, lay) = gu.storage_and_layout();
+        let gu_s = slice_of::<bf16>(&st, lay)?;
+        let func = dev.get_or_load_custom_func("arbor_silu_mul", MODULE, PTX)?;
+        let (ti, fi) = (t as i32, ffn as i32);
+        let mut b = func.builder();
+        b.arg(&gu_s).arg(&mut act).arg(&ti).arg(&fi);
+        // Safety: one thread per output element.
+        unsafe { b.launch(LaunchConfig::for_num_elems((t * ffn) as u32)) }.w()?;
+    }
+    prof.mark("silu_mul");
+    let act = wrap(act, dev, (t, ffn));
+    let down = down.forward_with(&act, gemv)?;
+    prof.mark("matmul_down");
+    Ok(down)
+}
+
+/// `x + y` and the RMSNorm of it with weight `w`, in one kernel: returns both, `[T, n]` bf16.
+pub(crate) fn add_rms_norm(
+    dev: &CudaDevice,
+    x: &Tensor,
+    y: &Tensor,
+    w: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    let (t, n) = x.dims2()?;
+    // 16-byte pieces, up to RMS_PIECES (kernels.cu) per thread of a 1024-thread block.
+    let pieces = n / 8;
+    let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(8);
+    if n % 8 != 0 || pieces > 4 * 1024 || !aligned(x) || !aligned(y) || !aligned(w) {
+        let sum = (x + y)?;
+        let h = candle_nn::ops::rms_norm(&sum, w, eps)?;
+        return Ok((sum, h));
+    }
+    let (x, y) = (x.contiguous()?, y.contiguous()?);
+    // Safety: the kernel writes every element of both outputs.
+    let mut x_out = unsafe { dev.alloc::<bf16>(t * n) }?;
+    let mut h_out = unsafe { dev.alloc::<bf16>(t * n) }?;
+    {
+        let (xs, xl) = x.storage_and_layout();
+        let (ys, yl) = y.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (x_s, y_s, w_s) = (
+            slice_of::<bf16>(&xs, xl)?,
+            slice_of::<bf16>(&ys, yl)?,
+            slice_of::<bf16>(&ws, wl)?,
+        );
+        let func = dev.get_or_load_custom_func("arbor_add_rmsnorm", MODULE, PTX)?;
+        let (ni, epsf) = (n as i32, eps);
+        let mut b = func.builder();
+        b.arg(&x_s)
+            .arg(&y_s)
+            .arg(&w_s)
+            .arg(&mut x_out)
+            .arg(&mut h_out)
+            .arg(&ni)
+            .arg(&epsf);
+        let cfg = LaunchConfig {
+            grid_dim: (t as u32, 1, 1),
+            block_dim: (pieces.next_multiple_of(32).min(1024) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Safety: one block per row reads and writes that row only (n elements, n % 8 == 0, in
+        // 16-byte pieces: x, y and the outputs are fresh or offset by whole rows, w is a
+        // whole tensor); the block has at least pieces / 4 threads.
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok((wrap(x_out, dev, (t, n)), wrap(h_out, dev, (t, n))))
+}
+
+/// The device slice behind a contiguous tensor, from its offset on.
+pub(crate) fn slice_of<'a, T: candle_core::cuda_backend::CudaDType>(
+    storage: &'a Storage,
+    layout: &candle_core::Layout,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    let Storage::Cuda(cs) = storage else {
+        return Err(ModelError::Cuda("expected a CUDA tensor".into()));
+    };
+    if !layout.is_contiguous() {
+        return Err(ModelError::Cuda("expected a contiguous tensor".into()));
+    }
+    let s = cs.as_cuda_slice::<T>()?;
+    Ok(s.slice(layout.start_offset()..))
+}
+
+pub(crate) fn wrap(slice: CudaSlice<bf16>, dev: &CudaDevice, shape: (usize, usize)) -> Tensor {
+    let storage = CudaStorage::wrap_cuda_slice(slice, dev.clone());
+    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+}
+
+// Keeps BackendStorage in scope for `device()` on storages in future kernels.
+#[allow(dead_code)]
+pub(crate) fn _storage_device(s: &CudaStorage) -> &CudaDevice {
+    s.device()
+}
