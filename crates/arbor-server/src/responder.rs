@@ -11,11 +11,14 @@ use arbor_engine::{Event, FinishReason, Usage};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
+use serde::Serialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::error::ApiError;
-use crate::wire::{chat_logprob, finish_reason, usage_json, CompletionLogprobs};
+use crate::wire::{
+    chat_logprob, finish_reason, ChatChoice, ChatDeltaChoice, ChatLogprob, ChatLogprobs,
+    ChatMessageOut, CompletionLogprobs, Delta, Envelope, TextChoice, UsageOut,
+};
 use crate::worker::Tagged;
 use crate::AppState;
 
@@ -90,15 +93,21 @@ impl Responder {
         }
     }
 
-    fn envelope(&self, streaming: bool, choices: Value) -> Value {
-        json!({
-            "id": self.id,
-            "object": self.object(streaming),
-            "created": self.created,
-            "model": self.st.model_name,
-            "system_fingerprint": Value::Null,
-            "choices": choices,
-        })
+    fn envelope<C>(
+        &self,
+        streaming: bool,
+        choices: Vec<C>,
+        usage: Option<Option<UsageOut>>,
+    ) -> Envelope<'_, C> {
+        Envelope {
+            id: &self.id,
+            object: self.object(streaming),
+            created: self.created,
+            model: &self.st.model_name,
+            system_fingerprint: None,
+            choices,
+            usage,
+        }
     }
 
     /// Totals over the choices: each prompt counts once, completions all count.
@@ -122,7 +131,7 @@ impl Responder {
         let mut texts: Vec<String> = (0..self.choices)
             .map(|i| self.echo.get(i / self.n).cloned().unwrap_or_default())
             .collect();
-        let mut chat_lps: Vec<Vec<Value>> = vec![Vec::new(); self.choices];
+        let mut chat_lps: Vec<Vec<ChatLogprob>> = (0..self.choices).map(|_| Vec::new()).collect();
         let mut cmpl_lps: Vec<CompletionLogprobs> = (0..self.choices)
             .map(|_| CompletionLogprobs::default())
             .collect();
@@ -176,28 +185,41 @@ impl Responder {
                 }
             }
         }
-        let choices: Vec<Value> = (0..self.choices)
-            .map(|i| {
-                let reason = finish[i].map(finish_reason);
-                match self.api {
-                    Api::Chat => json!({
-                        "index": i,
-                        "message": {"role": "assistant", "content": texts[i]},
-                        "logprobs": if self.logprobs { json!({"content": chat_lps[i]}) } else { Value::Null },
-                        "finish_reason": reason,
-                    }),
-                    Api::Completion => json!({
-                        "index": i,
-                        "text": texts[i],
-                        "logprobs": if self.logprobs { cmpl_lps[i].to_json() } else { Value::Null },
-                        "finish_reason": reason,
-                    }),
-                }
-            })
-            .collect();
-        let mut body = self.envelope(false, Value::Array(choices));
-        body["usage"] = usage_json(&self.total_usage(&usage));
-        Ok(Json(body).into_response())
+        let usage = Some(Some(UsageOut::from(&self.total_usage(&usage))));
+        let reason = |i: usize| finish[i].map(finish_reason);
+        Ok(match self.api {
+            Api::Chat => {
+                let choices = chat_lps
+                    .into_iter()
+                    .zip(texts)
+                    .enumerate()
+                    .map(|(i, (lps, content))| ChatChoice {
+                        index: i,
+                        message: ChatMessageOut {
+                            role: "assistant",
+                            content,
+                        },
+                        logprobs: self.logprobs.then_some(ChatLogprobs { content: lps }),
+                        finish_reason: reason(i),
+                    })
+                    .collect();
+                Json(self.envelope(false, choices, usage)).into_response()
+            }
+            Api::Completion => {
+                let choices = cmpl_lps
+                    .into_iter()
+                    .zip(texts)
+                    .enumerate()
+                    .map(|(i, (lps, text))| TextChoice {
+                        index: i,
+                        text,
+                        logprobs: self.logprobs.then_some(lps),
+                        finish_reason: reason(i),
+                    })
+                    .collect();
+                Json(self.envelope(false, choices, usage)).into_response()
+            }
+        })
     }
 
     /// Streams server-sent events: a chunk per token (per choice), a final chunk per choice with
@@ -208,21 +230,30 @@ impl Responder {
             for i in 0..self.choices {
                 let chunk = self.chunk(
                     include_usage,
-                    json!([{
-                        "index": i,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": Value::Null,
-                        "finish_reason": Value::Null,
-                    }]),
+                    ChatDeltaChoice {
+                        index: i,
+                        delta: Delta {
+                            role: Some("assistant"),
+                            content: Some(String::new()),
+                        },
+                        logprobs: None,
+                        finish_reason: None,
+                    },
                 );
                 pending.push_back(chunk);
             }
         } else {
             for (i, echo) in self.echo.iter().enumerate() {
                 for c in 0..self.n {
-                    let chunk = self.chunk(include_usage, json!([{
-                        "index": i * self.n + c, "text": echo, "logprobs": Value::Null, "finish_reason": Value::Null,
-                    }]));
+                    let chunk = self.chunk(
+                        include_usage,
+                        TextChoice {
+                            index: i * self.n + c,
+                            text: echo.clone(),
+                            logprobs: None,
+                            finish_reason: None,
+                        },
+                    );
                     pending.push_back(chunk);
                 }
             }
@@ -255,13 +286,16 @@ impl Responder {
             .into_response()
     }
 
-    fn chunk(&self, include_usage: bool, choices: Value) -> String {
-        let mut v = self.envelope(true, choices);
-        if include_usage {
-            v["usage"] = Value::Null;
-        }
-        v.to_string()
+    /// One stream chunk of one choice; its `usage` is null when the stream ends with a usage
+    /// chunk, absent otherwise.
+    fn chunk<C: Serialize>(&self, include_usage: bool, choice: C) -> String {
+        let usage = include_usage.then_some(None);
+        to_json(&self.envelope(true, vec![choice], usage))
     }
+}
+
+fn to_json(v: &impl Serialize) -> String {
+    serde_json::to_string(v).expect("the wire structs serialize to JSON")
 }
 
 pub(crate) struct StreamState {
@@ -299,27 +333,38 @@ impl StreamState {
                 if text.is_empty() && lp.is_none() {
                     return;
                 }
-                let choice = match r.api {
-                    Api::Chat => json!({
-                        "index": index,
-                        "delta": {"content": text},
-                        "logprobs": lp.map(|lp| json!({"content": [chat_logprob(&r.st, token, &lp)]})),
-                        "finish_reason": Value::Null,
-                    }),
-                    Api::Completion => json!({
-                        "index": index,
-                        "text": text,
-                        "logprobs": lp.map(|lp| {
-                            let mut l = CompletionLogprobs::default();
-                            l.push(&r.st, token, &lp, self.offsets[index]);
-                            l.to_json()
-                        }),
-                        "finish_reason": Value::Null,
-                    }),
-                };
+                let offset = self.offsets[index];
                 self.offsets[index] += text.len();
-                self.pending
-                    .push_back(r.chunk(self.include_usage, json!([choice])));
+                let chunk = match r.api {
+                    Api::Chat => r.chunk(
+                        self.include_usage,
+                        ChatDeltaChoice {
+                            index,
+                            delta: Delta {
+                                role: None,
+                                content: Some(text),
+                            },
+                            logprobs: lp.map(|lp| ChatLogprobs {
+                                content: vec![chat_logprob(&r.st, token, &lp)],
+                            }),
+                            finish_reason: None,
+                        },
+                    ),
+                    Api::Completion => r.chunk(
+                        self.include_usage,
+                        TextChoice {
+                            index,
+                            text,
+                            logprobs: lp.map(|lp| {
+                                let mut l = CompletionLogprobs::default();
+                                l.push(&r.st, token, &lp, offset);
+                                l
+                            }),
+                            finish_reason: None,
+                        },
+                    ),
+                };
+                self.pending.push_back(chunk);
             }
             Event::Finished {
                 reason: FinishReason::Error,
@@ -342,22 +387,31 @@ impl StreamState {
                 usage,
                 ..
             } => {
-                let reason = finish_reason(reason);
-                let choice = match r.api {
-                    Api::Chat => {
-                        let delta = if text.is_empty() {
-                            json!({})
-                        } else {
-                            json!({"content": text})
-                        };
-                        json!({"index": index, "delta": delta, "logprobs": Value::Null, "finish_reason": reason})
-                    }
-                    Api::Completion => {
-                        json!({"index": index, "text": text, "logprobs": Value::Null, "finish_reason": reason})
-                    }
+                let reason = Some(finish_reason(reason));
+                let chunk = match r.api {
+                    Api::Chat => r.chunk(
+                        self.include_usage,
+                        ChatDeltaChoice {
+                            index,
+                            delta: Delta {
+                                role: None,
+                                content: (!text.is_empty()).then_some(text),
+                            },
+                            logprobs: None,
+                            finish_reason: reason,
+                        },
+                    ),
+                    Api::Completion => r.chunk(
+                        self.include_usage,
+                        TextChoice {
+                            index,
+                            text,
+                            logprobs: None,
+                            finish_reason: reason,
+                        },
+                    ),
                 };
-                self.pending
-                    .push_back(r.chunk(self.include_usage, json!([choice])));
+                self.pending.push_back(chunk);
                 self.finish_choice(index, usage);
             }
         }
@@ -370,9 +424,9 @@ impl StreamState {
         self.done += 1;
         if self.done == r.choices {
             if self.include_usage {
-                let mut v = r.envelope(true, json!([]));
-                v["usage"] = usage_json(&r.total_usage(&self.usage));
-                self.pending.push_back(v.to_string());
+                let totals = UsageOut::from(&r.total_usage(&self.usage));
+                let v = r.envelope::<TextChoice>(true, Vec::new(), Some(Some(totals)));
+                self.pending.push_back(to_json(&v));
             }
             self.pending.push_back("[DONE]".into());
             self.finished = true;

@@ -1,10 +1,99 @@
-//! OpenAI's wire format for what the engine produces: finish reasons, usage, and
-//! log-probabilities with each token's bytes (byte-level BPE pieces mapped back to bytes).
+//! OpenAI's wire format for what the engine produces, as typed structs shared by the
+//! non-streaming and the streaming paths: the response envelope, the choices of both
+//! endpoints (whole messages and stream deltas), finish reasons, usage, and log-probabilities
+//! with each token's bytes (byte-level BPE pieces mapped back to bytes).
+
+use std::collections::BTreeMap;
 
 use arbor_engine::{FinishReason, TokenLogprob, Usage};
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use crate::AppState;
+
+/// A response body or a stream chunk: `choices` is a list of [`ChatChoice`],
+/// [`ChatDeltaChoice`] or [`TextChoice`].
+#[derive(Debug, Serialize)]
+pub(crate) struct Envelope<'a, C> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    /// Always null: Arbor has no fingerprint to report.
+    pub system_fingerprint: Option<&'static str>,
+    pub choices: Vec<C>,
+    /// Absent (`None`), null (`Some(None)`: stream chunks when usage was asked for) or the
+    /// totals.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<UsageOut>>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct ChatMessageOut {
+    pub role: &'static str,
+    pub content: String,
+}
+
+/// A whole chat choice (`chat.completion`).
+#[derive(Debug, Serialize)]
+pub(crate) struct ChatChoice {
+    pub index: usize,
+    pub message: ChatMessageOut,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<&'static str>,
+}
+
+/// What a chat stream chunk adds to its choice.
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// A chat stream chunk's choice (`chat.completion.chunk`).
+#[derive(Debug, Serialize)]
+pub(crate) struct ChatDeltaChoice {
+    pub index: usize,
+    pub delta: Delta,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<&'static str>,
+}
+
+/// A completions choice, whole or a stream chunk's piece (`text_completion` both).
+#[derive(Debug, Serialize)]
+pub(crate) struct TextChoice {
+    pub index: usize,
+    pub text: String,
+    pub logprobs: Option<CompletionLogprobs>,
+    pub finish_reason: Option<&'static str>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct CachedTokens {
+    pub cached_tokens: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct UsageOut {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+    pub prompt_tokens_details: CachedTokens,
+}
+
+impl From<&Usage> for UsageOut {
+    fn from(u: &Usage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+            prompt_tokens_details: CachedTokens {
+                cached_tokens: u.cached_tokens,
+            },
+        }
+    }
+}
 
 pub(crate) fn finish_reason(r: FinishReason) -> &'static str {
     match r {
@@ -15,15 +104,6 @@ pub(crate) fn finish_reason(r: FinishReason) -> &'static str {
         // Reported as an error before it gets here; never sent as a finish reason.
         FinishReason::Error => "error",
     }
-}
-
-pub(crate) fn usage_json(u: &Usage) -> Value {
-    json!({
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-    })
 }
 
 /// The bytes a token stands for. Byte-level BPE pieces of a multi-byte character do not
@@ -69,56 +149,131 @@ pub(crate) fn token_string(st: &AppState, id: u32) -> String {
     String::from_utf8_lossy(&token_bytes(st, id)).into_owned()
 }
 
-/// Chat logprobs entry: {"token", "logprob", "bytes", "top_logprobs": [...]}.
-pub(crate) fn chat_logprob(st: &AppState, token: u32, lp: &TokenLogprob) -> Value {
-    let entry = |id: u32, logprob: f32| {
+/// One token in chat logprobs (the chosen one or an alternative). Log-probabilities go out
+/// as f64, the value the engine computed, widened.
+#[derive(Debug, Serialize)]
+pub(crate) struct TokenEntry {
+    pub token: String,
+    pub logprob: f64,
+    pub bytes: Vec<u8>,
+}
+
+impl TokenEntry {
+    fn new(st: &AppState, id: u32, logprob: f32) -> Self {
         let bytes = token_bytes(st, id);
-        json!({
-            "token": String::from_utf8_lossy(&bytes),
-            "logprob": logprob,
-            "bytes": bytes,
-        })
-    };
-    let mut v = entry(token, lp.logprob);
-    v["top_logprobs"] = lp.top.iter().map(|&(t, l)| entry(t, l)).collect();
-    v
+        Self {
+            token: String::from_utf8_lossy(&bytes).into_owned(),
+            logprob: f64::from(logprob),
+            bytes,
+        }
+    }
+}
+
+/// Chat logprobs entry: the token, its logprob and bytes, and the top alternatives.
+#[derive(Debug, Serialize)]
+pub(crate) struct ChatLogprob {
+    #[serde(flatten)]
+    pub entry: TokenEntry,
+    pub top_logprobs: Vec<TokenEntry>,
+}
+
+/// A chat choice's `logprobs`: `{"content": [...]}`.
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct ChatLogprobs {
+    pub content: Vec<ChatLogprob>,
+}
+
+pub(crate) fn chat_logprob(st: &AppState, token: u32, lp: &TokenLogprob) -> ChatLogprob {
+    ChatLogprob {
+        entry: TokenEntry::new(st, token, lp.logprob),
+        top_logprobs: lp
+            .top
+            .iter()
+            .map(|&(t, l)| TokenEntry::new(st, t, l))
+            .collect(),
+    }
 }
 
 /// Legacy completions logprobs: parallel lists.
-#[derive(Default)]
+#[derive(Debug, Default, Serialize)]
 pub(crate) struct CompletionLogprobs {
     tokens: Vec<String>,
-    token_logprobs: Vec<f32>,
-    top_logprobs: Vec<Value>,
+    token_logprobs: Vec<f64>,
+    top_logprobs: Vec<BTreeMap<String, f64>>,
     text_offset: Vec<usize>,
 }
 
 impl CompletionLogprobs {
     pub(crate) fn push(&mut self, st: &AppState, token: u32, lp: &TokenLogprob, offset: usize) {
         self.tokens.push(token_string(st, token));
-        self.token_logprobs.push(lp.logprob);
-        let top: serde_json::Map<String, Value> = lp
-            .top
-            .iter()
-            .map(|&(t, l)| (token_string(st, t), json!(l)))
-            .collect();
-        self.top_logprobs.push(Value::Object(top));
+        self.token_logprobs.push(f64::from(lp.logprob));
+        self.top_logprobs.push(
+            lp.top
+                .iter()
+                .map(|&(t, l)| (token_string(st, t), f64::from(l)))
+                .collect(),
+        );
         self.text_offset.push(offset);
-    }
-
-    pub(crate) fn to_json(&self) -> Value {
-        json!({
-            "tokens": self.tokens,
-            "token_logprobs": self.token_logprobs,
-            "top_logprobs": self.top_logprobs,
-            "text_offset": self.text_offset,
-        })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::gpt2_char_to_byte;
+    use super::*;
+    use serde_json::json;
+
+    fn chunk(usage: Option<Option<UsageOut>>) -> serde_json::Value {
+        let e = Envelope {
+            id: "chatcmpl-1",
+            object: "chat.completion.chunk",
+            created: 7,
+            model: "m",
+            system_fingerprint: None,
+            choices: vec![ChatDeltaChoice {
+                index: 0,
+                delta: Delta::default(),
+                logprobs: None,
+                finish_reason: Some("stop"),
+            }],
+            usage,
+        };
+        serde_json::to_value(&e).unwrap()
+    }
+
+    #[test]
+    fn chunks_keep_openai_shapes() {
+        let v = chunk(None);
+        assert_eq!(
+            v["choices"][0]["delta"],
+            json!({}),
+            "an empty delta is {{}}"
+        );
+        assert!(v["choices"][0]["logprobs"].is_null());
+        assert!(v["system_fingerprint"].is_null());
+        assert!(v.get("usage").is_none(), "no usage field unless asked for");
+        assert!(
+            chunk(Some(None))["usage"].is_null(),
+            "null until the usage chunk"
+        );
+        let u = Usage {
+            prompt_tokens: 10,
+            completion_tokens: 3,
+            cached_tokens: 4,
+        };
+        assert_eq!(
+            chunk(Some(Some(UsageOut::from(&u))))["usage"],
+            json!({"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
+                   "prompt_tokens_details": {"cached_tokens": 4}})
+        );
+        let first = Delta {
+            role: Some("assistant"),
+            content: Some(String::new()),
+        };
+        assert_eq!(
+            serde_json::to_value(first).unwrap(),
+            json!({"role": "assistant", "content": ""})
+        );
+    }
 
     #[test]
     fn gpt2_byte_alphabet_inverts() {
