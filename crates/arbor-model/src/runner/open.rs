@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use super::cpu::CpuBackend;
-use super::host::{HostSampledRunner, DEFAULT_PARALLEL_SAMPLING_MIN_LOGITS};
+use super::host::{HostSampledRunner, LogitsBackend, DEFAULT_PARALLEL_SAMPLING_MIN_LOGITS};
 use super::ModelRunner;
 use crate::error::{ModelError, Result};
 use crate::text::chat::ChatTemplate;
@@ -177,16 +177,24 @@ pub fn open(path: &Path, device: DeviceSpec, options: &RunnerOptions) -> Result<
             let loaded = crate::load_model(path, &crate::Device::Cpu)?;
             let backend = CpuBackend::new(Arc::new(loaded.model), options.kv_slots);
             Ok(OpenedModel {
-                runner: Box::new(
-                    HostSampledRunner::new(backend)
-                        .with_parallel_sampling_min_logits(options.parallel_sampling_min_logits),
-                ),
+                runner: host_sampled(backend, options),
                 tokenizer: loaded.tokenizer,
                 chat_template: loaded.chat_template,
             })
         }
         DeviceSpec::Cuda(ordinal) => open_cuda(path, ordinal, options),
     }
+}
+
+/// A backend behind the host sampler, with the options' sampling settings.
+fn host_sampled<B: LogitsBackend + 'static>(
+    backend: B,
+    options: &RunnerOptions,
+) -> Box<dyn ModelRunner> {
+    Box::new(
+        HostSampledRunner::new(backend)
+            .with_parallel_sampling_min_logits(options.parallel_sampling_min_logits),
+    )
 }
 
 #[cfg(feature = "cuda")]
@@ -216,10 +224,7 @@ fn open_cuda(path: &Path, ordinal: usize, options: &RunnerOptions) -> Result<Ope
     );
     let backend = CudaBackend::new(Arc::new(loaded.model), options.kv_slots)?;
     Ok(OpenedModel {
-        runner: Box::new(
-            HostSampledRunner::new(backend)
-                .with_parallel_sampling_min_logits(options.parallel_sampling_min_logits),
-        ),
+        runner: host_sampled(backend, options),
         tokenizer: loaded.tokenizer,
         chat_template: loaded.chat_template,
     })
