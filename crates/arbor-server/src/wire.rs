@@ -1,7 +1,7 @@
 //! OpenAI's wire format for what the engine produces, as typed structs shared by the
 //! non-streaming and the streaming paths: the response envelope, the choices of both
 //! endpoints (whole messages and stream deltas), finish reasons, usage, and log-probabilities
-//! with each token's bytes (byte-level BPE pieces mapped back to bytes).
+//! with each token's bytes (`Tokenizer::token_bytes`).
 
 use std::collections::BTreeMap;
 
@@ -106,43 +106,8 @@ pub(crate) fn finish_reason(r: FinishReason) -> &'static str {
     }
 }
 
-/// The bytes a token stands for. Byte-level BPE pieces of a multi-byte character do not
-/// decode alone, so they are mapped back through GPT-2's byte-to-character table.
-pub(crate) fn token_bytes(st: &AppState, id: u32) -> Vec<u8> {
-    let text = st.tokenizer.decode(&[id], false).unwrap_or_default();
-    if !text.contains('\u{FFFD}') {
-        return text.into_bytes();
-    }
-    let Some(piece) = st.tokenizer.id_to_token(id) else {
-        return text.into_bytes();
-    };
-    if let Some(hex) = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
-        // SentencePiece byte fallback.
-        if let Ok(b) = u8::from_str_radix(hex, 16) {
-            return vec![b];
-        }
-    }
-    piece
-        .chars()
-        .map(gpt2_char_to_byte)
-        .collect::<Option<Vec<u8>>>()
-        .unwrap_or_else(|| text.into_bytes())
-}
-
-/// GPT-2's byte-level alphabet: printable bytes stand for themselves, the others (0-32,
-/// 127-160, 173) were shifted to U+0100 onwards in order.
-pub(crate) fn gpt2_char_to_byte(c: char) -> Option<u8> {
-    let printable =
-        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-    let code = c as u32;
-    if code < 256 && printable(code) {
-        return Some(code as u8);
-    }
-    let n = code.checked_sub(256)? as usize;
-    (0u32..256)
-        .filter(|&b| !printable(b))
-        .nth(n)
-        .map(|b| b as u8)
+fn token_bytes(st: &AppState, id: u32) -> Vec<u8> {
+    st.tokenizer.token_bytes(id)
 }
 
 pub(crate) fn token_string(st: &AppState, id: u32) -> String {
@@ -273,15 +238,5 @@ mod tests {
             serde_json::to_value(first).unwrap(),
             json!({"role": "assistant", "content": ""})
         );
-    }
-
-    #[test]
-    fn gpt2_byte_alphabet_inverts() {
-        assert_eq!(gpt2_char_to_byte('a'), Some(b'a'));
-        // Space is byte 32, the 33rd non-printable: U+0120 'Ġ'.
-        assert_eq!(gpt2_char_to_byte('\u{0120}'), Some(b' '));
-        assert_eq!(gpt2_char_to_byte('\u{0100}'), Some(0));
-        assert_eq!(gpt2_char_to_byte('\u{0143}'), Some(173));
-        assert_eq!(gpt2_char_to_byte('\u{2000}'), None);
     }
 }

@@ -1,11 +1,15 @@
 //! The CPU model from any [`WeightSource`]: GGUF blocks stay in their format (Arbor's
 //! batch-invariant block kernels run them), float weights become f32.
 
+use std::path::Path;
+
 use candle_core::{DType, Device};
 
 use crate::cpu::linear::{FusedLinear, Linear};
 use crate::cpu::llama::{Embedding, Layer, Llama};
-use crate::error::Result;
+use crate::error::{ModelError, Result};
+use crate::text::chat::ChatTemplate;
+use crate::text::tokenizer::Tokenizer;
 use crate::weights::{LayerWeight as L, Stored, Weight, WeightSource};
 
 /// A linear layer from its weight (and bias) as stored.
@@ -73,4 +77,45 @@ pub fn build(src: &mut dyn WeightSource, device: &Device) -> Result<Llama> {
         lm_head,
         device.clone(),
     )
+}
+
+/// A model ready to run, with the text side that belongs to it.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub chat_template: ChatTemplate,
+}
+
+/// Loads a GGUF file or a Hugging Face folder.
+pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
+    if !path.exists() {
+        return Err(ModelError::NotFound(path.to_path_buf()));
+    }
+    let started = std::time::Instant::now();
+    let loaded = if path.is_dir() {
+        // Configuration and tokenizer first: a mismatch is reported before the weights load.
+        let (config, tokenizer, chat_template) = crate::weights::hf::open_hf(path)?;
+        let mut src = crate::weights::hf::SafetensorsWeights::load(path, config, device)?;
+        LoadedModel {
+            model: build(&mut src, device)?,
+            tokenizer,
+            chat_template,
+        }
+    } else {
+        let mut file = crate::weights::gguf::open_gguf(path)?;
+        LoadedModel {
+            model: build(&mut file, device)?,
+            tokenizer: file.tokenizer,
+            chat_template: file.chat_template,
+        }
+    };
+    let c = &loaded.model.config;
+    tracing::info!(
+        arch = %c.architecture, layers = c.num_layers, hidden = c.hidden_size,
+        heads = c.num_heads, kv_heads = c.num_kv_heads, vocab = c.vocab_size,
+        context = c.max_position_embeddings,
+        "loaded {} in {:.2}s", path.display(), started.elapsed().as_secs_f64()
+    );
+    Ok(loaded)
 }

@@ -12,3 +12,11 @@ pub mod linear;
 pub mod llama;
 pub mod load;
 pub mod qmatmul;
+
+/// `MemAvailable` from /proc/meminfo (Linux); `None` elsewhere.
+pub fn available_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

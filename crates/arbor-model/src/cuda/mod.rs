@@ -65,7 +65,7 @@ const MODULE: &str = "arbor_kernels";
 /// 100 us a layer on the H200), while 64 sequences fill the GPU with one split each (and many
 /// splits would cost more in partial results and merging than they save). Set per model with
 /// [`CudaOptions::decode_target_warps`] (benchmarking).
-pub const DECODE_TARGET_WARPS: usize = crate::runner::DEFAULT_DECODE_TARGET_WARPS;
+pub const DECODE_TARGET_WARPS: usize = crate::options::DEFAULT_DECODE_TARGET_WARPS;
 
 fn cuda_err(e: impl std::fmt::Display) -> ModelError {
     ModelError::Cuda(e.to_string())
@@ -83,7 +83,7 @@ fn cuda_device(device: &Device) -> Result<&CudaDevice> {
     }
 }
 
-pub use crate::runner::{CudaOptions, GgufWeights};
+pub use crate::options::{CudaOptions, GgufWeights};
 
 #[derive(Debug)]
 pub struct CudaLayer {

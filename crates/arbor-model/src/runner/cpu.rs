@@ -23,7 +23,7 @@ impl CpuBackend {
     /// least one full context). Pages come lazily, so this cannot fail.
     pub fn new(model: Arc<Llama>, kv_slots: Option<usize>) -> Self {
         let budget =
-            crate::available_memory_bytes().map(|m| (m as f64 * CPU_KV_MEMORY_SHARE) as usize);
+            crate::cpu::available_memory_bytes().map(|m| (m as f64 * CPU_KV_MEMORY_SHARE) as usize);
         let slots = kv_slots.unwrap_or_else(|| super::default_kv_slots(&model.config, budget));
         let pool = KvPool::new(&model.config, slots);
         Self { model, pool }

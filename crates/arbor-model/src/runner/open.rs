@@ -9,6 +9,7 @@ use super::cpu::CpuBackend;
 use super::host::{HostSampledRunner, LogitsBackend, DEFAULT_PARALLEL_SAMPLING_MIN_LOGITS};
 use super::ModelRunner;
 use crate::error::{ModelError, Result};
+pub use crate::options::{CudaOptions, GgufWeights, DEFAULT_DECODE_TARGET_WARPS};
 use crate::text::chat::ChatTemplate;
 use crate::text::tokenizer::Tokenizer;
 
@@ -45,48 +46,6 @@ pub enum LoadFormat {
     /// Random weights of the shapes the path's `config.json` describes (GPU benchmarks of
     /// models that are not here).
     Dummy,
-}
-
-/// How GGUF weights run on the GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum GgufWeights {
-    /// Dequantized to bf16 at load; linear layers through cuBLAS.
-    #[default]
-    Bf16,
-    /// Kept in their GGUF block format; linear layers through candle's quantized kernels
-    /// (MMVQ for up to 8 rows, MMQ beyond), activations in bf16. Fewer bytes read per step;
-    /// tensors in float formats stay dense.
-    Quantized,
-}
-
-/// Default of [`CudaOptions::decode_target_warps`]: decode attention cuts each context into
-/// splits until about this many warps run (see the CUDA backend's launch planning).
-pub const DEFAULT_DECODE_TARGET_WARPS: usize = 4096;
-
-/// The CUDA backend's knobs, for A/B benchmarks; the defaults are what the measurements in
-/// docs/BENCHMARKS.md chose.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CudaOptions {
-    /// Attention on the CUDA-core kernels even where the tensor-core kernel fits the shape.
-    pub force_cuda_core_attention: bool,
-    /// One-row linear layers through Arbor's GEMV kernel instead of cuBLAS.
-    pub gemv_for_one_row: bool,
-    /// Decode attention splits each context until about this many warps run.
-    pub decode_target_warps: usize,
-    /// Time each phase of the forward pass (`arbor_model::diagnostics::take_gpu_profile`); it
-    /// synchronizes after each phase, so it gives shares of a step, not its speed.
-    pub profile: bool,
-}
-
-impl Default for CudaOptions {
-    fn default() -> Self {
-        Self {
-            force_cuda_core_attention: false,
-            gemv_for_one_row: false,
-            decode_target_warps: DEFAULT_DECODE_TARGET_WARPS,
-            profile: false,
-        }
-    }
 }
 
 /// What [`open`] may be told; `Default` is a real model with the backend's defaults.
@@ -174,7 +133,7 @@ pub fn open(path: &Path, device: DeviceSpec, options: &RunnerOptions) -> Result<
                     "gguf_weights is for device cuda (the CPU runs GGUF formats as they are)",
                 ));
             }
-            let loaded = crate::load_model(path, &crate::Device::Cpu)?;
+            let loaded = crate::cpu::load::load_model(path, &crate::Device::Cpu)?;
             let backend = CpuBackend::new(Arc::new(loaded.model), options.kv_slots);
             Ok(OpenedModel {
                 runner: host_sampled(backend, options),

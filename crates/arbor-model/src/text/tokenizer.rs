@@ -158,6 +158,29 @@ impl Tokenizer {
         self.inner.token_to_id(text)
     }
 
+    /// The bytes a token stands for (what logprobs report as `bytes`). Byte-level BPE pieces
+    /// of a multi-byte character do not decode alone, so they are mapped back through GPT-2's
+    /// byte-to-character table; SentencePiece byte-fallback pieces (`<0xAB>`) are that byte.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let text = self.decode(&[id], false).unwrap_or_default();
+        if !text.contains('\u{FFFD}') {
+            return text.into_bytes();
+        }
+        let Some(piece) = self.id_to_token(id) else {
+            return text.into_bytes();
+        };
+        if let Some(hex) = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                return vec![b];
+            }
+        }
+        piece
+            .chars()
+            .map(gpt2_char_to_byte)
+            .collect::<Option<Vec<u8>>>()
+            .unwrap_or_else(|| text.into_bytes())
+    }
+
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
@@ -417,8 +440,26 @@ impl IncrementalDecoder {
     }
 }
 
+/// GPT-2's byte-level alphabet: printable bytes stand for themselves, the others (0-32,
+/// 127-160, 173) were shifted to U+0100 onwards in order.
+pub fn gpt2_char_to_byte(c: char) -> Option<u8> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let code = c as u32;
+    if code < 256 && printable(code) {
+        return Some(code as u8);
+    }
+    let n = code.checked_sub(256)? as usize;
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth(n)
+        .map(|b| b as u8)
+}
+
 #[cfg(test)]
 mod tests {
+    use super::gpt2_char_to_byte;
+
     #[test]
     fn placeholder_tokenizer_is_one_token_per_character() {
         let t = super::Tokenizer::placeholder(1000).unwrap();
@@ -426,5 +467,15 @@ mod tests {
         assert_eq!(ids, vec![97, 98, 32, 97, 10]);
         assert_eq!(t.decode(&ids, false).unwrap(), "ab a\n");
         assert_eq!(t.decode(&[500], false).unwrap(), "t500");
+    }
+
+    #[test]
+    fn gpt2_byte_alphabet_inverts() {
+        assert_eq!(gpt2_char_to_byte('a'), Some(b'a'));
+        // Space is byte 32, the 33rd non-printable: U+0120 'Ġ'.
+        assert_eq!(gpt2_char_to_byte('\u{0120}'), Some(b' '));
+        assert_eq!(gpt2_char_to_byte('\u{0100}'), Some(0));
+        assert_eq!(gpt2_char_to_byte('\u{0143}'), Some(173));
+        assert_eq!(gpt2_char_to_byte('\u{2000}'), None);
     }
 }
