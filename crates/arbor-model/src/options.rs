@@ -42,3 +42,13 @@ impl Default for CudaOptions {
         }
     }
 }
+
+/// Which SIMD kernels the CPU backend uses (see `cpu::kernels`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuKernels {
+    /// The fastest the processor supports.
+    #[default]
+    Auto,
+    /// The AVX2 paths only (the x86-64-v3 baseline), whatever the processor has.
+    Avx2,
+}

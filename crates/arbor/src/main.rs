@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use arbor_engine::{
     Engine, EngineConfig, PrefixCacheMode, Request, SamplingParams, StopConditions,
 };
-use arbor_model::runner::{CudaOptions, GgufWeights, RunnerOptions};
+use arbor_model::runner::{CpuKernels, CudaOptions, GgufWeights, RunnerOptions};
 use arbor_model::ChatMessage;
 use clap::{Args, Parser, Subcommand};
 
@@ -98,6 +98,16 @@ pub struct ModelArgs {
     /// for the GPU after each phase, so steps get slower).
     #[arg(long)]
     cuda_profile: bool,
+    /// CPU: `auto` uses the fastest kernels the processor has (AVX-512 VNNI where present);
+    /// `avx2` keeps to the AVX2 ones (comparisons; the outputs are bit-identical).
+    #[arg(long, value_enum, default_value = "auto")]
+    cpu_kernels: CpuKernelsArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CpuKernelsArg {
+    Auto,
+    Avx2,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -325,6 +335,10 @@ fn runner_options(args: &ModelArgs) -> RunnerOptions {
             gemv_for_one_row: args.cuda_gemv,
             decode_target_warps: args.cuda_decode_target_warps,
             profile: args.cuda_profile,
+        },
+        cpu_kernels: match args.cpu_kernels {
+            CpuKernelsArg::Auto => CpuKernels::Auto,
+            CpuKernelsArg::Avx2 => CpuKernels::Avx2,
         },
         ..Default::default()
     }

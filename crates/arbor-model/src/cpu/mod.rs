@@ -7,6 +7,7 @@ pub mod attention;
 mod columns;
 pub mod dense;
 pub mod fastmath;
+pub mod kernels;
 pub mod kv_pool;
 pub mod linear;
 pub mod llama;

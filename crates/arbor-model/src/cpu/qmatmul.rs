@@ -325,20 +325,52 @@ mod avx2 {
     ) {
         debug_assert!(out.len() <= ROW_TILE && acts.len() == out.len() * nb);
         debug_assert_eq!(w.len(), nb * format.block_bytes());
+        if crate::cpu::kernels::vnni() {
+            // SAFETY: `vnni()` is true only when the processor has AVX-512 VNNI and VL.
+            unsafe { dot_rows_vnni(format, w, acts, nb, out) }
+        } else {
+            dot_rows_with::<false>(format, w, acts, nb, out)
+        }
+    }
+
+    /// [`dot_rows_with`] compiled with AVX-512 VNNI, so the `vpdpbusd` of `VNNI = true` is
+    /// inlined.
+    ///
+    /// # Safety
+    /// The processor supports AVX-512 VNNI and AVX-512 VL.
+    #[target_feature(enable = "avx512vnni,avx512vl")]
+    pub(super) unsafe fn dot_rows_vnni(
+        format: BlockFormat,
+        w: &[u8],
+        acts: &[ActBlock],
+        nb: usize,
+        out: &mut [f32],
+    ) {
+        dot_rows_with::<true>(format, w, acts, nb, out)
+    }
+
+    #[inline(always)]
+    pub(super) fn dot_rows_with<const VNNI: bool>(
+        format: BlockFormat,
+        w: &[u8],
+        acts: &[ActBlock],
+        nb: usize,
+        out: &mut [f32],
+    ) {
         // A const row count keeps every accumulator in a register.
         match (format, out.len()) {
-            (BlockFormat::Q4_1, 1) => dot_tile::<1, Q41>(w, acts, nb, out),
-            (BlockFormat::Q4_1, 2) => dot_tile::<2, Q41>(w, acts, nb, out),
-            (BlockFormat::Q4_1, 3) => dot_tile::<3, Q41>(w, acts, nb, out),
-            (BlockFormat::Q4_1, _) => dot_tile::<4, Q41>(w, acts, nb, out),
-            (BlockFormat::Q4_0, 1) => dot_tile::<1, Q40>(w, acts, nb, out),
-            (BlockFormat::Q4_0, 2) => dot_tile::<2, Q40>(w, acts, nb, out),
-            (BlockFormat::Q4_0, 3) => dot_tile::<3, Q40>(w, acts, nb, out),
-            (BlockFormat::Q4_0, _) => dot_tile::<4, Q40>(w, acts, nb, out),
-            (BlockFormat::Q8_0, 1) => dot_tile::<1, Q80>(w, acts, nb, out),
-            (BlockFormat::Q8_0, 2) => dot_tile::<2, Q80>(w, acts, nb, out),
-            (BlockFormat::Q8_0, 3) => dot_tile::<3, Q80>(w, acts, nb, out),
-            (BlockFormat::Q8_0, _) => dot_tile::<4, Q80>(w, acts, nb, out),
+            (BlockFormat::Q4_1, 1) => dot_tile::<1, Q41, VNNI>(w, acts, nb, out),
+            (BlockFormat::Q4_1, 2) => dot_tile::<2, Q41, VNNI>(w, acts, nb, out),
+            (BlockFormat::Q4_1, 3) => dot_tile::<3, Q41, VNNI>(w, acts, nb, out),
+            (BlockFormat::Q4_1, _) => dot_tile::<4, Q41, VNNI>(w, acts, nb, out),
+            (BlockFormat::Q4_0, 1) => dot_tile::<1, Q40, VNNI>(w, acts, nb, out),
+            (BlockFormat::Q4_0, 2) => dot_tile::<2, Q40, VNNI>(w, acts, nb, out),
+            (BlockFormat::Q4_0, 3) => dot_tile::<3, Q40, VNNI>(w, acts, nb, out),
+            (BlockFormat::Q4_0, _) => dot_tile::<4, Q40, VNNI>(w, acts, nb, out),
+            (BlockFormat::Q8_0, 1) => dot_tile::<1, Q80, VNNI>(w, acts, nb, out),
+            (BlockFormat::Q8_0, 2) => dot_tile::<2, Q80, VNNI>(w, acts, nb, out),
+            (BlockFormat::Q8_0, 3) => dot_tile::<3, Q80, VNNI>(w, acts, nb, out),
+            (BlockFormat::Q8_0, _) => dot_tile::<4, Q80, VNNI>(w, acts, nb, out),
         }
     }
 
@@ -390,8 +422,12 @@ mod avx2 {
         }
     }
 
+    /// One weight row against `R` activation rows. The integer part of each block is 8 i32
+    /// lanes, lane j summing the products of bytes 4j..4j+3: `maddubs` + `madd` (AVX2) and
+    /// `vpdpbusd` (VNNI) give the same lanes exactly (no product pair overflows the 16 bits
+    /// `maddubs` keeps: at most 2 x 128 x 127), so both paths give bit-identical results.
     #[inline(always)]
-    fn dot_tile<const R: usize, F: Format>(
+    fn dot_tile<const R: usize, F: Format, const VNNI: bool>(
         w: &[u8],
         acts: &[ActBlock],
         nb: usize,
@@ -399,7 +435,8 @@ mod avx2 {
     ) {
         let bb = F::FORMAT.block_bytes();
         // SAFETY: compiled only when AVX2, FMA and F16C are enabled for the whole build
-        // (`target_feature`), so the intrinsics exist. Block `b < nb` of `w` spans
+        // (`target_feature`), so the intrinsics exist; the VNNI instruction is used only with
+        // `VNNI = true`, which only `dot_rows_vnni` (AVX-512 VNNI checked at run time) passes. Block `b < nb` of `w` spans
         // `b*bb..(b+1)*bb`, inside `w` (its length is `nb * bb`, checked by the caller), and
         // `F::weights` reads only inside its block; activation loads read the 32-byte `qs` of
         // `acts[r * nb + b]`, which exists since `acts.len() == R * nb`.
@@ -421,7 +458,11 @@ mod avx2 {
                         Some(qx) => _mm256_sign_epi8(qy, qx),
                         None => qy,
                     };
-                    let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wx, qy), ones);
+                    let sums = if VNNI {
+                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), wx, qy)
+                    } else {
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(wx, qy), ones)
+                    };
                     acc[r] = _mm256_fmadd_ps(
                         _mm256_set1_ps(wd * ab.d),
                         _mm256_cvtepi32_ps(sums),
@@ -492,6 +533,51 @@ mod tests {
                         want.to_bits(),
                         "{format:?} row {r} col {c}"
                     );
+                }
+            }
+        }
+    }
+
+    /// The VNNI path against the AVX2 path, bit for bit, on every format and tile height,
+    /// with extreme quants (Q8_0's -128 included, which ggml never writes but a file may hold).
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    #[test]
+    fn vnni_and_avx2_kernels_agree_bit_for_bit() {
+        if !crate::cpu::kernels::has_vnni() {
+            eprintln!("no AVX-512 VNNI on this processor: only the AVX2 path is checked (above)");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(77);
+        for format in FORMATS {
+            let (n, k) = (9, 256);
+            let nb = k / QK;
+            let mut w = random_matrix(format, n, k, &mut rng);
+            if format == BlockFormat::Q8_0 {
+                // Put -128 and 127 into some quants.
+                for (i, b) in w.data.iter_mut().enumerate() {
+                    if i % 34 >= 2 && i % 7 == 0 {
+                        *b = if i % 2 == 0 { 0x80 } else { 0x7F };
+                    }
+                }
+            }
+            for rows in 1..=ROW_TILE {
+                let x: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-4.0..4.0)).collect();
+                let acts: Vec<ActBlock> = x
+                    .chunks(k)
+                    .flat_map(|r| quantize_row(r, format == BlockFormat::Q4_1))
+                    .collect();
+                for c in 0..n {
+                    let mut plain = vec![0f32; rows];
+                    let mut vnni = vec![0f32; rows];
+                    avx2::dot_rows_with::<false>(format, w.row(c), &acts, nb, &mut plain);
+                    // SAFETY: has_vnni() checked above.
+                    unsafe { avx2::dot_rows_vnni(format, w.row(c), &acts, nb, &mut vnni) };
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&plain), bits(&vnni), "{format:?} rows {rows} col {c}");
                 }
             }
         }

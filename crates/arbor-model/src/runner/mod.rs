@@ -50,7 +50,7 @@ pub use cpu::CpuBackend;
 pub use cuda::CudaBackend;
 pub use host::{HostSampledRunner, LogitsBackend};
 pub use open::{
-    open, CudaOptions, DeviceSpec, GgufWeights, LoadFormat, OpenedModel, RunnerOptions,
+    open, CpuKernels, CudaOptions, DeviceSpec, GgufWeights, LoadFormat, OpenedModel, RunnerOptions,
     DEFAULT_DECODE_TARGET_WARPS,
 };
 

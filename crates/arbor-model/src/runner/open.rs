@@ -9,7 +9,7 @@ use super::cpu::CpuBackend;
 use super::host::{HostSampledRunner, LogitsBackend, DEFAULT_PARALLEL_SAMPLING_MIN_LOGITS};
 use super::ModelRunner;
 use crate::error::{ModelError, Result};
-pub use crate::options::{CudaOptions, GgufWeights, DEFAULT_DECODE_TARGET_WARPS};
+pub use crate::options::{CpuKernels, CudaOptions, GgufWeights, DEFAULT_DECODE_TARGET_WARPS};
 use crate::text::chat::ChatTemplate;
 use crate::text::tokenizer::Tokenizer;
 
@@ -65,6 +65,8 @@ pub struct RunnerOptions {
     pub parallel_sampling_min_logits: usize,
     /// GPU only: the CUDA backend's knobs.
     pub cuda: CudaOptions,
+    /// CPU: the fastest kernels the processor has, or the AVX2 ones (a process-wide choice).
+    pub cpu_kernels: CpuKernels,
 }
 
 impl Default for RunnerOptions {
@@ -77,6 +79,7 @@ impl Default for RunnerOptions {
             seed: 0,
             parallel_sampling_min_logits: DEFAULT_PARALLEL_SAMPLING_MIN_LOGITS,
             cuda: CudaOptions::default(),
+            cpu_kernels: CpuKernels::Auto,
         }
     }
 }
@@ -133,6 +136,8 @@ pub fn open(path: &Path, device: DeviceSpec, options: &RunnerOptions) -> Result<
                     "gguf_weights is for device cuda (the CPU runs GGUF formats as they are)",
                 ));
             }
+            crate::cpu::kernels::select(options.cpu_kernels);
+            tracing::info!("CPU kernels: {}", crate::cpu::kernels::describe());
             let loaded = crate::cpu::load::load_model(path, &crate::Device::Cpu)?;
             let backend = CpuBackend::new(Arc::new(loaded.model), options.kv_slots);
             Ok(OpenedModel {
