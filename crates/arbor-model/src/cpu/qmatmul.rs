@@ -199,9 +199,11 @@ impl BlockMatrix {
         } else {
             quantize_row(x, with_sum).collect()
         };
+        // The kernel path is chosen once per matmul, not per output column.
+        let vnni = crate::cpu::kernels::vnni();
         crate::cpu::columns::par_columns(m, self.rows, |c, r0, out| {
             let a = &acts[r0 * nb..(r0 + out.len()) * nb];
-            dot_rows(self.format, self.row(c), a, nb, out);
+            dot_rows(self.format, self.row(c), a, nb, out, vnni);
         })
     }
 }
@@ -247,14 +249,30 @@ fn hsum8(a: &[f32; 8]) -> f32 {
 
 /// One weight row (`nb` blocks) against `out.len()` activation rows (`acts`: `[rows, nb]`).
 #[inline]
-fn dot_rows(format: BlockFormat, w: &[u8], acts: &[ActBlock], nb: usize, out: &mut [f32]) {
+/// `vnni`: use AVX-512 VNNI (only ever true where the processor has it, see `cpu::kernels`).
+#[cfg_attr(
+    not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )),
+    allow(unused_variables)
+)]
+fn dot_rows(
+    format: BlockFormat,
+    w: &[u8],
+    acts: &[ActBlock],
+    nb: usize,
+    out: &mut [f32],
+    vnni: bool,
+) {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
         target_feature = "fma"
     ))]
     {
-        avx2::dot_rows(format, w, acts, nb, out)
+        avx2::dot_rows(format, w, acts, nb, out, vnni)
     }
     #[cfg(not(all(
         target_arch = "x86_64",
@@ -322,11 +340,14 @@ mod avx2 {
         acts: &[ActBlock],
         nb: usize,
         out: &mut [f32],
+        vnni: bool,
     ) {
         debug_assert!(out.len() <= ROW_TILE && acts.len() == out.len() * nb);
         debug_assert_eq!(w.len(), nb * format.block_bytes());
-        if crate::cpu::kernels::vnni() {
-            // SAFETY: `vnni()` is true only when the processor has AVX-512 VNNI and VL.
+        if vnni {
+            debug_assert!(crate::cpu::kernels::has_vnni());
+            // SAFETY: the caller passes `vnni` from `kernels::vnni()`, true only when the
+            // processor has AVX-512 VNNI and VL.
             unsafe { dot_rows_vnni(format, w, acts, nb, out) }
         } else {
             dot_rows_with::<false>(format, w, acts, nb, out)

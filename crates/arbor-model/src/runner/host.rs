@@ -104,69 +104,64 @@ impl<B: LogitsBackend> HostSampledRunner<B> {
         &self.backend
     }
 
-    /// Samples the step's sampling rows, `logits` in row order.
+    /// Samples the step's sampling rows, `logits` in row order. The rows' states leave the
+    /// map for the step (a step names distinct sequences) and go back after: the work is
+    /// per row, never per registered sequence.
     fn sample_rows(&mut self, rows: &[StepRow], logits: Vec<Vec<f32>>) -> Vec<RowOutcome> {
-        let wanted: Vec<SeqId> = rows.iter().filter(|r| r.sample).map(|r| r.seq).collect();
-        debug_assert_eq!(
-            wanted.len(),
-            logits.len(),
-            "one logits row per sampling row"
-        );
-        // Disjoint borrows of the rows' states, in row order (a step names distinct sequences).
-        let index: HashMap<SeqId, usize> =
-            wanted.iter().enumerate().map(|(i, &s)| (s, i)).collect();
-        let mut states: Vec<Option<&mut SeqSampling>> = (0..wanted.len()).map(|_| None).collect();
-        for (seq, state) in self.seqs.iter_mut() {
-            if let Some(&i) = index.get(seq) {
-                states[i] = Some(state);
-            }
-        }
-        let work: Vec<(Option<&mut SeqSampling>, Vec<f32>)> =
-            states.into_iter().zip(logits).collect();
+        let work: Vec<(SeqId, Option<SeqSampling>, Vec<f32>)> = rows
+            .iter()
+            .filter(|r| r.sample)
+            .zip(logits)
+            .map(|(r, row)| (r.seq, self.seqs.remove(&r.seq), row))
+            .collect();
         let faults = self.faults.as_ref();
-        let one = |(state, row): (Option<&mut SeqSampling>, Vec<f32>), seq: SeqId| match state {
-            Some(s) => s.sample_isolated(row, faults),
-            None => Err(format!("sequence {seq} was never added to the runner")),
+        let one = |(seq, mut state, row): (SeqId, Option<SeqSampling>, Vec<f32>)| {
+            let outcome = match state.as_mut() {
+                Some(s) => s.sample_isolated(row, faults),
+                None => Err(format!("sequence {seq} was never added to the runner")),
+            };
+            (seq, state, outcome)
         };
-        let total: usize = work.iter().map(|w| w.1.len()).sum();
+        let total: usize = work.iter().map(|w| w.2.len()).sum();
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(work.len());
-        if threads < 2 || total < self.parallel_min_logits {
-            return work
-                .into_iter()
-                .zip(wanted)
-                .map(|(w, seq)| one(w, seq))
-                .collect();
-        }
-        let mut work: Vec<_> = work.into_iter().zip(wanted).collect();
-        let per_thread = work.len().div_ceil(threads);
-        let mut chunks = Vec::new();
-        while !work.is_empty() {
-            let rest = work.split_off(per_thread.min(work.len()));
-            chunks.push(std::mem::replace(&mut work, rest));
-        }
-        let one = &one;
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = chunks
-                .into_iter()
-                .map(|chunk| {
-                    scope.spawn(move || {
-                        chunk
-                            .into_iter()
-                            .map(|(w, seq)| one(w, seq))
-                            .collect::<Vec<_>>()
-                    })
+        let done: Vec<(SeqId, Option<SeqSampling>, RowOutcome)> =
+            if threads < 2 || total < self.parallel_min_logits {
+                work.into_iter().map(one).collect()
+            } else {
+                let per_thread = work.len().div_ceil(threads);
+                let mut work = work;
+                let mut chunks = Vec::new();
+                while !work.is_empty() {
+                    let rest = work.split_off(per_thread.min(work.len()));
+                    chunks.push(std::mem::replace(&mut work, rest));
+                }
+                let one = &one;
+                std::thread::scope(|scope| {
+                    let handles: Vec<_> = chunks
+                        .into_iter()
+                        .map(|chunk| {
+                            scope.spawn(move || chunk.into_iter().map(one).collect::<Vec<_>>())
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .flat_map(|h| {
+                            h.join()
+                                .expect("sampling panics are caught per row in sample_isolated")
+                        })
+                        .collect()
                 })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| {
-                    h.join()
-                        .expect("sampling panics are caught per row in sample_isolated")
-                })
-                .collect()
-        })
+            };
+        done.into_iter()
+            .map(|(seq, state, outcome)| {
+                if let Some(state) = state {
+                    self.seqs.insert(seq, state);
+                }
+                outcome
+            })
+            .collect()
     }
 }
 
