@@ -1,7 +1,12 @@
 //! GPU diagnostics, kept out of the runner: the attention and GEMV kernels against float
-//! references on random inputs, one layer's linear layers timed by weight format, and the
-//! per-phase profile of the CUDA forward pass. Without the `cuda` feature each says so.
-//! `arbor gpu-check` and `arbor engine-bench` call these.
+//! references on random inputs, the GPU sampler against the CPU sampler's semantics (greedy
+//! tokens identical, seeded draws by a chi-square test), one layer's linear layers timed by
+//! weight format, and the per-phase profile of the CUDA forward pass. Without the `cuda`
+//! feature each says so. `arbor gpu-check` and `arbor engine-bench` call these.
+
+use std::collections::HashMap;
+
+use crate::sampling::{Sampler, SamplingParams};
 
 #[cfg(feature = "cuda")]
 use serde_json::json;
@@ -232,9 +237,324 @@ fn kernel_checks(device: &crate::Device) -> Result<serde_json::Value> {
     }))
 }
 
+/// One sampling situation the GPU sampler is checked on: fixed logits, parameters, and the
+/// sequence's history (its prompt and generated tokens, for the penalties).
+#[derive(Debug, Clone)]
+pub struct SamplerCase {
+    pub name: &'static str,
+    pub logits: Vec<f32>,
+    pub params: SamplingParams,
+    pub prompt: Vec<u32>,
+    pub generated: Vec<u32>,
+    pub min_tokens: usize,
+    pub banned_before_min: Vec<u32>,
+}
+
+impl SamplerCase {
+    /// The CPU sampler in this case's state (its history observed).
+    pub fn cpu_sampler(&self) -> Sampler {
+        let mut s = Sampler::new(self.params.clone(), &self.prompt);
+        for &t in &self.generated {
+            s.observe(t);
+        }
+        s
+    }
+
+    /// Bans in force now: the stop tokens while fewer than `min_tokens` were generated.
+    pub fn banned(&self) -> &[u32] {
+        if self.generated.len() < self.min_tokens {
+            &self.banned_before_min
+        } else {
+            &[]
+        }
+    }
+
+    /// The exact distribution of the CPU sampler in this state.
+    pub fn expected(&self) -> Vec<(u32, f64)> {
+        self.cpu_sampler()
+            .distribution(&mut self.logits.clone(), self.banned())
+    }
+}
+
+/// The sampling cases of the checks, over a vocabulary of `vocab` (at least 1,000) tokens:
+/// each truncation alone and combined, penalties and bias, bans, and logits rounded to bf16
+/// (as the GPU's lm_head makes them) so that ties cross the top-k and top-p cuts.
+pub fn sampler_cases(vocab: usize, seed: u64) -> Vec<SamplerCase> {
+    let mut rng = seed | 1;
+    let mut normal = move || {
+        // Box-Muller on xorshift.
+        let mut u = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            ((rng >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        let (a, b) = (u(), u());
+        (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()
+    };
+    let logits: Vec<f32> = (0..vocab).map(|_| (3.0 * normal()) as f32).collect();
+    let coarse: Vec<f32> = logits
+        .iter()
+        .map(|&x| half::bf16::from_f32((x * 4.0).round() / 4.0).to_f32())
+        .collect();
+    let params = |f: &dyn Fn(&mut SamplingParams)| {
+        let mut p = SamplingParams {
+            temperature: 1.0,
+            seed: Some(seed),
+            ..Default::default()
+        };
+        f(&mut p);
+        p
+    };
+    let case = |name, logits: &Vec<f32>, params| SamplerCase {
+        name,
+        logits: logits.clone(),
+        params,
+        prompt: Vec::new(),
+        generated: Vec::new(),
+        min_tokens: 0,
+        banned_before_min: Vec::new(),
+    };
+    // The most likely tokens, for penalties and bans that change the outcome.
+    let mut by_logit: Vec<u32> = (0..vocab as u32).collect();
+    by_logit.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    let top = |i: usize| by_logit[i];
+    vec![
+        case("temperature 1, whole vocabulary", &logits, params(&|_| {})),
+        case(
+            "temperature 0.7, top-k 50",
+            &logits,
+            params(&|p| {
+                p.temperature = 0.7;
+                p.top_k = 50;
+            }),
+        ),
+        case("top-p 0.9", &logits, params(&|p| p.top_p = 0.9)),
+        case(
+            "temperature 1.3, min-p 0.05",
+            &logits,
+            params(&|p| {
+                p.temperature = 1.3;
+                p.min_p = 0.05;
+            }),
+        ),
+        case(
+            "top-k 100, top-p 0.8, min-p 0.02",
+            &logits,
+            params(&|p| {
+                p.temperature = 0.8;
+                p.top_k = 100;
+                p.top_p = 0.8;
+                p.min_p = 0.02;
+            }),
+        ),
+        case("ties: top-k 37", &coarse, params(&|p| p.top_k = 37)),
+        case("ties: top-p 0.5", &coarse, params(&|p| p.top_p = 0.5)),
+        SamplerCase {
+            prompt: (0..40)
+                .map(top)
+                .chain((0..200).map(|i| (i * 7 % vocab) as u32))
+                .collect(),
+            generated: [top(1), top(1), top(3), top(45), top(2), top(1)].to_vec(),
+            ..case(
+                "penalties and bias, top-p 0.95",
+                &logits,
+                params(&|p| {
+                    p.repetition_penalty = 1.3;
+                    p.presence_penalty = 0.5;
+                    p.frequency_penalty = 0.3;
+                    p.top_p = 0.95;
+                    p.logit_bias = vec![(top(60), 6.0), (top(0), -100.0), (top(5), 1.5)].into();
+                }),
+            )
+        },
+        SamplerCase {
+            generated: vec![top(7)],
+            min_tokens: 3,
+            banned_before_min: vec![top(0), top(2), top(4)],
+            ..case(
+                "stop tokens banned before min_tokens, temperature 0.9",
+                &logits,
+                params(&|p| {
+                    p.temperature = 0.9;
+                }),
+            )
+        },
+    ]
+}
+
+/// Greedy cases: every penalty and the bans on many rows of bf16-rounded logits (ties), where
+/// the GPU's token must equal the CPU's.
+pub fn greedy_cases(vocab: usize, rows: usize, seed: u64) -> Vec<SamplerCase> {
+    let mut cases = Vec::new();
+    for r in 0..rows {
+        let mut c = sampler_cases(vocab, seed.wrapping_add(r as u64 * 7919))
+            .swap_remove(if r % 3 == 0 { 5 } else { 7 });
+        c.params.temperature = 0.0;
+        if r % 2 == 0 {
+            c.min_tokens = 9;
+            c.banned_before_min = c
+                .logits
+                .iter()
+                .enumerate()
+                .take(64)
+                .map(|(i, _)| i as u32)
+                .collect();
+        }
+        if r % 5 == 0 {
+            c.params.repetition_penalty = 0.8;
+        }
+        cases.push(c);
+    }
+    cases
+}
+
+/// Pearson's chi-square test of observed draws against an exact distribution.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChiSquare {
+    pub statistic: f64,
+    pub degrees_of_freedom: usize,
+    /// The statistic's upper 1e-4 quantile: above it, the draws do not follow the distribution.
+    pub critical: f64,
+    /// Draws of tokens the distribution cannot produce.
+    pub outside_support: u64,
+}
+
+impl ChiSquare {
+    pub fn passes(&self) -> bool {
+        self.outside_support == 0 && self.statistic <= self.critical
+    }
+}
+
+/// Chi-square of `observed` (token -> draws) against `expected` ((token, probability), most
+/// likely first, summing to 1). Tokens expected fewer than 5 times are pooled into one bin.
+pub fn chi_square(expected: &[(u32, f64)], observed: &HashMap<u32, u64>) -> ChiSquare {
+    let draws: u64 = observed.values().sum();
+    let n = draws as f64;
+    let support: std::collections::HashSet<u32> = expected.iter().map(|e| e.0).collect();
+    let outside_support = observed
+        .iter()
+        .filter(|(t, _)| !support.contains(t))
+        .map(|(_, &c)| c)
+        .sum();
+    // (expected count, observed count) per bin.
+    let mut bins: Vec<(f64, f64)> = Vec::new();
+    let mut pooled = (0.0, 0.0);
+    for &(t, p) in expected {
+        let o = observed.get(&t).copied().unwrap_or(0) as f64;
+        if p * n >= 5.0 {
+            bins.push((p * n, o));
+        } else {
+            pooled.0 += p * n;
+            pooled.1 += o;
+        }
+    }
+    if pooled.0 >= 5.0 || bins.is_empty() {
+        bins.push(pooled);
+    } else if let Some(last) = bins.last_mut() {
+        last.0 += pooled.0;
+        last.1 += pooled.1;
+    }
+    let statistic = bins
+        .iter()
+        .filter(|b| b.0 > 0.0)
+        .map(|&(e, o)| (o - e) * (o - e) / e)
+        .sum();
+    let dof = bins.len().saturating_sub(1);
+    // Wilson-Hilferty: the chi-square quantile from the normal one (z = 3.719 for 1e-4).
+    let critical = if dof == 0 {
+        0.0
+    } else {
+        let k = dof as f64;
+        let h = 2.0 / (9.0 * k);
+        k * (1.0 - h + 3.719 * h.sqrt()).powi(3)
+    };
+    ChiSquare {
+        statistic,
+        degrees_of_freedom: dof,
+        critical,
+        outside_support,
+    }
+}
+
+/// The GPU sampler against the CPU sampler's semantics on GPU `ordinal`: seeded draws of every
+/// [`sampler_cases`] case by a chi-square test, greedy tokens of [`greedy_cases`] identical,
+/// log-probabilities, and the same tokens from the same seed twice; `failed` counts failures.
+pub fn gpu_sampler_checks(ordinal: usize, draws: usize) -> Result<serde_json::Value> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::cuda::sampler_checks(&crate::cuda::device(ordinal)?, draws)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (ordinal, draws);
+        Err(no_cuda())
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{worst_relative_l2, ATTENTION_RELATIVE_BOUND};
+    use super::{chi_square, sampler_cases, worst_relative_l2, ATTENTION_RELATIVE_BOUND};
+    use std::collections::HashMap;
+
+    /// The chi-square check the GPU sampler must pass: the CPU sampler passes it on every case,
+    /// and it fails draws from a slightly different distribution (temperature 15% off, one
+    /// token too many or too few kept).
+    #[test]
+    fn chi_square_accepts_the_cpu_sampler_and_rejects_near_misses() {
+        let draws = 20_000;
+        for case in sampler_cases(1000, 42) {
+            let mut sampler = case.cpu_sampler();
+            let mut observed: HashMap<u32, u64> = HashMap::new();
+            for _ in 0..draws {
+                let t = sampler.sample(&mut case.logits.clone(), case.banned());
+                *observed.entry(t).or_insert(0) += 1;
+            }
+            let expected = case.expected();
+            let total: f64 = expected.iter().map(|e| e.1).sum();
+            assert!((total - 1.0).abs() < 1e-9, "{}: {total}", case.name);
+            let fit = chi_square(&expected, &observed);
+            assert!(fit.passes(), "{}: {fit:?}", case.name);
+            // Temperature off by 15%: a different distribution.
+            let mut warmer = case.clone();
+            warmer.params.temperature *= 1.15;
+            let off = chi_square(&warmer.expected(), &observed);
+            assert!(
+                !off.passes(),
+                "{}: passed at the wrong temperature: {off:?}",
+                case.name
+            );
+        }
+        // A kept set one token too small: the draws of the dropped token are outside it.
+        let case = &sampler_cases(1000, 42)[1];
+        let mut sampler = case.cpu_sampler();
+        let mut observed: HashMap<u32, u64> = HashMap::new();
+        for _ in 0..draws {
+            *observed
+                .entry(sampler.sample(&mut case.logits.clone(), &[]))
+                .or_insert(0) += 1;
+        }
+        let mut short = case.clone();
+        short.params.top_k -= 1;
+        assert!(chi_square(&short.expected(), &observed).outside_support > 0);
+        // One too many: a bin expected but never drawn... only detectable when it is likely
+        // enough, so top-k 3 against 4 on flat-ish logits.
+        let mut flat = case.clone();
+        flat.logits = (0..1000).map(|i| -(i as f32) * 0.2).collect();
+        flat.params.top_k = 3;
+        flat.params.temperature = 1.0;
+        let mut sampler = flat.cpu_sampler();
+        let mut observed: HashMap<u32, u64> = HashMap::new();
+        for _ in 0..draws {
+            *observed
+                .entry(sampler.sample(&mut flat.logits.clone(), &[]))
+                .or_insert(0) += 1;
+        }
+        let mut wide = flat.clone();
+        wide.params.top_k = 4;
+        assert!(chi_square(&flat.expected(), &observed).passes());
+        assert!(!chi_square(&wide.expected(), &observed).passes());
+    }
 
     fn bf16(x: f64) -> f64 {
         half::bf16::from_f64(x).to_f64()

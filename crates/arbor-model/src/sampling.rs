@@ -181,6 +181,36 @@ impl Sampler {
 
     /// Picks the next token; `banned` tokens (e.g. EOS before `min_tokens`) are never picked.
     pub fn sample(&mut self, logits: &mut [f32], banned: &[u32]) -> u32 {
+        let (cand, probs) = self.candidates(logits, banned);
+        if cand.len() == 1 {
+            return cand[0];
+        }
+        let mass: f32 = probs.iter().sum();
+        let mut r = self.rng.random::<f32>() * mass;
+        for (i, &p) in probs.iter().enumerate() {
+            r -= p;
+            if r <= 0.0 {
+                return cand[i];
+            }
+        }
+        cand[cand.len() - 1]
+    }
+
+    /// The distribution [`Sampler::sample`] draws from: the tokens it can pick, most likely
+    /// first, with their probabilities (summing to 1). A device sampler is checked against it.
+    pub fn distribution(&self, logits: &mut [f32], banned: &[u32]) -> Vec<(u32, f64)> {
+        let (cand, probs) = self.candidates(logits, banned);
+        let mass: f64 = probs.iter().map(|&p| p as f64).sum();
+        cand.into_iter()
+            .zip(probs)
+            .map(|(t, p)| (t, p as f64 / mass))
+            .collect()
+    }
+
+    /// Penalties, bans, temperature and truncation: the candidates in order (logit
+    /// descending, then id) with their unnormalized probabilities; one candidate when greedy.
+    /// Ties at a cut keep the lowest ids, so the kept set is a function of the logits alone.
+    fn candidates(&self, logits: &mut [f32], banned: &[u32]) -> (Vec<u32>, Vec<f32>) {
         self.apply_penalties(logits);
         for &b in banned {
             if let Some(l) = logits.get_mut(b as usize) {
@@ -189,52 +219,49 @@ impl Sampler {
         }
         let p = &self.params;
         if p.temperature == 0.0 || p.top_k == 1 {
-            return argmax(logits);
+            return (vec![argmax(logits)], vec![1.0]);
         }
+        let by_rank = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
         // Candidates sorted by logit, highest first; top-k cuts the list before sorting.
         let mut cand: Vec<u32> = (0..logits.len() as u32).collect();
         if p.top_k > 0 && p.top_k < cand.len() {
-            cand.select_nth_unstable_by(p.top_k - 1, |&a, &b| {
-                logits[b as usize].total_cmp(&logits[a as usize])
-            });
+            cand.select_nth_unstable_by(p.top_k - 1, by_rank);
             cand.truncate(p.top_k);
         }
-        cand.sort_unstable_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
+        cand.sort_unstable_by(by_rank);
         let max = logits[cand[0] as usize];
+        // Unnormalized weights: the maximum's is exactly 1.
         let mut probs: Vec<f32> = cand
             .iter()
             .map(|&t| ((logits[t as usize] - max) / p.temperature).exp())
             .collect();
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= total);
         let mut keep = probs.len();
         if p.top_p < 1.0 {
-            let mut cum = 0.0;
-            for (i, &x) in probs.iter().enumerate() {
-                cum += x;
-                if cum >= p.top_p {
+            // In f64: an f32 running sum over thousands of candidates drifts by 1e-5 of the
+            // total, enough to move the cut by a token (and a GPU's sum in another order with it).
+            let need = p.top_p as f64 * probs.iter().map(|&w| w as f64).sum::<f64>();
+            let mut cum = 0f64;
+            for (i, &w) in probs.iter().enumerate() {
+                cum += w as f64;
+                if cum >= need {
                     keep = i + 1;
                     break;
                 }
             }
         }
         if p.min_p > 0.0 {
-            let floor = p.min_p * probs[0];
-            keep = keep.min(probs.iter().take_while(|&&x| x >= floor).count().max(1));
+            // p >= min_p * p_max, with p_max's weight 1.
+            keep = keep.min(probs.iter().take_while(|&&w| w >= p.min_p).count().max(1));
         }
-        let mass: f32 = probs[..keep].iter().sum();
-        let mut r = self.rng.random::<f32>() * mass;
-        for i in 0..keep {
-            r -= probs[i];
-            if r <= 0.0 {
-                return cand[i];
-            }
-        }
-        cand[keep - 1]
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= total);
+        cand.truncate(keep);
+        probs.truncate(keep);
+        (cand, probs)
     }
 }
 
