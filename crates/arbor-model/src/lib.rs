@@ -20,6 +20,7 @@ pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device_sampling;
 pub mod diagnostics;
 pub mod error;
 pub mod options;

@@ -30,6 +30,9 @@ pub struct CudaOptions {
     /// Time each phase of the forward pass (`arbor_model::diagnostics::take_gpu_profile`); it
     /// synchronizes after each phase, so it gives shares of a step, not its speed.
     pub profile: bool,
+    /// Copy the logits to the host and sample there (the path before GPU sampling), instead
+    /// of sampling on the GPU; for A/B benchmarks.
+    pub host_sampling: bool,
 }
 
 impl Default for CudaOptions {
@@ -39,6 +42,7 @@ impl Default for CudaOptions {
             gemv_for_one_row: false,
             decode_target_warps: DEFAULT_DECODE_TARGET_WARPS,
             profile: false,
+            host_sampling: false,
         }
     }
 }

@@ -63,9 +63,10 @@ pub struct ModelArgs {
     /// Tokens per forward step: the prefill chunk budget.
     #[arg(long, default_value_t = arbor_engine::DEFAULT_MAX_BATCH_TOKENS)]
     max_batch_tokens: usize,
-    /// Requests running (holding KV) at once; the rest wait in the queue.
-    #[arg(long, default_value_t = 64)]
-    max_running: usize,
+    /// Requests running (holding KV) at once; the rest wait in the queue (default: 64 on the
+    /// CPU, 256 on a GPU, vLLM's default there).
+    #[arg(long)]
+    max_running: Option<usize>,
     /// Where the model runs: `cpu`, or `cuda` / `cuda:N` (a build with the `cuda` feature:
     /// scripts/cuda/build.sh).
     #[arg(long, default_value = "cpu", env = "ARBOR_DEVICE")]
@@ -98,6 +99,10 @@ pub struct ModelArgs {
     /// for the GPU after each phase, so steps get slower).
     #[arg(long)]
     cuda_profile: bool,
+    /// GPU: sample on the GPU (`device`, the default) or copy the logits to the host and
+    /// sample there (`host`, the path before GPU sampling; A/B benchmarks).
+    #[arg(long, value_enum, default_value = "device")]
+    cuda_sampling: CudaSamplingArg,
     /// CPU: `auto` uses the fastest kernels the processor has (AVX-512 VNNI where present);
     /// `avx2` keeps to the AVX2 ones (comparisons; the outputs are bit-identical).
     #[arg(long, value_enum, default_value = "auto")]
@@ -108,6 +113,12 @@ pub struct ModelArgs {
 enum CpuKernelsArg {
     Auto,
     Avx2,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CudaSamplingArg {
+    Device,
+    Host,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -298,11 +309,20 @@ fn model_path(args: &ModelArgs) -> Result<PathBuf> {
     }
 }
 
+/// Default `--max-running`: a CPU step over 64 sequences already takes long enough; a GPU
+/// decode step costs about the same for 1 or 256 (memory-bound), so it takes many more.
+const DEFAULT_MAX_RUNNING_CPU: usize = 64;
+const DEFAULT_MAX_RUNNING_GPU: usize = 256;
+
 /// The engine's settings from the flags (the KV pool's size is the runner's).
 fn engine_config(args: &ModelArgs) -> Result<EngineConfig> {
     let config = EngineConfig {
         max_batch_tokens: args.max_batch_tokens,
-        max_running: args.max_running,
+        max_running: args.max_running.unwrap_or(if args.device == "cpu" {
+            DEFAULT_MAX_RUNNING_CPU
+        } else {
+            DEFAULT_MAX_RUNNING_GPU
+        }),
         prefix_cache: match args.prefix_cache {
             PrefixCacheArg::Radix => PrefixCacheMode::Radix,
             PrefixCacheArg::Blocks => PrefixCacheMode::Blocks,
@@ -335,6 +355,7 @@ fn runner_options(args: &ModelArgs) -> RunnerOptions {
             gemv_for_one_row: args.cuda_gemv,
             decode_target_warps: args.cuda_decode_target_warps,
             profile: args.cuda_profile,
+            host_sampling: args.cuda_sampling == CudaSamplingArg::Host,
         },
         cpu_kernels: match args.cpu_kernels {
             CpuKernelsArg::Auto => CpuKernels::Auto,
@@ -364,6 +385,7 @@ fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
                 ("cuda_gemv", "--cuda-gemv"),
                 ("cuda_decode_target_warps", "--cuda-decode-target-warps"),
                 ("cuda_profile", "--cuda-profile"),
+                ("cuda_sampling", "--cuda-sampling"),
             ]
             .iter()
             .fold(why, |why, (option, flag)| why.replace(option, flag))

@@ -33,6 +33,12 @@ pub struct EngineBenchArgs {
     /// Memory bandwidth for the roofline, GB/s (the H200's measured copy bandwidth by default).
     #[arg(long, default_value_t = 4200.0)]
     pub bandwidth_gbs: f64,
+    /// Sampling temperature of the decode requests (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling of the decode requests (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
     /// Write the results as JSON here too.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -64,6 +70,15 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> Request {
     r
 }
 
+/// A decode request of `engine-bench`, sampled as its flags say (seeded: runs repeat).
+fn bench_request(prompt: Vec<u32>, max_tokens: usize, a: &EngineBenchArgs) -> Request {
+    let mut r = request(prompt, max_tokens);
+    r.sampling.temperature = a.temperature;
+    r.sampling.top_p = a.top_p;
+    r.sampling.seed = Some(1);
+    r
+}
+
 pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
     let (mut engine, _) = crate::load(&a.model)?;
     let cfg = engine.model_config().clone();
@@ -89,7 +104,11 @@ pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
             continue;
         }
         for _ in 0..b {
-            engine.add_request(request(prompt(&mut rng, context, vocab), a.decode_tokens))?;
+            engine.add_request(bench_request(
+                prompt(&mut rng, context, vocab),
+                a.decode_tokens,
+                &a,
+            ))?;
         }
         let (mut steps, mut time, mut forward) = (0usize, 0.0f64, 0.0f64);
         let mut warm = 0;
@@ -228,6 +247,10 @@ pub struct GpuCheckArgs {
     /// Check the attention kernels alone against a float reference on random inputs (no model).
     #[arg(long)]
     pub kernels: bool,
+    /// Check the GPU sampler against the CPU sampler's semantics (no model): greedy tokens
+    /// identical, seeded draws by a chi-square test over this many draws per case.
+    #[arg(long)]
+    pub sampler: Option<usize>,
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -250,6 +273,17 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
         out["config"] = json!(config.display().to_string());
         if let Some(p) = &a.json {
             std::fs::write(p, serde_json::to_string_pretty(&out)?)?;
+        }
+        return Ok(());
+    }
+    if let Some(draws) = a.sampler {
+        let out = arbor_model::diagnostics::gpu_sampler_checks(ordinal, draws)?;
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        if let Some(p) = &a.json {
+            std::fs::write(p, serde_json::to_string_pretty(&out)?)?;
+        }
+        if out["failed"].as_u64() != Some(0) {
+            bail!("GPU sampler checks failed");
         }
         return Ok(());
     }

@@ -192,3 +192,162 @@ pub fn linear_bench(
     }
     Ok(rows)
 }
+
+/// The GPU sampler against the CPU sampler's semantics (see
+/// `diagnostics::gpu_sampler_checks`): `draws` seeded draws per sampling case compared with
+/// the exact distribution by a chi-square test, greedy rows compared token for token,
+/// log-probabilities against `TokenLogprob::from_logits`, determinism, and the time of one
+/// launch of 64 rows of a 128k vocabulary.
+pub fn sampler_checks(device: &Device, draws: usize) -> Result<serde_json::Value> {
+    use crate::diagnostics::{chi_square, greedy_cases, sampler_cases, SamplerCase};
+    use crate::sampling::TokenLogprob;
+    use serde_json::json;
+    use std::collections::HashMap;
+
+    const VOCAB: usize = 32_000;
+    const ROWS_PER_LAUNCH: usize = 2048;
+    let mut sampler = GpuSampler::new(device)?;
+    let mut batch = SampleBatch::default();
+    let mut failed = 0usize;
+    let state_of = |case: &SamplerCase| {
+        let mut s = SeqSamplingState::new(
+            &case.params,
+            &case.prompt,
+            case.min_tokens,
+            &case.banned_before_min,
+        );
+        for &t in &case.generated {
+            s.observe(t);
+        }
+        s
+    };
+
+    // Seeded draws: one logit row, many sampling rows with consecutive draw counters.
+    let mut draw_cases = Vec::new();
+    for case in sampler_cases(VOCAB, 7) {
+        let logits = Tensor::from_vec(case.logits.clone(), (1, VOCAB), device)?;
+        let state = state_of(&case);
+        let seed = case.params.seed.unwrap_or(0);
+        let mut observed: HashMap<u32, u64> = HashMap::new();
+        let started = std::time::Instant::now();
+        let mut done = 0;
+        while done < draws {
+            let n = ROWS_PER_LAUNCH.min(draws - done);
+            batch.clear();
+            for r in 0..n {
+                let draw = (done + r) as u64;
+                batch.push(0, &case.params, seed, draw, None, state.adjustments());
+            }
+            for (t, _) in sampler.sample(&logits, &batch)? {
+                *observed.entry(t).or_insert(0) += 1;
+            }
+            done += n;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let expected = case.expected();
+        let fit = chi_square(&expected, &observed);
+        failed += usize::from(!fit.passes());
+        draw_cases.push(json!({
+            "case": case.name, "draws": draws, "kept_tokens": expected.len(),
+            "distinct_drawn": observed.len(), "chi_square": fit, "ok": fit.passes(),
+            "us_per_row": seconds * 1e6 / draws as f64,
+        }));
+    }
+
+    // Determinism: the same seed and counters give the same tokens.
+    let case = &sampler_cases(VOCAB, 7)[4];
+    let logits = Tensor::from_vec(case.logits.clone(), (1, VOCAB), device)?;
+    let state = state_of(case);
+    batch.clear();
+    for draw in 0..512u64 {
+        batch.push(0, &case.params, 99, draw, None, state.adjustments());
+    }
+    let first = sampler.sample(&logits, &batch)?;
+    let second = sampler.sample(&logits, &batch)?;
+    let deterministic = first == second;
+    failed += usize::from(!deterministic);
+
+    // Greedy identity and log-probabilities, many rows in one launch.
+    let greedy = greedy_cases(VOCAB, 256, 11);
+    let flat: Vec<f32> = greedy
+        .iter()
+        .flat_map(|c| c.logits.iter().copied())
+        .collect();
+    let logits = Tensor::from_vec(flat, (greedy.len(), VOCAB), device)?;
+    batch.clear();
+    let states: Vec<SeqSamplingState> = greedy.iter().map(state_of).collect();
+    for (r, (case, state)) in greedy.iter().zip(&states).enumerate() {
+        let top_n = (r % 2 == 0).then_some(MAX_TOP_LOGPROBS);
+        batch.push(r, &case.params, 0, 0, top_n, state.adjustments());
+    }
+    let got = sampler.sample(&logits, &batch)?;
+    let (mut mismatches, mut top_mismatches, mut worst_logprob) = (0usize, 0usize, 0f64);
+    for (case, (token, logprob)) in greedy.iter().zip(&got) {
+        let want = case
+            .cpu_sampler()
+            .sample(&mut case.logits.clone(), case.banned());
+        mismatches += usize::from(*token != want);
+        if let Some(lp) = logprob {
+            let reference = TokenLogprob::from_logits(&case.logits, *token, MAX_TOP_LOGPROBS);
+            worst_logprob = worst_logprob.max((lp.logprob - reference.logprob).abs() as f64);
+            let ids = |t: &TokenLogprob| t.top.iter().map(|e| e.0).collect::<Vec<_>>();
+            top_mismatches += usize::from(ids(lp) != ids(&reference));
+            for (a, b) in lp.top.iter().zip(&reference.top) {
+                worst_logprob = worst_logprob.max((a.1 - b.1).abs() as f64);
+            }
+        }
+    }
+    // f64 log-sum-exp on both sides from the same f32 logits: 1e-4 is generous for rounding
+    // and far below what a wrong normalization or an off-by-one row would give.
+    let logprobs_ok = worst_logprob < 1e-4 && top_mismatches == 0;
+    failed += usize::from(mismatches > 0) + usize::from(!logprobs_ok);
+
+    // Speed: 64 rows of a 128k vocabulary, greedy and with top-p.
+    let (rows, vocab) = (64, 128_256);
+    let big = Tensor::randn(0f32, 3.0, (rows, vocab), device)?;
+    let mut timing = Vec::new();
+    for (name, p) in [
+        ("greedy", crate::sampling::SamplingParams::greedy()),
+        (
+            "temperature 0.8, top-p 0.95",
+            crate::sampling::SamplingParams {
+                temperature: 0.8,
+                top_p: 0.95,
+                ..Default::default()
+            },
+        ),
+        (
+            "temperature 1, top-k 50, logprobs 5",
+            crate::sampling::SamplingParams {
+                temperature: 1.0,
+                top_k: 50,
+                ..Default::default()
+            },
+        ),
+    ] {
+        batch.clear();
+        let top_n = name.contains("logprobs").then_some(5);
+        for r in 0..rows {
+            batch.push(r, &p, 5, 0, top_n, std::iter::empty());
+        }
+        sampler.sample(&big, &batch)?; // warm-up: buffers and module load
+        let started = std::time::Instant::now();
+        for _ in 0..20 {
+            sampler.sample(&big, &batch)?;
+        }
+        let ms = started.elapsed().as_secs_f64() * 1e3 / 20.0;
+        timing.push(json!({"rows": rows, "vocab": vocab, "params": name, "ms_per_launch": ms}));
+    }
+
+    Ok(json!({
+        "sampler": "arbor_sample against the CPU sampler (crate::sampling)",
+        "vocab": VOCAB,
+        "seeded_draws": draw_cases,
+        "deterministic": deterministic,
+        "greedy": {"rows": greedy.len(), "mismatches": mismatches,
+                   "top_logprob_id_mismatches": top_mismatches,
+                   "worst_logprob_difference": worst_logprob},
+        "timing": timing,
+        "failed": failed,
+    }))
+}

@@ -22,6 +22,7 @@
 //! | `load.rs` | loading from any `WeightSource` (files, or random weights) |
 //! | `attention.rs` | kernel choice, slot lists and split planning, the attention launches |
 //! | `ops.rs` | linear layers (cuBLAS, quantized, GEMV) and the fused element-wise kernels |
+//! | `sampler.rs` | sampling on the GPU (`sampler.cu`): penalties, truncation, seeded draws, logprobs |
 //! | `profile.rs` | the per-phase profile ([`CudaOptions::profile`]) |
 //! | `checks.rs` | kernel checks and the linear-layer benchmark, for `arbor_model::diagnostics` |
 
@@ -50,12 +51,16 @@ mod checks;
 mod load;
 mod ops;
 mod profile;
+mod sampler;
 
 pub use self::attention::*;
 pub use self::checks::*;
 pub use self::load::*;
 use self::ops::*;
 pub use self::profile::*;
+pub use self::sampler::{
+    Adjust, GpuSampler, SampleBatch, SampledRow, SeqSamplingState, MAX_TOP_LOGPROBS,
+};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/arbor_kernels.ptx"));
 const MODULE: &str = "arbor_kernels";
@@ -218,8 +223,51 @@ impl CudaLlama {
             .map(|(free, _)| free)
     }
 
-    /// Runs one step, like [`crate::Llama::forward`].
+    /// Runs one step, like [`crate::Llama::forward`]: the logit rows on the host.
     pub fn forward(&self, batch: &[SeqStep], kv: &mut CudaKvPool) -> Result<Vec<Vec<f32>>> {
+        let Some(logits) = self.forward_logits(batch, kv)? else {
+            return Ok(Vec::new());
+        };
+        let dev = cuda_device(&self.device)?;
+        let stream = dev.cuda_stream();
+        let mut prof = Profiler::start(dev, self.options.profile);
+        // One flat copy into page-locked memory, then rows on the host (candle's `to_vec2`
+        // gathers element by element through pageable memory).
+        let (n_rows, vocab) = logits.dims2()?;
+        let n = n_rows * vocab;
+        let mut pinned = self.logits_host.lock().unwrap_or_else(|e| e.into_inner());
+        if pinned.as_ref().is_none_or(|p| p.len() < n) {
+            *pinned = None; // the old buffer goes first
+                            // Safety: only the first n elements are read, after the copy below wrote them.
+                            // Flags 0: cacheable (write-combined memory is slow for the host to read).
+            let fresh = unsafe {
+                stream
+                    .context()
+                    .alloc_pinned_with_flags::<f32>(n.next_power_of_two(), 0)
+            };
+            *pinned = Some(fresh.map_err(cuda_err)?);
+        }
+        let Some(host) = pinned.as_mut() else {
+            return Err(ModelError::Cuda("no host buffer for the logits".into()));
+        };
+        let host = host.as_mut_slice().map_err(cuda_err)?;
+        {
+            let (st, lay) = logits.storage_and_layout();
+            let all = slice_of::<f32>(&st, lay)?;
+            stream
+                .memcpy_dtoh(&all.slice(..n), &mut host[..n])
+                .map_err(cuda_err)?;
+        }
+        // The copy into page-locked memory is asynchronous.
+        stream.synchronize().map_err(cuda_err)?;
+        let logits = host[..n].chunks_exact(vocab).map(<[f32]>::to_vec).collect();
+        prof.mark("copy_out");
+        Ok(logits)
+    }
+
+    /// Runs one step and leaves its logits on the GPU: `[rows wanting logits, vocab]` f32, or
+    /// `None` when no row wants them.
+    pub fn forward_logits(&self, batch: &[SeqStep], kv: &mut CudaKvPool) -> Result<Option<Tensor>> {
         let cfg = &self.config;
         let dev = cuda_device(&self.device)?;
         let stream = dev.cuda_stream();
@@ -233,7 +281,7 @@ impl CudaLlama {
         let positions: Vec<u32> = positions.into_iter().map(|p| p as u32).collect();
         let t = tokens.len();
         if t == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let up = |v: &[u32]| stream.clone_htod(v).map_err(cuda_err);
         let (positions_d, new_slots_d) = (up(&positions)?, up(&new_slots)?);
@@ -321,7 +369,7 @@ impl CudaLlama {
             prof.mark("add+rms_norm");
         }
         if logit_rows.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let n_rows = logit_rows.len();
         let rows = Tensor::from_vec(logit_rows, n_rows, &self.device)?;
@@ -332,37 +380,6 @@ impl CudaLlama {
             .forward_with(&normed, gemv)?
             .to_dtype(DType::F32)?;
         prof.mark("lm_head");
-        // One flat copy into page-locked memory, then rows on the host (candle's `to_vec2`
-        // gathers element by element through pageable memory).
-        let vocab = logits.dim(1)?;
-        let n = n_rows * vocab;
-        let mut pinned = self.logits_host.lock().unwrap_or_else(|e| e.into_inner());
-        if pinned.as_ref().is_none_or(|p| p.len() < n) {
-            *pinned = None; // the old buffer goes first
-                            // Safety: only the first n elements are read, after the copy below wrote them.
-                            // Flags 0: cacheable (write-combined memory is slow for the host to read).
-            let fresh = unsafe {
-                stream
-                    .context()
-                    .alloc_pinned_with_flags::<f32>(n.next_power_of_two(), 0)
-            };
-            *pinned = Some(fresh.map_err(cuda_err)?);
-        }
-        let Some(host) = pinned.as_mut() else {
-            return Err(ModelError::Cuda("no host buffer for the logits".into()));
-        };
-        let host = host.as_mut_slice().map_err(cuda_err)?;
-        {
-            let (st, lay) = logits.storage_and_layout();
-            let all = slice_of::<f32>(&st, lay)?;
-            stream
-                .memcpy_dtoh(&all.slice(..n), &mut host[..n])
-                .map_err(cuda_err)?;
-        }
-        // The copy into page-locked memory is asynchronous.
-        stream.synchronize().map_err(cuda_err)?;
-        let logits = host[..n].chunks_exact(vocab).map(<[f32]>::to_vec).collect();
-        prof.mark("copy_out");
-        Ok(logits)
+        Ok(Some(logits))
     }
 }

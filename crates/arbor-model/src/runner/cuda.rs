@@ -1,12 +1,19 @@
-//! The CUDA backend: [`CudaLlama`] over a GPU [`CudaKvPool`]; logits are copied to the host and
-//! sampled there (GPU sampling replaces this backend's runner with one that samples on the
-//! device).
+//! The CUDA runners: [`CudaRunner`] samples on the GPU (the default); [`CudaBackend`] is
+//! [`CudaLlama`] over a GPU [`CudaKvPool`] as a [`LogitsBackend`], whose logits the host
+//! sampler takes (`--cuda-sampling host`, for A/B comparisons).
 
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::host::LogitsBackend;
+use super::{
+    panic_message, FaultInjector, FaultSite, ModelRunner, RowOutcome, Sampled, SeqId,
+    SequenceSampling, StepOutput, StepRow,
+};
 use crate::config::ModelConfig;
-use crate::cuda::{CudaKvPool, CudaLlama};
+use crate::cuda::{CudaKvPool, CudaLlama, GpuSampler, SampleBatch, SeqSamplingState};
 use crate::error::Result;
 use crate::step::{LogitsWanted, SeqStep};
 
@@ -62,5 +69,144 @@ impl LogitsBackend for CudaBackend {
             logits: which,
         };
         self.model.forward(&[step], &mut pool)
+    }
+}
+
+/// A [`ModelRunner`] that samples on the GPU ([`GpuSampler`]): the logits stay on the device
+/// and only each row's token (and requested log-probabilities) come back. Sampling state lives
+/// here per sequence: the seed (the request's, or a random one), the draw count (the Philox
+/// counter, so a preempted sequence continues its stream), the output token counts the
+/// penalties need, and the fixed adjustments (logit bias, prompt tokens under a repetition
+/// penalty, stop tokens banned before `min_tokens`), sorted by token once at registration.
+pub struct CudaRunner {
+    backend: CudaBackend,
+    sampler: GpuSampler,
+    seqs: HashMap<SeqId, DeviceSeq>,
+    /// Reused each step: the packed sampling rows.
+    batch: SampleBatch,
+    faults: Option<FaultInjector>,
+}
+
+struct DeviceSeq {
+    spec: SequenceSampling,
+    state: SeqSamplingState,
+}
+
+impl CudaRunner {
+    pub fn new(backend: CudaBackend) -> Result<Self> {
+        let sampler = GpuSampler::new(backend.model.device())?;
+        Ok(Self {
+            backend,
+            sampler,
+            seqs: HashMap::new(),
+            batch: SampleBatch::default(),
+            faults: None,
+        })
+    }
+}
+
+impl ModelRunner for CudaRunner {
+    fn config(&self) -> &ModelConfig {
+        self.backend.config()
+    }
+
+    fn device_name(&self) -> String {
+        self.backend.device_name()
+    }
+
+    fn kv_slots(&self) -> usize {
+        self.backend.kv_slots()
+    }
+
+    fn add_sequence(&mut self, seq: SeqId, spec: SequenceSampling) {
+        let state = SeqSamplingState::new(
+            &spec.params,
+            &spec.prompt,
+            spec.min_tokens,
+            &spec.banned_before_min,
+        );
+        self.seqs.insert(seq, DeviceSeq { spec, state });
+    }
+
+    fn remove_sequence(&mut self, seq: SeqId) {
+        self.seqs.remove(&seq);
+    }
+
+    fn step(&mut self, rows: &[StepRow]) -> Result<StepOutput> {
+        let batch: Vec<SeqStep> = rows
+            .iter()
+            .map(|r| SeqStep {
+                tokens: r.tokens,
+                slots: r.slots,
+                logits: if r.sample {
+                    LogitsWanted::Last
+                } else {
+                    LogitsWanted::None
+                },
+            })
+            .collect();
+        let started = Instant::now();
+        let logits = self
+            .backend
+            .model
+            .forward_logits(&batch, &mut self.backend.pool)?;
+        // One outcome per sampling row; rows that reach the GPU are filled in after it.
+        let mut outcomes: Vec<Option<RowOutcome>> = Vec::new();
+        let mut launched: Vec<(usize, SeqId)> = Vec::new();
+        self.batch.clear();
+        for (logit_row, r) in rows.iter().filter(|r| r.sample).enumerate() {
+            let Some(state) = self.seqs.get(&r.seq) else {
+                outcomes.push(Some(Err(format!(
+                    "sequence {} was never added to the runner",
+                    r.seq
+                ))));
+                continue;
+            };
+            if let Some(f) = &self.faults {
+                let hook = AssertUnwindSafe(|| {
+                    (f.0)(FaultSite::Sample {
+                        prompt: &state.spec.prompt,
+                    })
+                });
+                if let Err(p) = catch_unwind(hook) {
+                    outcomes.push(Some(Err(format!(
+                        "sampling failed: {}",
+                        panic_message(p.as_ref())
+                    ))));
+                    continue;
+                }
+            }
+            self.batch
+                .push_seq(logit_row, &state.state, state.spec.logprobs);
+            launched.push((outcomes.len(), r.seq));
+            outcomes.push(None);
+        }
+        if let (Some(logits), false) = (&logits, self.batch.is_empty()) {
+            let sampled = self.sampler.sample(logits, &self.batch)?;
+            for ((at, seq), (token, logprob)) in launched.into_iter().zip(sampled) {
+                if let Some(seq) = self.seqs.get_mut(&seq) {
+                    seq.state.observe(token);
+                }
+                outcomes[at] = Some(Ok(Sampled { token, logprob }));
+            }
+        }
+        // Everything above ran on the GPU and waited for it: the forward pass and sampling.
+        let forward_seconds = started.elapsed().as_secs_f64();
+        let sampled = outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err("the step produced no logits for this row".into())))
+            .collect();
+        Ok(StepOutput {
+            sampled,
+            forward_seconds,
+        })
+    }
+
+    fn logits_from_scratch(&self, tokens: &[u32], which: LogitsWanted) -> Result<Vec<Vec<f32>>> {
+        self.backend.logits_from_scratch(tokens, which)
+    }
+
+    fn set_fault_injector(&mut self, faults: Option<FaultInjector>) {
+        self.faults = faults;
     }
 }

@@ -15,14 +15,14 @@
 //!   samples them with [`crate::sampling`] (the one definition of sampling's semantics).
 //!   [`CpuBackend`] and, with the `cuda` feature, `CudaBackend` are its backends; the fake
 //!   toy model of [`fake`] is another, for testing the engine without model files.
+//! - With the `cuda` feature, `CudaRunner` samples on the GPU: the logits never leave it.
 //! - [`open`] loads a model file onto a [`DeviceSpec`] and returns the runner with its
 //!   tokenizer and chat template: the binary has no backend-specific code.
 //!
 //! Where the next pieces plug in (see docs/ARCHITECTURE.md):
-//! - **Sampling on the GPU** is a runner that implements [`ModelRunner`] directly: it keeps
-//!   each sequence's sampling state on the device (registered by `add_sequence`), samples the
-//!   step's logits where they are, and returns only [`Sampled`] rows. Nothing above the seam
-//!   changes.
+//! - **Sampling on the GPU** (`CudaRunner`) implements [`ModelRunner`] directly: it keeps
+//!   each sequence's sampling state (registered by `add_sequence`), samples the step's logits
+//!   where they are, and returns only [`Sampled`] rows. Nothing above the seam changed.
 //! - **Tensor parallelism**: one runner drives N GPUs. It holds a shard of the weights and of
 //!   the KV pool per GPU (attention heads split, so a slot id names the same token on every
 //!   shard and the engine's slot ids need no change), hands each step's rows to one worker
@@ -47,7 +47,7 @@ use crate::LogitsWanted;
 
 pub use cpu::CpuBackend;
 #[cfg(feature = "cuda")]
-pub use cuda::CudaBackend;
+pub use cuda::{CudaBackend, CudaRunner};
 pub use host::{HostSampledRunner, LogitsBackend};
 pub use open::{
     open, CpuKernels, CudaOptions, DeviceSpec, GgufWeights, LoadFormat, OpenedModel, RunnerOptions,

@@ -128,7 +128,7 @@ pub fn open(path: &Path, device: DeviceSpec, options: &RunnerOptions) -> Result<
             }
             if options.cuda != CudaOptions::default() {
                 return Err(invalid(
-                    "cuda_attention, cuda_gemv, cuda_decode_target_warps and cuda_profile need device cuda",
+                    "cuda_attention, cuda_gemv, cuda_decode_target_warps, cuda_profile and cuda_sampling need device cuda",
                 ));
             }
             if options.gguf_weights.is_some() {
@@ -163,7 +163,7 @@ fn host_sampled<B: LogitsBackend + 'static>(
 
 #[cfg(feature = "cuda")]
 fn open_cuda(path: &Path, ordinal: usize, options: &RunnerOptions) -> Result<OpenedModel> {
-    use super::cuda::CudaBackend;
+    use super::cuda::{CudaBackend, CudaRunner};
     let device = crate::cuda::device(ordinal)?;
     let started = std::time::Instant::now();
     let loaded = match options.load_format {
@@ -187,8 +187,13 @@ fn open_cuda(path: &Path, ordinal: usize, options: &RunnerOptions) -> Result<Ope
         started.elapsed().as_secs_f64()
     );
     let backend = CudaBackend::new(Arc::new(loaded.model), options.kv_slots)?;
+    let runner = if options.cuda.host_sampling {
+        host_sampled(backend, options)
+    } else {
+        Box::new(CudaRunner::new(backend)?)
+    };
     Ok(OpenedModel {
-        runner: host_sampled(backend, options),
+        runner,
         tokenizer: loaded.tokenizer,
         chat_template: loaded.chat_template,
     })
@@ -257,6 +262,16 @@ mod tests {
                     ..Default::default()
                 },
                 "cuda_profile",
+            ),
+            (
+                RunnerOptions {
+                    cuda: CudaOptions {
+                        host_sampling: true,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                "cuda_sampling",
             ),
             (
                 RunnerOptions {

@@ -194,6 +194,14 @@ impl Tokenizer {
         self.stop_ids.binary_search(&id).is_ok()
     }
 
+    /// The Hugging Face `tokenizer.json` of this tokenizer (for example to give a GGUF model's
+    /// tokenizer to dummy-weight benchmarks with `--tokenizer`).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+
     /// Loads a Hugging Face `tokenizer.json`, with `tokenizer_config.json` (if given) for BOS/EOS.
     pub fn from_hf_files(
         tokenizer_json: &std::path::Path,

@@ -120,6 +120,8 @@ impl Weight {
 }
 
 /// A tensor as its file stores it.
+// One tensor at a time lives in this enum during loading: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Stored {
     /// GGUF: any of its formats, block-quantized or float.
