@@ -28,6 +28,7 @@ use crate::error::EngineError;
 use crate::output::{advance_with_token, finished_event, Flush};
 use crate::request::{Completion, Event, FinishReason, Request, RequestId, Timing};
 use crate::scheduler::{Scheduler, Sequence};
+use crate::step_cost::StepCostModel;
 use crate::stop::StopMatcher;
 
 /// Default tokens per step: big enough that prefill matmuls reuse each unpacked weight block
@@ -69,6 +70,10 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Sequences running at once.
     pub max_running: usize,
+    /// Per-step time budget: while requests are decoding, prefill chunks are cut so that a
+    /// step is predicted to take at most this long (bounding the time between tokens when long
+    /// prompts arrive), on top of `max_batch_tokens`. `None`: the token budget alone.
+    pub max_step_time: Option<std::time::Duration>,
     /// Test-only fault injection (see [`FaultInjector`]); `None` in every real configuration.
     /// The engine calls it before each forward pass and detokenization, and hands it to the
     /// runner for sampling.
@@ -82,6 +87,7 @@ impl Default for EngineConfig {
             prefix_cache: PrefixCacheMode::Radix,
             max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
             max_running: 64,
+            max_step_time: None,
             fault_injector: None,
         }
     }
@@ -100,6 +106,11 @@ impl EngineConfig {
                     "{name} must be at least 1"
                 )));
             }
+        }
+        if self.max_step_time.is_some_and(|t| t.is_zero()) {
+            return Err(EngineError::InvalidConfig(
+                "max_step_time must be above 0".into(),
+            ));
         }
         Ok(())
     }
@@ -137,6 +148,8 @@ pub struct Engine {
     next_id: RequestId,
     /// Forward passes run so far (the fault hook's step number).
     steps: u64,
+    /// Learned step times, for [`EngineConfig::max_step_time`].
+    step_cost: StepCostModel,
 }
 
 impl Engine {
@@ -177,6 +190,7 @@ impl Engine {
             config,
             next_id: 0,
             steps: 0,
+            step_cost: StepCostModel::default(),
         })
     }
 
@@ -366,7 +380,10 @@ impl Engine {
 
     /// Runs one batched step.
     pub fn step(&mut self) -> Result<(Vec<Event>, StepStats), EngineError> {
-        let plan = self.scheduler.schedule();
+        let limit = self.config.max_step_time.map(|t| t.as_secs_f64());
+        let plan = self
+            .scheduler
+            .schedule(limit.map(|l| (&mut self.step_cost, l)));
         let mut stats = StepStats {
             prefill_tokens: plan.prefill_tokens,
             decode_tokens: plan.decode_tokens,
@@ -403,6 +420,7 @@ impl Engine {
             (f.0)(FaultSite::Forward { step: self.steps });
         }
         self.steps += 1;
+        let started = std::time::Instant::now();
         let output = match self.runner.step(&rows) {
             Ok(output) => output,
             Err(e) => {
@@ -413,6 +431,9 @@ impl Engine {
             }
         };
         stats.forward_seconds = output.forward_seconds;
+        // The runner's whole step (forward pass and sampling) is what the decodes wait for.
+        self.step_cost
+            .observe(plan.shape, started.elapsed().as_secs_f64());
         if output.sampled.len() != sampling.len() {
             self.scheduler.undo(&plan);
             return Err(EngineError::RequestFailed(format!(
@@ -547,6 +568,7 @@ mod tests {
             prefix_cache: PrefixCacheMode::Radix,
             max_batch_tokens: 16,
             max_running: 4,
+            max_step_time: Some(std::time::Duration::from_millis(50)),
             fault_injector: None,
         };
         assert!(good.validate().is_ok());
@@ -562,6 +584,13 @@ mod tests {
                 "max_running",
                 EngineConfig {
                     max_running: 0,
+                    ..good.clone()
+                },
+            ),
+            (
+                "max_step_time",
+                EngineConfig {
+                    max_step_time: Some(std::time::Duration::ZERO),
                     ..good.clone()
                 },
             ),

@@ -15,6 +15,7 @@ mod error;
 mod output;
 pub mod request;
 mod scheduler;
+pub mod step_cost;
 pub mod stop;
 
 pub use arbor_model::runner::fake;

@@ -10,8 +10,10 @@
 //! 2. preempts the youngest running requests while the running decodes do not fit;
 //! 3. plans one step: a decode token for every running sequence that is generating, then
 //!    prefill chunks of the others until the token budget is spent (a long prompt is cut into
-//!    chunks so it never stalls the running decodes for long), and grows each planned
-//!    sequence's KV by the slots its new tokens need.
+//!    chunks so it never stalls the running decodes for long; with a step time budget the
+//!    chunks beside running decodes are also cut to what the learned step-time model says
+//!    fits, see [`crate::step_cost`]), and grows each planned sequence's KV by the slots its
+//!    new tokens need.
 //!
 //! Prefix reuse: at admission a request's prompt is matched against the prefix cache; the
 //! matched prefix joins the sequence as already computed and stays locked while it runs
@@ -26,6 +28,7 @@ use arbor_model::IncrementalDecoder;
 
 use crate::engine::PrefixCacheMode;
 use crate::request::{RequestId, Timing};
+use crate::step_cost::{largest_chunk_within, StepCostModel, StepShape};
 use crate::stop::StopMatcher;
 
 /// A waiting request defers admission while a running request's prefill would give it at
@@ -36,6 +39,10 @@ const MIN_SHARED_PREFILL_TO_WAIT: usize = 32;
 /// Up to this many waiting requests are admitted in cache-aware order; beyond, in arrival
 /// order (the queue is long: fairness first, and sorting stops paying).
 const CACHE_AWARE_MAX_QUEUE: usize = 128;
+
+/// Under a step time budget, the first prefill chunk of a step has at least this many tokens
+/// (a budget below what the decodes alone take must not stall prefills forever).
+const MIN_TIMED_PREFILL_CHUNK: usize = 64;
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
@@ -92,6 +99,8 @@ pub(crate) struct StepPlan {
     pub prefill_tokens: usize,
     pub decode_tokens: usize,
     pub preempted: usize,
+    /// What the step computes, for the step-time model.
+    pub shape: StepShape,
 }
 
 pub(crate) struct Scheduler {
@@ -123,8 +132,10 @@ impl Scheduler {
         }
     }
 
-    /// Admission, preemption, and the next step's plan (empty when nothing can run now).
-    pub fn schedule(&mut self) -> StepPlan {
+    /// Admission, preemption, and the next step's plan (empty when nothing can run now). With
+    /// `time_limit` (a step-time model and seconds), prefill chunks beside running decodes are
+    /// cut so that the step's predicted time stays within the limit.
+    pub fn schedule(&mut self, mut time_limit: Option<(&mut StepCostModel, f64)>) -> StepPlan {
         self.admit();
         let mut plan = StepPlan::default();
         // Decodes need one slot each; preempt the youngest requests until they fit.
@@ -145,6 +156,7 @@ impl Scheduler {
                 budget -= 1;
                 memory -= 1;
                 plan.decode_tokens += 1;
+                plan.shape.add_decode(s.computed() + 1);
             }
         }
         // Then prefill chunks (new prompts, or resumed requests) in admission order.
@@ -153,7 +165,23 @@ impl Scheduler {
                 break;
             }
             if !s.decoding() && s.pending() > 0 {
-                let n = s.pending().min(budget).min(memory);
+                let mut n = s.pending().min(budget).min(memory);
+                if let (Some((model, limit)), true) = (time_limit.as_mut(), plan.decode_tokens > 0)
+                {
+                    // Decodes are waiting on this step: keep it within the time budget. The
+                    // step's first chunk always advances; later ones only where time is left.
+                    let min = if plan.prefill_tokens == 0 {
+                        MIN_TIMED_PREFILL_CHUNK
+                    } else {
+                        0
+                    };
+                    n = largest_chunk_within(model, plan.shape, s.computed(), n, min, *limit)
+                        .unwrap_or(n);
+                }
+                if n == 0 {
+                    break;
+                }
+                plan.shape.add_prefill(s.computed(), n);
                 plan.rows.push((i, n));
                 budget -= n;
                 memory -= n;

@@ -431,3 +431,127 @@ fn random_arrivals_and_cancels_never_lose_a_slot_or_change_an_output() {
         assert_eq!((u.held_by_requests, u.free + u.cached), (0, u.total));
     }
 }
+
+use arbor_model::runner::{ModelRunner, SeqId, SequenceSampling, StepOutput, StepRow};
+use arbor_model::{LogitsWanted, ModelConfig, Result as ModelResult};
+
+/// A fake runner that takes as long as a made-up device would: 0.5 ms a step plus 10 us per
+/// token computed, so that the engine's step-time model has something to learn.
+struct TimedRunner(Box<dyn ModelRunner>);
+
+impl TimedRunner {
+    fn seconds(rows: &[StepRow]) -> f64 {
+        let tokens: usize = rows.iter().map(|r| r.tokens.len()).sum();
+        5e-4 + 1e-5 * tokens as f64
+    }
+}
+
+impl ModelRunner for TimedRunner {
+    fn config(&self) -> &ModelConfig {
+        self.0.config()
+    }
+    fn device_name(&self) -> String {
+        self.0.device_name()
+    }
+    fn kv_slots(&self) -> usize {
+        self.0.kv_slots()
+    }
+    fn add_sequence(&mut self, seq: SeqId, s: SequenceSampling) {
+        self.0.add_sequence(seq, s)
+    }
+    fn remove_sequence(&mut self, seq: SeqId) {
+        self.0.remove_sequence(seq)
+    }
+    fn step(&mut self, rows: &[StepRow]) -> ModelResult<StepOutput> {
+        std::thread::sleep(std::time::Duration::from_secs_f64(Self::seconds(rows)));
+        self.0.step(rows)
+    }
+    fn logits_from_scratch(
+        &self,
+        tokens: &[u32],
+        which: LogitsWanted,
+    ) -> ModelResult<Vec<Vec<f32>>> {
+        self.0.logits_from_scratch(tokens, which)
+    }
+}
+
+#[test]
+fn a_step_time_budget_cuts_long_prompts_beside_decodes_and_keeps_outputs() {
+    let budget = 0.005; // 5 ms: about 450 tokens of the timed runner beside a few decodes
+    let (runner, tokenizer, _) = fake::runner(FakeModel {
+        kv_slots: 16_384,
+        context: 8192,
+        ..Default::default()
+    });
+    let mut e = Engine::new(
+        Box::new(TimedRunner(Box::new(runner))),
+        tokenizer,
+        EngineConfig {
+            max_step_time: Some(std::time::Duration::from_secs_f64(budget)),
+            ..config(PrefixCacheMode::Radix, 4096, 32)
+        },
+    )
+    .unwrap();
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut prompt = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(10..128)).collect() };
+    // Warm-up: requests arriving while others decode teach the model what prefill costs.
+    let mut reqs = vec![
+        request(prompt(40), 300, Some(1)),
+        request(prompt(60), 300, Some(2)),
+    ];
+    for i in 0..6 {
+        reqs.push(request(prompt(100 + 150 * i), 30, Some(10 + i as u64)));
+    }
+    let long = request(prompt(3000), 20, Some(99));
+    let mut ids = Vec::new();
+    let (mut tokens, mut done) = (HashMap::new(), HashMap::new());
+    let step = |e: &mut Engine, tokens: &mut _, done: &mut _| {
+        let (events, stats) = e.step().unwrap();
+        assert_conserved(e);
+        collect(events, tokens, done);
+        stats
+    };
+    for r in &reqs {
+        ids.push(e.add_request(r.clone()).unwrap());
+        for _ in 0..4 {
+            step(&mut e, &mut tokens, &mut done);
+        }
+    }
+    // The long prompt arrives while the first two requests decode.
+    let long_id = e.add_request(long.clone()).unwrap();
+    ids.push(long_id);
+    reqs.push(long);
+    let mut chunks = Vec::new();
+    while !done.contains_key(&long_id) {
+        let stats = step(&mut e, &mut tokens, &mut done);
+        if stats.prefill_tokens > 0 && stats.decode_tokens > 0 {
+            chunks.push(stats.prefill_tokens);
+        }
+    }
+    // Without the budget the 3,000 tokens would go in one 30 ms step; with it, in chunks
+    // of about 450 (measured times include the host's own work, so a loaded machine only
+    // makes chunks smaller).
+    assert!(chunks.len() >= 4, "{chunks:?}");
+    assert!(chunks.iter().all(|&c| c <= 1000), "{chunks:?}");
+    assert!(chunks.iter().sum::<usize>() >= 3000, "{chunks:?}");
+    // Many prompts at once: the budget bounds the step, not each prompt's chunk.
+    for i in 0..24 {
+        let r = request(prompt(300), 5, Some(200 + i));
+        ids.push(e.add_request(r.clone()).unwrap());
+        reqs.push(r);
+    }
+    let mut busiest = 0;
+    while e.has_work() {
+        let stats = step(&mut e, &mut tokens, &mut done);
+        if stats.decode_tokens > 0 {
+            busiest = busiest.max(stats.prefill_tokens);
+        }
+    }
+    assert!(
+        busiest <= 1000,
+        "a step with decodes prefilled {busiest} tokens"
+    );
+    for (id, r) in ids.iter().zip(&reqs) {
+        assert_eq!(done[id], alone(r), "request {id}");
+    }
+}

@@ -67,6 +67,12 @@ pub struct ModelArgs {
     /// CPU, 256 on a GPU, vLLM's default there).
     #[arg(long)]
     max_running: Option<usize>,
+    /// Per-step time budget in milliseconds: while requests are decoding, prefill chunks are
+    /// cut so that a step is predicted (from the steps so far) to take at most this long,
+    /// bounding the time between tokens when long prompts arrive. Default: no time budget,
+    /// `--max-batch-tokens` alone.
+    #[arg(long)]
+    max_step_ms: Option<f64>,
     /// Where the model runs: `cpu`, or `cuda` / `cuda:N` (a build with the `cuda` feature:
     /// scripts/cuda/build.sh).
     #[arg(long, default_value = "cpu", env = "ARBOR_DEVICE")]
@@ -323,6 +329,12 @@ fn engine_config(args: &ModelArgs) -> Result<EngineConfig> {
         } else {
             DEFAULT_MAX_RUNNING_GPU
         }),
+        max_step_time: match args.max_step_ms {
+            Some(ms) if !(ms.is_finite() && ms > 0.0) => {
+                anyhow::bail!("--max-step-ms must be a positive number of milliseconds, got {ms}")
+            }
+            ms => ms.map(|ms| std::time::Duration::from_secs_f64(ms / 1e3)),
+        },
         prefix_cache: match args.prefix_cache {
             PrefixCacheArg::Radix => PrefixCacheMode::Radix,
             PrefixCacheArg::Blocks => PrefixCacheMode::Blocks,
