@@ -8,6 +8,8 @@
 #
 # Stages (all of them by default, in this order):
 #   kernels    the attention kernels (tensor-core and CUDA-core) against an f64 reference
+#   sampler    the GPU sampler against the CPU sampler: greedy identical, seeded draws by a
+#              chi-square test (ARBOR_SAMPLER_DRAWS per case, default 200000)
 #   models     the GPU path against the CPU path (tiny fixtures, default model; bf16 and
 #              quantized GGUF weights) and against transformers/PyTorch on this GPU
 #   linear     dense bf16 against GGUF block formats, the 8B shape's linear layers by batch
@@ -23,7 +25,7 @@ set -uo pipefail
 BIN=${1:?usage: gpu_checks.sh BIN OUT_DIR [STAGE ...]}
 OUT=${2:?usage: gpu_checks.sh BIN OUT_DIR [STAGE ...]}
 shift 2
-STAGES=${*:-kernels models linear bench bench-gguf reference}
+STAGES=${*:-kernels sampler models linear bench bench-gguf reference}
 mkdir -p "$OUT"
 # The CUDA user libraries live in the machine's PyTorch environment (shared/cuda/README.md).
 SP=$(python3 -c "import site; print(site.getsitepackages()[0])" 2>/dev/null || true)
@@ -50,6 +52,10 @@ DUMMY=(--device cuda --load-format dummy --model configs/llama-3.1-8b.json --max
 
 if has kernels; then
     run check-kernels "$BIN" gpu-check --kernels --json "$OUT/check-kernels.json"
+fi
+if has sampler; then
+    run check-sampler "$BIN" gpu-check --sampler "${ARBOR_SAMPLER_DRAWS:-200000}" \
+        --json "$OUT/check-sampler.json"
 fi
 if has models; then
     for m in tiny-llama tiny-qwen2; do
