@@ -19,6 +19,7 @@ pub mod api;
 pub mod error;
 mod limits;
 pub mod metrics;
+pub mod reasoning;
 mod responder;
 mod routes;
 pub mod tenancy;
@@ -59,6 +60,8 @@ pub struct ServerConfig {
     pub max_prompt_tokens_per_request: Option<usize>,
     /// With API keys, /metrics needs a key too unless this is set.
     pub metrics_public: bool,
+    /// How chat replies are split into `reasoning_content` and `content`.
+    pub reasoning_parser: reasoning::ReasoningParser,
 }
 
 /// Per-call bounds on work, checked before anything is copied or queued.
@@ -83,6 +86,7 @@ impl ServerConfig {
             max_sequences_per_request: DEFAULT_MAX_SEQUENCES_PER_REQUEST,
             max_prompt_tokens_per_request: None,
             metrics_public: false,
+            reasoning_parser: reasoning::ReasoningParser::Auto,
         }
     }
 }
@@ -123,6 +127,8 @@ pub struct AppState {
     pub metrics_public: bool,
     /// Unix time the server started (the model card's `created`).
     pub created: u64,
+    /// The reasoning parser in force (`None`: replies are not split).
+    pub reasoning: Option<reasoning::ReasoningParser>,
 }
 
 impl AppState {
@@ -154,6 +160,7 @@ impl AppState {
         Arc::new(Self {
             engine: EngineHandle::spawn(engine, config.max_queue, metrics.clone()),
             tokenizer,
+            reasoning: config.reasoning_parser.resolve(template.source()),
             template: Arc::new(template),
             metrics,
             tenancy: Tenancy::new(config.api_keys.clone()),

@@ -15,6 +15,7 @@ use serde::Serialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::error::ApiError;
+use crate::reasoning::{ReasoningParser, ReasoningSplitter, Split};
 use crate::wire::{
     chat_logprob, finish_reason, ChatChoice, ChatDeltaChoice, ChatLogprob, ChatLogprobs,
     ChatMessageOut, CompletionLogprobs, Delta, Envelope, TextChoice, UsageOut,
@@ -50,6 +51,9 @@ pub(crate) struct Responder {
     ignore_eos: bool,
     /// Per prompt, text put before the completion (`echo`).
     pub(crate) echo: Vec<String>,
+    /// Chat replies of a reasoning model: the parser, and whether the prompt opened the think
+    /// block.
+    pub(crate) reasoning: Option<(ReasoningParser, bool)>,
 }
 
 impl Responder {
@@ -76,7 +80,29 @@ impl Responder {
             logprobs,
             ignore_eos,
             echo: Vec::new(),
+            reasoning: None,
         }
+    }
+
+    /// One splitter per choice when replies are split (chat only).
+    fn splitters(&self) -> Vec<ReasoningSplitter> {
+        match (self.api, self.reasoning) {
+            (Api::Chat, Some((parser, opens))) => (0..self.choices)
+                .map(|_| ReasoningSplitter::new(parser, opens))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The usage object, with the reasoning tokens when replies are split.
+    fn usage_out(&self, per_choice: &[Usage], splitters: &[ReasoningSplitter]) -> UsageOut {
+        let reasoning = (!splitters.is_empty()).then(|| {
+            splitters
+                .iter()
+                .map(ReasoningSplitter::reasoning_tokens)
+                .sum()
+        });
+        UsageOut::from(&self.total_usage(per_choice)).with_reasoning(reasoning)
     }
 
     /// Whether a token's logprob belongs in the output: the stop token that ended a request
@@ -137,6 +163,23 @@ impl Responder {
             .collect();
         let mut finish: Vec<Option<FinishReason>> = vec![None; self.choices];
         let mut usage = vec![Usage::default(); self.choices];
+        let mut splitters = self.splitters();
+        let mut reasoning: Vec<String> = vec![String::new(); splitters.len()];
+        // Text into a choice's content, or split into reasoning and content.
+        let mut add_text =
+            |index: usize, text: &str, last: bool, texts: &mut Vec<String>| match splitters
+                .get_mut(index)
+            {
+                Some(s) => {
+                    let Split {
+                        reasoning: r,
+                        content,
+                    } = if last { s.finish(text) } else { s.push(text) };
+                    reasoning[index].push_str(&r);
+                    texts[index].push_str(&content);
+                }
+                None => texts[index].push_str(text),
+            };
         let mut done = 0;
         while done < self.choices {
             let Some(Tagged { index, event }) = rx.recv().await else {
@@ -159,7 +202,7 @@ impl Responder {
                             }
                         }
                     }
-                    texts[index].push_str(&text);
+                    add_text(index, &text, false, &mut texts);
                 }
                 Event::Finished {
                     reason: FinishReason::Error,
@@ -178,14 +221,14 @@ impl Responder {
                     usage: u,
                     ..
                 } => {
-                    texts[index].push_str(&text);
+                    add_text(index, &text, true, &mut texts);
                     finish[index] = Some(reason);
                     usage[index] = u;
                     done += 1;
                 }
             }
         }
-        let usage = Some(Some(UsageOut::from(&self.total_usage(&usage))));
+        let usage = Some(Some(self.usage_out(&usage, &splitters)));
         let reason = |i: usize| finish[i].map(finish_reason);
         Ok(match self.api {
             Api::Chat => {
@@ -195,9 +238,20 @@ impl Responder {
                     .enumerate()
                     .map(|(i, (lps, content))| ChatChoice {
                         index: i,
-                        message: ChatMessageOut {
-                            role: "assistant",
-                            content,
+                        message: match splitters.get(i) {
+                            // As vLLM: no answer after the reasoning is a null content.
+                            Some(s) => ChatMessageOut {
+                                role: "assistant",
+                                content: (!content.is_empty()).then_some(content),
+                                reasoning_content: s
+                                    .saw_reasoning()
+                                    .then(|| std::mem::take(&mut reasoning[i])),
+                            },
+                            None => ChatMessageOut {
+                                role: "assistant",
+                                content: Some(content),
+                                reasoning_content: None,
+                            },
                         },
                         logprobs: self.logprobs.then_some(ChatLogprobs { content: lps }),
                         finish_reason: reason(i),
@@ -235,6 +289,7 @@ impl Responder {
                         delta: Delta {
                             role: Some("assistant"),
                             content: Some(String::new()),
+                            reasoning_content: None,
                         },
                         logprobs: None,
                         finish_reason: None,
@@ -259,6 +314,7 @@ impl Responder {
             }
         }
         let state = StreamState {
+            splitters: self.splitters(),
             offsets: vec![0; self.choices],
             usage: vec![Usage::default(); self.choices],
             done: 0,
@@ -304,6 +360,8 @@ pub(crate) struct StreamState {
     pending: VecDeque<String>,
     /// Per choice, bytes of text sent so far (completions' text_offset).
     offsets: Vec<usize>,
+    /// Per choice when replies are split into reasoning and content.
+    splitters: Vec<ReasoningSplitter>,
     usage: Vec<Usage>,
     done: usize,
     finished: bool,
@@ -330,7 +388,14 @@ impl StreamState {
                 ..
             } => {
                 let lp = logprob.filter(|_| r.lists_token(token));
-                if text.is_empty() && lp.is_none() {
+                let (reasoning, text) = match self.splitters.get_mut(index) {
+                    Some(s) => {
+                        let Split { reasoning, content } = s.push(&text);
+                        (Some(reasoning).filter(|r| !r.is_empty()), content)
+                    }
+                    None => (None, text),
+                };
+                if text.is_empty() && reasoning.is_none() && lp.is_none() {
                     return;
                 }
                 let offset = self.offsets[index];
@@ -342,7 +407,8 @@ impl StreamState {
                             index,
                             delta: Delta {
                                 role: None,
-                                content: Some(text),
+                                content: (reasoning.is_none() || !text.is_empty()).then_some(text),
+                                reasoning_content: reasoning,
                             },
                             logprobs: lp.map(|lp| ChatLogprobs {
                                 content: vec![chat_logprob(&r.st, token, &lp)],
@@ -388,6 +454,13 @@ impl StreamState {
                 ..
             } => {
                 let reason = Some(finish_reason(reason));
+                let (reasoning, text) = match self.splitters.get_mut(index) {
+                    Some(s) => {
+                        let Split { reasoning, content } = s.finish(&text);
+                        (Some(reasoning).filter(|r| !r.is_empty()), content)
+                    }
+                    None => (None, text),
+                };
                 let chunk = match r.api {
                     Api::Chat => r.chunk(
                         self.include_usage,
@@ -396,6 +469,7 @@ impl StreamState {
                             delta: Delta {
                                 role: None,
                                 content: (!text.is_empty()).then_some(text),
+                                reasoning_content: reasoning,
                             },
                             logprobs: None,
                             finish_reason: reason,
@@ -424,7 +498,7 @@ impl StreamState {
         self.done += 1;
         if self.done == r.choices {
             if self.include_usage {
-                let totals = UsageOut::from(&r.total_usage(&self.usage));
+                let totals = r.usage_out(&self.usage, &self.splitters);
                 let v = r.envelope::<TextChoice>(true, Vec::new(), Some(Some(totals)));
                 self.pending.push_back(to_json(&v));
             }

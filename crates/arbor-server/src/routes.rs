@@ -126,7 +126,7 @@ async fn chat_inner(
     check_sequences(&st, 1, gen.n)?;
     let add_generation_prompt = fields.add_generation_prompt.unwrap_or(true);
     let worker = st.clone();
-    let prompt = blocking(move || {
+    let (prompt, opens_think) = blocking(move || {
         let text = worker
             .template
             .render(&messages, add_generation_prompt)
@@ -137,11 +137,13 @@ async fn chat_inner(
                 )
             })?;
         check_text_bytes(&worker, text.len(), "messages")?;
-        worker.tokenizer.encode(&text, true).map_err(|e| {
+        let tokens = worker.tokenizer.encode(&text, true).map_err(|e| {
             ApiError::invalid_param("messages", format!("Cannot tokenize the conversation: {e}"))
-        })
+        })?;
+        Ok((tokens, crate::reasoning::prompt_opens_think(&text)))
     })
     .await?;
+    let reasoning = st.reasoning.map(|parser| (parser, opens_think));
     check_prompt_tokens(&st, std::slice::from_ref(&prompt), "messages")?;
     run(
         st,
@@ -151,6 +153,7 @@ async fn chat_inner(
         &gen,
         logprobs,
         namespace,
+        reasoning,
     )
     .await
 }
@@ -174,7 +177,9 @@ fn parse_generation<F: serde::de::DeserializeOwned>(
 }
 
 /// Queues one engine request per (prompt, choice) and answers with one JSON response or a
-/// stream; `echo` holds per prompt the text put before its completions.
+/// stream; `echo` holds per prompt the text put before its completions; `reasoning` splits
+/// chat replies (the parser, and whether the prompt opened the think block).
+#[allow(clippy::too_many_arguments)]
 async fn run(
     st: Shared,
     api: Api,
@@ -183,6 +188,7 @@ async fn run(
     gen: &Generation,
     logprobs: Option<usize>,
     namespace: u64,
+    reasoning: Option<(crate::reasoning::ReasoningParser, bool)>,
 ) -> Result<Response, ApiError> {
     let requests = engine_requests(&st, prompts, gen, logprobs, namespace)?;
     let rx = submit(&st, requests).await?;
@@ -195,6 +201,7 @@ async fn run(
         gen.stop.ignore_eos,
     );
     responder.echo = echo;
+    responder.reasoning = reasoning;
     if gen.stream {
         Ok(responder.stream(rx, gen.include_usage))
     } else {
@@ -283,6 +290,7 @@ async fn completions_inner(
         &gen,
         logprobs,
         namespace,
+        None,
     )
     .await
 }

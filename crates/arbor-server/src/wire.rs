@@ -30,7 +30,11 @@ pub(crate) struct Envelope<'a, C> {
 #[derive(Debug, Serialize)]
 pub(crate) struct ChatMessageOut {
     pub role: &'static str,
-    pub content: String,
+    /// Null only when a reasoning model's reply had no answer after its reasoning.
+    pub content: Option<String>,
+    /// With a reasoning parser: what the model wrote inside its think block.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 /// A whole chat choice (`chat.completion`).
@@ -49,6 +53,8 @@ pub(crate) struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 /// A chat stream chunk's choice (`chat.completion.chunk`).
@@ -75,11 +81,27 @@ pub(crate) struct CachedTokens {
 }
 
 #[derive(Debug, Serialize)]
+pub(crate) struct ReasoningTokens {
+    pub reasoning_tokens: usize,
+}
+
+#[derive(Debug, Serialize)]
 pub(crate) struct UsageOut {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
     pub prompt_tokens_details: CachedTokens,
+    /// With a reasoning parser: the completion tokens spent reasoning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<ReasoningTokens>,
+}
+
+impl UsageOut {
+    pub(crate) fn with_reasoning(mut self, reasoning_tokens: Option<usize>) -> Self {
+        self.completion_tokens_details =
+            reasoning_tokens.map(|reasoning_tokens| ReasoningTokens { reasoning_tokens });
+        self
+    }
 }
 
 impl From<&Usage> for UsageOut {
@@ -91,6 +113,7 @@ impl From<&Usage> for UsageOut {
             prompt_tokens_details: CachedTokens {
                 cached_tokens: u.cached_tokens,
             },
+            completion_tokens_details: None,
         }
     }
 }
@@ -230,9 +253,15 @@ mod tests {
             json!({"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
                    "prompt_tokens_details": {"cached_tokens": 4}})
         );
+        assert_eq!(
+            chunk(Some(Some(UsageOut::from(&u).with_reasoning(Some(2)))))["usage"]
+                ["completion_tokens_details"],
+            json!({"reasoning_tokens": 2})
+        );
         let first = Delta {
             role: Some("assistant"),
             content: Some(String::new()),
+            reasoning_content: None,
         };
         assert_eq!(
             serde_json::to_value(first).unwrap(),

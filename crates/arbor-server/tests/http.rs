@@ -562,3 +562,71 @@ async fn shutdown_drains_then_aborts_what_is_left() {
         .unwrap()
         .unwrap();
 }
+
+/// Reasoning parsers split replies in whole responses and streams alike. The default model
+/// never writes `</think>`, so under DeepSeek-R1's rules (replies start inside reasoning) its
+/// whole reply is reasoning, and under Qwen3's (reasoning only when a think block opens) none
+/// of it; the splitting itself is tested in `reasoning.rs`.
+#[tokio::test(flavor = "multi_thread")]
+async fn reasoning_parsers_split_replies_whole_and_streamed() {
+    use arbor_server::reasoning::ReasoningParser;
+    let question = "Write one sentence about the sea.";
+    let (plain, _) = server();
+    let (_, want) = post(&plain, "/v1/chat/completions", chat(question, json!({}))).await;
+    let reply = want["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!reply.is_empty());
+    assert!(want["choices"][0]["message"]
+        .get("reasoning_content")
+        .is_none());
+    let tokens = &want["usage"]["completion_tokens"];
+
+    let (r1, _) = server_with(|c, _| c.reasoning_parser = ReasoningParser::DeepSeekR1);
+    let (_, got) = post(&r1, "/v1/chat/completions", chat(question, json!({}))).await;
+    let message = &got["choices"][0]["message"];
+    assert_eq!(message["reasoning_content"], reply);
+    assert!(message["content"].is_null(), "{message}");
+    assert_eq!(
+        &got["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        tokens
+    );
+    let body = chat(
+        question,
+        json!({"stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let (_, text) = call_raw(
+        &r1,
+        request("POST", "/v1/chat/completions", Some(&body), None),
+    )
+    .await;
+    let data = sse_data(&text);
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let part = |key: &str| -> String {
+        chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"][key].as_str())
+            .collect()
+    };
+    assert_eq!(part("reasoning_content"), reply);
+    assert_eq!(part("content"), "", "only the opening empty delta");
+    assert_eq!(
+        &chunks.last().unwrap()["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        tokens
+    );
+
+    let (qwen, _) = server_with(|c, _| c.reasoning_parser = ReasoningParser::Qwen3);
+    let (_, got) = post(&qwen, "/v1/chat/completions", chat(question, json!({}))).await;
+    assert_eq!(got["choices"][0]["message"]["content"], reply);
+    assert!(got["choices"][0]["message"]
+        .get("reasoning_content")
+        .is_none());
+    assert_eq!(
+        got["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        0
+    );
+    // The default (auto) leaves a template without think tags alone.
+    let (_, got) = post(&plain, "/v1/chat/completions", chat(question, json!({}))).await;
+    assert!(got["usage"].get("completion_tokens_details").is_none());
+}

@@ -280,6 +280,12 @@ struct ServeArgs {
     /// With --api-key, serve /metrics without a key (for a scraper on a trusted network).
     #[arg(long)]
     metrics_public: bool,
+    /// Split chat replies into `reasoning_content` (the model's `<think>` block) and `content`:
+    /// `deepseek-r1` (replies start inside reasoning), `qwen3` (reasoning when the reply or the
+    /// prompt opens a think block), `none`, or `auto` (qwen3's rules for chat templates that
+    /// mention `</think>`, none otherwise).
+    #[arg(long, default_value = "auto")]
+    reasoning_parser: arbor_server::reasoning::ReasoningParser,
 }
 
 fn main() {
@@ -551,6 +557,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     config.max_sequences_per_request = a.max_seqs_per_request;
     config.max_prompt_tokens_per_request = a.max_prompt_tokens_per_request;
     config.metrics_public = a.metrics_public;
+    config.reasoning_parser = a.reasoning_parser;
     config.max_queue = a.max_queue;
     config.max_body_bytes = a.max_request_bytes;
     config.shutdown_timeout = std::time::Duration::from_secs_f64(a.shutdown_timeout);
