@@ -226,5 +226,26 @@ class Tenants(unittest.TestCase):
             self.assertEqual(s.stop(), 0)
 
 
+class Reasoning(unittest.TestCase):
+    def test_reasoning_content_whole_and_streamed(self):
+        # The default model never closes a think block: under DeepSeek-R1's rules (replies start
+        # inside reasoning) its whole reply is reasoning_content, and content is null.
+        plain = ask("Name a color.", max_tokens=8).choices[0].message.content
+        with ArborServer(BIN, "--served-model-name", MODEL, "--kv-slots", "16384",
+                         "--reasoning-parser", "deepseek-r1") as s:
+            c = openai.OpenAI(base_url=s.base_url + "/v1", api_key="none", max_retries=0)
+            args = dict(model=MODEL, messages=[{"role": "user", "content": "Name a color."}],
+                        temperature=0, max_tokens=8)
+            r = c.chat.completions.create(**args)
+            self.assertEqual(r.choices[0].message.reasoning_content, plain)
+            self.assertIsNone(r.choices[0].message.content)
+            self.assertEqual(r.usage.completion_tokens_details.reasoning_tokens, r.usage.completion_tokens)
+            parts = [ch.choices[0].delta for ch in
+                     c.chat.completions.create(stream=True, **args) if ch.choices]
+            self.assertEqual("".join(getattr(d, "reasoning_content", None) or "" for d in parts), plain)
+            self.assertEqual("".join(d.content or "" for d in parts), "")
+            self.assertEqual(s.stop(), 0)
+
+
 if __name__ == "__main__":
     unittest.main()
