@@ -290,16 +290,7 @@ mod tests {
     use crate::diagnostics::{greedy_cases, sampler_cases, SamplerCase};
 
     fn state_of(case: &SamplerCase) -> SeqSamplingState {
-        let mut s = SeqSamplingState::new(
-            &case.params,
-            &case.prompt,
-            case.min_tokens,
-            &case.banned_before_min,
-        );
-        for &t in &case.generated {
-            s.observe(t);
-        }
-        s
+        case.device_state()
     }
 
     /// What a device does with the adjustments must equal the CPU sampler's penalties, bias

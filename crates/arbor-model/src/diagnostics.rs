@@ -269,6 +269,20 @@ impl SamplerCase {
         }
     }
 
+    /// The host side of a device sampler in this case's state.
+    pub fn device_state(&self) -> crate::device_sampling::SeqSamplingState {
+        let mut s = crate::device_sampling::SeqSamplingState::new(
+            &self.params,
+            &self.prompt,
+            self.min_tokens,
+            &self.banned_before_min,
+        );
+        for &t in &self.generated {
+            s.observe(t);
+        }
+        s
+    }
+
     /// The exact distribution of the CPU sampler in this state.
     pub fn expected(&self) -> Vec<(u32, f64)> {
         self.cpu_sampler()

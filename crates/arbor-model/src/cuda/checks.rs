@@ -209,18 +209,7 @@ pub fn sampler_checks(device: &Device, draws: usize) -> Result<serde_json::Value
     let mut sampler = GpuSampler::new(device)?;
     let mut batch = SampleBatch::default();
     let mut failed = 0usize;
-    let state_of = |case: &SamplerCase| {
-        let mut s = SeqSamplingState::new(
-            &case.params,
-            &case.prompt,
-            case.min_tokens,
-            &case.banned_before_min,
-        );
-        for &t in &case.generated {
-            s.observe(t);
-        }
-        s
-    };
+    let state_of = SamplerCase::device_state;
 
     // Seeded draws: one logit row, many sampling rows with consecutive draw counters.
     let mut draw_cases = Vec::new();

@@ -133,18 +133,7 @@ impl ModelRunner for CudaRunner {
     }
 
     fn step(&mut self, rows: &[StepRow]) -> Result<StepOutput> {
-        let batch: Vec<SeqStep> = rows
-            .iter()
-            .map(|r| SeqStep {
-                tokens: r.tokens,
-                slots: r.slots,
-                logits: if r.sample {
-                    LogitsWanted::Last
-                } else {
-                    LogitsWanted::None
-                },
-            })
-            .collect();
+        let batch: Vec<SeqStep> = rows.iter().map(StepRow::seq_step).collect();
         let started = Instant::now();
         let logits = self
             .backend

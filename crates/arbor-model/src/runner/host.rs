@@ -195,18 +195,7 @@ impl<B: LogitsBackend> ModelRunner for HostSampledRunner<B> {
     }
 
     fn step(&mut self, rows: &[StepRow]) -> Result<StepOutput> {
-        let batch: Vec<SeqStep> = rows
-            .iter()
-            .map(|r| SeqStep {
-                tokens: r.tokens,
-                slots: r.slots,
-                logits: if r.sample {
-                    LogitsWanted::Last
-                } else {
-                    LogitsWanted::None
-                },
-            })
-            .collect();
+        let batch: Vec<SeqStep> = rows.iter().map(StepRow::seq_step).collect();
         let started = Instant::now();
         let logits = self.backend.forward(&batch)?;
         let forward_seconds = started.elapsed().as_secs_f64();

@@ -72,6 +72,21 @@ pub struct StepRow<'a> {
     pub sample: bool,
 }
 
+impl StepRow<'_> {
+    /// The forward pass's view of the row: logits for its last token when it samples.
+    pub fn seq_step(&self) -> crate::SeqStep<'_> {
+        crate::SeqStep {
+            tokens: self.tokens,
+            slots: self.slots,
+            logits: if self.sample {
+                LogitsWanted::Last
+            } else {
+                LogitsWanted::None
+            },
+        }
+    }
+}
+
 /// A sampled next token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
