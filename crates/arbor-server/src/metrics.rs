@@ -179,7 +179,9 @@ impl Metrics {
         m.running = running;
     }
 
-    pub fn render(&self) -> String {
+    /// The Prometheus text, with vLLM's names for the gauges routers read (`model_name` labels
+    /// them as vLLM does).
+    pub fn render(&self, model_name: &str) -> String {
         let m = self.lock();
         let mut out = String::new();
         // (name, type, help, value) of every plain counter and gauge.
@@ -282,6 +284,42 @@ impl Metrics {
             "arbor_e2e_request_latency_seconds",
             "From arrival to the end of a request.",
         );
+        // The same figures under vLLM's names, for routers and autoscalers that read them
+        // (llm-d's scheduler, KServe, Dynamo's planner): queue, running requests, and KV usage
+        // as vLLM counts it (slots held by requests; cached-only slots are evictable, free).
+        let usage = if m.slots.total == 0 {
+            0.0
+        } else {
+            m.slots.held_by_requests as f64 / m.slots.total as f64
+        };
+        let label = model_name.replace('\\', "\\\\").replace('"', "\\\"");
+        for (name, help, value) in [
+            (
+                "vllm:num_requests_waiting",
+                "Requests waiting to be processed (alias of arbor_queue_length).",
+                m.queue_length as f64,
+            ),
+            (
+                "vllm:num_requests_running",
+                "Requests running (alias of arbor_requests_running).",
+                m.running as f64,
+            ),
+            (
+                "vllm:kv_cache_usage_perc",
+                "KV-cache usage, 1 = full (KV slots held by requests over the pool).",
+                usage,
+            ),
+            (
+                "vllm:gpu_cache_usage_perc",
+                "KV-cache usage, 1 = full (vLLM's older name).",
+                usage,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{model_name=\"{label}\"}} {value}"
+            );
+        }
         out
     }
 }
@@ -316,7 +354,14 @@ mod tests {
             end_to_end: 0.5,
         });
         m.refused(Outcome::Invalid);
-        let text = m.render();
+        let slots = SlotUsage {
+            total: 1000,
+            free: 500,
+            cached: 250,
+            held_by_requests: 250,
+        };
+        m.set_engine_state(slots, 3, 2);
+        let text = m.render("my \"model\"");
         for line in [
             "arbor_requests_total{outcome=\"stop\"} 1",
             "arbor_requests_total{outcome=\"invalid\"} 1",
@@ -325,6 +370,11 @@ mod tests {
             "arbor_prefix_cache_hit_tokens_total 4",
             "arbor_generation_tokens_total 3",
             "arbor_time_to_first_token_seconds_count 1",
+            "arbor_queue_length 3",
+            "vllm:num_requests_waiting{model_name=\"my \\\"model\\\"\"} 3",
+            "vllm:num_requests_running{model_name=\"my \\\"model\\\"\"} 2",
+            "vllm:kv_cache_usage_perc{model_name=\"my \\\"model\\\"\"} 0.25",
+            "vllm:gpu_cache_usage_perc{model_name=\"my \\\"model\\\"\"} 0.25",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
         }

@@ -343,7 +343,7 @@ pub async fn metrics(State(st): State<Shared>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        st.metrics.render(),
+        st.metrics.render(&st.model_name),
     )
         .into_response()
 }
