@@ -12,8 +12,8 @@
 //
 // No sorting: a prefix of that order is named by one 64-bit key (ordered logit bits, then the
 // inverted id), the L-th largest key is found by an 8-bit radix select (integer counts), and
-// top-p's cut by bisection over the ordered logit bits with a fixed-order mass reduction, so
-// the same seed gives the same tokens run after run.
+// top-p's cut by a radix select over the logit bits with fixed-point integer mass sums, so the
+// same seed gives the same tokens run after run.
 //
 // Everything comes in one packed buffer (RowParams for each row, then the adjustment entries)
 // copied up in one transfer; each row writes one RowOut.
@@ -199,6 +199,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) arbor_sample(
     __shared__ uint64_t sel_prefix;
     __shared__ uint32_t sel_need;
     __shared__ int sel_done;
+    __shared__ unsigned long long mass_hist[256];
+    __shared__ double tp_need;
+    __shared__ unsigned long long tp_mass_gt;
+    __shared__ uint32_t tp_count_gt, tp_count_eq, tp_prefix;
 
     const int row = blockIdx.x;
     const RowParams p = reinterpret_cast<const RowParams*>(packed)[row];
@@ -275,50 +279,82 @@ extern "C" __global__ void __launch_bounds__(THREADS) arbor_sample(
             k_cut = select_rank(w, n, p.top_k, hist, &sel_prefix, &sel_need, &sel_done);
             L = p.top_k;
         }
-        // 5. Unnormalized probabilities of the top-k set (the maximum's is 1), and their total
-        // in f64 like the CPU's top-p sums (an f32 sum over thousands drifts by 1e-5).
-        double z = 0.0;
+        // 5. Unnormalized probabilities of the top-k set (the maximum's is 1).
         for (int i = threadIdx.x; i < n; i += THREADS) {
             const float l = w[i];
             const bool in_k = rank_key(l, (uint32_t)i) >= k_cut;
-            const float q = in_k ? expf(__fdiv_rn(l - mx, t)) : 0.0f;
-            pr[i] = q;
-            z += (double)q;
+            pr[i] = in_k ? expf(__fdiv_rn(l - mx, t)) : 0.0f;
         }
-        z = block_sum_f64(z, dscratch);
-        // 6. top-p: the smallest prefix whose mass reaches top_p * z. Bisection finds the
-        // largest logit key c with mass(key >= c) >= need; ties at c all have one
-        // probability, so how many of them (in id order) it takes is arithmetic.
+        __syncthreads();
+        // 6. top-p: the smallest prefix whose mass reaches top_p of the total. An 8-bit radix
+        // select over the ordered logit bits, with each bin's mass summed in 2^-40 fixed point
+        // (integer atomics: the same bits every run), finds in four passes the logit key c
+        // with mass(key > c) < need <= mass(key >= c); ties at c all have one probability, so
+        // how many of them (in id order) it takes is arithmetic.
         if (p.top_p < 1.0f) {
-            const double need = (double)p.top_p * z;
-            uint32_t lo = 0, hi = 0xffffffffu;
-            while (lo < hi) {
-                const uint32_t mid = lo + (uint32_t)(((uint64_t)hi - lo + 1) / 2);
-                double m = 0.0;
-                for (int i = threadIdx.x; i < n; i += THREADS)
-                    if (ordered(w[i]) >= mid) m += (double)pr[i];
-                m = block_sum_f64(m, dscratch);
-                if (m >= need) lo = mid; else hi = mid - 1;
+            const double fix = 1099511627776.0;  // 2^40
+            uint32_t prefix = 0;
+            for (int shift = 24; shift >= 0; shift -= 8) {
+                const uint32_t high_mask = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
+                for (int b = threadIdx.x; b < 256; b += THREADS) {
+                    hist[b] = 0;
+                    mass_hist[b] = 0ull;
+                }
+                __syncthreads();
+                for (int i = threadIdx.x; i < n; i += THREADS) {
+                    if (rank_key(w[i], (uint32_t)i) < k_cut) continue;
+                    const uint32_t o = ordered(w[i]);
+                    if ((o & high_mask) != prefix) continue;
+                    const uint32_t b = (o >> shift) & 255u;
+                    const unsigned long long q = (unsigned long long)llrint((double)pr[i] * fix);
+                    // Most logits share a few bins (their exponents): lanes of a warp with the
+                    // same bin add up first, and one of them does the shared-memory atomics.
+                    const unsigned same = __match_any_sync(__activemask(), b);
+                    unsigned long long sum = 0;
+                    for (unsigned m = same; m; m &= m - 1) sum += __shfl_sync(same, q, __ffs(m) - 1);
+                    if ((int)(threadIdx.x & 31) == __ffs(same) - 1) {
+                        atomicAdd(&hist[b], (uint32_t)__popc(same));
+                        atomicAdd(&mass_hist[b], sum);
+                    }
+                }
+                __syncthreads();
+                if (threadIdx.x == 0) {
+                    if (shift == 24) {
+                        unsigned long long total = 0;
+                        for (int b = 0; b < 256; ++b) total += mass_hist[b];
+                        tp_need = (double)p.top_p * (double)total;
+                        tp_mass_gt = 0ull;
+                        tp_count_gt = 0u;
+                    }
+                    unsigned long long cum = tp_mass_gt;
+                    uint32_t count = tp_count_gt;
+                    int chosen = 0;
+                    for (int b = 255; b >= 0; --b) {
+                        if ((double)(cum + mass_hist[b]) >= tp_need) {
+                            chosen = b;
+                            break;
+                        }
+                        cum += mass_hist[b];
+                        count += hist[b];
+                    }
+                    tp_mass_gt = cum;
+                    tp_count_gt = count;
+                    tp_count_eq = hist[chosen];
+                    tp_prefix = prefix | ((uint32_t)chosen << shift);
+                }
+                __syncthreads();
+                prefix = tp_prefix;
+                __syncthreads();
             }
-            double mass_gt = 0.0;
-            uint32_t count_gt = 0, count_eq = 0;
-            for (int i = threadIdx.x; i < n; i += THREADS) {
-                if (rank_key(w[i], (uint32_t)i) < k_cut) continue;
-                const uint32_t o = ordered(w[i]);
-                if (o > lo) { mass_gt += (double)pr[i]; count_gt += 1; }
-                if (o == lo) count_eq += 1;
+            // Every tie has the weight of the logit behind key `prefix`, computed as in 5.
+            const double tie_q =
+                (double)llrint((double)expf(__fdiv_rn(unordered(prefix) - mx, t)) * fix);
+            uint32_t ties = tp_count_eq;
+            if (tie_q > 0.0) {
+                const double m = ceil((tp_need - (double)tp_mass_gt) / tie_q);
+                ties = m < 1.0 ? 1u : (m >= (double)tp_count_eq ? tp_count_eq : (uint32_t)m);
             }
-            mass_gt = block_sum_f64(mass_gt, dscratch);
-            count_gt = block_sum_u32(count_gt, uscratch);
-            count_eq = block_sum_u32(count_eq, uscratch);
-            // Every tie has the probability of the logit behind key `lo`, computed as in 5.
-            const float tie_q = expf(__fdiv_rn(unordered(lo) - mx, t));
-            uint32_t ties = count_eq;
-            if (tie_q > 0.0f) {
-                const double m = ceil((need - mass_gt) / (double)tie_q);
-                ties = m < 1.0 ? 1u : (m >= (double)count_eq ? count_eq : (uint32_t)m);
-            }
-            const uint32_t lp = count_gt + (ties > 0 ? ties : 1u);
+            const uint32_t lp = tp_count_gt + (ties > 0 ? ties : 1u);
             L = lp < L ? lp : L;
         }
         // 7. min-p: p >= min_p * p_max, i.e. weight >= min_p (the maximum's weight is 1).
