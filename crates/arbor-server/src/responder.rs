@@ -166,20 +166,13 @@ impl Responder {
         let mut splitters = self.splitters();
         let mut reasoning: Vec<String> = vec![String::new(); splitters.len()];
         // Text into a choice's content, or split into reasoning and content.
-        let mut add_text =
-            |index: usize, text: &str, last: bool, texts: &mut Vec<String>| match splitters
-                .get_mut(index)
-            {
-                Some(s) => {
-                    let Split {
-                        reasoning: r,
-                        content,
-                    } = if last { s.finish(text) } else { s.push(text) };
-                    reasoning[index].push_str(&r);
-                    texts[index].push_str(&content);
-                }
-                None => texts[index].push_str(text),
-            };
+        let mut add_text = |index: usize, text: String, last: bool, texts: &mut Vec<String>| {
+            let (r, content) = split(splitters.get_mut(index), text, last);
+            if let Some(r) = r {
+                reasoning[index].push_str(&r);
+            }
+            texts[index].push_str(&content);
+        };
         let mut done = 0;
         while done < self.choices {
             let Some(Tagged { index, event }) = rx.recv().await else {
@@ -202,7 +195,7 @@ impl Responder {
                             }
                         }
                     }
-                    add_text(index, &text, false, &mut texts);
+                    add_text(index, text, false, &mut texts);
                 }
                 Event::Finished {
                     reason: FinishReason::Error,
@@ -221,7 +214,7 @@ impl Responder {
                     usage: u,
                     ..
                 } => {
-                    add_text(index, &text, true, &mut texts);
+                    add_text(index, text, true, &mut texts);
                     finish[index] = Some(reason);
                     usage[index] = u;
                     done += 1;
@@ -350,6 +343,22 @@ impl Responder {
     }
 }
 
+/// A piece of a choice's text as (reasoning, content): split by the choice's splitter when
+/// replies are split (`last` flushes what it held back), all content otherwise.
+fn split(
+    splitter: Option<&mut ReasoningSplitter>,
+    text: String,
+    last: bool,
+) -> (Option<String>, String) {
+    match splitter {
+        Some(s) => {
+            let Split { reasoning, content } = if last { s.finish(&text) } else { s.push(&text) };
+            ((!reasoning.is_empty()).then_some(reasoning), content)
+        }
+        None => (None, text),
+    }
+}
+
 fn to_json(v: &impl Serialize) -> String {
     serde_json::to_string(v).expect("the wire structs serialize to JSON")
 }
@@ -388,13 +397,7 @@ impl StreamState {
                 ..
             } => {
                 let lp = logprob.filter(|_| r.lists_token(token));
-                let (reasoning, text) = match self.splitters.get_mut(index) {
-                    Some(s) => {
-                        let Split { reasoning, content } = s.push(&text);
-                        (Some(reasoning).filter(|r| !r.is_empty()), content)
-                    }
-                    None => (None, text),
-                };
+                let (reasoning, text) = split(self.splitters.get_mut(index), text, false);
                 if text.is_empty() && reasoning.is_none() && lp.is_none() {
                     return;
                 }
@@ -454,13 +457,7 @@ impl StreamState {
                 ..
             } => {
                 let reason = Some(finish_reason(reason));
-                let (reasoning, text) = match self.splitters.get_mut(index) {
-                    Some(s) => {
-                        let Split { reasoning, content } = s.finish(&text);
-                        (Some(reasoning).filter(|r| !r.is_empty()), content)
-                    }
-                    None => (None, text),
-                };
+                let (reasoning, text) = split(self.splitters.get_mut(index), text, true);
                 let chunk = match r.api {
                     Api::Chat => r.chunk(
                         self.include_usage,
