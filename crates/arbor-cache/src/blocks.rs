@@ -13,8 +13,8 @@
 //! ```
 
 use std::collections::{BinaryHeap, HashMap};
-use std::hash::{Hash, Hasher};
 
+use crate::events::{page_hash, EventLog, KvEvent};
 use crate::radix::{Namespace, NodeId};
 use crate::slots::SlotId;
 
@@ -22,6 +22,7 @@ use crate::slots::SlotId;
 struct Block {
     hash: u64,
     parent: Option<NodeId>,
+    namespace: Namespace,
     tokens: Vec<u32>,
     slots: Vec<SlotId>,
     children: u32,
@@ -38,16 +39,13 @@ pub struct BlockCache {
     clock: u64,
     cached: usize,
     locked: usize,
+    /// Block changes since the last drain (`None`: KV events off). A block is a page.
+    events: Option<EventLog>,
 }
 
-fn chain_hash(ns: Namespace, parent: Option<u64>, tokens: &[u32]) -> u64 {
-    // SipHash with fixed keys: deterministic across runs. Collisions are checked on lookup.
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    ns.hash(&mut h);
-    parent.hash(&mut h);
-    tokens.hash(&mut h);
-    h.finish()
-}
+// The page hash of the KV events: a block's identity is the page a router sees. Collisions
+// are checked on lookup.
+use page_hash as chain_hash;
 
 impl BlockCache {
     pub fn new(block_size: usize) -> Self {
@@ -60,7 +58,55 @@ impl BlockCache {
             clock: 0,
             cached: 0,
             locked: 0,
+            events: None,
         }
+    }
+
+    /// Turns on block events; pages must be the blocks, and nothing may be cached yet.
+    pub fn enable_events(&mut self, page_size: usize) -> Result<(), String> {
+        if page_size != self.block_size {
+            return Err(format!(
+                "the block cache's blocks are {} tokens: KV event pages must be too, not {page_size}",
+                self.block_size
+            ));
+        }
+        if self.cached > 0 {
+            return Err("KV events must be enabled before anything is cached".into());
+        }
+        self.events = Some(EventLog::new(page_size));
+        Ok(())
+    }
+
+    pub fn drain_events(&mut self, out: &mut Vec<KvEvent>) {
+        if let Some(log) = &mut self.events {
+            out.append(&mut log.events);
+        }
+    }
+
+    /// `Stored` events for every cached block, parents before children.
+    pub fn snapshot_events(&self) -> Vec<KvEvent> {
+        if self.events.is_none() {
+            return Vec::new();
+        }
+        let mut live: Vec<(usize, &Block)> = Vec::new();
+        for b in self.blocks.iter().flatten() {
+            let mut depth = 0;
+            let mut cur = b.parent;
+            while let Some(p) = cur {
+                depth += 1;
+                cur = self.block(p).parent;
+            }
+            live.push((depth, b));
+        }
+        live.sort_by_key(|&(d, _)| d);
+        live.into_iter()
+            .map(|(_, b)| KvEvent::Stored {
+                namespace: b.namespace,
+                parent: b.parent.map(|p| self.block(p).hash),
+                hashes: vec![b.hash],
+                tokens: b.tokens.clone(),
+            })
+            .collect()
     }
 
     pub fn block_size(&self) -> usize {
@@ -138,10 +184,20 @@ impl BlockCache {
                     id
                 }
                 None => {
-                    let hash = chain_hash(ns, last.map(|p| self.block(p).hash), chunk);
+                    let parent_hash = last.map(|p| self.block(p).hash);
+                    let hash = chain_hash(ns, parent_hash, chunk);
+                    if let Some(log) = &mut self.events {
+                        log.events.push(KvEvent::Stored {
+                            namespace: ns,
+                            parent: parent_hash,
+                            hashes: vec![hash],
+                            tokens: chunk.to_vec(),
+                        });
+                    }
                     let block = Block {
                         hash,
                         parent: last,
+                        namespace: ns,
                         tokens: chunk.to_vec(),
                         slots: slots[pos..pos + bs].to_vec(),
                         children: 0,
@@ -226,6 +282,12 @@ impl BlockCache {
             }
             self.cached -= b.slots.len();
             freed.extend_from_slice(&b.slots);
+            if let Some(log) = &mut self.events {
+                log.events.push(KvEvent::Removed {
+                    namespace: b.namespace,
+                    hashes: vec![b.hash],
+                });
+            }
             if let Some(p) = b.parent {
                 let pb = self.block_mut(p);
                 pb.children -= 1;

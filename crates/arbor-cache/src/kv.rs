@@ -22,6 +22,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::events::KvEvent;
 use crate::policy::PrefixCache;
 use crate::radix::{Namespace, NodeId};
 use crate::slots::{SlotAllocator, SlotError, SlotId};
@@ -116,6 +117,22 @@ impl KvManager {
     /// Length of the longest cached prefix of `tokens`, without side effects (for scheduling).
     pub fn peek_prefix_len(&self, ns: Namespace, tokens: &[u32]) -> usize {
         lock(&self.state).cache.peek_prefix_len(ns, tokens)
+    }
+
+    /// Starts logging the prefix cache's page view (see [`crate::events`]); before anything is
+    /// cached.
+    pub fn enable_events(&self, page_size: usize) -> Result<(), String> {
+        lock(&self.state).cache.enable_events(page_size)
+    }
+
+    /// Moves the page-view changes logged since the last drain to `out`.
+    pub fn drain_events(&self, out: &mut Vec<KvEvent>) {
+        lock(&self.state).cache.drain_events(out)
+    }
+
+    /// `Stored` events for every page cached now (for a subscriber to resynchronise from).
+    pub fn snapshot_events(&self) -> Vec<KvEvent> {
+        lock(&self.state).cache.snapshot_events()
     }
 
     /// A handle for a sequence of namespace `ns` starting with `tokens`: its longest cached

@@ -13,12 +13,14 @@
 //! sequence a [`SeqKv`] handle that owns its slots and frees them on drop.
 
 mod blocks;
+pub mod events;
 mod kv;
 mod policy;
 mod radix;
 mod slots;
 
 pub use blocks::BlockCache;
+pub use events::KvEvent;
 pub use kv::{KvManager, KvUsage, SeqKv};
 pub use policy::{CacheHit, Inserted, NoCache, PrefixCache};
 pub use radix::{Namespace, NodeId, PrefixMatch, RadixCache};

@@ -2,6 +2,7 @@
 //! are the same whichever is chosen and a benchmark measures the design difference alone.
 
 use crate::blocks::BlockCache;
+use crate::events::KvEvent;
 use crate::radix::{Namespace, NodeId, RadixCache};
 use crate::slots::SlotId;
 
@@ -40,6 +41,15 @@ pub trait PrefixCache: Send {
     fn evictable_slots(&self) -> usize {
         self.cached_slots() - self.locked_slots()
     }
+    /// Starts logging the page view's changes (see [`crate::events`]) with pages of
+    /// `page_size` tokens; an error says why this policy cannot.
+    fn enable_events(&mut self, page_size: usize) -> Result<(), String>;
+    /// Moves the changes logged since the last drain to `out`.
+    fn drain_events(&mut self, _out: &mut Vec<KvEvent>) {}
+    /// `Stored` events for every page cached now, parents first.
+    fn snapshot_events(&self) -> Vec<KvEvent> {
+        Vec::new()
+    }
 }
 
 impl PrefixCache for RadixCache {
@@ -75,6 +85,15 @@ impl PrefixCache for RadixCache {
     fn locked_slots(&self) -> usize {
         RadixCache::locked_slots(self)
     }
+    fn enable_events(&mut self, page_size: usize) -> Result<(), String> {
+        RadixCache::enable_events(self, page_size)
+    }
+    fn drain_events(&mut self, out: &mut Vec<KvEvent>) {
+        RadixCache::drain_events(self, out)
+    }
+    fn snapshot_events(&self) -> Vec<KvEvent> {
+        RadixCache::snapshot_events(self)
+    }
 }
 
 impl PrefixCache for BlockCache {
@@ -107,6 +126,15 @@ impl PrefixCache for BlockCache {
     fn locked_slots(&self) -> usize {
         BlockCache::locked_slots(self)
     }
+    fn enable_events(&mut self, page_size: usize) -> Result<(), String> {
+        BlockCache::enable_events(self, page_size)
+    }
+    fn drain_events(&mut self, out: &mut Vec<KvEvent>) {
+        BlockCache::drain_events(self, out)
+    }
+    fn snapshot_events(&self) -> Vec<KvEvent> {
+        BlockCache::snapshot_events(self)
+    }
 }
 
 /// No reuse: nothing is ever cached.
@@ -136,5 +164,9 @@ impl PrefixCache for NoCache {
     }
     fn locked_slots(&self) -> usize {
         0
+    }
+    /// Nothing is ever cached, so the view is always empty: there is nothing to log.
+    fn enable_events(&mut self, _: usize) -> Result<(), String> {
+        Ok(())
     }
 }

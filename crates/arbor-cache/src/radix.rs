@@ -30,6 +30,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use crate::events::{page_hash, EventLog, KvEvent};
 use crate::slots::SlotId;
 
 /// Which cache a request may share KV with: different namespaces never share a prefix.
@@ -65,6 +66,11 @@ struct Node {
     last_access: u64,
     /// The namespace whose tree this node is in (lets a root be unregistered in O(1)).
     namespace: Namespace,
+    /// Position of `key[0]` in the sequence (the edge covers `start..start + key.len()`).
+    start: usize,
+    /// With KV events on: hashes of the pages whose last token is on this edge, in order (a
+    /// page is gone when the node holding its last token is).
+    pages: Vec<u64>,
 }
 
 /// The result of [`RadixCache::match_prefix`].
@@ -99,6 +105,8 @@ pub struct RadixCache {
     locked: usize,
     /// Unlocked leaves (not roots) by (last access, id): the eviction order.
     evictable_leaves: BTreeSet<(u64, NodeId)>,
+    /// The page view's changes since the last drain (`None`: KV events off).
+    events: Option<EventLog>,
 }
 
 impl RadixCache {
@@ -195,6 +203,8 @@ impl RadixCache {
             lock_ref: 1,
             last_access: 0,
             namespace: ns,
+            start: 0,
+            pages: Vec::new(),
         });
         self.roots.insert(ns, r);
         r
@@ -208,19 +218,28 @@ impl RadixCache {
     /// Splits `id`'s edge after `at` tokens (0 < at < len): a new parent takes the first `at`
     /// tokens and slots, `id` keeps the rest. Returns the new parent.
     fn split(&mut self, id: NodeId, at: usize) -> NodeId {
-        let (parent, key_head, slots_head, lock_ref, last_access, namespace) = {
+        let page_size = self.page_size();
+        let (parent, key_head, slots_head, pages_head, lock_ref, last_access, namespace, start) = {
             let n = self.node_mut(id);
             let key_tail = n.key.split_off(at);
             let slots_tail = n.slots.split_off(at);
             let key_head = std::mem::replace(&mut n.key, key_tail);
             let slots_head = std::mem::replace(&mut n.slots, slots_tail);
+            // The head keeps the pages that end within its tokens.
+            let head_pages = page_size.map_or(0, |p| (n.start + at) / p - n.start / p);
+            let pages_tail = n.pages.split_off(head_pages);
+            let pages_head = std::mem::replace(&mut n.pages, pages_tail);
+            let start = n.start;
+            n.start += at;
             (
                 n.parent,
                 key_head,
                 slots_head,
+                pages_head,
                 n.lock_ref,
                 n.last_access,
                 n.namespace,
+                start,
             )
         };
         let first_rest = self.node(id).key[0];
@@ -234,6 +253,8 @@ impl RadixCache {
             lock_ref,
             last_access,
             namespace,
+            start,
+            pages: pages_head,
         });
         self.node_mut(id).parent = Some(mid);
         let p = parent
@@ -329,6 +350,7 @@ impl RadixCache {
                     node = child;
                 }
                 None => {
+                    let pages = self.store_pages(ns, node, tokens, pos);
                     let leaf = self.alloc_node(Node {
                         key: tokens[pos..].to_vec(),
                         slots: slots[pos..].to_vec(),
@@ -337,6 +359,8 @@ impl RadixCache {
                         lock_ref: 0,
                         last_access: now,
                         namespace: ns,
+                        start: pos,
+                        pages,
                     });
                     self.node_mut(node).children.insert(tokens[pos], leaf);
                     // The parent stopped being a leaf; the new node is one.
@@ -398,6 +422,14 @@ impl RadixCache {
             self.free_nodes.push(id);
             self.cached -= node.slots.len();
             freed.extend_from_slice(&node.slots);
+            if let Some(log) = &mut self.events {
+                if !node.pages.is_empty() {
+                    log.events.push(KvEvent::Removed {
+                        namespace: node.namespace,
+                        hashes: node.pages,
+                    });
+                }
+            }
             let parent = node.parent.expect("roots are never evicted");
             let p = self.node_mut(parent);
             p.children.remove(&node.key[0]);
@@ -423,6 +455,120 @@ impl RadixCache {
         if self.roots.capacity() > 64 && self.roots.len() < self.roots.capacity() / 4 {
             self.roots.shrink_to_fit();
         }
+    }
+
+    /// Turns on the page view's events (see [`crate::events`]) with pages of `page_size`
+    /// tokens. Only on an empty tree: pages already cached would have no `Stored` event.
+    pub fn enable_events(&mut self, page_size: usize) -> Result<(), String> {
+        if self.cached > 0 {
+            return Err("KV events must be enabled before anything is cached".into());
+        }
+        if page_size == 0 {
+            return Err("the KV event page size must be at least 1 token".into());
+        }
+        self.events = Some(EventLog::new(page_size));
+        Ok(())
+    }
+
+    fn page_size(&self) -> Option<usize> {
+        self.events.as_ref().map(|l| l.page_size)
+    }
+
+    /// Moves the events since the last drain to `out`.
+    pub fn drain_events(&mut self, out: &mut Vec<KvEvent>) {
+        if let Some(log) = &mut self.events {
+            out.append(&mut log.events);
+        }
+    }
+
+    /// The hash of the last page that ends on the path from the root to `node` (inclusive).
+    fn last_page_on_path(&self, mut node: NodeId) -> Option<u64> {
+        loop {
+            let n = self.node(node);
+            if let Some(&h) = n.pages.last() {
+                return Some(h);
+            }
+            node = n.parent?;
+        }
+    }
+
+    /// With events on: hashes the pages that a new leaf under `parent`, holding
+    /// `tokens[pos..]`, completes, and logs them as stored. Returns the leaf's pages.
+    fn store_pages(
+        &mut self,
+        ns: Namespace,
+        parent: NodeId,
+        tokens: &[u32],
+        pos: usize,
+    ) -> Vec<u64> {
+        let Some(p) = self.page_size() else {
+            return Vec::new();
+        };
+        // The page straddling `pos` (or starting there) is the first whose last token is new.
+        let first_start = pos / p * p;
+        if first_start + p > tokens.len() {
+            return Vec::new();
+        }
+        // The page before it ends on the path to `parent`; the deepest node there holding a
+        // page holds it, since no page ends between it and `pos`.
+        let parent_hash = if first_start == 0 {
+            None
+        } else {
+            self.last_page_on_path(parent)
+        };
+        let mut prev = parent_hash;
+        let pages: Vec<u64> = tokens[first_start..]
+            .chunks_exact(p)
+            .map(|page| {
+                let h = page_hash(ns, prev, page);
+                prev = Some(h);
+                h
+            })
+            .collect();
+        let end = first_start + pages.len() * p;
+        if let Some(log) = &mut self.events {
+            log.events.push(KvEvent::Stored {
+                namespace: ns,
+                parent: parent_hash,
+                hashes: pages.clone(),
+                tokens: tokens[first_start..end].to_vec(),
+            });
+        }
+        pages
+    }
+
+    /// `Stored` events for every page cached now, parents before children: what a subscriber
+    /// that lost events rebuilds the view from (after a `Cleared`).
+    pub fn snapshot_events(&self) -> Vec<KvEvent> {
+        let mut out = Vec::new();
+        let Some(p) = self.page_size() else {
+            return out;
+        };
+        for (&ns, &root) in &self.roots {
+            // (node, tokens of the path up to and including it, last page hash before it)
+            let mut stack = vec![(root, Vec::new(), None)];
+            while let Some((id, path, parent_hash)) = stack.pop() {
+                let n = self.node(id);
+                let mut last = parent_hash;
+                if !n.pages.is_empty() {
+                    let first_start = n.start / p * p;
+                    let end = first_start + n.pages.len() * p;
+                    out.push(KvEvent::Stored {
+                        namespace: ns,
+                        parent: parent_hash,
+                        hashes: n.pages.clone(),
+                        tokens: path[first_start..end].to_vec(),
+                    });
+                    last = n.pages.last().copied();
+                }
+                for &c in n.children.values() {
+                    let mut t = path.clone();
+                    t.extend_from_slice(&self.node(c).key);
+                    stack.push((c, t, last));
+                }
+            }
+        }
+        out
     }
 
     /// Every cached sequence that ends at a leaf, with its slots, per namespace (tests and

@@ -18,7 +18,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use arbor_cache::{BlockCache, KvManager, NoCache, PrefixCache, RadixCache, SeqKv};
+use arbor_cache::{BlockCache, KvEvent, KvManager, NoCache, PrefixCache, RadixCache, SeqKv};
 use arbor_model::{
     panic_message, FaultInjector, FaultSite, IncrementalDecoder, ModelConfig, ModelRunner,
     SequenceSampling, StepRow, Tokenizer,
@@ -192,6 +192,27 @@ impl Engine {
             steps: 0,
             step_cost: StepCostModel::default(),
         })
+    }
+
+    /// Starts logging the prefix cache's changes as pages of `page_size` tokens, for KV-aware
+    /// routers (see `arbor_cache::events`); only before anything is cached.
+    pub fn enable_kv_events(&self, page_size: usize) -> Result<(), EngineError> {
+        self.scheduler
+            .kv
+            .enable_events(page_size)
+            .map_err(EngineError::InvalidConfig)
+    }
+
+    /// Moves the prefix cache's page-view changes since the last call to `out` (nothing unless
+    /// [`Engine::enable_kv_events`] was called).
+    pub fn drain_kv_events(&self, out: &mut Vec<KvEvent>) {
+        self.scheduler.kv.drain_events(out)
+    }
+
+    /// `Stored` events for every page cached now: what a subscriber that lost events rebuilds
+    /// the view from, after a `Cleared`.
+    pub fn kv_snapshot_events(&self) -> Vec<KvEvent> {
+        self.scheduler.kv.snapshot_events()
     }
 
     pub fn model_config(&self) -> &ModelConfig {

@@ -18,6 +18,7 @@ mod scheduler;
 pub mod step_cost;
 pub mod stop;
 
+pub use arbor_cache::KvEvent;
 pub use arbor_model::runner::fake;
 pub use arbor_model::{
     panic_message, FaultInjector, FaultSite, Sampler, SamplingParams, TokenLogprob,

@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod error;
+pub mod kv_events;
 mod limits;
 pub mod metrics;
 pub mod reasoning;
@@ -134,6 +135,30 @@ pub struct AppState {
 impl AppState {
     /// Starts the engine thread and wraps everything the handlers need.
     pub fn new(engine: Engine, template: ChatTemplate, config: &ServerConfig) -> Arc<Self> {
+        Self::build(engine, template, config, None)
+    }
+
+    /// [`AppState::new`], publishing the prefix cache's changes through `publisher` (see
+    /// [`kv_events`]); fails if the engine cannot log them (something is cached already, or
+    /// the block cache's blocks are not the publisher's pages).
+    pub fn with_kv_events(
+        engine: Engine,
+        template: ChatTemplate,
+        config: &ServerConfig,
+        publisher: kv_events::KvEventPublisher,
+    ) -> Result<Arc<Self>, String> {
+        engine
+            .enable_kv_events(publisher.page_size())
+            .map_err(|e| e.to_string())?;
+        Ok(Self::build(engine, template, config, Some(publisher)))
+    }
+
+    fn build(
+        engine: Engine,
+        template: ChatTemplate,
+        config: &ServerConfig,
+        kv_events: Option<kv_events::KvEventPublisher>,
+    ) -> Arc<Self> {
         let metrics = Arc::new(Metrics::default());
         let tokenizer = Arc::new(engine.tokenizer().clone());
         let context = engine.model_config().max_position_embeddings;
@@ -158,7 +183,7 @@ impl AppState {
                 .saturating_mul(2 * longest_token),
         };
         Arc::new(Self {
-            engine: EngineHandle::spawn(engine, config.max_queue, metrics.clone()),
+            engine: EngineHandle::spawn(engine, config.max_queue, metrics.clone(), kv_events),
             tokenizer,
             reasoning: config.reasoning_parser.resolve(template.source()),
             template: Arc::new(template),

@@ -30,6 +30,7 @@ use std::time::Instant;
 use arbor_engine::{Engine, EngineError, Event, FinishReason, Request, RequestId, Timing, Usage};
 use tokio::sync::{mpsc as tmpsc, oneshot, Notify};
 
+use crate::kv_events::KvEventPublisher;
 use crate::metrics::{Finished, Metrics, Outcome};
 
 /// An engine event for one choice of a multi-choice request.
@@ -94,7 +95,13 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Starts the engine thread. `max_queue` bounds the requests waiting for admission.
-    pub fn spawn(engine: Engine, max_queue: usize, metrics: Arc<Metrics>) -> Self {
+    /// `kv_events` publishes the prefix cache's changes after every loop turn.
+    pub fn spawn(
+        engine: Engine,
+        max_queue: usize,
+        metrics: Arc<Metrics>,
+        kv_events: Option<KvEventPublisher>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel();
         let draining = Arc::new(AtomicBool::new(false));
         let health = Arc::new(Health::default());
@@ -110,6 +117,7 @@ impl EngineHandle {
                     max_queue,
                     draining: flag,
                     health: loop_health,
+                    kv_events,
                 }
                 .run(rx)
             })
@@ -209,6 +217,7 @@ struct EngineLoop {
     max_queue: usize,
     draining: Arc<AtomicBool>,
     health: Arc<Health>,
+    kv_events: Option<KvEventPublisher>,
 }
 
 impl EngineLoop {
@@ -420,11 +429,15 @@ impl EngineLoop {
         }
     }
 
-    fn publish_state(&self) {
+    /// Metrics and KV events: what the engine holds now.
+    fn publish_state(&mut self) {
         self.metrics.set_engine_state(
             self.engine.slot_usage(),
             self.engine.waiting_len(),
             self.engine.running_len(),
         );
+        if let Some(p) = &mut self.kv_events {
+            p.publish(&self.engine);
+        }
     }
 }

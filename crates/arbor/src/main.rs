@@ -286,6 +286,22 @@ struct ServeArgs {
     /// mention `</think>`, none otherwise).
     #[arg(long, default_value = "auto")]
     reasoning_parser: arbor_server::reasoning::ReasoningParser,
+    /// Publish prefix-cache changes as vLLM-format KV events on a ZeroMQ PUB socket bound here
+    /// (e.g. tcp://*:5557), for KV-aware routers such as NVIDIA Dynamo's. The stream carries
+    /// every cached prompt's token ids: bind it where only the router can reach it.
+    #[arg(long)]
+    kv_events_endpoint: Option<String>,
+    /// A ZeroMQ ROUTER socket bound here serves replays of missed KV event batches (vLLM's
+    /// replay protocol).
+    #[arg(long, requires = "kv_events_endpoint")]
+    kv_events_replay_endpoint: Option<String>,
+    /// The topic frame of every KV event message.
+    #[arg(long, default_value = "", requires = "kv_events_endpoint")]
+    kv_events_topic: String,
+    /// Tokens per page (vLLM's block size) in KV events; the radix cache is cut into pages of
+    /// this size for routers.
+    #[arg(long, default_value_t = arbor_server::kv_events::DEFAULT_PAGE_SIZE, requires = "kv_events_endpoint")]
+    kv_events_page_size: usize,
 }
 
 fn main() {
@@ -539,6 +555,9 @@ fn serve(a: ServeArgs) -> Result<()> {
     if a.max_prompt_tokens_per_request == Some(0) {
         bail!("--max-prompt-tokens-per-request must be at least 1");
     }
+    if a.kv_events_page_size == 0 {
+        bail!("--kv-events-page-size must be at least 1");
+    }
     let path = model_path(&a.model)?;
     let name = match &a.served_model_name {
         Some(n) => n.clone(),
@@ -575,7 +594,29 @@ fn serve(a: ServeArgs) -> Result<()> {
             tracing::warn!("{w}");
             eprintln!("arbor: WARNING: {w}");
         }
-        let state = arbor_server::AppState::new(engine, template, &config);
+        let state = match &a.kv_events_endpoint {
+            None => arbor_server::AppState::new(engine, template, &config),
+            Some(endpoint) => {
+                let mut kv = arbor_server::kv_events::KvEventsConfig::new(endpoint);
+                kv.replay_endpoint = a.kv_events_replay_endpoint.clone();
+                kv.topic = a.kv_events_topic.clone();
+                kv.page_size = a.kv_events_page_size;
+                let publisher = arbor_server::kv_events::KvEventPublisher::start(&kv)
+                    .map_err(anyhow::Error::msg)?;
+                eprintln!(
+                    "arbor: KV events on {}{} ({}-token pages)",
+                    publisher.endpoint,
+                    publisher
+                        .replay_endpoint
+                        .as_ref()
+                        .map(|r| format!(", replay on {r}"))
+                        .unwrap_or_default(),
+                    kv.page_size
+                );
+                arbor_server::AppState::with_kv_events(engine, template, &config, publisher)
+                    .map_err(|e| anyhow::anyhow!("--kv-events-endpoint: {e}"))?
+            }
+        };
         eprintln!(
             "arbor: serving `{name}` on http://{addr}/v1 ({}); Ctrl-C stops",
             if config.api_keys.is_empty() {
