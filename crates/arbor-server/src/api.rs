@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use arbor_engine::{SamplingParams, StopConditions};
 use serde::de::{self, DeserializeOwned, IgnoredAny, SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::ApiError;
 
@@ -416,16 +416,85 @@ pub struct MessageIn {
     pub role: String,
     pub content: Option<MessageContent>,
     pub name: Option<String>,
-    pub tool_calls: Option<IgnoredAny>,
+    /// An assistant turn's calls (OpenAI's shape; arguments as JSON text).
+    pub tool_calls: Option<BoundedVec<ToolCallIn, MAX_TOOLS>>,
+    /// A tool result: the call it answers.
+    pub tool_call_id: Option<String>,
 }
+
+/// A tool call in an earlier assistant turn.
+#[derive(Debug, Deserialize)]
+pub struct ToolCallIn {
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: ToolCallFunctionIn,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ToolCallFunctionIn {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// A tool the model may call: `{"type": "function", "function": {...}}`.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct ToolIn {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionIn,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct FunctionIn {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`: `"none"`, `"auto"`, `"required"`, or a named function.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoiceIn {
+    Mode(String),
+    Named {
+        #[serde(rename = "type")]
+        kind: String,
+        function: NamedFunction,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NamedFunction {
+    pub name: String,
+}
+
+/// What a request asks of tools, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// No call is parsed (the tools are still shown to the model, so the prompt, and its
+    /// cached prefix, is the same as with `auto`).
+    None,
+    Auto,
+    Required,
+    Named(String),
+}
+
+/// Most tools per request (OpenAI's limit).
+pub const MAX_TOOLS: usize = 128;
 
 #[derive(Debug, Deserialize)]
 pub struct ChatFields {
     pub messages: Vec<MessageIn>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
-    pub tools: Option<Vec<IgnoredAny>>,
-    pub tool_choice: Option<IgnoredAny>,
+    pub tools: Option<BoundedVec<ToolIn, MAX_TOOLS>>,
+    pub tool_choice: Option<ToolChoiceIn>,
+    pub parallel_tool_calls: Option<bool>,
     pub response_format: Option<ResponseFormat>,
     /// Default true; false renders the conversation without opening an assistant turn.
     pub add_generation_prompt: Option<bool>,
@@ -454,14 +523,6 @@ impl ChatFields {
                 "messages",
                 "`messages` must contain at least one message.",
             ));
-        }
-        if let Some(tools) = &self.tools {
-            if !tools.is_empty() {
-                return Err(ApiError::invalid_param(
-                    "tools",
-                    "Tool calling is not supported by this server.",
-                ));
-            }
         }
         if let Some(rf) = &self.response_format {
             let kind = rf.kind.as_deref().unwrap_or("");
@@ -493,18 +554,116 @@ impl ChatFields {
                         format!("messages[{i}] has no content."),
                     ));
                 }
+                if m.tool_calls.is_some() && m.role != "assistant" {
+                    return Err(ApiError::invalid_param(
+                        format!("messages[{i}].tool_calls"),
+                        format!(
+                            "messages[{i}] has tool_calls, which only assistant messages may have."
+                        ),
+                    ));
+                }
                 // Templates written before the "developer" role know it as "system".
                 let role = if m.role == "developer" {
                     "system"
                 } else {
                     &m.role
                 };
-                Ok(arbor_model::ChatMessage::new(
-                    role,
-                    content.unwrap_or_default(),
-                ))
+                let mut msg = arbor_model::ChatMessage::new(role, content.unwrap_or_default());
+                msg.tool_calls = m
+                    .tool_calls
+                    .as_ref()
+                    .map(|calls| template_tool_calls(&calls.0));
+                msg.tool_call_id = m.tool_call_id.clone();
+                msg.name = m.name.clone();
+                Ok(msg)
             })
             .collect()
+    }
+
+    /// The tools for the template (OpenAI's list as sent, validated) and what the request
+    /// asks of them.
+    pub fn tools(&self) -> Result<(Option<serde_json::Value>, ToolChoice), ApiError> {
+        let tools: &[ToolIn] = self.tools.as_ref().map_or(&[], |t| &t.0);
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in tools.iter().enumerate() {
+            if t.kind != "function" {
+                return Err(ApiError::invalid_param(
+                    format!("tools[{i}].type"),
+                    format!(
+                        "tools[{i}] has type `{}`; only `function` tools exist.",
+                        t.kind
+                    ),
+                ));
+            }
+            let name = &t.function.name;
+            let valid = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+            if !valid {
+                return Err(ApiError::invalid_param(
+                    format!("tools[{i}].function.name"),
+                    format!(
+                        "tools[{i}].function.name {name:?} must be 1 to 64 letters, digits, `_`, `-` or `.`."
+                    ),
+                ));
+            }
+            if !names.insert(name.as_str()) {
+                return Err(ApiError::invalid_param(
+                    format!("tools[{i}].function.name"),
+                    format!("Two tools are named {name:?}."),
+                ));
+            }
+            if let Some(p) = &t.function.parameters {
+                if !p.is_object() {
+                    return Err(ApiError::invalid_param(
+                        format!("tools[{i}].function.parameters"),
+                        format!("tools[{i}].function.parameters must be a JSON Schema object."),
+                    ));
+                }
+            }
+        }
+        let choice = match &self.tool_choice {
+            None => ToolChoice::Auto,
+            Some(ToolChoiceIn::Mode(m)) => match m.as_str() {
+                "none" => ToolChoice::None,
+                "auto" => ToolChoice::Auto,
+                "required" => ToolChoice::Required,
+                other => {
+                    return Err(ApiError::invalid_param(
+                        "tool_choice",
+                        format!("tool_choice is `none`, `auto`, `required` or a named function, not {other:?}."),
+                    ))
+                }
+            },
+            Some(ToolChoiceIn::Named { kind, function }) => {
+                if kind != "function" {
+                    return Err(ApiError::invalid_param(
+                        "tool_choice.type",
+                        format!("tool_choice.type must be `function`, not {kind:?}."),
+                    ));
+                }
+                if !names.contains(function.name.as_str()) {
+                    return Err(ApiError::invalid_param(
+                        "tool_choice.function.name",
+                        format!("tool_choice names {:?}, which is not in `tools`.", function.name),
+                    ));
+                }
+                ToolChoice::Named(function.name.clone())
+            }
+        };
+        if tools.is_empty() {
+            if matches!(choice, ToolChoice::Required) {
+                return Err(ApiError::invalid_param(
+                    "tool_choice",
+                    "tool_choice `required` needs `tools`.",
+                ));
+            }
+            return Ok((None, ToolChoice::None));
+        }
+        let list = serde_json::to_value(tools).expect("tools serialize");
+        Ok((Some(list), choice))
     }
 
     /// `top_logprobs` when `logprobs` is on.
@@ -528,6 +687,25 @@ impl ChatFields {
             _ => Ok(None),
         }
     }
+}
+
+/// Earlier calls as templates read them: arguments as a JSON object where they parse as one
+/// (templates write `arguments | tojson`), as sent otherwise.
+fn template_tool_calls(calls: &[ToolCallIn]) -> serde_json::Value {
+    calls
+        .iter()
+        .map(|c| {
+            let args = serde_json::from_str::<serde_json::Value>(&c.function.arguments)
+                .ok()
+                .filter(|v| v.is_object())
+                .unwrap_or_else(|| serde_json::Value::String(c.function.arguments.clone()));
+            serde_json::json!({
+                "id": c.id,
+                "type": c.kind.as_deref().unwrap_or("function"),
+                "function": {"name": c.function.name, "arguments": args},
+            })
+        })
+        .collect()
 }
 
 /// A message's text: a string, or the concatenated text of its text parts.

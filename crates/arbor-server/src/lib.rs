@@ -24,6 +24,7 @@ pub mod reasoning;
 mod responder;
 mod routes;
 pub mod tenancy;
+pub mod tools;
 mod wire;
 pub mod worker;
 
@@ -63,6 +64,8 @@ pub struct ServerConfig {
     pub metrics_public: bool,
     /// How chat replies are split into `reasoning_content` and `content`.
     pub reasoning_parser: reasoning::ReasoningParser,
+    /// The format tool calls are read from replies in.
+    pub tool_call_parser: tools::ToolCallParser,
 }
 
 /// Per-call bounds on work, checked before anything is copied or queued.
@@ -88,6 +91,7 @@ impl ServerConfig {
             max_prompt_tokens_per_request: None,
             metrics_public: false,
             reasoning_parser: reasoning::ReasoningParser::Auto,
+            tool_call_parser: tools::ToolCallParser::Auto,
         }
     }
 }
@@ -130,6 +134,8 @@ pub struct AppState {
     pub created: u64,
     /// The reasoning parser in force (`None`: replies are not split).
     pub reasoning: Option<reasoning::ReasoningParser>,
+    /// The tool-call format in force (`None`: requests with tools need `tool_choice: none`).
+    pub tools: Option<tools::ToolCallParser>,
 }
 
 impl AppState {
@@ -186,6 +192,7 @@ impl AppState {
             engine: EngineHandle::spawn(engine, config.max_queue, metrics.clone(), kv_events),
             tokenizer,
             reasoning: config.reasoning_parser.resolve(template.source()),
+            tools: config.tool_call_parser.resolve(template.source()),
             template: Arc::new(template),
             metrics,
             tenancy: Tenancy::new(config.api_keys.clone()),

@@ -16,9 +16,10 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::error::ApiError;
 use crate::reasoning::{ReasoningParser, ReasoningSplitter, Split};
+use crate::tools::{ToolCallParser, ToolCallSplitter, ToolSplit};
 use crate::wire::{
     chat_logprob, finish_reason, ChatChoice, ChatDeltaChoice, ChatLogprob, ChatLogprobs,
-    ChatMessageOut, CompletionLogprobs, Delta, Envelope, TextChoice, UsageOut,
+    ChatMessageOut, CompletionLogprobs, Delta, Envelope, TextChoice, ToolCallOut, UsageOut,
 };
 use crate::worker::Tagged;
 use crate::AppState;
@@ -51,9 +52,63 @@ pub(crate) struct Responder {
     ignore_eos: bool,
     /// Per prompt, text put before the completion (`echo`).
     pub(crate) echo: Vec<String>,
-    /// Chat replies of a reasoning model: the parser, and whether the prompt opened the think
-    /// block.
-    pub(crate) reasoning: Option<(ReasoningParser, bool)>,
+    /// How chat replies are split into reasoning, content and tool calls.
+    pub(crate) parsing: ChatParsing,
+}
+
+/// How a chat reply is taken apart: reasoning first, then tool calls out of what remains.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ChatParsing {
+    /// A reasoning model's parser, and whether the prompt opened the think block.
+    pub reasoning: Option<(ReasoningParser, bool)>,
+    /// The tool-call format, and whether more than one call is kept.
+    pub tools: Option<(ToolCallParser, bool)>,
+}
+
+/// One choice's parsers.
+struct ChoiceParsers {
+    reasoning: Option<ReasoningSplitter>,
+    tools: Option<ToolCallSplitter>,
+}
+
+/// A piece of a choice's reply, taken apart.
+struct Piece {
+    reasoning: Option<String>,
+    content: String,
+    calls: Vec<crate::tools::ToolCall>,
+}
+
+impl ChoiceParsers {
+    /// `last` flushes what the parsers held back.
+    fn take(&mut self, text: String, last: bool) -> Piece {
+        let (reasoning, content) = split(self.reasoning.as_mut(), text, last);
+        let ToolSplit { content, calls } = match &mut self.tools {
+            Some(t) if last => t.finish(&content),
+            Some(t) => t.push(&content),
+            None => ToolSplit {
+                content,
+                calls: Vec::new(),
+            },
+        };
+        Piece {
+            reasoning,
+            content,
+            calls,
+        }
+    }
+
+    fn made_calls(&self) -> bool {
+        self.tools.as_ref().is_some_and(|t| t.calls() > 0)
+    }
+}
+
+/// A finish reason, `tool_calls` when a reply that stopped by itself made calls.
+fn choice_finish(reason: FinishReason, parsers: Option<&ChoiceParsers>) -> &'static str {
+    if reason == FinishReason::Stop && parsers.is_some_and(ChoiceParsers::made_calls) {
+        "tool_calls"
+    } else {
+        finish_reason(reason)
+    }
 }
 
 impl Responder {
@@ -80,25 +135,34 @@ impl Responder {
             logprobs,
             ignore_eos,
             echo: Vec::new(),
-            reasoning: None,
+            parsing: ChatParsing::default(),
         }
     }
 
-    /// One splitter per choice when replies are split (chat only).
-    fn splitters(&self) -> Vec<ReasoningSplitter> {
-        match (self.api, self.reasoning) {
-            (Api::Chat, Some((parser, opens))) => (0..self.choices)
-                .map(|_| ReasoningSplitter::new(parser, opens))
-                .collect(),
-            _ => Vec::new(),
+    /// Parsers per choice when chat replies are taken apart (empty otherwise).
+    fn parsers(&self) -> Vec<ChoiceParsers> {
+        let p = self.parsing;
+        if self.api != Api::Chat || (p.reasoning.is_none() && p.tools.is_none()) {
+            return Vec::new();
         }
+        (0..self.choices)
+            .map(|_| ChoiceParsers {
+                reasoning: p
+                    .reasoning
+                    .map(|(parser, opens)| ReasoningSplitter::new(parser, opens)),
+                tools: p
+                    .tools
+                    .map(|(format, parallel)| ToolCallSplitter::new(format, parallel)),
+            })
+            .collect()
     }
 
     /// The usage object, with the reasoning tokens when replies are split.
-    fn usage_out(&self, per_choice: &[Usage], splitters: &[ReasoningSplitter]) -> UsageOut {
-        let reasoning = (!splitters.is_empty()).then(|| {
-            splitters
+    fn usage_out(&self, per_choice: &[Usage], parsers: &[ChoiceParsers]) -> UsageOut {
+        let reasoning = self.parsing.reasoning.is_some().then(|| {
+            parsers
                 .iter()
+                .filter_map(|p| p.reasoning.as_ref())
                 .map(ReasoningSplitter::reasoning_tokens)
                 .sum()
         });
@@ -163,15 +227,21 @@ impl Responder {
             .collect();
         let mut finish: Vec<Option<FinishReason>> = vec![None; self.choices];
         let mut usage = vec![Usage::default(); self.choices];
-        let mut splitters = self.splitters();
-        let mut reasoning: Vec<String> = vec![String::new(); splitters.len()];
-        // Text into a choice's content, or split into reasoning and content.
+        let mut parsers = self.parsers();
+        let mut reasoning: Vec<String> = vec![String::new(); parsers.len()];
+        let mut calls: Vec<Vec<ToolCallOut>> = (0..parsers.len()).map(|_| Vec::new()).collect();
+        // Text into a choice's content, or taken apart into reasoning, content and calls.
         let mut add_text = |index: usize, text: String, last: bool, texts: &mut Vec<String>| {
-            let (r, content) = split(splitters.get_mut(index), text, last);
-            if let Some(r) = r {
+            let Some(p) = parsers.get_mut(index) else {
+                texts[index].push_str(&text);
+                return;
+            };
+            let piece = p.take(text, last);
+            if let Some(r) = piece.reasoning {
                 reasoning[index].push_str(&r);
             }
-            texts[index].push_str(&content);
+            texts[index].push_str(&piece.content);
+            calls[index].extend(piece.calls.into_iter().map(|c| ToolCallOut::new(c, None)));
         };
         let mut done = 0;
         while done < self.choices {
@@ -221,8 +291,8 @@ impl Responder {
                 }
             }
         }
-        let usage = Some(Some(self.usage_out(&usage, &splitters)));
-        let reason = |i: usize| finish[i].map(finish_reason);
+        let usage = Some(Some(self.usage_out(&usage, &parsers)));
+        let reason = |i: usize| finish[i].map(|r| choice_finish(r, parsers.get(i)));
         Ok(match self.api {
             Api::Chat => {
                 let choices = chat_lps
@@ -231,19 +301,25 @@ impl Responder {
                     .enumerate()
                     .map(|(i, (lps, content))| ChatChoice {
                         index: i,
-                        message: match splitters.get(i) {
-                            // As vLLM: no answer after the reasoning is a null content.
-                            Some(s) => ChatMessageOut {
+                        message: match parsers.get(i) {
+                            // As vLLM: no answer besides the reasoning or the calls is a null
+                            // content.
+                            Some(p) => ChatMessageOut {
                                 role: "assistant",
                                 content: (!content.is_empty()).then_some(content),
-                                reasoning_content: s
-                                    .saw_reasoning()
+                                reasoning_content: p
+                                    .reasoning
+                                    .as_ref()
+                                    .is_some_and(ReasoningSplitter::saw_reasoning)
                                     .then(|| std::mem::take(&mut reasoning[i])),
+                                tool_calls: (!calls[i].is_empty())
+                                    .then(|| std::mem::take(&mut calls[i])),
                             },
                             None => ChatMessageOut {
                                 role: "assistant",
                                 content: Some(content),
                                 reasoning_content: None,
+                                tool_calls: None,
                             },
                         },
                         logprobs: self.logprobs.then_some(ChatLogprobs { content: lps }),
@@ -282,7 +358,7 @@ impl Responder {
                         delta: Delta {
                             role: Some("assistant"),
                             content: Some(String::new()),
-                            reasoning_content: None,
+                            ..Default::default()
                         },
                         logprobs: None,
                         finish_reason: None,
@@ -307,7 +383,7 @@ impl Responder {
             }
         }
         let state = StreamState {
-            splitters: self.splitters(),
+            parsers: self.parsers(),
             offsets: vec![0; self.choices],
             usage: vec![Usage::default(); self.choices],
             done: 0,
@@ -359,6 +435,39 @@ fn split(
     }
 }
 
+/// A piece of a choice's reply taken apart by its parsers, or all content without any.
+fn take(parsers: Option<&mut ChoiceParsers>, text: String, last: bool) -> Piece {
+    match parsers {
+        Some(p) => p.take(text, last),
+        None => Piece {
+            reasoning: None,
+            content: text,
+            calls: Vec::new(),
+        },
+    }
+}
+
+/// Calls released by a piece, numbered within their choice, for a stream delta.
+fn stream_calls(
+    parsers: Option<&ChoiceParsers>,
+    calls: Vec<crate::tools::ToolCall>,
+) -> Option<Vec<ToolCallOut>> {
+    if calls.is_empty() {
+        return None;
+    }
+    let made = parsers
+        .and_then(|p| p.tools.as_ref())
+        .map_or(0, ToolCallSplitter::calls);
+    let first = made - calls.len();
+    Some(
+        calls
+            .into_iter()
+            .enumerate()
+            .map(|(k, c)| ToolCallOut::new(c, Some(first + k)))
+            .collect(),
+    )
+}
+
 fn to_json(v: &impl Serialize) -> String {
     serde_json::to_string(v).expect("the wire structs serialize to JSON")
 }
@@ -369,8 +478,8 @@ pub(crate) struct StreamState {
     pending: VecDeque<String>,
     /// Per choice, bytes of text sent so far (completions' text_offset).
     offsets: Vec<usize>,
-    /// Per choice when replies are split into reasoning and content.
-    splitters: Vec<ReasoningSplitter>,
+    /// Per choice when chat replies are taken apart.
+    parsers: Vec<ChoiceParsers>,
     usage: Vec<Usage>,
     done: usize,
     finished: bool,
@@ -397,10 +506,15 @@ impl StreamState {
                 ..
             } => {
                 let lp = logprob.filter(|_| r.lists_token(token));
-                let (reasoning, text) = split(self.splitters.get_mut(index), text, false);
-                if text.is_empty() && reasoning.is_none() && lp.is_none() {
+                let Piece {
+                    reasoning,
+                    content: text,
+                    calls,
+                } = take(self.parsers.get_mut(index), text, false);
+                if text.is_empty() && reasoning.is_none() && calls.is_empty() && lp.is_none() {
                     return;
                 }
+                let tool_calls = stream_calls(self.parsers.get(index), calls);
                 let offset = self.offsets[index];
                 self.offsets[index] += text.len();
                 let chunk = match r.api {
@@ -410,8 +524,11 @@ impl StreamState {
                             index,
                             delta: Delta {
                                 role: None,
-                                content: (reasoning.is_none() || !text.is_empty()).then_some(text),
+                                content: (!text.is_empty()
+                                    || (reasoning.is_none() && tool_calls.is_none()))
+                                .then_some(text),
                                 reasoning_content: reasoning,
+                                tool_calls,
                             },
                             logprobs: lp.map(|lp| ChatLogprobs {
                                 content: vec![chat_logprob(&r.st, token, &lp)],
@@ -456,8 +573,13 @@ impl StreamState {
                 usage,
                 ..
             } => {
-                let reason = Some(finish_reason(reason));
-                let (reasoning, text) = split(self.splitters.get_mut(index), text, true);
+                let Piece {
+                    reasoning,
+                    content: text,
+                    calls,
+                } = take(self.parsers.get_mut(index), text, true);
+                let tool_calls = stream_calls(self.parsers.get(index), calls);
+                let reason = Some(choice_finish(reason, self.parsers.get(index)));
                 let chunk = match r.api {
                     Api::Chat => r.chunk(
                         self.include_usage,
@@ -467,6 +589,7 @@ impl StreamState {
                                 role: None,
                                 content: (!text.is_empty()).then_some(text),
                                 reasoning_content: reasoning,
+                                tool_calls,
                             },
                             logprobs: None,
                             finish_reason: reason,
@@ -495,7 +618,7 @@ impl StreamState {
         self.done += 1;
         if self.done == r.choices {
             if self.include_usage {
-                let totals = r.usage_out(&self.usage, &self.splitters);
+                let totals = r.usage_out(&self.usage, &self.parsers);
                 let v = r.envelope::<TextChoice>(true, Vec::new(), Some(Some(totals)));
                 self.pending.push_back(to_json(&v));
             }

@@ -23,12 +23,12 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::api::{
-    self, ChatFields, CommonFields, CompletionFields, Generation, MessageIn, PromptIn,
+    self, ChatFields, CommonFields, CompletionFields, Generation, MessageIn, PromptIn, ToolChoice,
 };
 use crate::error::ApiError;
 use crate::limits::{check_prompt_tokens, check_sequences, check_text_bytes, engine_requests};
 use crate::metrics::Outcome;
-use crate::responder::{Api, Responder};
+use crate::responder::{Api, ChatParsing, Responder};
 use crate::tenancy::Caller;
 use crate::worker::{SubmitError, Tagged};
 use crate::AppState;
@@ -123,13 +123,36 @@ async fn chat_inner(
     let (fields, gen, namespace) = parse_generation::<ChatFields>(&st, &caller, body)?;
     let logprobs = fields.logprobs()?;
     let messages = fields.messages()?;
+    let (tools, choice) = fields.tools()?;
+    let tool_parser = match choice {
+        ToolChoice::None => None,
+        ToolChoice::Auto => Some(st.tools.ok_or_else(|| {
+            ApiError::invalid_param(
+                "tools",
+                "This model's chat template shows no tool-call format, so calls cannot be read \
+                 from its replies: start the server with --tool-call-parser hermes, llama3_json \
+                 or mistral, or send tool_choice \"none\".",
+            )
+        })?),
+        ToolChoice::Required | ToolChoice::Named(_) => {
+            return Err(ApiError::invalid_param(
+                "tool_choice",
+                "tool_choice `required` and named functions need constrained decoding, which \
+                 this server does not have yet; send `auto` (the model decides) instead.",
+            ))
+        }
+    };
+    let parsing = ChatParsing {
+        reasoning: None,
+        tools: tool_parser.map(|p| (p, fields.parallel_tool_calls.unwrap_or(true))),
+    };
     check_sequences(&st, 1, gen.n)?;
     let add_generation_prompt = fields.add_generation_prompt.unwrap_or(true);
     let worker = st.clone();
     let (prompt, opens_think) = blocking(move || {
         let text = worker
             .template
-            .render(&messages, add_generation_prompt)
+            .render_with_tools(&messages, tools.as_ref(), add_generation_prompt)
             .map_err(|e| {
                 ApiError::invalid_param(
                     "messages",
@@ -143,7 +166,10 @@ async fn chat_inner(
         Ok((tokens, crate::reasoning::prompt_opens_think(&text)))
     })
     .await?;
-    let reasoning = st.reasoning.map(|parser| (parser, opens_think));
+    let parsing = ChatParsing {
+        reasoning: st.reasoning.map(|parser| (parser, opens_think)),
+        ..parsing
+    };
     check_prompt_tokens(&st, std::slice::from_ref(&prompt), "messages")?;
     run(
         st,
@@ -153,7 +179,7 @@ async fn chat_inner(
         &gen,
         logprobs,
         namespace,
-        reasoning,
+        parsing,
     )
     .await
 }
@@ -188,7 +214,7 @@ async fn run(
     gen: &Generation,
     logprobs: Option<usize>,
     namespace: u64,
-    reasoning: Option<(crate::reasoning::ReasoningParser, bool)>,
+    parsing: ChatParsing,
 ) -> Result<Response, ApiError> {
     let requests = engine_requests(&st, prompts, gen, logprobs, namespace)?;
     let rx = submit(&st, requests).await?;
@@ -201,7 +227,7 @@ async fn run(
         gen.stop.ignore_eos,
     );
     responder.echo = echo;
-    responder.reasoning = reasoning;
+    responder.parsing = parsing;
     if gen.stream {
         Ok(responder.stream(rx, gen.include_usage))
     } else {
@@ -290,7 +316,7 @@ async fn completions_inner(
         &gen,
         logprobs,
         namespace,
-        None,
+        ChatParsing::default(),
     )
     .await
 }
@@ -375,6 +401,7 @@ pub async fn tokenize(State(st): State<Shared>, body: Result<Bytes, BytesRejecti
                         top_logprobs: None,
                         tools: None,
                         tool_choice: None,
+                        parallel_tool_calls: None,
                         response_format: None,
                         add_generation_prompt: None,
                     };

@@ -35,6 +35,40 @@ pub(crate) struct ChatMessageOut {
     /// With a reasoning parser: what the model wrote inside its think block.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+    /// The calls parsed from the reply (absent when there are none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// A tool call in OpenAI's shape; in a stream delta, `index` numbers it within its choice.
+#[derive(Debug, Serialize)]
+pub(crate) struct ToolCallOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCallOut,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct FunctionCallOut {
+    pub name: String,
+    pub arguments: String,
+}
+
+impl ToolCallOut {
+    pub(crate) fn new(call: crate::tools::ToolCall, index: Option<usize>) -> Self {
+        Self {
+            index,
+            id: call.id,
+            kind: "function",
+            function: FunctionCallOut {
+                name: call.name,
+                arguments: call.arguments,
+            },
+        }
+    }
 }
 
 /// A whole chat choice (`chat.completion`).
@@ -55,6 +89,8 @@ pub(crate) struct Delta {
     pub content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
 }
 
 /// A chat stream chunk's choice (`chat.completion.chunk`).
@@ -261,7 +297,7 @@ mod tests {
         let first = Delta {
             role: Some("assistant"),
             content: Some(String::new()),
-            reasoning_content: None,
+            ..Default::default()
         };
         assert_eq!(
             serde_json::to_value(first).unwrap(),

@@ -286,6 +286,11 @@ struct ServeArgs {
     /// mention `</think>`, none otherwise).
     #[arg(long, default_value = "auto")]
     reasoning_parser: arbor_server::reasoning::ReasoningParser,
+    /// How tool calls are read from chat replies: `hermes` (`<tool_call>` tags: Hermes, Qwen
+    /// 2.5/3), `llama3_json` (Llama 3.x's JSON), `mistral` (`[TOOL_CALLS]`), `none`, or `auto`
+    /// (the format the chat template writes calls in).
+    #[arg(long, default_value = "auto")]
+    tool_call_parser: arbor_server::tools::ToolCallParser,
     /// Publish prefix-cache changes as vLLM-format KV events on a ZeroMQ PUB socket bound here
     /// (e.g. tcp://*:5557), for KV-aware routers such as NVIDIA Dynamo's. The stream carries
     /// every cached prompt's token ids: bind it where only the router can reach it.
@@ -577,6 +582,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     config.max_prompt_tokens_per_request = a.max_prompt_tokens_per_request;
     config.metrics_public = a.metrics_public;
     config.reasoning_parser = a.reasoning_parser;
+    config.tool_call_parser = a.tool_call_parser;
     config.max_queue = a.max_queue;
     config.max_body_bytes = a.max_request_bytes;
     config.shutdown_timeout = std::time::Duration::from_secs_f64(a.shutdown_timeout);

@@ -10,10 +10,19 @@ use crate::error::{ModelError, Result};
 /// ChatML, used when a model ships no template (llama.cpp falls back to the same).
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
+/// A message as chat templates read it (transformers' shape): tool calls of an assistant
+/// turn as `[{"id", "type": "function", "function": {"name", "arguments": {...}}}]`, and a
+/// tool result's `tool_call_id` and `name`. Absent fields are left undefined for the template.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -21,6 +30,9 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
 }
@@ -69,6 +81,17 @@ impl ChatTemplate {
 
     /// Renders a conversation; `add_generation_prompt` appends the header of the assistant turn.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] with the request's tools (OpenAI's `tools` list, which is
+    /// transformers' shape too) in the template's `tools` variable; undefined when `None`.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         if messages.is_empty() {
             return Err(ModelError::Template("no messages to render".into()));
         }
@@ -76,13 +99,18 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| ModelError::Template(e.to_string()))?;
-        tmpl.render(minijinja::context! {
+        let base = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
-        })
-        .map_err(|e| ModelError::Template(format!("rendering failed: {e}")))
+        };
+        let ctx = match tools {
+            Some(tools) => minijinja::context! { tools => tools, ..base },
+            None => base,
+        };
+        tmpl.render(ctx)
+            .map_err(|e| ModelError::Template(format!("rendering failed: {e}")))
     }
 }
 
