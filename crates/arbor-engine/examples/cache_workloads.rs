@@ -115,6 +115,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> Request {
             ignore_eos: true,
             ..Default::default()
         },
+        constraint: None,
     }
 }
 

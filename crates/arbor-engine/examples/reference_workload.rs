@@ -85,6 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ignore_eos: true,
                 ..Default::default()
             },
+            constraint: None,
         };
         let done = engine.generate(req, |_| {})?;
         let line = serde_json::json!({

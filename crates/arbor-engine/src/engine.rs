@@ -371,6 +371,9 @@ impl Engine {
                 logprobs: req.logprobs,
             },
         );
+        let constraint = req
+            .constraint
+            .map(|f| (f.start(), vec![0u32; vocab.div_ceil(32)]));
         self.scheduler.waiting.push_back(Sequence {
             id,
             prompt_len: req.prompt.len(),
@@ -389,6 +392,7 @@ impl Engine {
                 first_token_at: None,
                 finished_at: None,
             },
+            constraint,
         });
         Ok(id)
     }
@@ -414,6 +418,21 @@ impl Engine {
         if plan.rows.is_empty() {
             return Ok((Vec::new(), stats));
         }
+        // Structured output: the tokens each constrained sampling row may draw. A constraint
+        // that fails fails its request alone (its row runs unconstrained; its token is dropped).
+        let mut constraint_errors: Vec<(usize, String)> = Vec::new();
+        for &(i, _) in &plan.rows {
+            let s = &mut self.scheduler.running[i];
+            let samples = s.kv.as_ref().is_some_and(|kv| kv.len() == s.tokens.len());
+            if let (Some((c, mask)), true) = (&mut s.constraint, samples) {
+                mask.fill(0);
+                let filled = catch_unwind(AssertUnwindSafe(|| c.allowed(mask)))
+                    .unwrap_or_else(|p| Err(panic_message(p.as_ref())));
+                if let Err(e) = filled {
+                    constraint_errors.push((i, format!("the output constraint failed: {e}")));
+                }
+            }
+        }
         let running = &self.scheduler.running;
         let rows: Vec<StepRow> = plan
             .rows
@@ -421,11 +440,18 @@ impl Engine {
             .map(|&(i, n)| {
                 let s = &running[i];
                 let slots = s.kv.as_ref().expect("running sequences hold KV").slots();
+                let sample = slots.len() == s.tokens.len();
+                let failed = constraint_errors.iter().any(|(j, _)| *j == i);
                 StepRow {
                     seq: s.id,
                     tokens: &s.tokens[slots.len() - n..slots.len()],
                     slots,
-                    sample: slots.len() == s.tokens.len(),
+                    sample,
+                    allowed: s
+                        .constraint
+                        .as_ref()
+                        .filter(|_| sample && !failed)
+                        .map(|(_, mask)| mask.as_slice()),
                 }
             })
             .collect();
@@ -471,11 +497,30 @@ impl Engine {
         let faults = self.config.fault_injector.as_ref();
         for (i, outcome) in sampling.into_iter().zip(output.sampled) {
             let s = &mut self.scheduler.running[i];
-            // A fault while handling one request (sampling, detokenizing, a stop check) ends
-            // that request with an error; the others in the step go on.
+            let outcome = match constraint_errors.iter().position(|(j, _)| *j == i) {
+                Some(k) => Err(constraint_errors.swap_remove(k).1),
+                None => outcome,
+            };
+            // A fault while handling one request (sampling, detokenizing, a stop check, its
+            // constraint) ends that request with an error; the others in the step go on.
             let outcome = outcome.and_then(|sampled| {
                 catch_unwind(AssertUnwindSafe(|| {
-                    advance_with_token(s, &self.tokenizer, sampled.token, sampled.logprob, faults)
+                    if let Some((c, _)) = &mut s.constraint {
+                        c.accept(sampled.token).map_err(|e| {
+                            format!("the output constraint refused token {}: {e}", sampled.token)
+                        })?;
+                    }
+                    let (event, end) = advance_with_token(
+                        s,
+                        &self.tokenizer,
+                        sampled.token,
+                        sampled.logprob,
+                        faults,
+                    )?;
+                    // A complete constraint ends the request (nothing else may follow).
+                    let finished = s.constraint.as_ref().is_some_and(|(c, _)| c.is_finished());
+                    let end = end.or(finished.then_some((FinishReason::Stop, Flush::Release)));
+                    Ok((event, end))
                 }))
                 .unwrap_or_else(|p| {
                     Err(format!(

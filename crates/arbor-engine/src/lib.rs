@@ -28,5 +28,6 @@ pub use engine::{
 };
 pub use error::EngineError;
 pub use request::{
-    Completion, Event, FinishReason, Request, RequestId, StopConditions, Timing, Usage,
+    Completion, Constraint, ConstraintFactory, Event, FinishReason, Request, RequestId,
+    StopConditions, Timing, Usage,
 };

@@ -23,6 +23,25 @@ pub struct StopConditions {
     pub ignore_eos: bool,
 }
 
+/// A constraint on what a sequence may generate (structured output): it says which tokens may
+/// come next and follows the tokens drawn. The engine asks it before every sampling step of
+/// its sequence and feeds it every token.
+pub trait Constraint: Send + std::fmt::Debug {
+    /// Writes the tokens allowed next into `allowed` (bit `t % 32` of word `t / 32`; the
+    /// vector is the vocabulary's size in words, zeroed). An error fails the request.
+    fn allowed(&mut self, allowed: &mut [u32]) -> Result<(), String>;
+    /// Takes the token drawn. An error (a token the constraint did not allow) fails the
+    /// request.
+    fn accept(&mut self, token: u32) -> Result<(), String>;
+    /// Nothing may follow: the request ends as stopped.
+    fn is_finished(&self) -> bool;
+}
+
+/// Makes a request's constraints: one per sequence (each choice of `n` follows its own).
+pub trait ConstraintFactory: Send + Sync + std::fmt::Debug {
+    fn start(&self) -> Box<dyn Constraint>;
+}
+
 #[derive(Debug, Clone)]
 pub struct Request {
     pub prompt: Vec<u32>,
@@ -33,6 +52,8 @@ pub struct Request {
     /// Report each generated token's log-probability and this many most likely alternatives
     /// (`None`: no log-probabilities).
     pub logprobs: Option<usize>,
+    /// Structured output: what the generated tokens must follow (`None`: anything).
+    pub constraint: Option<std::sync::Arc<dyn ConstraintFactory>>,
 }
 
 impl Request {
@@ -47,6 +68,7 @@ impl Request {
                 ..Default::default()
             },
             logprobs: None,
+            constraint: None,
         }
     }
 }

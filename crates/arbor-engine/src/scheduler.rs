@@ -72,6 +72,9 @@ pub(crate) struct Sequence {
     pub decoder: IncrementalDecoder,
     pub matcher: StopMatcher,
     pub timing: Timing,
+    /// Structured output: the constraint, and the buffer its allowed tokens are written to
+    /// before each sampling step.
+    pub constraint: Option<(Box<dyn crate::request::Constraint>, Vec<u32>)>,
 }
 
 impl Sequence {

@@ -57,6 +57,7 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
             max_tokens,
             ..Default::default()
         },
+        constraint: None,
     }
 }
 
@@ -631,6 +632,7 @@ fn parallel_sampling_gives_the_tokens_of_sequential_sampling() {
             min_tokens: 4,
             ..Default::default()
         },
+        constraint: None,
     };
     let s = shared();
     let cfg = EngineConfig {

@@ -270,18 +270,62 @@ impl SampleBatch {
 }
 
 impl SampleBatch {
-    /// A row for a registered sequence: its parameters and state.
-    pub fn push_seq(&mut self, logit_row: usize, state: &SeqSamplingState, top_n: Option<usize>) {
+    /// A row for a registered sequence: its parameters and state; `allowed` (a
+    /// `StepRow::allowed` mask over `vocab` tokens) bans every token it leaves out.
+    pub fn push_seq(
+        &mut self,
+        logit_row: usize,
+        state: &SeqSamplingState,
+        top_n: Option<usize>,
+        allowed: Option<(&[u32], usize)>,
+    ) {
         let adjust = state.adjustments();
-        self.push(
-            logit_row,
-            &state.params,
-            state.seed,
-            state.draws,
-            top_n,
-            adjust,
-        );
+        match allowed {
+            None => self.push(
+                logit_row,
+                &state.params,
+                state.seed,
+                state.draws,
+                top_n,
+                adjust,
+            ),
+            Some((mask, vocab)) => self.push(
+                logit_row,
+                &state.params,
+                state.seed,
+                state.draws,
+                top_n,
+                with_mask(adjust, mask, vocab),
+            ),
+        }
     }
+}
+
+/// `adjust` (in token order, each token once) with every token `mask` leaves out banned: the
+/// merged list is still in token order with each token once.
+fn with_mask<'a>(
+    adjust: impl Iterator<Item = Adjust> + 'a,
+    mask: &'a [u32],
+    vocab: usize,
+) -> impl Iterator<Item = Adjust> + 'a {
+    let mut adjust = adjust.peekable();
+    (0..vocab as u32).filter_map(move |token| {
+        let own = adjust.next_if(|a| a.token == token);
+        if crate::runner::mask_allows(mask, token) {
+            own
+        } else {
+            Some(Adjust {
+                banned: true,
+                ..own.unwrap_or(Adjust {
+                    token,
+                    bias: 0.0,
+                    repetition: false,
+                    subtract: 0.0,
+                    banned: true,
+                })
+            })
+        }
+    })
 }
 
 #[cfg(test)]
@@ -420,5 +464,40 @@ mod tests {
         );
         b.clear();
         assert!(b.is_empty() && b.row_words().is_empty() && b.adjust_words().is_empty());
+    }
+
+    /// A mask bans exactly the tokens it leaves out, merged into the sequence's own
+    /// adjustments: token order, each token once, the allowed tokens' own entries kept, and
+    /// applying them gives the CPU's masked logits (banned: minus infinity).
+    #[test]
+    fn a_mask_bans_what_it_leaves_out_and_keeps_the_rest() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for case in sampler_cases(1000, 3) {
+            let state = state_of(&case);
+            let vocab = case.logits.len();
+            let mask: Vec<u32> = (0..vocab.div_ceil(32)).map(|_| rng.random()).collect();
+            let own: Vec<Adjust> = state.adjustments().collect();
+            let merged: Vec<Adjust> = with_mask(state.adjustments(), &mask, vocab).collect();
+            assert!(
+                merged.windows(2).all(|w| w[0].token < w[1].token),
+                "token order"
+            );
+            for t in 0..vocab as u32 {
+                let allowed = crate::runner::mask_allows(&mask, t);
+                let m = merged.iter().find(|a| a.token == t);
+                let o = own.iter().find(|a| a.token == t);
+                if allowed {
+                    assert_eq!(m, o, "token {t}: its own adjustment, unchanged");
+                } else {
+                    assert!(m.is_some_and(|a| a.banned), "token {t} banned");
+                }
+                let raw = case.logits[t as usize];
+                let got = m.map_or(raw, |a| a.apply(raw, state.params.repetition_penalty));
+                if !allowed {
+                    assert_eq!(got, f32::NEG_INFINITY);
+                }
+            }
+        }
     }
 }

@@ -237,11 +237,28 @@ impl<'de> Deserialize<'de> for MessageContent {
     }
 }
 
-/// `response_format`: only its type matters here.
+/// `response_format`: `text`, `json_object`, or `json_schema` with the schema.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ResponseFormat {
     #[serde(rename = "type")]
     pub kind: Option<String>,
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    pub schema: Option<serde_json::Value>,
+    pub strict: Option<bool>,
+}
+
+/// What a reply must be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputFormat {
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    JsonSchema(serde_json::Value),
 }
 
 /// A /v1/completions prompt as read: text, token ids, or lists of either (at most
@@ -524,15 +541,6 @@ impl ChatFields {
                 "`messages` must contain at least one message.",
             ));
         }
-        if let Some(rf) = &self.response_format {
-            let kind = rf.kind.as_deref().unwrap_or("");
-            if kind != "text" {
-                return Err(ApiError::invalid_param(
-                    "response_format",
-                    format!("response_format type `{kind}` is not supported; only `text` is."),
-                ));
-            }
-        }
         self.messages
             .iter()
             .enumerate()
@@ -666,6 +674,38 @@ impl ChatFields {
         Ok((Some(list), choice))
     }
 
+    /// The reply format asked for in `response_format`.
+    pub fn output_format(&self) -> Result<OutputFormat, ApiError> {
+        let Some(rf) = &self.response_format else {
+            return Ok(OutputFormat::Text);
+        };
+        match rf.kind.as_deref() {
+            Some("text") => Ok(OutputFormat::Text),
+            Some("json_object") => Ok(OutputFormat::JsonObject),
+            Some("json_schema") => {
+                let schema = rf.json_schema.as_ref().and_then(|j| j.schema.clone());
+                match schema {
+                    Some(s) if s.is_object() || s.is_boolean() => Ok(OutputFormat::JsonSchema(s)),
+                    Some(_) => Err(ApiError::invalid_param(
+                        "response_format.json_schema.schema",
+                        "response_format.json_schema.schema must be a JSON Schema (an object).",
+                    )),
+                    None => Err(ApiError::invalid_param(
+                        "response_format.json_schema",
+                        "response_format type `json_schema` needs `json_schema.schema`.",
+                    )),
+                }
+            }
+            other => Err(ApiError::invalid_param(
+                "response_format.type",
+                format!(
+                    "response_format.type is `text`, `json_object` or `json_schema`, not {:?}.",
+                    other.unwrap_or("")
+                ),
+            )),
+        }
+    }
+
     /// `top_logprobs` when `logprobs` is on.
     pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
         let top = match self.top_logprobs {
@@ -793,6 +833,8 @@ pub struct Generation {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    /// Structured output (set from `response_format` by the chat endpoint).
+    pub constraint: Option<Arc<dyn arbor_engine::ConstraintFactory>>,
 }
 
 fn range_f32(name: &str, v: Option<f64>, lo: f64, hi: f64, default: f32) -> Result<f32, ApiError> {
@@ -955,6 +997,7 @@ impl CommonFields {
                 .as_ref()
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
+            constraint: None,
         })
     }
 }

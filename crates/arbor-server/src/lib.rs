@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod reasoning;
 mod responder;
 mod routes;
+pub mod structured;
 pub mod tenancy;
 pub mod tools;
 mod wire;
@@ -136,6 +137,8 @@ pub struct AppState {
     pub reasoning: Option<reasoning::ReasoningParser>,
     /// The tool-call format in force (`None`: requests with tools need `tool_choice: none`).
     pub tools: Option<tools::ToolCallParser>,
+    /// Constrained decoding for `response_format` (built on first use).
+    pub structured: structured::Structured,
 }
 
 impl AppState {
@@ -167,6 +170,7 @@ impl AppState {
     ) -> Arc<Self> {
         let metrics = Arc::new(Metrics::default());
         let tokenizer = Arc::new(engine.tokenizer().clone());
+        let structured_tokenizer = tokenizer.clone();
         let context = engine.model_config().max_position_embeddings;
         let vocab = engine.model_config().vocab_size;
         let kv_slots = engine.runner().kv_slots();
@@ -193,6 +197,7 @@ impl AppState {
             tokenizer,
             reasoning: config.reasoning_parser.resolve(template.source()),
             tools: config.tool_call_parser.resolve(template.source()),
+            structured: structured::Structured::new(structured_tokenizer, vocab),
             template: Arc::new(template),
             metrics,
             tenancy: Tenancy::new(config.api_keys.clone()),

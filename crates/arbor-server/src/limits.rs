@@ -123,6 +123,7 @@ pub(crate) fn engine_requests(
                 sampling,
                 stop,
                 logprobs,
+                constraint: gen.constraint.clone(),
             });
         }
     }

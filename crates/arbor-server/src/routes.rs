@@ -23,7 +23,8 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::api::{
-    self, ChatFields, CommonFields, CompletionFields, Generation, MessageIn, PromptIn, ToolChoice,
+    self, ChatFields, CommonFields, CompletionFields, Generation, MessageIn, OutputFormat,
+    PromptIn, ToolChoice,
 };
 use crate::error::ApiError;
 use crate::limits::{check_prompt_tokens, check_sequences, check_text_bytes, engine_requests};
@@ -120,34 +121,83 @@ async fn chat_inner(
     caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (fields, gen, namespace) = parse_generation::<ChatFields>(&st, &caller, body)?;
+    let (fields, mut gen, namespace) = parse_generation::<ChatFields>(&st, &caller, body)?;
     let logprobs = fields.logprobs()?;
     let messages = fields.messages()?;
+    let format = fields.output_format()?;
     let (tools, choice) = fields.tools()?;
-    let tool_parser = match choice {
-        ToolChoice::None => None,
-        ToolChoice::Auto => Some(st.tools.ok_or_else(|| {
+    let tool_format = || {
+        st.tools.ok_or_else(|| {
             ApiError::invalid_param(
                 "tools",
                 "This model's chat template shows no tool-call format, so calls cannot be read \
                  from its replies: start the server with --tool-call-parser hermes, llama3_json \
                  or mistral, or send tool_choice \"none\".",
             )
-        })?),
+        })
+    };
+    let parallel = fields.parallel_tool_calls.unwrap_or(true);
+    // `required` and a named function are enforced: the reply must be calls (of that one).
+    let (tool_parser, forced_calls) = match &choice {
+        ToolChoice::None => (None, None),
+        ToolChoice::Auto => (Some(tool_format()?), None),
         ToolChoice::Required | ToolChoice::Named(_) => {
-            return Err(ApiError::invalid_param(
-                "tool_choice",
-                "tool_choice `required` and named functions need constrained decoding, which \
-                 this server does not have yet; send `auto` (the model decides) instead.",
-            ))
+            let format = tool_format()?;
+            let listed: Vec<(String, Option<Value>)> = fields
+                .tools
+                .iter()
+                .flat_map(|t| &t.0)
+                .filter(|t| match &choice {
+                    ToolChoice::Named(name) => &t.function.name == name,
+                    _ => true,
+                })
+                .map(|t| (t.function.name.clone(), t.function.parameters.clone()))
+                .collect();
+            let several = parallel && choice == ToolChoice::Required;
+            let grammar = crate::tools::forced_calls_grammar(format, &listed, several);
+            (Some(format), Some(grammar))
         }
     };
+    if forced_calls.is_some() && format != OutputFormat::Text {
+        return Err(ApiError::invalid_param(
+            "response_format",
+            "response_format cannot be combined with tool_choice `required` or a named \
+             function: the reply is the calls.",
+        ));
+    }
     let parsing = ChatParsing {
         reasoning: None,
-        tools: tool_parser.map(|p| (p, fields.parallel_tool_calls.unwrap_or(true))),
+        tools: tool_parser.map(|p| (p, parallel)),
     };
     check_sequences(&st, 1, gen.n)?;
     let add_generation_prompt = fields.add_generation_prompt.unwrap_or(true);
+    if format != OutputFormat::Text || forced_calls.is_some() {
+        // Compiling a schema can take a while: off the async threads.
+        let worker = st.clone();
+        gen.constraint = Some(
+            blocking(move || match (&format, forced_calls) {
+                (_, Some(grammar)) => worker.structured.lark(&grammar).map_err(|e| {
+                    ApiError::invalid_param(
+                        "tools",
+                        format!("The tools' parameter schemas cannot be enforced: {e}"),
+                    )
+                }),
+                (format, None) => {
+                    let schema = match format {
+                        OutputFormat::JsonSchema(s) => Some(s),
+                        _ => None,
+                    };
+                    worker.structured.json(schema).map_err(|e| {
+                        ApiError::invalid_param(
+                            "response_format",
+                            format!("The response format cannot be used: {e}"),
+                        )
+                    })
+                }
+            })
+            .await?,
+        );
+    }
     let worker = st.clone();
     let (prompt, opens_think) = blocking(move || {
         let text = worker

@@ -350,6 +350,51 @@ fn partial_suffix(text: &str, tag: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// A Lark grammar (llguidance's dialect) for replies that are nothing but calls in `format`
+/// of the tools given as `(name, parameters schema)`: what `tool_choice: "required"` (any of
+/// them) and a named function (a list of one) enforce. `parallel` allows several calls.
+pub fn forced_calls_grammar(
+    format: ToolCallParser,
+    tools: &[(String, Option<Value>)],
+    parallel: bool,
+) -> String {
+    let args_key = if format == ToolCallParser::Llama3Json {
+        "parameters"
+    } else {
+        "arguments"
+    };
+    let any_of: Vec<Value> = tools
+        .iter()
+        .map(|(name, params)| {
+            serde_json::json!({
+                "type": "object",
+                "properties": {
+                    "name": {"const": name},
+                    args_key: params.clone().unwrap_or_else(|| serde_json::json!({"type": "object"})),
+                },
+                "required": ["name", args_key],
+                "additionalProperties": false,
+            })
+        })
+        .collect();
+    let call = crate::structured::bounded_whitespace(serde_json::json!({"anyOf": any_of}));
+    let (one, sep, open, close) = match format {
+        ToolCallParser::Llama3Json => ("call", "\"; \"", "", ""),
+        ToolCallParser::Mistral => ("call", "\", \"", "\"[\" ", " \"]\""),
+        _ => ("tagged", "\"\\n\"", "", ""),
+    };
+    let body = if parallel {
+        format!("{one} ({sep} {one})*")
+    } else {
+        one.to_string()
+    };
+    format!(
+        "start: {open}{body}{close}\n\
+         tagged: \"{HERMES_OPEN}\\n\" call \"\\n{HERMES_CLOSE}\"\n\
+         call: %json {call}\n"
+    )
+}
+
 /// `{"name": ..., "arguments": {...}}` (or `"parameters"`), as a call.
 fn parse_call(body: &str) -> Option<ToolCall> {
     let v: Value = serde_json::from_str(body).ok()?;

@@ -469,6 +469,7 @@ fn generate(mut a: GenerateArgs) -> Result<()> {
         prompt: prompt_ids,
         sampling: a.sampling.params(),
         stop: a.sampling.stop(),
+        constraint: None,
     };
     let mut out = std::io::stdout();
     let done = engine.generate(req, |t| {
@@ -531,6 +532,7 @@ fn chat(a: ChatArgs) -> Result<()> {
             prompt,
             sampling: a.sampling.params(),
             stop: a.sampling.stop(),
+            constraint: None,
         };
         match engine.generate(req, |t| {
             let _ = out.write_all(t.as_bytes());

@@ -39,10 +39,21 @@ pub struct EngineBenchArgs {
     /// Nucleus sampling of the decode requests (1: off).
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
+    /// Run every decode batch twice, the second time with each sequence constrained to a
+    /// JSON schema (structured output: a long array of small objects), and report the
+    /// constraint's cost per step.
+    #[arg(long)]
+    pub constrained: bool,
     /// Write the results as JSON here too.
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
+
+/// The schema of `--constrained`: objects with an integer and a short string, at least 10,000
+/// of them, so end of sequence is never allowed within a run.
+const BENCH_SCHEMA: &str = r#"{"type": "array", "minItems": 10000, "items": {"type": "object",
+  "properties": {"id": {"type": "integer"}, "name": {"type": "string", "maxLength": 16}},
+  "required": ["id", "name"], "additionalProperties": false}}"#;
 
 /// Parameters read per decode step: every layer's weights and the LM head (the embedding is
 /// a lookup).
@@ -94,21 +105,40 @@ pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
         weight_params(&cfg) / 1e9,
         weight_bytes / 1e9
     );
-    let runs: Vec<(usize, usize)> = a
+    let constraint = if a.constrained {
+        let structured = arbor_server::structured::Structured::new(
+            std::sync::Arc::new(engine.tokenizer().clone()),
+            vocab,
+        );
+        let schema: serde_json::Value = serde_json::from_str(BENCH_SCHEMA)?;
+        Some(structured.json(Some(&schema)).map_err(anyhow::Error::msg)?)
+    } else {
+        None
+    };
+    let modes: &[bool] = if a.constrained {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    let runs: Vec<(usize, usize, bool)> = a
         .context
         .iter()
-        .flat_map(|&c| a.batch.iter().map(move |&b| (c, b)))
+        .flat_map(|&c| {
+            a.batch
+                .iter()
+                .flat_map(move |&b| modes.iter().map(move |&m| (c, b, m)))
+        })
         .collect();
-    for (context, b) in runs {
+    for (context, b, constrained) in runs {
         if b == 0 {
             continue;
         }
         for _ in 0..b {
-            engine.add_request(bench_request(
-                prompt(&mut rng, context, vocab),
-                a.decode_tokens,
-                &a,
-            ))?;
+            let mut r = bench_request(prompt(&mut rng, context, vocab), a.decode_tokens, &a);
+            if constrained {
+                r.constraint = constraint.clone();
+            }
+            engine.add_request(r)?;
         }
         let (mut steps, mut time, mut forward) = (0usize, 0.0f64, 0.0f64);
         let mut warm = 0;
@@ -161,6 +191,7 @@ pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
         let roofline_step = (weight_bytes + kv_bytes) / (a.bandwidth_gbs * 1e9);
         let r = json!({
             "test": "decode", "batch": b, "context": context, "steps": steps,
+            "constrained": constrained,
             "step_ms": step_s * 1e3, "forward_ms": forward_s * 1e3,
             "tokens_per_s": b as f64 / step_s,
             "per_sequence_tokens_per_s": 1.0 / step_s,
@@ -168,8 +199,9 @@ pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
             "fraction_of_roofline": roofline_step / step_s,
         });
         eprintln!(
-            "decode batch {b:>3} at {} tokens: {:.2} ms/step ({:.2} in the forward pass), {:.1} tok/s ({:.1} per sequence); bandwidth roofline {:.2} ms/step ({:.0}% of it)",
+            "decode batch {b:>3} at {} tokens{}: {:.2} ms/step ({:.2} in the forward pass), {:.1} tok/s ({:.1} per sequence); bandwidth roofline {:.2} ms/step ({:.0}% of it)",
             context,
+            if constrained { ", JSON-constrained" } else { "" },
             step_s * 1e3,
             forward_s * 1e3,
             b as f64 / step_s,

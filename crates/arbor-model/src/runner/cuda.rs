@@ -142,6 +142,7 @@ impl ModelRunner for CudaRunner {
         // One outcome per sampling row; rows that reach the GPU are filled in after it.
         let mut outcomes: Vec<Option<RowOutcome>> = Vec::new();
         let mut launched: Vec<(usize, SeqId)> = Vec::new();
+        let vocab = self.backend.config().vocab_size;
         self.batch.clear();
         for (logit_row, r) in rows.iter().filter(|r| r.sample).enumerate() {
             let Some(state) = self.seqs.get(&r.seq) else {
@@ -165,8 +166,12 @@ impl ModelRunner for CudaRunner {
                     continue;
                 }
             }
-            self.batch
-                .push_seq(logit_row, &state.state, state.spec.logprobs);
+            self.batch.push_seq(
+                logit_row,
+                &state.state,
+                state.spec.logprobs,
+                r.allowed.map(|m| (m, vocab)),
+            );
             launched.push((outcomes.len(), r.seq));
             outcomes.push(None);
         }

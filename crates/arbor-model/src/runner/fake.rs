@@ -228,6 +228,7 @@ mod tests {
                 tokens: &prompt[..2],
                 slots: &slots[..2],
                 sample: false,
+                allowed: None,
             }])
             .unwrap();
         assert!(out.sampled.is_empty());
@@ -237,6 +238,7 @@ mod tests {
                 tokens: &prompt[2..],
                 slots: &slots,
                 sample: true,
+                allowed: None,
             }])
             .unwrap();
         assert_eq!(out.sampled[0].as_ref().unwrap().token, want);
@@ -252,6 +254,7 @@ mod tests {
             tokens: &[1],
             slots: &[999, 5],
             sample: true,
+            allowed: None,
         }]);
         assert!(e
             .unwrap_err()

@@ -45,7 +45,7 @@ struct SeqSampling {
 impl SeqSampling {
     /// The next token: penalties, bans (stop tokens before `min_tokens`), the draw, and the
     /// log-probabilities of the raw distribution when asked for.
-    fn sample(&mut self, mut row: Vec<f32>) -> Sampled {
+    fn sample(&mut self, mut row: Vec<f32>, allowed: Option<&[u32]>) -> Sampled {
         let banned: &[u32] = if self.generated < self.spec.min_tokens {
             &self.spec.banned_before_min
         } else {
@@ -53,6 +53,13 @@ impl SeqSampling {
         };
         // Log-probabilities come from the raw distribution: keep it until the token is known.
         let raw = self.spec.logprobs.map(|_| row.clone());
+        if let Some(mask) = allowed {
+            for (t, l) in row.iter_mut().enumerate() {
+                if !super::mask_allows(mask, t as u32) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         let token = self.sampler.sample(&mut row, banned);
         self.sampler.observe(token);
         self.generated += 1;
@@ -62,14 +69,19 @@ impl SeqSampling {
     }
 
     /// [`SeqSampling::sample`] behind the fault hook and a panic boundary.
-    fn sample_isolated(&mut self, row: Vec<f32>, faults: Option<&FaultInjector>) -> RowOutcome {
+    fn sample_isolated(
+        &mut self,
+        row: Vec<f32>,
+        allowed: Option<&[u32]>,
+        faults: Option<&FaultInjector>,
+    ) -> RowOutcome {
         catch_unwind(AssertUnwindSafe(|| {
             if let Some(f) = faults {
                 (f.0)(FaultSite::Sample {
                     prompt: &self.spec.prompt,
                 });
             }
-            self.sample(row)
+            self.sample(row, allowed)
         }))
         .map_err(|p| format!("sampling failed: {}", panic_message(p.as_ref())))
     }
@@ -108,16 +120,17 @@ impl<B: LogitsBackend> HostSampledRunner<B> {
     /// map for the step (a step names distinct sequences) and go back after: the work is
     /// per row, never per registered sequence.
     fn sample_rows(&mut self, rows: &[StepRow], logits: Vec<Vec<f32>>) -> Vec<RowOutcome> {
-        let work: Vec<(SeqId, Option<SeqSampling>, Vec<f32>)> = rows
+        type Work<'m> = (SeqId, Option<SeqSampling>, Vec<f32>, Option<&'m [u32]>);
+        let work: Vec<Work> = rows
             .iter()
             .filter(|r| r.sample)
             .zip(logits)
-            .map(|(r, row)| (r.seq, self.seqs.remove(&r.seq), row))
+            .map(|(r, row)| (r.seq, self.seqs.remove(&r.seq), row, r.allowed))
             .collect();
         let faults = self.faults.as_ref();
-        let one = |(seq, mut state, row): (SeqId, Option<SeqSampling>, Vec<f32>)| {
+        let one = |(seq, mut state, row, allowed): Work| {
             let outcome = match state.as_mut() {
-                Some(s) => s.sample_isolated(row, faults),
+                Some(s) => s.sample_isolated(row, allowed, faults),
                 None => Err(format!("sequence {seq} was never added to the runner")),
             };
             (seq, state, outcome)

@@ -70,6 +70,16 @@ pub struct StepRow<'a> {
     /// Whether the last new token is the last known one, so the next token is sampled (a
     /// prefill chunk that is not the prompt's last computes K/V only).
     pub sample: bool,
+    /// When sampling under a constraint (structured output): the tokens that may be drawn,
+    /// bit `t % 32` of word `t / 32` for token `t`. Every other token is banned, as a stop
+    /// token before `min_tokens` is; log-probabilities still describe the raw distribution.
+    pub allowed: Option<&'a [u32]>,
+}
+
+/// Whether `token` is set in an [`StepRow::allowed`] mask.
+pub fn mask_allows(mask: &[u32], token: u32) -> bool {
+    mask.get(token as usize / 32)
+        .is_some_and(|w| w >> (token % 32) & 1 == 1)
 }
 
 impl StepRow<'_> {

@@ -181,6 +181,19 @@ impl Tokenizer {
             .unwrap_or_else(|| text.into_bytes())
     }
 
+    /// Ids of the special (control) tokens: `<|im_start|>`, `<|eot_id|>`, ...
+    pub fn special_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .inner
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
