@@ -261,7 +261,8 @@ impl SampleBatch {
             draw as u32,
             (draw >> 32) as u32,
             logit_row as u32,
-            0,
+            // The row's token mask, in words into the adjustment region (none).
+            u32::MAX,
             0,
             0,
         ]);
@@ -279,53 +280,32 @@ impl SampleBatch {
         top_n: Option<usize>,
         allowed: Option<(&[u32], usize)>,
     ) {
-        let adjust = state.adjustments();
-        match allowed {
-            None => self.push(
-                logit_row,
-                &state.params,
-                state.seed,
-                state.draws,
-                top_n,
-                adjust,
-            ),
-            Some((mask, vocab)) => self.push(
-                logit_row,
-                &state.params,
-                state.seed,
-                state.draws,
-                top_n,
-                with_mask(adjust, mask, vocab),
-            ),
+        self.push(
+            logit_row,
+            &state.params,
+            state.seed,
+            state.draws,
+            top_n,
+            state.adjustments(),
+        );
+        if let Some((mask, vocab)) = allowed {
+            self.push_mask(mask, vocab);
         }
     }
-}
 
-/// `adjust` (in token order, each token once) with every token `mask` leaves out banned: the
-/// merged list is still in token order with each token once.
-fn with_mask<'a>(
-    adjust: impl Iterator<Item = Adjust> + 'a,
-    mask: &'a [u32],
-    vocab: usize,
-) -> impl Iterator<Item = Adjust> + 'a {
-    let mut adjust = adjust.peekable();
-    (0..vocab as u32).filter_map(move |token| {
-        let own = adjust.next_if(|a| a.token == token);
-        if crate::runner::mask_allows(mask, token) {
-            own
-        } else {
-            Some(Adjust {
-                banned: true,
-                ..own.unwrap_or(Adjust {
-                    token,
-                    bias: 0.0,
-                    repetition: false,
-                    subtract: 0.0,
-                    banned: true,
-                })
-            })
-        }
-    })
+    /// Restricts the last row pushed to the tokens `mask` allows (bit `t % 32` of word
+    /// `t / 32`), as if every other token were banned: the kernel reads the mask's
+    /// `vocab.div_ceil(32)` words from the adjustment region, where the row's word 13 says
+    /// (`u32::MAX`: no mask), padded to whole entries so later rows' entries stay aligned.
+    pub fn push_mask(&mut self, mask: &[u32], vocab: usize) {
+        let row = self.rows.len() - ROW_WORDS;
+        self.rows[row + 13] = self.adjust.len() as u32;
+        let words = vocab.div_ceil(32);
+        self.adjust
+            .extend((0..words).map(|i| mask.get(i).copied().unwrap_or(0)));
+        let padded = self.adjust.len().next_multiple_of(ADJUST_WORDS);
+        self.adjust.resize(padded, 0);
+    }
 }
 
 #[cfg(test)]
@@ -466,38 +446,41 @@ mod tests {
         assert!(b.is_empty() && b.row_words().is_empty() && b.adjust_words().is_empty());
     }
 
-    /// A mask bans exactly the tokens it leaves out, merged into the sequence's own
-    /// adjustments: token order, each token once, the allowed tokens' own entries kept, and
-    /// applying them gives the CPU's masked logits (banned: minus infinity).
+    /// A mask travels as bits after the row's own entries, whole entries long, and the next
+    /// row's entries start after it; rows without one say so.
     #[test]
-    fn a_mask_bans_what_it_leaves_out_and_keeps_the_rest() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        for case in sampler_cases(1000, 3) {
-            let state = state_of(&case);
-            let vocab = case.logits.len();
-            let mask: Vec<u32> = (0..vocab.div_ceil(32)).map(|_| rng.random()).collect();
-            let own: Vec<Adjust> = state.adjustments().collect();
-            let merged: Vec<Adjust> = with_mask(state.adjustments(), &mask, vocab).collect();
-            assert!(
-                merged.windows(2).all(|w| w[0].token < w[1].token),
-                "token order"
-            );
-            for t in 0..vocab as u32 {
-                let allowed = crate::runner::mask_allows(&mask, t);
-                let m = merged.iter().find(|a| a.token == t);
-                let o = own.iter().find(|a| a.token == t);
-                if allowed {
-                    assert_eq!(m, o, "token {t}: its own adjustment, unchanged");
-                } else {
-                    assert!(m.is_some_and(|a| a.banned), "token {t} banned");
-                }
-                let raw = case.logits[t as usize];
-                let got = m.map_or(raw, |a| a.apply(raw, state.params.repetition_penalty));
-                if !allowed {
-                    assert_eq!(got, f32::NEG_INFINITY);
-                }
-            }
-        }
+    fn a_mask_is_packed_after_its_rows_entries() {
+        let params = SamplingParams::default();
+        let adjust = |token| Adjust {
+            token,
+            bias: 1.0,
+            repetition: false,
+            subtract: 0.0,
+            banned: false,
+        };
+        let mut b = SampleBatch::default();
+        b.push(0, &params, 1, 0, None, [adjust(3)]);
+        let vocab = 70; // 3 words of mask, padded to 4
+        b.push_mask(&[0xFFFF_0000, 0x1, 0x8000_0000, 0xDEAD], vocab);
+        b.push(1, &params, 1, 0, None, [adjust(4), adjust(5)]);
+        let r = b.row_words();
+        assert_eq!(
+            r[13], ADJUST_WORDS as u32,
+            "the mask follows row 0's one entry"
+        );
+        assert_eq!(r[ROW_WORDS + 13], u32::MAX, "row 1 has no mask");
+        let a = b.adjust_words();
+        assert_eq!(
+            &a[4..8],
+            &[0xFFFF_0000, 0x1, 0x8000_0000, 0],
+            "3 words, padded"
+        );
+        assert_eq!(
+            r[ROW_WORDS + 5],
+            2,
+            "row 1's entries start after the mask's entry"
+        );
+        assert_eq!(a[8], 4);
+        assert_eq!(a.len(), 4 * ADJUST_WORDS);
     }
 }

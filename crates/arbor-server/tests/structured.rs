@@ -5,28 +5,9 @@
 
 mod common;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use axum::Router;
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
-async fn post(app: &Router, body: Value) -> (StatusCode, String) {
-    let req = Request::post("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8(bytes.to_vec()).unwrap())
-}
-
-async fn post_json(app: &Router, body: Value) -> (StatusCode, Value) {
-    let (status, text) = post(app, body).await;
-    (status, serde_json::from_str(&text).unwrap())
-}
+use common::{post_chat as post, post_chat_json as post_json};
 
 fn ask(question: &str, extra: Value) -> Value {
     let mut body = json!({

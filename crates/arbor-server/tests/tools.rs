@@ -15,12 +15,8 @@ use arbor_model::runner::{ModelRunner, StepOutput, StepRow};
 use arbor_model::{ChatTemplate, DeviceSpec, RunnerOptions};
 use arbor_server::tools::ToolCallParser;
 use arbor_server::{router, AppState, ServerConfig};
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
 use axum::Router;
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 /// The real model, its sampled tokens replaced by `script` (then its last token forever).
 struct ScriptedRunner {
@@ -120,21 +116,7 @@ fn server(reply: &str, hermes: bool, parser: ToolCallParser) -> (Router, Arc<App
     (router(state.clone()), state)
 }
 
-async fn post(app: &Router, body: Value) -> (StatusCode, String) {
-    let req = Request::post("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8(bytes.to_vec()).unwrap())
-}
-
-async fn post_json(app: &Router, body: Value) -> (StatusCode, Value) {
-    let (status, text) = post(app, body).await;
-    (status, serde_json::from_str(&text).unwrap())
-}
+use common::{post_chat as post, post_chat_json as post_json};
 
 fn weather_tools() -> Value {
     json!([

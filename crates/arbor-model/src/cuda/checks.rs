@@ -291,6 +291,42 @@ pub fn sampler_checks(device: &Device, draws: usize) -> Result<serde_json::Value
     let logprobs_ok = worst_logprob < 1e-4 && top_mismatches == 0;
     failed += usize::from(mismatches > 0) + usize::from(!logprobs_ok);
 
+    // Structured output: the same rows under random token masks (a quarter of the tokens
+    // allowed, the unmasked argmax usually not among them) pick the CPU's masked argmax.
+    batch.clear();
+    let mut bits = 0x2545_F491_4F6C_DD1Du64;
+    let masks: Vec<Vec<u32>> = greedy
+        .iter()
+        .map(|_| {
+            (0..VOCAB.div_ceil(32))
+                .map(|_| {
+                    bits ^= bits << 13;
+                    bits ^= bits >> 7;
+                    bits ^= bits << 17;
+                    (bits as u32) & ((bits >> 32) as u32)
+                })
+                .collect()
+        })
+        .collect();
+    for (r, ((case, state), mask)) in greedy.iter().zip(&states).zip(&masks).enumerate() {
+        batch.push(r, &case.params, 0, 0, None, state.adjustments());
+        batch.push_mask(mask, VOCAB);
+    }
+    let got = sampler.sample(&logits, &batch)?;
+    let mut masked_mismatches = 0usize;
+    for ((case, mask), (token, _)) in greedy.iter().zip(&masks).zip(&got) {
+        let mut l = case.logits.clone();
+        for (t, v) in l.iter_mut().enumerate() {
+            if !crate::runner::mask_allows(mask, t as u32) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        let want = case.cpu_sampler().sample(&mut l, case.banned());
+        masked_mismatches +=
+            usize::from(*token != want || !crate::runner::mask_allows(mask, *token));
+    }
+    failed += usize::from(masked_mismatches > 0);
+
     // Speed: 64 rows of a 128k vocabulary, greedy and with top-p.
     let (rows, vocab) = (64, 128_256);
     let big = Tensor::randn(0f32, 3.0, (rows, vocab), device)?;
@@ -336,6 +372,7 @@ pub fn sampler_checks(device: &Device, draws: usize) -> Result<serde_json::Value
         "greedy": {"rows": greedy.len(), "mismatches": mismatches,
                    "top_logprob_id_mismatches": top_mismatches,
                    "worst_logprob_difference": worst_logprob},
+        "masked_greedy": {"rows": greedy.len(), "mismatches": masked_mismatches},
         "timing": timing,
         "failed": failed,
     }))

@@ -36,7 +36,9 @@ struct RowParams {  // 16 words, mirrored by cuda/sampler.rs
     uint32_t seed_lo, seed_hi;
     uint32_t draw_lo, draw_hi;  // the sequence's draw count: Philox counter
     uint32_t logit_row;         // row of the logits matrix
-    uint32_t pad[3];
+    uint32_t mask_start;        // the allowed-token bits, in words into the adjustment
+                                // region; 0xFFFFFFFF: no mask (structured output)
+    uint32_t pad[2];
 };
 
 struct Adjust {  // 4 words: one distinct token of one row
@@ -244,10 +246,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) arbor_sample(
         }
     }
 
-    // 2. Adjusted logits: a copy of the row, then each adjusted token once, in the CPU's
-    // order (bias, repetition, presence/frequency, ban). IEEE division: the fast-math build
+    // 2. Adjusted logits: a copy of the row (tokens a mask leaves out at -inf), then each
+    // adjusted token once, in the CPU's order (bias, repetition, presence/frequency, ban;
+    // a masked token stays -inf through all of them). IEEE division: the fast-math build
     // would round differently from the CPU and could flip a greedy near-tie.
-    for (int i = threadIdx.x; i < n; i += THREADS) w[i] = raw[i];
+    const uint32_t* mask =
+        p.mask_start == 0xFFFFFFFFu ? nullptr : packed + adjust_offset_words + p.mask_start;
+    for (int i = threadIdx.x; i < n; i += THREADS)
+        w[i] = (mask == nullptr || ((mask[i >> 5] >> (i & 31)) & 1u)) ? raw[i] : -INFINITY;
     __syncthreads();
     for (uint32_t e = threadIdx.x; e < p.adj_len; e += THREADS) {
         const Adjust a = adj[e];

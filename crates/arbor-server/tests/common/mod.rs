@@ -104,3 +104,25 @@ pub async fn open_long_stream(addr: std::net::SocketAddr) -> tokio::net::TcpStre
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     sock
 }
+
+/// POSTs a chat completion (unauthenticated): the status and the body's text.
+pub async fn post_chat(app: &Router, body: serde_json::Value) -> (axum::http::StatusCode, String) {
+    let req = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+/// [`post_chat`] with the body parsed as JSON.
+pub async fn post_chat_json(
+    app: &Router,
+    body: serde_json::Value,
+) -> (axum::http::StatusCode, serde_json::Value) {
+    let (status, text) = post_chat(app, body).await;
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    (status, v)
+}
