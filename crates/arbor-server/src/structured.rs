@@ -177,6 +177,13 @@ impl ConstraintFactory for GrammarFactory {
     }
 }
 
+/// An llguidance error's first line (the rest is a dump of the parser's state, no use to a
+/// client).
+fn first_line(e: &impl std::fmt::Display) -> String {
+    let text = e.to_string();
+    text.lines().next().unwrap_or_default().to_string()
+}
+
 struct GrammarConstraint {
     matcher: Matcher,
     eos: u32,
@@ -215,7 +222,9 @@ impl Constraint for GrammarConstraint {
         } else {
             token
         };
-        self.matcher.consume_token(token).map_err(|e| e.to_string())
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| first_line(&e))
     }
 
     fn is_finished(&self) -> bool {

@@ -248,11 +248,6 @@ async fn tools_and_earlier_calls_reach_the_template() {
 async fn tool_requests_that_cannot_be_served_are_400s() {
     let (app, _) = server(REPLY, true, ToolCallParser::Auto);
     for (extra, param) in [
-        (json!({"tool_choice": "required"}), "tool_choice"),
-        (
-            json!({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
-            "tool_choice",
-        ),
         (
             json!({"tool_choice": {"type": "function", "function": {"name": "nope"}}}),
             "tool_choice.function.name",
@@ -283,6 +278,18 @@ async fn tool_requests_that_cannot_be_served_are_400s() {
         assert_eq!(status, 400, "{extra}: {v}");
         assert_eq!(v["error"]["param"], param, "{extra}: {v}");
     }
+    // `required` is enforced by a grammar; this runner overrides the sampler, so its script
+    // breaks the grammar: that request fails alone, with a one-line reason, and the server
+    // goes on.
+    let (status, v) = post_json(&app, ask(json!({"tool_choice": "required"}))).await;
+    assert_eq!(status, 500, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("output constraint refused token") && !msg.contains('\n'),
+        "{msg}"
+    );
+    let (status, _) = post_json(&app, ask(json!({}))).await;
+    assert_eq!(status, 200);
     // The model's own template writes no tool calls: auto cannot parse them, none can serve.
     let (plain, _) = server(REPLY, false, ToolCallParser::Auto);
     let (status, v) = post_json(&plain, ask(json!({}))).await;
