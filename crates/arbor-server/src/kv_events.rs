@@ -239,7 +239,7 @@ async fn run(
         tokio::select! {
             batch = rx.recv() => {
                 let Some(batch) = batch else { break };
-                let payload = bytes::Bytes::from(encode_batch(&batch.ts, &batch.events, config.page_size));
+                let payload = bytes::Bytes::from(encode_batch(batch.ts, &batch.events, config.page_size));
                 let frames = vec![topic.clone(), bytes::Bytes::copy_from_slice(&seq.to_be_bytes()), payload.clone()];
                 let msg = ZmqMessage::try_from(frames).expect("three frames");
                 if let Err(e) = publ.send(msg).await {
@@ -308,7 +308,7 @@ async fn serve_replay(
 }
 
 /// vLLM's `KVEventBatch` in msgpack (see the module docs).
-pub fn encode_batch(ts: &f64, events: &[KvEvent], page_size: usize) -> Vec<u8> {
+pub fn encode_batch(ts: f64, events: &[KvEvent], page_size: usize) -> Vec<u8> {
     use rmp::encode::{write_array_len, write_f64, write_nil, write_str, write_uint};
     // Writing to a Vec cannot fail.
     fn ok<T, E: std::fmt::Debug>(r: Result<T, E>) {
@@ -317,7 +317,7 @@ pub fn encode_batch(ts: &f64, events: &[KvEvent], page_size: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + events.len() * 32);
     let w = &mut out;
     ok(write_array_len(w, 3));
-    ok(write_f64(w, *ts));
+    ok(write_f64(w, ts));
     ok(write_array_len(w, events.len() as u32));
     let hashes_of = |w: &mut Vec<u8>, hashes: &[u64]| {
         ok(write_array_len(w, hashes.len() as u32));

@@ -39,11 +39,11 @@ impl TokenizerEnv for TokenizerView {
     }
 }
 
-/// The bytes a token adds to the text: a byte-fallback piece is its byte, a SentencePiece
-/// piece has its `▁` as a space (decoding one token alone would drop it), others decode.
+/// The bytes a token adds to the text: a SentencePiece piece has its `▁` as a space
+/// (decoding one token alone would drop it); others are what `Tokenizer::token_bytes` says
+/// (byte-fallback pieces included).
 fn token_bytes(tokenizer: &Tokenizer, id: u32) -> Vec<u8> {
     match tokenizer.id_to_token(id) {
-        Some(piece) if piece.starts_with("<0x") && piece.len() == 6 => tokenizer.token_bytes(id),
         Some(piece) if piece.contains('\u{2581}') => piece.replace('\u{2581}', " ").into_bytes(),
         _ => tokenizer.token_bytes(id),
     }

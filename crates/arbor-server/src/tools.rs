@@ -75,17 +75,6 @@ impl ToolCallParser {
             p => Some(p),
         }
     }
-
-    /// vLLM's name for the format.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::Off => "none",
-            Self::Hermes => "hermes",
-            Self::Llama3Json => "llama3_json",
-            Self::Mistral => "mistral",
-        }
-    }
 }
 
 /// A parsed call: the function's name and its arguments as JSON text (OpenAI's shape).
