@@ -133,6 +133,8 @@ pub struct SlotUsage {
 pub struct StepStats {
     pub prefill_tokens: usize,
     pub decode_tokens: usize,
+    /// Of `prefill_tokens`, those computed for history warm-ups ([`Engine::warm_prefix`]).
+    pub warm_tokens: usize,
     /// Requests sent back to the queue for lack of KV memory.
     pub preempted: usize,
     /// Seconds spent in the model's forward pass (the rest of a step is scheduling, sampling
@@ -277,12 +279,113 @@ impl Engine {
     }
 
     pub fn has_work(&self) -> bool {
-        !self.scheduler.waiting.is_empty() || !self.scheduler.running.is_empty()
+        !self.scheduler.waiting.is_empty()
+            || !self.scheduler.running.is_empty()
+            || !self.scheduler.warming.is_empty()
+    }
+
+    /// Warm-ups queued or running (see [`Engine::warm_prefix`]).
+    pub fn warming_len(&self) -> usize {
+        self.scheduler.warming.len() + self.scheduler.running.iter().filter(|s| s.warm).count()
+    }
+
+    /// Computes `tokens` into the prefix cache of `namespace` when the engine has nothing
+    /// better to do: a history warm-up. Chat templates rewrite earlier turns when they render
+    /// the next request (reasoning dropped, separators added), so the KV cached while a reply
+    /// was generated stops matching where that reply starts; computing the history as the
+    /// next request will render it, right after a reply ends, leaves the next turn only its
+    /// new message to compute.
+    ///
+    /// A warm-up never delays a request: it is admitted only while none waits, runs after the
+    /// requests' prefill chunks in a step, is the first preempted, and gives way whenever a
+    /// request waits for memory or a running slot. At most [`MAX_WARMING`] are queued (the
+    /// oldest is dropped); one already cached, or being computed by a running request, is
+    /// dropped. Produces no events. Tokens the cache cannot take (out of the vocabulary, too
+    /// long for the context or the pool) are refused by name; with the prefix cache off this
+    /// does nothing.
+    ///
+    /// [`MAX_WARMING`]: crate::scheduler::MAX_WARMING
+    pub fn warm_prefix(
+        &mut self,
+        namespace: arbor_cache::Namespace,
+        tokens: Vec<u32>,
+    ) -> Result<(), EngineError> {
+        if self.config.prefix_cache == PrefixCacheMode::Off || tokens.is_empty() {
+            return Ok(());
+        }
+        let model = self.runner.config();
+        let vocab = model.vocab_size;
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::TokenOutOfRange {
+                param: "prompt",
+                token: t,
+                vocab,
+            });
+        }
+        let context = model.max_position_embeddings;
+        let total = self.scheduler.kv.total();
+        if tokens.len() >= context || tokens.len() > total {
+            return Err(EngineError::ContextOverflow {
+                prompt: tokens.len(),
+                max_tokens: 0,
+                needed: tokens.len(),
+                context: context.min(total),
+            });
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.runner.add_sequence(
+            id,
+            SequenceSampling {
+                params: Default::default(),
+                prompt: Vec::new().into(),
+                min_tokens: 0,
+                banned_before_min: Vec::new().into(),
+                logprobs: None,
+            },
+        );
+        let warming = &mut self.scheduler.warming;
+        if warming.len() >= crate::scheduler::MAX_WARMING {
+            if let Some(oldest) = warming.pop_front() {
+                self.runner.remove_sequence(oldest.id);
+            }
+        }
+        self.scheduler.warming.push_back(Sequence {
+            id,
+            prompt_len: tokens.len(),
+            tokens,
+            kv: None,
+            reused: 0,
+            namespace,
+            admitted_at: 0,
+            admissions: 0,
+            max_new: 0,
+            matcher: StopMatcher::new(Vec::new().into()),
+            stop_set: Vec::new(),
+            decoder: IncrementalDecoder::new(),
+            timing: Timing {
+                queued_at: std::time::Instant::now(),
+                first_token_at: None,
+                finished_at: None,
+            },
+            constraint: None,
+            warm: true,
+        });
+        Ok(())
     }
 
     /// Cancels every request (shutdown, or a step that failed): their slots are freed and a
     /// `Finished` event with [`FinishReason::Cancelled`] is returned for each.
     pub fn cancel_all(&mut self) -> Vec<Event> {
+        for mut seq in std::mem::take(&mut self.scheduler.warming) {
+            self.runner.remove_sequence(seq.id);
+            Scheduler::release(&mut seq);
+        }
+        while let Some(i) = self.scheduler.running.iter().position(|s| s.warm) {
+            let mut seq = self.scheduler.running.swap_remove(i);
+            Scheduler::release(&mut seq);
+            self.runner.remove_sequence(seq.id);
+        }
         let ids: Vec<RequestId> = self
             .scheduler
             .waiting
@@ -393,6 +496,7 @@ impl Engine {
                 finished_at: None,
             },
             constraint,
+            warm: false,
         });
         Ok(id)
     }
@@ -409,9 +513,16 @@ impl Engine {
         let plan = self
             .scheduler
             .schedule(limit.map(|l| (&mut self.step_cost, l)));
+        let warm_tokens = plan
+            .rows
+            .iter()
+            .filter(|&&(i, _)| self.scheduler.running[i].warm)
+            .map(|&(_, n)| n)
+            .sum();
         let mut stats = StepStats {
             prefill_tokens: plan.prefill_tokens,
             decode_tokens: plan.decode_tokens,
+            warm_tokens,
             preempted: plan.preempted,
             forward_seconds: 0.0,
         };
@@ -455,7 +566,7 @@ impl Engine {
             .map(|&(i, n)| {
                 let s = &running[i];
                 let slots = s.kv.as_ref().expect("running sequences hold KV").slots();
-                let sample = slots.len() == s.tokens.len();
+                let sample = !s.warm && slots.len() == s.tokens.len();
                 let failed = constraint_errors.iter().any(|(j, _)| *j == i);
                 StepRow {
                     seq: s.id,
@@ -557,11 +668,27 @@ impl Engine {
                 }
             }
         }
-        // Remove finished sequences back to front so indices stay valid.
-        finished.sort_by_key(|f| std::cmp::Reverse(f.0));
-        for (i, reason, flush, error) in finished {
-            let seq = self.scheduler.running.swap_remove(i);
-            events.push(self.finish(seq, reason, flush, error));
+        // Remove finished sequences back to front so indices stay valid. Warm-ups whose
+        // tokens are all computed end silently: their KV stays in the cache.
+        let mut ended: Vec<(usize, Option<(FinishReason, Flush, Option<String>)>)> = finished
+            .into_iter()
+            .map(|(i, reason, flush, error)| (i, Some((reason, flush, error))))
+            .collect();
+        ended.extend(
+            (0..self.scheduler.running.len())
+                .filter(|&i| self.scheduler.running[i].warmed())
+                .map(|i| (i, None)),
+        );
+        ended.sort_by_key(|f| std::cmp::Reverse(f.0));
+        for (i, end) in ended {
+            let mut seq = self.scheduler.running.swap_remove(i);
+            match end {
+                Some((reason, flush, error)) => events.push(self.finish(seq, reason, flush, error)),
+                None => {
+                    Scheduler::release(&mut seq);
+                    self.runner.remove_sequence(seq.id);
+                }
+            }
         }
         Ok((events, stats))
     }

@@ -7,6 +7,9 @@
 //!    uncached part of their prompt; a request whose prompt another running request is
 //!    prefilling right now waits for that prefill to land in the cache instead of computing
 //!    it twice;
+//!    then, while no request waits, a history warm-up (a prefix computed into the cache for
+//!    a conversation's next turn, see `Engine::warm_prefix`): it runs after the requests'
+//!    chunks, is preempted first, and gives way to any request kept waiting;
 //! 2. preempts the youngest running requests while the running decodes do not fit;
 //! 3. plans one step: a decode token for every running sequence that is generating, then
 //!    prefill chunks of the others until the token budget is spent (a long prompt is cut into
@@ -44,6 +47,13 @@ const CACHE_AWARE_MAX_QUEUE: usize = 128;
 /// (a budget below what the decodes alone take must not stall prefills forever).
 const MIN_TIMED_PREFILL_CHUNK: usize = 64;
 
+/// Warm-ups queued at most; beyond, the oldest is dropped (its conversation has likely moved
+/// on, or its client gone).
+pub(crate) const MAX_WARMING: usize = 64;
+
+/// Warm-ups running at once: they fill idle capacity, one prefill at a time is plenty.
+const MAX_WARM_RUNNING: usize = 1;
+
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -75,6 +85,9 @@ pub(crate) struct Sequence {
     /// Structured output: the constraint, and the buffer its allowed tokens are written to
     /// before each sampling step.
     pub constraint: Option<(Box<dyn crate::request::Constraint>, Vec<u32>)>,
+    /// A history warm-up ([`crate::Engine::warm_prefix`]): its tokens are computed into the
+    /// prefix cache and nothing is sampled. It runs only on capacity no request wants.
+    pub warm: bool,
 }
 
 impl Sequence {
@@ -90,7 +103,11 @@ impl Sequence {
     }
     /// Generating: only the last sampled token is new.
     fn decoding(&self) -> bool {
-        self.pending() == 1 && self.computed() >= self.prompt_len
+        !self.warm && self.pending() == 1 && self.computed() >= self.prompt_len
+    }
+    /// A warm-up whose every token is computed: it is done.
+    pub fn warmed(&self) -> bool {
+        self.warm && self.pending() == 0
     }
 }
 
@@ -110,6 +127,8 @@ pub(crate) struct Scheduler {
     /// Which slots are free, cached or whose: every sequence's slots go through it.
     pub kv: KvManager,
     pub waiting: VecDeque<Sequence>,
+    /// Warm-ups not yet running, oldest first (bounded: see [`MAX_WARMING`]).
+    pub warming: VecDeque<Sequence>,
     pub running: Vec<Sequence>,
     prefix_cache: PrefixCacheMode,
     max_batch_tokens: usize,
@@ -127,6 +146,7 @@ impl Scheduler {
         Self {
             kv,
             waiting: VecDeque::new(),
+            warming: VecDeque::new(),
             running: Vec::new(),
             prefix_cache,
             max_batch_tokens,
@@ -162,8 +182,15 @@ impl Scheduler {
                 plan.shape.add_decode(s.computed() + 1);
             }
         }
-        // Then prefill chunks (new prompts, or resumed requests) in admission order.
-        for (i, s) in self.running.iter().enumerate() {
+        // Then prefill chunks (new prompts, or resumed requests) in admission order; warm-ups
+        // last, with what the requests left.
+        let prefills = self
+            .running
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.warm)
+            .chain(self.running.iter().enumerate().filter(|(_, s)| s.warm));
+        for (i, s) in prefills {
             if budget == 0 || memory == 0 {
                 break;
             }
@@ -240,6 +267,8 @@ impl Scheduler {
     pub fn remove(&mut self, id: RequestId) -> Option<Sequence> {
         if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
             self.waiting.remove(i)
+        } else if let Some(i) = self.warming.iter().position(|s| s.id == id) {
+            self.warming.remove(i)
         } else if let Some(i) = self.running.iter().position(|s| s.id == id) {
             Some(self.running.swap_remove(i))
         } else {
@@ -257,6 +286,23 @@ impl Scheduler {
     }
 
     fn admit(&mut self) {
+        if self.admit_requests() && self.running.iter().any(|s| s.warm) {
+            // A request is kept waiting (memory, or the running limit): warm-ups give way.
+            while let Some(i) = self.running.iter().position(|s| s.warm) {
+                let mut seq = self.running.swap_remove(i);
+                Self::release(&mut seq);
+                self.warming.push_front(seq);
+            }
+            self.admit_requests();
+        }
+        if self.waiting.is_empty() {
+            self.admit_warmups();
+        }
+    }
+
+    /// Admits waiting requests; true when one is left waiting for memory or the running limit
+    /// (not when it only waits for another request's prefill).
+    fn admit_requests(&mut self) -> bool {
         self.order_waiting_by_cached_prefix();
         let mut i = 0;
         while i < self.waiting.len() && self.running.len() < self.max_running {
@@ -278,11 +324,48 @@ impl Scheduler {
             let need = seq.tokens.len() - cached + self.running.len();
             if self.kv.available() < need {
                 // Memory is short: later requests wait too, so the oldest is served first.
-                break;
+                return true;
             }
             let mut seq = self.waiting.remove(i).expect("index checked above");
             if seq.admissions == 0 {
                 seq.reused = cached;
+            }
+            seq.admissions += 1;
+            self.admissions += 1;
+            seq.admitted_at = self.admissions;
+            seq.kv = Some(kv);
+            self.running.push(seq);
+        }
+        i < self.waiting.len() && self.running.len() >= self.max_running
+    }
+
+    /// Starts queued warm-ups while no request waits, up to [`MAX_WARM_RUNNING`]. One already
+    /// cached, or being computed by a running sequence, is dropped: it has nothing to add.
+    fn admit_warmups(&mut self) {
+        while self.running.iter().filter(|s| s.warm).count() < MAX_WARM_RUNNING
+            && self.running.len() < self.max_running
+        {
+            let Some(mut seq) = self.warming.pop_front() else {
+                return;
+            };
+            // Every token is computed: what follows it is the next request's.
+            let kv = self.kv.acquire(seq.namespace, &seq.tokens);
+            let cached = kv.len();
+            let covered = self.running.iter().any(|r| {
+                r.namespace == seq.namespace && common_prefix(&r.tokens, &seq.tokens) > cached
+            });
+            if cached == seq.tokens.len() || covered {
+                continue;
+            }
+            let need = seq.tokens.len() - cached + self.running.len();
+            if self.kv.available() < need {
+                if !self.running.is_empty() {
+                    // Room may come when the running requests end.
+                    drop(kv);
+                    self.warming.push_front(seq);
+                }
+                // Alone it can never fit: dropped.
+                return;
             }
             seq.admissions += 1;
             self.admissions += 1;
@@ -295,11 +378,18 @@ impl Scheduler {
     /// Sends the youngest running request back to the front of the queue, its computed
     /// tokens kept in the cache for a cheap resume.
     fn preempt_youngest(&mut self) {
-        let Some(i) = (0..self.running.len()).max_by_key(|&i| self.running[i].admitted_at) else {
+        // Warm-ups first: no one waits on them.
+        let Some(i) = (0..self.running.len())
+            .max_by_key(|&i| (self.running[i].warm, self.running[i].admitted_at))
+        else {
             return;
         };
         let mut seq = self.running.swap_remove(i);
         Self::release(&mut seq);
+        if seq.warm {
+            self.warming.push_front(seq);
+            return;
+        }
         tracing::debug!(
             id = seq.id,
             tokens = seq.tokens.len(),

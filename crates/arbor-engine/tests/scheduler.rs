@@ -402,6 +402,14 @@ fn random_arrivals_and_cancels_never_lose_a_slot_or_change_an_output() {
                 ids.insert(e.add_request(reqs[next].clone()).unwrap(), next);
                 next += 1;
             }
+            if rng.random_bool(0.1) {
+                // A history warm-up: part of some prompt with a rewritten tail, as a chat
+                // template renders the next turn. It must never change an output.
+                let base = &prompts[rng.random_range(0..prompts.len())];
+                let mut warm = base[..rng.random_range(1..=base.len())].to_vec();
+                warm.extend((0..rng.random_range(0..40)).map(|_| rng.random_range(10..128)));
+                e.warm_prefix(0, warm).unwrap();
+            }
             if rng.random_bool(0.05) {
                 let live: Vec<RequestId> = ids
                     .keys()
@@ -429,6 +437,157 @@ fn random_arrivals_and_cancels_never_lose_a_slot_or_change_an_output() {
         }
         let u = e.slot_usage();
         assert_eq!((u.held_by_requests, u.free + u.cached), (0, u.total));
+    }
+}
+
+/// A reply's tokens as the engine cached them, then the same history as a chat template
+/// renders it in the next request (the reasoning dropped, a separator added): the warm-up
+/// computes that history after the reply, and the next turn computes only its new message.
+#[test]
+fn a_history_warm_up_leaves_the_next_turn_only_its_new_message() {
+    let system: Vec<u32> = (0..200).map(|i| 10 + (i * 13 % 100) as u32).collect();
+    let user: Vec<u32> = (0..30).map(|i| 20 + (i * 3 % 50) as u32).collect();
+    let first: Vec<u32> = [system.clone(), user.clone()].concat();
+    let (mut e, controls) = engine(8192, config(PrefixCacheMode::Radix, 64, 8));
+    e.add_request(request(first.clone(), 40, Some(1))).unwrap();
+    let reply = drain(&mut e).into_values().next().unwrap().0;
+    // The template renders only the reply's last 10 tokens (its answer) and adds a separator.
+    let mut history = first.clone();
+    history.extend_from_slice(&reply[reply.len() - 10..]);
+    history.push(7);
+    let next_message: Vec<u32> = (0..25).map(|i| 30 + (i * 11 % 60) as u32).collect();
+    let second: Vec<u32> = [history.clone(), next_message.clone()].concat();
+
+    // Without a warm-up the answer and the separator are recomputed with the new message.
+    let want = alone(&request(second.clone(), 12, Some(2)));
+    let before = controls.tokens_computed.load(Ordering::Relaxed) as usize;
+    e.warm_prefix(0, history.clone()).unwrap();
+    assert_eq!(e.warming_len(), 1);
+    let mut warmed = 0;
+    while e.has_work() {
+        let (events, stats) = e.step().unwrap();
+        assert!(events.is_empty(), "a warm-up produces no events");
+        assert_eq!(stats.warm_tokens, stats.prefill_tokens);
+        warmed += stats.warm_tokens;
+        assert_conserved(&e);
+    }
+    assert_eq!(warmed, 11, "the answer as rendered and the separator");
+    assert_eq!(
+        controls.tokens_computed.load(Ordering::Relaxed) as usize - before,
+        11
+    );
+    let before = controls.tokens_computed.load(Ordering::Relaxed) as usize;
+    let id = e.add_request(request(second.clone(), 12, Some(2))).unwrap();
+    let mut usage = None;
+    let mut tokens = Vec::new();
+    while e.has_work() {
+        for ev in e.step().unwrap().0 {
+            match ev {
+                Event::Token { token, .. } => tokens.push(token),
+                Event::Finished {
+                    id: done,
+                    usage: u,
+                    reason,
+                    ..
+                } => {
+                    assert_eq!(done, id);
+                    usage = Some(u);
+                    assert_eq!((tokens.clone(), reason), want);
+                }
+            }
+        }
+    }
+    let usage = usage.unwrap();
+    assert_eq!(usage.cached_tokens, history.len());
+    // The new message's tokens, then one decode per generated token but the last.
+    let computed = controls.tokens_computed.load(Ordering::Relaxed) as usize - before;
+    assert_eq!(computed, next_message.len() + usage.completion_tokens - 1);
+
+    // A warm-up of what is cached already, or of nothing, computes nothing.
+    e.warm_prefix(0, history.clone()).unwrap();
+    e.warm_prefix(0, Vec::new()).unwrap();
+    let before = controls.tokens_computed.load(Ordering::Relaxed);
+    drain(&mut e);
+    assert_eq!(controls.tokens_computed.load(Ordering::Relaxed), before);
+    assert_eq!(e.warming_len(), 0);
+}
+
+/// A warm-up runs only on capacity no request wants: a request that needs the running slot or
+/// the memory a warm-up holds takes it at once, its output unchanged, and the warm-up resumes
+/// after it from what it had cached.
+#[test]
+fn warm_ups_give_way_to_requests() {
+    let long: Vec<u32> = (0..1500).map(|i| 10 + (i * 7 % 110) as u32).collect();
+    let other: Vec<u32> = (0..200).map(|i| 15 + (i * 5 % 90) as u32).collect();
+    for (slots, max_running) in [(8192, 1), (1700, 4)] {
+        let (mut e, _) = engine(slots, config(PrefixCacheMode::Radix, 64, max_running));
+        e.warm_prefix(3, long.clone()).unwrap();
+        for _ in 0..5 {
+            let (_, stats) = e.step().unwrap();
+            assert_eq!(stats.warm_tokens, 64);
+        }
+        let req = request(other.clone(), 30, Some(9));
+        let want = alone(&req);
+        let id = e.add_request(req).unwrap();
+        let mut tokens = HashMap::new();
+        let mut got = HashMap::new();
+        let mut waited = 0;
+        while !got.contains_key(&id) {
+            let (events, stats) = e.step().unwrap();
+            assert_conserved(&e);
+            if max_running == 1 {
+                assert_eq!(stats.warm_tokens, 0, "the warm-up waits for the request");
+            } else {
+                assert!(stats.decode_tokens + stats.prefill_tokens > stats.warm_tokens);
+            }
+            waited += 1;
+            assert!(waited < 200);
+            collect(events, &mut tokens, &mut got);
+        }
+        assert_eq!(got[&id], want);
+        // The warm-up then finishes from where it was, and a request on its prefix hits.
+        drain(&mut e);
+        let mut next = long.clone();
+        next.extend([40, 41, 42]);
+        let id = e.add_request(request(next, 2, None)).unwrap();
+        let mut usage = None;
+        while e.has_work() {
+            for ev in e.step().unwrap().0 {
+                if let Event::Finished {
+                    id: done, usage: u, ..
+                } = ev
+                {
+                    assert_eq!(done, id);
+                    usage = Some(u);
+                }
+            }
+        }
+        // Namespace 3 was warmed, this request is in 0: nothing shared across namespaces.
+        assert_eq!(usage.unwrap().cached_tokens, 0, "slots {slots}");
+        let mut next = long.clone();
+        next.extend([40, 41, 42]);
+        let mut r = request(next, 2, None);
+        r.namespace = 3;
+        let id = e.add_request(r).unwrap();
+        let mut usage = None;
+        while e.has_work() {
+            for ev in e.step().unwrap().0 {
+                if let Event::Finished {
+                    id: done, usage: u, ..
+                } = ev
+                {
+                    assert_eq!(done, id);
+                    usage = Some(u);
+                }
+            }
+        }
+        let cached = usage.unwrap().cached_tokens;
+        if slots > 4000 {
+            assert_eq!(cached, long.len(), "slots {slots}");
+        } else {
+            // The small pool evicted some of it for the namespace-0 request.
+            assert!(cached > 0, "slots {slots}");
+        }
     }
 }
 
