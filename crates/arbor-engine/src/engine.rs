@@ -128,6 +128,9 @@ pub struct SlotUsage {
     pub held_by_requests: usize,
 }
 
+/// How a sampled sequence ends: the reason, what happens to held-back text, the error.
+type Ending = (FinishReason, Flush, Option<String>);
+
 /// What one step did, for logs and benchmarks.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepStats {
@@ -670,7 +673,7 @@ impl Engine {
         }
         // Remove finished sequences back to front so indices stay valid. Warm-ups whose
         // tokens are all computed end silently: their KV stays in the cache.
-        let mut ended: Vec<(usize, Option<(FinishReason, Flush, Option<String>)>)> = finished
+        let mut ended: Vec<(usize, Option<Ending>)> = finished
             .into_iter()
             .map(|(i, reason, flush, error)| (i, Some((reason, flush, error))))
             .collect();
