@@ -299,9 +299,11 @@ impl Engine {
     /// next request will render it, right after a reply ends, leaves the next turn only its
     /// new message to compute.
     ///
-    /// A warm-up never delays a request: it is admitted only while none waits, runs after the
-    /// requests' prefill chunks in a step, is the first preempted, and gives way whenever a
-    /// request waits for memory or a running slot. At most [`MAX_WARMING`] are queued (the
+    /// A warm-up does not hold requests back: it is admitted only while none waits, runs only
+    /// in steps with no other work (beside decodes only within
+    /// [`EngineConfig::max_step_time`]), in chunks of at most 128 tokens (a request arriving
+    /// meanwhile waits for that one step at most), is the first preempted, and gives way
+    /// whenever a request waits for memory or a running slot. At most [`MAX_WARMING`] are queued (the
     /// oldest is dropped); one already cached, or being computed by a running request, is
     /// dropped. Produces no events. Tokens the cache cannot take (out of the vocabulary, too
     /// long for the context or the pool) are refused by name; with the prefix cache off this

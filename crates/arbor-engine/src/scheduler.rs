@@ -8,8 +8,9 @@
 //!    prefilling right now waits for that prefill to land in the cache instead of computing
 //!    it twice;
 //!    then, while no request waits, a history warm-up (a prefix computed into the cache for
-//!    a conversation's next turn, see `Engine::warm_prefix`): it runs after the requests'
-//!    chunks, is preempted first, and gives way to any request kept waiting;
+//!    a conversation's next turn, see `Engine::warm_prefix`): it runs only in steps with no
+//!    other work (beside decodes only within a step time budget), in chunks of at most
+//!    `MAX_WARM_CHUNK` tokens, is preempted first, and gives way to any request kept waiting;
 //! 2. preempts the youngest running requests while the running decodes do not fit;
 //! 3. plans one step: a decode token for every running sequence that is generating, then
 //!    prefill chunks of the others until the token budget is spent (a long prompt is cut into
@@ -53,6 +54,10 @@ pub(crate) const MAX_WARMING: usize = 64;
 
 /// Warm-ups running at once: they fill idle capacity, one prefill at a time is plenty.
 const MAX_WARM_RUNNING: usize = 1;
+
+/// Most tokens of a warm-up in one step: a request arriving meanwhile waits for at most that
+/// step (on the GPU a few milliseconds for an 8B model; on a small CPU a tenth of a second).
+const MAX_WARM_CHUNK: usize = 128;
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
@@ -194,13 +199,20 @@ impl Scheduler {
             if budget == 0 || memory == 0 {
                 break;
             }
+            if s.warm && !plan.rows.is_empty() && time_limit.is_none() {
+                // Without a step time budget, any work beside a warm-up would wait for it.
+                break;
+            }
             if !s.decoding() && s.pending() > 0 {
                 let mut n = s.pending().min(budget).min(memory);
+                if s.warm {
+                    n = n.min(MAX_WARM_CHUNK);
+                }
                 if let (Some((model, limit)), true) = (time_limit.as_mut(), plan.decode_tokens > 0)
                 {
                     // Decodes are waiting on this step: keep it within the time budget. The
                     // step's first chunk always advances; later ones only where time is left.
-                    let min = if plan.prefill_tokens == 0 {
+                    let min = if plan.prefill_tokens == 0 && !s.warm {
                         MIN_TIMED_PREFILL_CHUNK
                     } else {
                         0

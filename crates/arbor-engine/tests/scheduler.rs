@@ -535,11 +535,7 @@ fn warm_ups_give_way_to_requests() {
         while !got.contains_key(&id) {
             let (events, stats) = e.step().unwrap();
             assert_conserved(&e);
-            if max_running == 1 {
-                assert_eq!(stats.warm_tokens, 0, "the warm-up waits for the request");
-            } else {
-                assert!(stats.decode_tokens + stats.prefill_tokens > stats.warm_tokens);
-            }
+            assert_eq!(stats.warm_tokens, 0, "the warm-up waits for the request");
             waited += 1;
             assert!(waited < 200);
             collect(events, &mut tokens, &mut got);

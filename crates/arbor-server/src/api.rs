@@ -437,6 +437,9 @@ pub struct MessageIn {
     pub tool_calls: Option<BoundedVec<ToolCallIn, MAX_TOOLS>>,
     /// A tool result: the call it answers.
     pub tool_call_id: Option<String>,
+    /// An assistant turn's reasoning, sent back (`reasoning` is vLLM's newer name).
+    #[serde(alias = "reasoning")]
+    pub reasoning_content: Option<String>,
 }
 
 /// A tool call in an earlier assistant turn.
@@ -583,6 +586,10 @@ impl ChatFields {
                     .map(|calls| template_tool_calls(&calls.0));
                 msg.tool_call_id = m.tool_call_id.clone();
                 msg.name = m.name.clone();
+                msg.reasoning_content = m
+                    .reasoning_content
+                    .clone()
+                    .filter(|_| m.role == "assistant");
                 Ok(msg)
             })
             .collect()
@@ -735,17 +742,33 @@ fn template_tool_calls(calls: &[ToolCallIn]) -> serde_json::Value {
     calls
         .iter()
         .map(|c| {
-            let args = serde_json::from_str::<serde_json::Value>(&c.function.arguments)
-                .ok()
-                .filter(|v| v.is_object())
-                .unwrap_or_else(|| serde_json::Value::String(c.function.arguments.clone()));
-            serde_json::json!({
-                "id": c.id,
-                "type": c.kind.as_deref().unwrap_or("function"),
-                "function": {"name": c.function.name, "arguments": args},
-            })
+            template_tool_call(
+                c.id.as_deref(),
+                c.kind.as_deref().unwrap_or("function"),
+                &c.function.name,
+                &c.function.arguments,
+            )
         })
         .collect()
+}
+
+/// One call as templates read it: arguments as an object when they are one (templates write
+/// them with `tojson`), as the text sent otherwise.
+pub(crate) fn template_tool_call(
+    id: Option<&str>,
+    kind: &str,
+    name: &str,
+    arguments: &str,
+) -> serde_json::Value {
+    let args = serde_json::from_str::<serde_json::Value>(arguments)
+        .ok()
+        .filter(|v| v.is_object())
+        .unwrap_or_else(|| serde_json::Value::String(arguments.to_string()));
+    serde_json::json!({
+        "id": id,
+        "type": kind,
+        "function": {"name": name, "arguments": args},
+    })
 }
 
 /// A message's text: a string, or the concatenated text of its text parts.
