@@ -70,7 +70,8 @@ class ArborServer:
         problems = []
         while True:
             m = self.metrics()
-            if m["arbor_requests_running"] == 0 and m["arbor_queue_length"] == 0:
+            # History warm-ups run after replies and hold slots while they run.
+            if m["arbor_requests_running"] == 0 and m["arbor_queue_length"] == 0 and m.get("arbor_history_warmups", 0) == 0:
                 break
             if time.time() > deadline:
                 problems.append(f"requests still in flight {timeout} s after the load: {m}")

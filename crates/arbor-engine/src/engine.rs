@@ -276,9 +276,9 @@ impl Engine {
         self.scheduler.waiting.len()
     }
 
-    /// Requests admitted and holding KV.
+    /// Requests admitted and holding KV (warm-ups not counted: see [`Engine::warming_len`]).
     pub fn running_len(&self) -> usize {
-        self.scheduler.running.len()
+        self.scheduler.running.iter().filter(|s| !s.warm).count()
     }
 
     pub fn has_work(&self) -> bool {

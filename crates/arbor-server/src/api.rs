@@ -259,6 +259,40 @@ pub enum OutputFormat {
     /// Any JSON object.
     JsonObject,
     JsonSchema(serde_json::Value),
+    /// Text matching a regular expression (vLLM's `structured_outputs.regex`).
+    Regex(String),
+    /// Text of a Lark grammar, as llguidance reads it (`structured_outputs.grammar`).
+    Grammar(String),
+    /// Exactly one of these strings (`structured_outputs.choice`).
+    Choice(Vec<String>),
+}
+
+impl OutputFormat {
+    /// The request field that asked for it, for errors.
+    pub fn field(&self) -> &'static str {
+        match self {
+            OutputFormat::Text | OutputFormat::JsonObject | OutputFormat::JsonSchema(_) => {
+                "response_format"
+            }
+            OutputFormat::Regex(_) => "structured_outputs.regex",
+            OutputFormat::Grammar(_) => "structured_outputs.grammar",
+            OutputFormat::Choice(_) => "structured_outputs.choice",
+        }
+    }
+}
+
+/// Most strings in a `choice` constraint.
+pub const MAX_CHOICES: usize = 1024;
+
+/// vLLM's `structured_outputs`: one of a JSON schema, a regular expression, a grammar or a
+/// list of choices. The older flat names (`guided_json`, `guided_regex`, `guided_grammar`,
+/// `guided_choice`) are read too.
+#[derive(Debug, Default, Deserialize)]
+pub struct StructuredOutputsIn {
+    pub json: Option<serde_json::Value>,
+    pub regex: Option<String>,
+    pub grammar: Option<String>,
+    pub choice: Option<BoundedVec<String, MAX_CHOICES>>,
 }
 
 /// A /v1/completions prompt as read: text, token ids, or lists of either (at most
@@ -507,7 +541,7 @@ pub enum ToolChoice {
 /// Most tools per request (OpenAI's limit).
 pub const MAX_TOOLS: usize = 128;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct ChatFields {
     pub messages: Vec<MessageIn>,
     pub logprobs: Option<bool>,
@@ -516,6 +550,11 @@ pub struct ChatFields {
     pub tool_choice: Option<ToolChoiceIn>,
     pub parallel_tool_calls: Option<bool>,
     pub response_format: Option<ResponseFormat>,
+    pub structured_outputs: Option<StructuredOutputsIn>,
+    pub guided_json: Option<serde_json::Value>,
+    pub guided_regex: Option<String>,
+    pub guided_grammar: Option<String>,
+    pub guided_choice: Option<BoundedVec<String, MAX_CHOICES>>,
     /// Default true; false renders the conversation without opening an assistant turn.
     pub add_generation_prompt: Option<bool>,
 }
@@ -681,8 +720,87 @@ impl ChatFields {
         Ok((Some(list), choice))
     }
 
-    /// The reply format asked for in `response_format`.
+    /// The reply format asked for in `response_format` or `structured_outputs` (or the
+    /// `guided_*` fields); asking in more than one place is refused.
     pub fn output_format(&self) -> Result<OutputFormat, ApiError> {
+        let so = self.structured_outputs.as_ref();
+        let schema_format = |s: &serde_json::Value, field: &str| {
+            if s.is_object() || s.is_boolean() {
+                Ok(OutputFormat::JsonSchema(s.clone()))
+            } else {
+                Err(ApiError::invalid_param(
+                    field,
+                    format!("{field} must be a JSON Schema (an object)."),
+                ))
+            }
+        };
+        let mut asked: Vec<(&str, OutputFormat)> = Vec::new();
+        if let Some(s) = so.and_then(|s| s.json.as_ref()) {
+            asked.push((
+                "structured_outputs.json",
+                schema_format(s, "structured_outputs.json")?,
+            ));
+        }
+        if let Some(s) = &self.guided_json {
+            asked.push(("guided_json", schema_format(s, "guided_json")?));
+        }
+        for (field, regex) in [
+            (
+                "structured_outputs.regex",
+                so.and_then(|s| s.regex.as_ref()),
+            ),
+            ("guided_regex", self.guided_regex.as_ref()),
+        ] {
+            if let Some(r) = regex {
+                asked.push((field, OutputFormat::Regex(r.clone())));
+            }
+        }
+        for (field, grammar) in [
+            (
+                "structured_outputs.grammar",
+                so.and_then(|s| s.grammar.as_ref()),
+            ),
+            ("guided_grammar", self.guided_grammar.as_ref()),
+        ] {
+            if let Some(g) = grammar {
+                asked.push((field, OutputFormat::Grammar(g.clone())));
+            }
+        }
+        for (field, choice) in [
+            (
+                "structured_outputs.choice",
+                so.and_then(|s| s.choice.as_ref()),
+            ),
+            ("guided_choice", self.guided_choice.as_ref()),
+        ] {
+            if let Some(c) = choice {
+                if c.0.is_empty() {
+                    return Err(ApiError::invalid_param(
+                        field,
+                        format!("{field} must list at least one string."),
+                    ));
+                }
+                asked.push((field, OutputFormat::Choice(c.0.clone())));
+            }
+        }
+        let response_format = self.response_format_only()?;
+        if response_format != OutputFormat::Text {
+            asked.push(("response_format", response_format));
+        }
+        match asked.len() {
+            0 => Ok(OutputFormat::Text),
+            1 => Ok(asked.pop().expect("one").1),
+            _ => Err(ApiError::invalid_param(
+                asked[1].0,
+                format!(
+                    "Only one output constraint may be given; this request has {}.",
+                    asked.iter().map(|(f, _)| *f).collect::<Vec<_>>().join(", ")
+                ),
+            )),
+        }
+    }
+
+    fn response_format_only(&self) -> Result<OutputFormat, ApiError> {
         let Some(rf) = &self.response_format else {
             return Ok(OutputFormat::Text);
         };

@@ -11,12 +11,14 @@
 //! | `error`   | errors in OpenAI's shape with the right status |
 //! | `metrics` | Prometheus counters, gauges and histograms |
 //! | `tenancy` | API keys and the prefix-cache namespace each key gets |
+//! | `history` | a conversation's next turn as the template will render it (warm-ups), and where a prompt left the cache |
 //!
 //! The engine owns the model and the KV pool on its own thread; handlers never touch them.
 //! Tokenization and template rendering run on tokio's blocking pool.
 
 pub mod api;
 pub mod error;
+mod history;
 pub mod kv_events;
 mod limits;
 pub mod metrics;
@@ -67,6 +69,9 @@ pub struct ServerConfig {
     pub reasoning_parser: reasoning::ReasoningParser,
     /// The format tool calls are read from replies in.
     pub tool_call_parser: tools::ToolCallParser,
+    /// After a chat reply, compute the conversation as its next request will render it into
+    /// the cache while the engine is idle (see `history`).
+    pub history_warmup: bool,
 }
 
 /// Per-call bounds on work, checked before anything is copied or queued.
@@ -93,6 +98,7 @@ impl ServerConfig {
             metrics_public: false,
             reasoning_parser: reasoning::ReasoningParser::Auto,
             tool_call_parser: tools::ToolCallParser::Auto,
+            history_warmup: true,
         }
     }
 }
@@ -139,6 +145,10 @@ pub struct AppState {
     pub tools: Option<tools::ToolCallParser>,
     /// Constrained decoding for `response_format` (built on first use).
     pub structured: structured::Structured,
+    /// Whether chat replies warm their conversation's next turn.
+    pub history_warmup: bool,
+    /// Whether each namespace's clients send reasoning back (how the next turn renders).
+    pub(crate) reasoning_echoes: history::ReasoningEchoes,
 }
 
 impl AppState {
@@ -198,6 +208,8 @@ impl AppState {
             reasoning: config.reasoning_parser.resolve(template.source()),
             tools: config.tool_call_parser.resolve(template.source()),
             structured: structured::Structured::new(structured_tokenizer, vocab),
+            history_warmup: config.history_warmup,
+            reasoning_echoes: Default::default(),
             template: Arc::new(template),
             metrics,
             tenancy: Tenancy::new(config.api_keys.clone()),

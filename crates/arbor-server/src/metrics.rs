@@ -99,6 +99,10 @@ struct Inner {
     generation_tokens: u64,
     cache_queried_tokens: u64,
     cache_hit_tokens: u64,
+    /// Tokens computed by history warm-ups.
+    warm_tokens: u64,
+    /// History warm-ups queued or running.
+    warmups: usize,
     slots: SlotUsage,
     queue_length: usize,
     running: usize,
@@ -121,6 +125,8 @@ impl Default for Metrics {
                 generation_tokens: 0,
                 cache_queried_tokens: 0,
                 cache_hit_tokens: 0,
+                warm_tokens: 0,
+                warmups: 0,
                 slots: SlotUsage::default(),
                 queue_length: 0,
                 running: 0,
@@ -168,15 +174,27 @@ impl Metrics {
         m.e2e.observe(f.end_to_end);
     }
 
+    /// Tokens a step computed for history warm-ups.
+    pub fn warmed(&self, tokens: usize) {
+        self.lock().warm_tokens += tokens as u64;
+    }
+
     pub fn inter_token_latency(&self, seconds: f64) {
         self.lock().itl.observe(seconds);
     }
 
-    pub fn set_engine_state(&self, slots: SlotUsage, queue_length: usize, running: usize) {
+    pub fn set_engine_state(
+        &self,
+        slots: SlotUsage,
+        queue_length: usize,
+        running: usize,
+        warmups: usize,
+    ) {
         let mut m = self.lock();
         m.slots = slots;
         m.queue_length = queue_length;
         m.running = running;
+        m.warmups = warmups;
     }
 
     /// The Prometheus text, with vLLM's names for the gauges routers read (`model_name` labels
@@ -185,7 +203,7 @@ impl Metrics {
         let m = self.lock();
         let mut out = String::new();
         // (name, type, help, value) of every plain counter and gauge.
-        let samples: [(&str, &str, &str, u64); 10] = [
+        let samples: [(&str, &str, &str, u64); 12] = [
             (
                 "arbor_prompt_tokens_total",
                 "counter",
@@ -209,6 +227,18 @@ impl Metrics {
                 "counter",
                 "Prompt tokens whose KV came from the prefix cache.",
                 m.cache_hit_tokens,
+            ),
+            (
+                "arbor_history_warmup_tokens_total",
+                "counter",
+                "Tokens computed ahead for conversations' next turns (history warm-ups).",
+                m.warm_tokens,
+            ),
+            (
+                "arbor_history_warmups",
+                "gauge",
+                "History warm-ups queued or running (they hold KV slots while they run).",
+                m.warmups as u64,
             ),
             (
                 "arbor_kv_slots_total",
@@ -360,7 +390,7 @@ mod tests {
             cached: 250,
             held_by_requests: 250,
         };
-        m.set_engine_state(slots, 3, 2);
+        m.set_engine_state(slots, 3, 2, 1);
         let text = m.render("my \"model\"");
         for line in [
             "arbor_requests_total{outcome=\"stop\"} 1",
@@ -371,6 +401,7 @@ mod tests {
             "arbor_generation_tokens_total 3",
             "arbor_time_to_first_token_seconds_count 1",
             "arbor_queue_length 3",
+            "arbor_history_warmups 1",
             "vllm:num_requests_waiting{model_name=\"my \\\"model\\\"\"} 3",
             "vllm:num_requests_running{model_name=\"my \\\"model\\\"\"} 2",
             "vllm:kv_cache_usage_perc{model_name=\"my \\\"model\\\"\"} 0.25",

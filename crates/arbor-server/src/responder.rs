@@ -15,6 +15,7 @@ use serde::Serialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::error::ApiError;
+use crate::history::{Reply, Turn};
 use crate::reasoning::{ReasoningParser, ReasoningSplitter, Split};
 use crate::tools::{ToolCallParser, ToolCallSplitter, ToolSplit};
 use crate::wire::{
@@ -54,6 +55,9 @@ pub(crate) struct Responder {
     pub(crate) echo: Vec<String>,
     /// How chat replies are split into reasoning, content and tool calls.
     pub(crate) parsing: ChatParsing,
+    /// A chat call's conversation: where its prompt left the cache, and its next turn to warm
+    /// when the reply ends.
+    pub(crate) turn: Option<Arc<Turn>>,
 }
 
 /// How a chat reply is taken apart: reasoning first, then tool calls out of what remains.
@@ -136,6 +140,7 @@ impl Responder {
             ignore_eos,
             echo: Vec::new(),
             parsing: ChatParsing::default(),
+            turn: None,
         }
     }
 
@@ -166,7 +171,30 @@ impl Responder {
                 .map(ReasoningSplitter::reasoning_tokens)
                 .sum()
         });
-        UsageOut::from(&self.total_usage(per_choice)).with_reasoning(reasoning)
+        let mut usage = UsageOut::from(&self.total_usage(per_choice)).with_reasoning(reasoning);
+        usage.prompt_cache_miss = match (&self.turn, per_choice.first()) {
+            (Some(turn), Some(u)) => turn.cache_miss(&self.st.tokenizer, u.cached_tokens),
+            _ => None,
+        };
+        usage
+    }
+
+    /// The reply of a one-choice chat call ended by itself: its conversation's next request,
+    /// as the template will render it, goes to the engine as a warm-up (off the async
+    /// threads: rendering and tokenizing a long conversation takes milliseconds).
+    fn warm_next_turn(&self, reason: FinishReason, reply: Reply) {
+        let Some(turn) = self.turn.clone().filter(|t| t.warm) else {
+            return;
+        };
+        if reason != FinishReason::Stop {
+            return;
+        }
+        let st = self.st.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Some(tokens) = turn.next_turn_prefix(&st.template, &st.tokenizer, &reply) {
+                st.engine.warm(turn.namespace, tokens);
+            }
+        });
     }
 
     /// Whether a token's logprob belongs in the output: the stop token that ended a request
@@ -292,6 +320,16 @@ impl Responder {
             }
         }
         let usage = Some(Some(self.usage_out(&usage, &parsers)));
+        if let (Api::Chat, Some(reason)) = (self.api, finish[0]) {
+            let reply = Reply {
+                reasoning: reasoning.first().cloned().unwrap_or_default(),
+                content: texts[0].clone(),
+                calls: calls
+                    .first()
+                    .map_or_else(Vec::new, |c| c.iter().map(ToolCallOut::to_call).collect()),
+            };
+            self.warm_next_turn(reason, reply);
+        }
         let reason = |i: usize| finish[i].map(|r| choice_finish(r, parsers.get(i)));
         Ok(match self.api {
             Api::Chat => {
@@ -383,6 +421,11 @@ impl Responder {
             }
         }
         let state = StreamState {
+            reply: self
+                .turn
+                .as_ref()
+                .filter(|t| t.warm)
+                .map(|_| Reply::default()),
             parsers: self.parsers(),
             offsets: vec![0; self.choices],
             usage: vec![Usage::default(); self.choices],
@@ -447,6 +490,20 @@ fn take(parsers: Option<&mut ChoiceParsers>, text: String, last: bool) -> Piece 
     }
 }
 
+/// Adds a streamed piece of choice 0 to the reply kept for its next turn.
+fn record(
+    reply: Option<&mut Reply>,
+    reasoning: Option<&str>,
+    content: &str,
+    calls: &[crate::tools::ToolCall],
+) {
+    if let Some(r) = reply {
+        r.reasoning.push_str(reasoning.unwrap_or_default());
+        r.content.push_str(content);
+        r.calls.extend_from_slice(calls);
+    }
+}
+
 /// Calls released by a piece, numbered within their choice, for a stream delta.
 fn stream_calls(
     parsers: Option<&ChoiceParsers>,
@@ -480,6 +537,8 @@ pub(crate) struct StreamState {
     offsets: Vec<usize>,
     /// Per choice when chat replies are taken apart.
     parsers: Vec<ChoiceParsers>,
+    /// Choice 0's reply so far, when its next turn is to be warmed.
+    reply: Option<Reply>,
     usage: Vec<Usage>,
     done: usize,
     finished: bool,
@@ -511,6 +570,9 @@ impl StreamState {
                     content: text,
                     calls,
                 } = take(self.parsers.get_mut(index), text, false);
+                if index == 0 {
+                    record(self.reply.as_mut(), reasoning.as_deref(), &text, &calls);
+                }
                 if text.is_empty() && reasoning.is_none() && calls.is_empty() && lp.is_none() {
                     return;
                 }
@@ -578,6 +640,12 @@ impl StreamState {
                     content: text,
                     calls,
                 } = take(self.parsers.get_mut(index), text, true);
+                if index == 0 {
+                    record(self.reply.as_mut(), reasoning.as_deref(), &text, &calls);
+                    if let Some(reply) = self.reply.take() {
+                        r.warm_next_turn(reason, reply);
+                    }
+                }
                 let tool_calls = stream_calls(self.parsers.get(index), calls);
                 let reason = Some(choice_finish(reason, self.parsers.get(index)));
                 let chunk = match r.api {

@@ -27,6 +27,7 @@ use crate::api::{
     PromptIn, ToolChoice,
 };
 use crate::error::ApiError;
+use crate::history::{content_spans, Turn};
 use crate::limits::{check_prompt_tokens, check_sequences, check_text_bytes, engine_requests};
 use crate::metrics::Outcome;
 use crate::responder::{Api, ChatParsing, Responder};
@@ -183,14 +184,19 @@ async fn chat_inner(
                     )
                 }),
                 (format, None) => {
-                    let schema = match format {
-                        OutputFormat::JsonSchema(s) => Some(s),
-                        _ => None,
+                    let compiled = match format {
+                        OutputFormat::JsonSchema(s) => worker.structured.json(Some(s)),
+                        OutputFormat::Regex(r) => worker.structured.regex(r),
+                        OutputFormat::Grammar(g) => worker.structured.lark(g),
+                        OutputFormat::Choice(c) => worker.structured.choice(c),
+                        OutputFormat::JsonObject | OutputFormat::Text => {
+                            worker.structured.json(None)
+                        }
                     };
-                    worker.structured.json(schema).map_err(|e| {
+                    compiled.map_err(|e| {
                         ApiError::invalid_param(
-                            "response_format",
-                            format!("The response format cannot be used: {e}"),
+                            format.field(),
+                            format!("The output constraint cannot be used: {e}"),
                         )
                     })
                 }
@@ -199,7 +205,7 @@ async fn chat_inner(
         );
     }
     let worker = st.clone();
-    let (prompt, opens_think) = blocking(move || {
+    let (prompt, opens_think, turn) = blocking(move || {
         let text = worker
             .template
             .render_with_tools(&messages, tools.as_ref(), add_generation_prompt)
@@ -213,9 +219,26 @@ async fn chat_inner(
         let tokens = worker.tokenizer.encode(&text, true).map_err(|e| {
             ApiError::invalid_param("messages", format!("Cannot tokenize the conversation: {e}"))
         })?;
-        Ok((tokens, crate::reasoning::prompt_opens_think(&text)))
+        let opens_think = crate::reasoning::prompt_opens_think(&text);
+        let sends_reasoning = worker.reasoning_echoes.observe(namespace, &messages);
+        // Kept for the reply's end: the next turn's warm-up and the cache-miss report.
+        let turn = Turn {
+            namespace,
+            spans: content_spans(&messages, &text),
+            prompt: tokens.clone(),
+            messages,
+            tools,
+            warm: false,
+            sends_reasoning,
+        };
+        Ok((tokens, opens_think, turn))
     })
     .await?;
+    let turn = Turn {
+        // A continued assistant message (no generation prompt) is not a turn that ends.
+        warm: st.history_warmup && gen.n == 1 && add_generation_prompt,
+        ..turn
+    };
     let parsing = ChatParsing {
         reasoning: st.reasoning.map(|parser| (parser, opens_think)),
         ..parsing
@@ -230,6 +253,7 @@ async fn chat_inner(
         logprobs,
         namespace,
         parsing,
+        Some(turn),
     )
     .await
 }
@@ -265,6 +289,7 @@ async fn run(
     logprobs: Option<usize>,
     namespace: u64,
     parsing: ChatParsing,
+    turn: Option<Turn>,
 ) -> Result<Response, ApiError> {
     let requests = engine_requests(&st, prompts, gen, logprobs, namespace)?;
     let rx = submit(&st, requests).await?;
@@ -278,6 +303,7 @@ async fn run(
     );
     responder.echo = echo;
     responder.parsing = parsing;
+    responder.turn = turn.map(std::sync::Arc::new);
     if gen.stream {
         Ok(responder.stream(rx, gen.include_usage))
     } else {
@@ -367,6 +393,7 @@ async fn completions_inner(
         logprobs,
         namespace,
         ChatParsing::default(),
+        None,
     )
     .await
 }
@@ -447,13 +474,7 @@ pub async fn tokenize(State(st): State<Shared>, body: Result<Bytes, BytesRejecti
                 (None, Some(messages)) => {
                     let chat = ChatFields {
                         messages,
-                        logprobs: None,
-                        top_logprobs: None,
-                        tools: None,
-                        tool_choice: None,
-                        parallel_tool_calls: None,
-                        response_format: None,
-                        add_generation_prompt: None,
+                        ..Default::default()
                     };
                     worker
                         .template

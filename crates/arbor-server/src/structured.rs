@@ -135,6 +135,21 @@ impl Structured {
         self.grammar(TopLevelGrammar::from_lark(grammar.to_string()))
     }
 
+    /// A constraint for replies matching a regular expression (whole).
+    pub fn regex(&self, regex: &str) -> Result<Arc<dyn ConstraintFactory>, String> {
+        self.grammar(TopLevelGrammar::from_regex(regex))
+    }
+
+    /// A constraint for replies that are exactly one of `choices`.
+    pub fn choice(&self, choices: &[String]) -> Result<Arc<dyn ConstraintFactory>, String> {
+        // Lark's string literals take JSON's quoting.
+        let alternatives: Vec<String> = choices
+            .iter()
+            .map(|c| serde_json::to_string(c).expect("a string serializes"))
+            .collect();
+        self.lark(&format!("start: {}", alternatives.join(" | ")))
+    }
+
     fn grammar(&self, grammar: TopLevelGrammar) -> Result<Arc<dyn ConstraintFactory>, String> {
         let factory = self.factory()?;
         let parser = factory.create_parser(grammar).map_err(|e| e.to_string())?;

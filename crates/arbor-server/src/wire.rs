@@ -58,6 +58,15 @@ pub(crate) struct FunctionCallOut {
 }
 
 impl ToolCallOut {
+    /// The call itself, as parsed.
+    pub(crate) fn to_call(&self) -> crate::tools::ToolCall {
+        crate::tools::ToolCall {
+            id: self.id.clone(),
+            name: self.function.name.clone(),
+            arguments: self.function.arguments.clone(),
+        }
+    }
+
     pub(crate) fn new(call: crate::tools::ToolCall, index: Option<usize>) -> Self {
         Self {
             index,
@@ -130,6 +139,10 @@ pub(crate) struct UsageOut {
     /// With a reasoning parser: the completion tokens spent reasoning.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub completion_tokens_details: Option<ReasoningTokens>,
+    /// Arbor's extension on chat calls: where the prompt left the prefix cache, when it did
+    /// before its last token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_miss: Option<crate::history::CacheMiss>,
 }
 
 impl UsageOut {
@@ -150,6 +163,7 @@ impl From<&Usage> for UsageOut {
                 cached_tokens: u.cached_tokens,
             },
             completion_tokens_details: None,
+            prompt_cache_miss: None,
         }
     }
 }

@@ -73,6 +73,11 @@ enum Command {
         sink: tmpsc::UnboundedSender<Tagged>,
         reply: oneshot::Sender<Result<Vec<RequestId>, SubmitError>>,
     },
+    /// Compute a prefix into the cache when idle (a conversation's next turn).
+    Warm {
+        namespace: u64,
+        tokens: Vec<u32>,
+    },
     /// Cancel everything in flight (shutdown deadline).
     CancelAll,
     Stop,
@@ -188,6 +193,13 @@ impl EngineHandle {
         self.draining.store(true, Ordering::SeqCst);
     }
 
+    /// Queues a history warm-up (see `Engine::warm_prefix`); dropped while draining.
+    pub fn warm(&self, namespace: u64, tokens: Vec<u32>) {
+        if !self.is_draining() {
+            let _ = self.tx.send(Command::Warm { namespace, tokens });
+        }
+    }
+
     /// Ends every request in flight (their streams end with finish_reason "abort").
     pub fn cancel_all(&self) {
         let _ = self.tx.send(Command::CancelAll);
@@ -249,7 +261,10 @@ impl EngineLoop {
                 // Per-request faults are caught inside the step; what gets out is the
                 // engine's own failure.
                 match catch_unwind(AssertUnwindSafe(|| self.engine.step())) {
-                    Ok(Ok((events, _))) => {
+                    Ok(Ok((events, stats))) => {
+                        if stats.warm_tokens > 0 {
+                            self.metrics.warmed(stats.warm_tokens);
+                        }
                         // State first: a client that sees its request end also sees its slots
                         // back in /metrics.
                         self.publish_state();
@@ -306,6 +321,12 @@ impl EngineLoop {
                 let result = self.submit(requests, &sink);
                 let _ = reply.send(result);
                 self.publish_state();
+                true
+            }
+            Command::Warm { namespace, tokens } => {
+                if let Err(e) = self.engine.warm_prefix(namespace, tokens) {
+                    tracing::debug!("history warm-up refused: {e}");
+                }
                 true
             }
             Command::CancelAll => {
@@ -435,6 +456,7 @@ impl EngineLoop {
             self.engine.slot_usage(),
             self.engine.waiting_len(),
             self.engine.running_len(),
+            self.engine.warming_len(),
         );
         if let Some(p) = &mut self.kv_events {
             p.publish(&self.engine);

@@ -52,6 +52,9 @@ pub struct ModelArgs {
     /// fetched into ./models on first use.
     #[arg(long, env = "ARBOR_MODEL")]
     model: Option<PathBuf>,
+    /// A Jinja chat template file used instead of the model's own (as vLLM's flag).
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
     /// KV pool size in token slots (default: 40% of the memory available at start, at least one
     /// full context).
     #[arg(long, env = "ARBOR_KV_SLOTS")]
@@ -291,6 +294,13 @@ struct ServeArgs {
     /// (the format the chat template writes calls in).
     #[arg(long, default_value = "auto")]
     tool_call_parser: arbor_server::tools::ToolCallParser,
+    /// Do not compute a conversation's next turn ahead. By default, after a chat reply ends,
+    /// the history as the chat template will render it in the next request (which often
+    /// differs from what was cached: reasoning dropped from past answers) is computed into
+    /// the cache while the engine has nothing else to do, so that the next turn computes only
+    /// its new message.
+    #[arg(long)]
+    no_history_warmup: bool,
     /// Publish prefix-cache changes as vLLM-format KV events on a ZeroMQ PUB socket bound here
     /// (e.g. tcp://*:5557), for KV-aware routers such as NVIDIA Dynamo's. The stream carries
     /// every cached prompt's token ids: bind it where only the router can reach it.
@@ -432,7 +442,18 @@ fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
         e => anyhow::Error::new(e).context(format!("loading {}", path.display())),
     })?;
     let engine = Engine::new(opened.runner, opened.tokenizer, config)?;
-    Ok((engine, opened.chat_template))
+    let template = match &args.chat_template {
+        Some(file) => {
+            let source = std::fs::read_to_string(file)
+                .with_context(|| format!("reading --chat-template {}", file.display()))?;
+            opened
+                .chat_template
+                .replaced_by(&source)
+                .with_context(|| format!("--chat-template {}", file.display()))?
+        }
+        None => opened.chat_template,
+    };
+    Ok((engine, template))
 }
 
 fn generate(mut a: GenerateArgs) -> Result<()> {
@@ -585,6 +606,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     config.metrics_public = a.metrics_public;
     config.reasoning_parser = a.reasoning_parser;
     config.tool_call_parser = a.tool_call_parser;
+    config.history_warmup = !a.no_history_warmup;
     config.max_queue = a.max_queue;
     config.max_body_bytes = a.max_request_bytes;
     config.shutdown_timeout = std::time::Duration::from_secs_f64(a.shutdown_timeout);

@@ -80,6 +80,12 @@ impl ChatTemplate {
         })
     }
 
+    /// Another template for the same model (its BOS and EOS tokens kept): a user's
+    /// `--chat-template` file in place of the one the model ships.
+    pub fn replaced_by(&self, source: &str) -> Result<Self> {
+        Self::new(source, &self.bos_token, &self.eos_token)
+    }
+
     pub fn source(&self) -> &str {
         &self.source
     }

@@ -1,0 +1,313 @@
+//! A conversation's next turn, and where a prompt left the cache.
+//!
+//! Chat templates rewrite earlier turns when they render the next request: DeepSeek-R1's
+//! drops every past answer's reasoning, Qwen3's drops it from the turns before the latest
+//! question, others add separators or headers. The KV cached while a reply was generated (its
+//! think block included) then stops matching where that reply starts, and the next turn
+//! recomputes the reply as rendered on top of its new message. [`Turn::next_turn_prefix`]
+//! renders the history the way the next request will (the reply as the client sends it back,
+//! then a next message) and keeps the tokens every next message shares; the engine computes
+//! them as a warm-up while it has nothing else to do (`Engine::warm_prefix`), so the next turn
+//! computes only its new message.
+//!
+//! [`Turn::cache_miss`] says where a prompt left the cache: the token, the message it falls
+//! in and the text around it, so that a user can see why a turn missed (`usage.prompt_cache_miss`).
+
+use arbor_model::{ChatMessage, ChatTemplate, Tokenizer};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::tools::ToolCall;
+
+/// What a chat request keeps for its reply's end: enough to render the next turn and to
+/// explain the prompt's cache hit.
+#[derive(Debug)]
+pub(crate) struct Turn {
+    pub namespace: u64,
+    pub messages: Vec<ChatMessage>,
+    pub tools: Option<Value>,
+    pub prompt: Vec<u32>,
+    /// Each message's content as a byte range of the rendered prompt, where it was found.
+    pub spans: Vec<Option<(usize, usize)>>,
+    /// Whether to warm the next turn when the reply ends (warm-ups on, one choice).
+    pub warm: bool,
+    /// Whether the client sends replies' reasoning back (see [`ReasoningEchoes`]).
+    pub sends_reasoning: bool,
+}
+
+/// Whether each cache namespace's clients send replies' reasoning back in later requests
+/// (`reasoning_content` on assistant messages; OpenAI's clients do not, some agent frameworks
+/// do, and Qwen3's template renders it inside a tool loop). Learned from requests that carry
+/// assistant messages, used for a conversation's first reply, which has none to tell.
+/// Bounded: past [`ReasoningEchoes::MAX`] namespaces it starts over.
+#[derive(Debug, Default)]
+pub(crate) struct ReasoningEchoes(std::sync::Mutex<std::collections::HashMap<u64, bool>>);
+
+impl ReasoningEchoes {
+    const MAX: usize = 4096;
+
+    /// What this request shows (its assistant messages carry reasoning or not), else what
+    /// the namespace's last such request showed, else no.
+    pub fn observe(&self, namespace: u64, messages: &[ChatMessage]) -> bool {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut answers = messages.iter().filter(|m| m.role == "assistant").peekable();
+        if answers.peek().is_none() {
+            return seen.get(&namespace).copied().unwrap_or(false);
+        }
+        let sends = answers.any(|m| m.reasoning_content.is_some());
+        if seen.len() >= Self::MAX && !seen.contains_key(&namespace) {
+            seen.clear();
+        }
+        seen.insert(namespace, sends);
+        sends
+    }
+}
+
+/// A reply as its client will send it back in the next request.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Reply {
+    pub reasoning: String,
+    pub content: String,
+    pub calls: Vec<ToolCall>,
+}
+
+/// Where a prompt left the cache (an Arbor extension of `usage`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub(crate) struct CacheMiss {
+    /// The first prompt token computed rather than found in the cache (`cached_tokens`).
+    pub at_token: usize,
+    /// The message it falls in (an index into `messages`), when the prompt's text shows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at_message: Option<usize>,
+    /// The prompt's text just before that token, and from it (a few tokens each).
+    pub text_before: String,
+    pub text_after: String,
+}
+
+/// Tokens of context shown on each side of a cache miss.
+const MISS_CONTEXT_TOKENS: usize = 12;
+
+/// The byte range of each message's content in the rendered prompt, searched in order (a
+/// template that rewrites a message's content leaves it unfound).
+pub(crate) fn content_spans(
+    messages: &[ChatMessage],
+    rendered: &str,
+) -> Vec<Option<(usize, usize)>> {
+    let mut cursor = 0;
+    messages
+        .iter()
+        .map(|m| {
+            if m.content.is_empty() {
+                return None;
+            }
+            let start = cursor + rendered[cursor..].find(m.content.as_str())?;
+            cursor = start + m.content.len();
+            Some((start, cursor))
+        })
+        .collect()
+}
+
+impl Turn {
+    /// The tokens the next request of this conversation will start with: the history and
+    /// `reply` rendered as the template will render them then, up to where the next message's
+    /// own text begins. `None` when the template cannot render the reply back.
+    ///
+    /// The reply goes back as clients send it: its content and tool calls, its reasoning only
+    /// if the client sends reasoning back. The next message is a tool
+    /// result after calls, a user message otherwise; two different ones are rendered and the
+    /// shared tokens kept, less one (the tokenizer may merge across the boundary).
+    pub fn next_turn_prefix(
+        &self,
+        template: &ChatTemplate,
+        tokenizer: &Tokenizer,
+        reply: &Reply,
+    ) -> Option<Vec<u32>> {
+        let mut answer = ChatMessage::new("assistant", reply.content.clone());
+        if self.sends_reasoning && !reply.reasoning.is_empty() {
+            answer.reasoning_content = Some(reply.reasoning.clone());
+        }
+        if !reply.calls.is_empty() {
+            answer.tool_calls = Some(Value::Array(
+                reply
+                    .calls
+                    .iter()
+                    .map(|c| {
+                        crate::api::template_tool_call(
+                            Some(&c.id),
+                            "function",
+                            &c.name,
+                            &c.arguments,
+                        )
+                    })
+                    .collect(),
+            ));
+        }
+        let mut conversation = self.messages.clone();
+        conversation.push(answer);
+        let mut render = |probe: &str| -> Option<Vec<u32>> {
+            let next = match reply.calls.first() {
+                Some(call) => {
+                    let mut m = ChatMessage::new("tool", probe);
+                    m.tool_call_id = Some(call.id.clone());
+                    m.name = Some(call.name.clone());
+                    m
+                }
+                None => ChatMessage::new("user", probe),
+            };
+            conversation.push(next);
+            let text = template.render_with_tools(&conversation, self.tools.as_ref(), true);
+            conversation.pop();
+            tokenizer.encode(&text.ok()?, true).ok()
+        };
+        let a = render("Hello")?;
+        let b = render("1.\n")?;
+        let shared = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        Some(a[..shared.saturating_sub(1)].to_vec())
+    }
+
+    /// Where the prompt left the cache, when it did before its last token (which is always
+    /// computed, for its logits).
+    pub fn cache_miss(&self, tokenizer: &Tokenizer, cached: usize) -> Option<CacheMiss> {
+        if cached + 1 >= self.prompt.len() {
+            return None;
+        }
+        let decode = |ids: &[u32]| tokenizer.decode(ids, false).unwrap_or_default();
+        let before = &self.prompt[cached.saturating_sub(MISS_CONTEXT_TOKENS)..cached];
+        let after = &self.prompt[cached..(cached + MISS_CONTEXT_TOKENS).min(self.prompt.len())];
+        let offset = decode(&self.prompt[..cached]).len();
+        // The first message whose content ends past the miss: the miss is in it, or in the
+        // template's text in front of it.
+        let at_message = self
+            .spans
+            .iter()
+            .position(|s| s.is_some_and(|(_, end)| end > offset));
+        Some(CacheMiss {
+            at_token: cached,
+            at_message,
+            text_before: decode(before),
+            text_after: decode(after),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A template that drops an answer's reasoning once the conversation goes on, as
+    /// DeepSeek-R1's does (written here, not copied).
+    const DROPS_REASONING: &str = "{% for m in messages %}<|{{ m.role }}|>{% if m.role == 'assistant' %}{{ m.content.split('</think>')[-1] }}{% else %}{{ m.content }}{% endif %}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}";
+
+    fn tokenizer() -> Tokenizer {
+        // A byte-level tokenizer is enough: the test is about text, not merges.
+        Tokenizer::placeholder(256).unwrap()
+    }
+
+    fn turn(messages: Vec<ChatMessage>, template: &ChatTemplate, tok: &Tokenizer) -> Turn {
+        let text = template.render(&messages, true).unwrap();
+        Turn {
+            namespace: 0,
+            spans: content_spans(&messages, &text),
+            prompt: tok.encode(&text, true).unwrap(),
+            messages,
+            tools: None,
+            warm: true,
+            sends_reasoning: false,
+        }
+    }
+
+    #[test]
+    fn the_next_turn_prefix_is_the_history_as_the_template_renders_it_next() {
+        let template = ChatTemplate::new(DROPS_REASONING, "", "").unwrap();
+        let tok = tokenizer();
+        let t = turn(
+            vec![
+                ChatMessage::new("system", "Be brief."),
+                ChatMessage::new("user", "Hi?"),
+            ],
+            &template,
+            &tok,
+        );
+        let reply = Reply {
+            reasoning: "The user greets.".into(),
+            content: "Hello.".into(),
+            calls: Vec::new(),
+        };
+        let prefix = t.next_turn_prefix(&template, &tok, &reply).unwrap();
+        let next = template
+            .render(
+                &[
+                    ChatMessage::new("system", "Be brief."),
+                    ChatMessage::new("user", "Hi?"),
+                    ChatMessage::new("assistant", "Hello."),
+                    ChatMessage::new("user", "And you?"),
+                ],
+                true,
+            )
+            .unwrap();
+        let next = tok.encode(&next, true).unwrap();
+        assert!(next.starts_with(&prefix));
+        // Everything up to the new message's text, but the last token held back.
+        let text = tok.decode(&prefix, false).unwrap();
+        assert_eq!(
+            text,
+            "<|system|>Be brief.<|end|><|user|>Hi?<|end|><|assistant|>Hello.<|end|><|user|"
+        );
+        // The prompt that was cached diverges from it where the reasoning began.
+        let shared = t
+            .prompt
+            .iter()
+            .zip(&prefix)
+            .take_while(|(a, b)| a == b)
+            .count();
+        assert_eq!(
+            tok.decode(&prefix[shared..], false).unwrap(),
+            "Hello.<|end|><|user|"
+        );
+    }
+
+    #[test]
+    fn whether_clients_send_reasoning_back_is_learned_per_namespace() {
+        let echoes = ReasoningEchoes::default();
+        let question = [ChatMessage::new("user", "Hi?")];
+        let mut answer = ChatMessage::new("assistant", "Hello.");
+        assert!(!echoes.observe(1, &question), "nothing seen yet: no");
+        answer.reasoning_content = Some("The user greets.".into());
+        let with = [question[0].clone(), answer.clone(), question[0].clone()];
+        assert!(echoes.observe(1, &with));
+        // A first turn in namespace 1 follows what its clients did; namespace 2 knows nothing.
+        assert!(echoes.observe(1, &question));
+        assert!(!echoes.observe(2, &question));
+        answer.reasoning_content = None;
+        let without = [question[0].clone(), answer, question[0].clone()];
+        assert!(!echoes.observe(1, &without));
+        assert!(!echoes.observe(1, &question));
+    }
+
+    #[test]
+    fn a_cache_miss_names_the_message_and_the_text_around_it() {
+        let template = ChatTemplate::new(DROPS_REASONING, "", "").unwrap();
+        let tok = tokenizer();
+        let messages = vec![
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "Hi?"),
+            ChatMessage::new("assistant", "Hello."),
+            ChatMessage::new("user", "And you?"),
+        ];
+        let t = turn(messages, &template, &tok);
+        let rendered = tok.decode(&t.prompt, false).unwrap();
+        // Cached up to the answer's start (what the reply's think block left behind).
+        let cached = rendered.find("Hello.").unwrap();
+        let miss = t.cache_miss(&tok, cached).unwrap();
+        assert_eq!(miss.at_token, cached);
+        assert_eq!(miss.at_message, Some(2));
+        assert_eq!(miss.text_before, "|assistant|>");
+        assert!(miss.text_after.starts_with("Hello."), "{miss:?}");
+        // In the template's text in front of the last message: that message.
+        let cached = rendered.rfind("<|user|>").unwrap() + 2;
+        assert_eq!(t.cache_miss(&tok, cached).unwrap().at_message, Some(3));
+        // Nothing cached: the first message; all but the last token: no miss.
+        assert_eq!(t.cache_miss(&tok, 0).unwrap().at_message, Some(0));
+        assert_eq!(t.cache_miss(&tok, t.prompt.len() - 1), None);
+    }
+}
