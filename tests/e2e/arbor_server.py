@@ -63,6 +63,14 @@ class ArborServer:
                 out[name] = float(value)
         return out
 
+    def wait_warmups(self, timeout=60):
+        """Waits until no history warm-up is queued or running."""
+        deadline = time.time() + timeout
+        while self.metrics().get("arbor_history_warmups", 0) > 0:
+            if time.time() > deadline:
+                raise RuntimeError(f"history warm-ups still queued {timeout} s on")
+            time.sleep(0.05)
+
     def settle(self, timeout=60):
         """Waits until nothing runs or waits; returns (metrics, problems): slots held by
         requests, or free + cached != total, are problems."""

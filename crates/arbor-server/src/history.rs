@@ -31,8 +31,9 @@ pub(crate) struct Turn {
     pub spans: Vec<Option<(usize, usize)>>,
     /// Whether to warm the next turn when the reply ends (warm-ups on, one choice).
     pub warm: bool,
-    /// Whether the client sends replies' reasoning back (see [`ReasoningEchoes`]).
-    pub sends_reasoning: bool,
+    /// Whether the client sends replies' reasoning back (see [`ReasoningEchoes`]; `None`:
+    /// not known yet).
+    pub sends_reasoning: Option<bool>,
 }
 
 /// Whether each cache namespace's clients send replies' reasoning back in later requests
@@ -47,19 +48,19 @@ impl ReasoningEchoes {
     const MAX: usize = 4096;
 
     /// What this request shows (its assistant messages carry reasoning or not), else what
-    /// the namespace's last such request showed, else no.
-    pub fn observe(&self, namespace: u64, messages: &[ChatMessage]) -> bool {
+    /// the namespace's last such request showed, else `None`.
+    pub fn observe(&self, namespace: u64, messages: &[ChatMessage]) -> Option<bool> {
         let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let mut answers = messages.iter().filter(|m| m.role == "assistant").peekable();
         if answers.peek().is_none() {
-            return seen.get(&namespace).copied().unwrap_or(false);
+            return seen.get(&namespace).copied();
         }
         let sends = answers.any(|m| m.reasoning_content.is_some());
         if seen.len() >= Self::MAX && !seen.contains_key(&namespace) {
             seen.clear();
         }
         seen.insert(namespace, sends);
-        sends
+        Some(sends)
     }
 }
 
@@ -110,20 +111,45 @@ pub(crate) fn content_spans(
 impl Turn {
     /// The tokens the next request of this conversation will start with: the history and
     /// `reply` rendered as the template will render them then, up to where the next message's
-    /// own text begins. `None` when the template cannot render the reply back.
+    /// own text begins. Empty when the template cannot render the reply back.
     ///
-    /// The reply goes back as clients send it: its content and tool calls, its reasoning only
-    /// if the client sends reasoning back. The next message is a tool
-    /// result after calls, a user message otherwise; two different ones are rendered and the
-    /// shared tokens kept, less one (the tokenizer may merge across the boundary).
-    pub fn next_turn_prefix(
+    /// The reply goes back as clients send it: its content and tool calls, and its reasoning
+    /// if the namespace's clients send reasoning back; when that is not known yet, both ways
+    /// (one prefix when the template renders them alike). The next message is a tool result
+    /// after calls, a user message otherwise; two different ones are rendered and the shared
+    /// tokens kept, less one (the tokenizer may merge across the boundary).
+    pub fn next_turn_prefixes(
         &self,
         template: &ChatTemplate,
         tokenizer: &Tokenizer,
         reply: &Reply,
+    ) -> Vec<Vec<u32>> {
+        let with_reasoning: &[bool] = match self.sends_reasoning {
+            _ if reply.reasoning.is_empty() => &[false],
+            Some(true) => &[true],
+            Some(false) => &[false],
+            None => &[false, true],
+        };
+        let mut prefixes: Vec<Vec<u32>> = Vec::new();
+        for &reasoning in with_reasoning {
+            if let Some(p) = self.next_turn_prefix(template, tokenizer, reply, reasoning) {
+                if !prefixes.contains(&p) {
+                    prefixes.push(p);
+                }
+            }
+        }
+        prefixes
+    }
+
+    fn next_turn_prefix(
+        &self,
+        template: &ChatTemplate,
+        tokenizer: &Tokenizer,
+        reply: &Reply,
+        with_reasoning: bool,
     ) -> Option<Vec<u32>> {
         let mut answer = ChatMessage::new("assistant", reply.content.clone());
-        if self.sends_reasoning && !reply.reasoning.is_empty() {
+        if with_reasoning {
             answer.reasoning_content = Some(reply.reasoning.clone());
         }
         if !reply.calls.is_empty() {
@@ -212,7 +238,7 @@ mod tests {
             messages,
             tools: None,
             warm: true,
-            sends_reasoning: false,
+            sends_reasoning: Some(false),
         }
     }
 
@@ -233,7 +259,19 @@ mod tests {
             content: "Hello.".into(),
             calls: Vec::new(),
         };
-        let prefix = t.next_turn_prefix(&template, &tok, &reply).unwrap();
+        let prefixes = t.next_turn_prefixes(&template, &tok, &reply);
+        // The template never renders `reasoning_content`: one prefix, whether it is sent back.
+        assert_eq!(
+            Turn {
+                sends_reasoning: None,
+                ..turn(t.messages.clone(), &template, &tok)
+            }
+            .next_turn_prefixes(&template, &tok, &reply),
+            prefixes
+        );
+        let [prefix] = &prefixes[..] else {
+            panic!("{prefixes:?}")
+        };
         let next = template
             .render(
                 &[
@@ -246,9 +284,9 @@ mod tests {
             )
             .unwrap();
         let next = tok.encode(&next, true).unwrap();
-        assert!(next.starts_with(&prefix));
+        assert!(next.starts_with(prefix));
         // Everything up to the new message's text, but the last token held back.
-        let text = tok.decode(&prefix, false).unwrap();
+        let text = tok.decode(prefix, false).unwrap();
         assert_eq!(
             text,
             "<|system|>Be brief.<|end|><|user|>Hi?<|end|><|assistant|>Hello.<|end|><|user|"
@@ -257,7 +295,7 @@ mod tests {
         let shared = t
             .prompt
             .iter()
-            .zip(&prefix)
+            .zip(prefix)
             .take_while(|(a, b)| a == b)
             .count();
         assert_eq!(
@@ -267,21 +305,63 @@ mod tests {
     }
 
     #[test]
+    fn reasoning_goes_back_as_the_namespace_sends_it_and_both_ways_when_unknown() {
+        // Renders an answer's reasoning when the client sends it back (as Qwen3's does in a
+        // tool loop; written here, not copied).
+        let keeps = "{% for m in messages %}<|{{ m.role }}|>{% if m.reasoning_content is defined %}<think>{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+        let template = ChatTemplate::new(keeps, "", "").unwrap();
+        let tok = tokenizer();
+        let reply = Reply {
+            reasoning: "The user greets.".into(),
+            content: "Hello.".into(),
+            calls: Vec::new(),
+        };
+        let text = |p: &Vec<u32>| tok.decode(p, false).unwrap();
+        let base = turn(vec![ChatMessage::new("user", "Hi?")], &template, &tok);
+        for (sends, want) in [
+            (Some(false), vec!["<|user|>Hi?<|end|><|assistant|>Hello.<|end|><|user|"]),
+            (
+                Some(true),
+                vec!["<|user|>Hi?<|end|><|assistant|><think>The user greets.</think>Hello.<|end|><|user|"],
+            ),
+            (
+                None,
+                vec![
+                    "<|user|>Hi?<|end|><|assistant|>Hello.<|end|><|user|",
+                    "<|user|>Hi?<|end|><|assistant|><think>The user greets.</think>Hello.<|end|><|user|",
+                ],
+            ),
+        ] {
+            let t = Turn {
+                sends_reasoning: sends,
+                messages: base.messages.clone(),
+                prompt: base.prompt.clone(),
+                spans: base.spans.clone(),
+                namespace: 0,
+                tools: None,
+                warm: true,
+            };
+            let got: Vec<String> = t.next_turn_prefixes(&template, &tok, &reply).iter().map(text).collect();
+            assert_eq!(got, want, "{sends:?}");
+        }
+    }
+
+    #[test]
     fn whether_clients_send_reasoning_back_is_learned_per_namespace() {
         let echoes = ReasoningEchoes::default();
         let question = [ChatMessage::new("user", "Hi?")];
         let mut answer = ChatMessage::new("assistant", "Hello.");
-        assert!(!echoes.observe(1, &question), "nothing seen yet: no");
+        assert_eq!(echoes.observe(1, &question), None, "nothing seen yet");
         answer.reasoning_content = Some("The user greets.".into());
         let with = [question[0].clone(), answer.clone(), question[0].clone()];
-        assert!(echoes.observe(1, &with));
+        assert_eq!(echoes.observe(1, &with), Some(true));
         // A first turn in namespace 1 follows what its clients did; namespace 2 knows nothing.
-        assert!(echoes.observe(1, &question));
-        assert!(!echoes.observe(2, &question));
+        assert_eq!(echoes.observe(1, &question), Some(true));
+        assert_eq!(echoes.observe(2, &question), None);
         answer.reasoning_content = None;
         let without = [question[0].clone(), answer, question[0].clone()];
-        assert!(!echoes.observe(1, &without));
-        assert!(!echoes.observe(1, &question));
+        assert_eq!(echoes.observe(1, &without), Some(false));
+        assert_eq!(echoes.observe(1, &question), Some(false));
     }
 
     #[test]

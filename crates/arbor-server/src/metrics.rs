@@ -101,8 +101,10 @@ struct Inner {
     cache_hit_tokens: u64,
     /// Tokens computed by history warm-ups.
     warm_tokens: u64,
-    /// History warm-ups queued or running.
+    /// History warm-ups queued or running in the engine.
     warmups: usize,
+    /// Replies whose warm-ups are being prepared (rendered, tokenized) on the way to it.
+    warmups_preparing: usize,
     slots: SlotUsage,
     queue_length: usize,
     running: usize,
@@ -127,6 +129,7 @@ impl Default for Metrics {
                 cache_hit_tokens: 0,
                 warm_tokens: 0,
                 warmups: 0,
+                warmups_preparing: 0,
                 slots: SlotUsage::default(),
                 queue_length: 0,
                 running: 0,
@@ -172,6 +175,16 @@ impl Metrics {
             m.ttft.observe(t);
         }
         m.e2e.observe(f.end_to_end);
+    }
+
+    /// A reply's warm-up is being prepared (`true`), or has reached the engine (`false`).
+    pub fn warmup_preparing(&self, started: bool) {
+        let mut m = self.lock();
+        if started {
+            m.warmups_preparing += 1;
+        } else {
+            m.warmups_preparing = m.warmups_preparing.saturating_sub(1);
+        }
     }
 
     /// Tokens a step computed for history warm-ups.
@@ -237,8 +250,8 @@ impl Metrics {
             (
                 "arbor_history_warmups",
                 "gauge",
-                "History warm-ups queued or running (they hold KV slots while they run).",
-                m.warmups as u64,
+                "History warm-ups being prepared, queued or running (they hold KV slots while they run).",
+                (m.warmups + m.warmups_preparing) as u64,
             ),
             (
                 "arbor_kv_slots_total",

@@ -190,10 +190,11 @@ impl Responder {
             return;
         }
         let st = self.st.clone();
+        // Counted from now, before the client sees the reply end, until the engine has it.
+        st.metrics.warmup_preparing(true);
         tokio::task::spawn_blocking(move || {
-            if let Some(tokens) = turn.next_turn_prefix(&st.template, &st.tokenizer, &reply) {
-                st.engine.warm(turn.namespace, tokens);
-            }
+            let prefixes = turn.next_turn_prefixes(&st.template, &st.tokenizer, &reply);
+            st.engine.warm(&st.metrics, turn.namespace, prefixes);
         });
     }
 

@@ -73,10 +73,11 @@ enum Command {
         sink: tmpsc::UnboundedSender<Tagged>,
         reply: oneshot::Sender<Result<Vec<RequestId>, SubmitError>>,
     },
-    /// Compute a prefix into the cache when idle (a conversation's next turn).
+    /// Compute prefixes into the cache when idle (a conversation's next turn); one prepared
+    /// warm-up in the metrics ends.
     Warm {
         namespace: u64,
-        tokens: Vec<u32>,
+        prefixes: Vec<Vec<u32>>,
     },
     /// Cancel everything in flight (shutdown deadline).
     CancelAll,
@@ -193,10 +194,19 @@ impl EngineHandle {
         self.draining.store(true, Ordering::SeqCst);
     }
 
-    /// Queues a history warm-up (see `Engine::warm_prefix`); dropped while draining.
-    pub fn warm(&self, namespace: u64, tokens: Vec<u32>) {
-        if !self.is_draining() {
-            let _ = self.tx.send(Command::Warm { namespace, tokens });
+    /// Queues a reply's history warm-ups (see `Engine::warm_prefix`), ending the preparation
+    /// counted by `Metrics::warmup_preparing` once the engine has them; dropped while draining.
+    pub fn warm(&self, metrics: &Metrics, namespace: u64, prefixes: Vec<Vec<u32>>) {
+        let sent = !self.is_draining()
+            && self
+                .tx
+                .send(Command::Warm {
+                    namespace,
+                    prefixes,
+                })
+                .is_ok();
+        if !sent {
+            metrics.warmup_preparing(false);
         }
     }
 
@@ -323,10 +333,17 @@ impl EngineLoop {
                 self.publish_state();
                 true
             }
-            Command::Warm { namespace, tokens } => {
-                if let Err(e) = self.engine.warm_prefix(namespace, tokens) {
-                    tracing::debug!("history warm-up refused: {e}");
+            Command::Warm {
+                namespace,
+                prefixes,
+            } => {
+                for tokens in prefixes {
+                    if let Err(e) = self.engine.warm_prefix(namespace, tokens) {
+                        tracing::debug!("history warm-up refused: {e}");
+                    }
                 }
+                self.metrics.warmup_preparing(false);
+                self.publish_state();
                 true
             }
             Command::CancelAll => {
