@@ -8,7 +8,8 @@ conversation through the OpenAI API, the way a client does: each reply goes back
 reasoning model's (a think block, then an answer) by a regular-expression constraint, since
 the small default model does not reason by itself. Per turn it records the prompt's tokens,
 those found in the cache, and where the prompt left the cache (`usage.prompt_cache_miss`),
-with history warm-ups on (the default) and off (`--no-history-warmup`), in one run.
+with history warm-ups on (the default) and off (`--no-history-warmup`), in one run, and each
+turn's time to first token (replies are streamed).
 
     python3 scripts/template_turns.py --arbor target/release/arbor [--turns 5] [--json out.json]
 
@@ -60,6 +61,39 @@ def post(base, path, body):
         return json.load(r)
 
 
+def chat(base, body):
+    """A streamed chat completion: (the reply's message, finish_reason, usage, seconds to the
+    first generated token)."""
+    body = dict(body, stream=True, stream_options={"include_usage": True})
+    req = urllib.request.Request(
+        base + "/v1/chat/completions", data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
+    started = time.perf_counter()
+    ttft = None
+    msg = {"content": "", "reasoning_content": "", "tool_calls": []}
+    finish = usage = None
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            line = line.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for c in chunk.get("choices", []):
+                d = c.get("delta", {})
+                got = d.get("content") or d.get("reasoning_content") or d.get("tool_calls")
+                if got and ttft is None:
+                    ttft = time.perf_counter() - started
+                msg["content"] += d.get("content") or ""
+                msg["reasoning_content"] += d.get("reasoning_content") or ""
+                for call in d.get("tool_calls") or []:
+                    msg["tool_calls"].append({k: call[k] for k in ("id", "type", "function")})
+                finish = c.get("finish_reason") or finish
+    return msg, finish, usage, ttft
+
+
 def floor_tokens(base, messages):
     """The fewest tokens any cache leaves this turn to compute: the prompt's tokens from where
     it starts to differ from the same conversation with another newest message."""
@@ -85,14 +119,10 @@ def run(arbor, template_dir, name, warm, turns, pause):
         messages = [{"role": "system", "content": SYSTEM}]
         for turn in range(turns):
             messages.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
-            started = time.perf_counter()
-            r = post(s.base_url, "/v1/chat/completions", {
+            msg, finish, u, ttft = chat(s.base_url, {
                 "messages": messages, "max_tokens": 1500, "temperature": 0,
                 "structured_outputs": {"regex": regex},
             })
-            latency = time.perf_counter() - started
-            u = r["usage"]
-            msg = r["choices"][0]["message"]
             rows.append({
                 "turn": turn + 1,
                 "prompt_tokens": u["prompt_tokens"],
@@ -101,11 +131,11 @@ def run(arbor, template_dir, name, warm, turns, pause):
                 "floor": floor_tokens(s.base_url, messages),
                 "reasoning_tokens": (u.get("completion_tokens_details") or {}).get("reasoning_tokens"),
                 "completion_tokens": u["completion_tokens"],
-                "finish_reason": r["choices"][0]["finish_reason"],
+                "finish_reason": finish,
                 "miss": u.get("prompt_cache_miss"),
-                "seconds": round(latency, 3),
+                "ttft": round(ttft, 4),
             })
-            messages.append({"role": "assistant", "content": msg["content"] or ""})
+            messages.append({"role": "assistant", "content": msg["content"]})
             # The user reads and types (or the tool runs); the warm-up, if on, runs meanwhile
             # (waited for, so that a slow machine measures the same thing).
             time.sleep(pause)
@@ -148,14 +178,10 @@ def run_agent(arbor, template_dir, warm, pause):
             else:
                 messages.append({"role": "tool", "tool_call_id": last_call["id"],
                                  "content": "Notes: " + QUESTIONS[(step + 3) % len(QUESTIONS)] * 3})
-            started = time.perf_counter()
-            r = post(s.base_url, "/v1/chat/completions", {
+            msg, finish, u, ttft = chat(s.base_url, {
                 "messages": messages, "tools": TOOLS, "max_tokens": 1500, "temperature": 0,
                 "structured_outputs": {"regex": regex},
             })
-            latency = time.perf_counter() - started
-            u = r["usage"]
-            msg = r["choices"][0]["message"]
             rows.append({
                 "turn": step + 1,
                 "prompt_tokens": u["prompt_tokens"],
@@ -164,12 +190,12 @@ def run_agent(arbor, template_dir, warm, pause):
                 "floor": floor_tokens(s.base_url, messages),
                 "reasoning_tokens": (u.get("completion_tokens_details") or {}).get("reasoning_tokens"),
                 "completion_tokens": u["completion_tokens"],
-                "finish_reason": r["choices"][0]["finish_reason"],
+                "finish_reason": finish,
                 "miss": u.get("prompt_cache_miss"),
-                "seconds": round(latency, 3),
+                "ttft": round(ttft, 4),
             })
-            back = {"role": "assistant", "content": msg["content"] or "",
-                    "reasoning_content": msg.get("reasoning_content")}
+            back = {"role": "assistant", "content": msg["content"],
+                    "reasoning_content": msg["reasoning_content"]}
             if msg.get("tool_calls"):
                 back["tool_calls"] = msg["tool_calls"]
                 last_call = msg["tool_calls"][0]
@@ -202,12 +228,12 @@ def main():
             key = f"{name} warm-up {'on' if warm else 'off'}"
             results[key] = {"turns": rows, "warmup_tokens": warmed}
             print(f"\n{key} (warm-up tokens computed: {int(warmed)})")
-            print("turn  prompt  cached  recomputed  floor  reply(reasoning)  miss at message: before | after")
+            print("turn  prompt  cached  recomputed  floor  ttft_ms  reply(reasoning)  miss at message: before | after")
             for r in rows:
                 m = r["miss"] or {}
                 where = f"{m.get('at_message')}: {m.get('text_before', '')!r} | {m.get('text_after', '')!r}" if m else "-"
                 print(f"{r['turn']:>4}  {r['prompt_tokens']:>6}  {r['cached_tokens']:>6}  {r['recomputed']:>10}  "
-                      f"{r['floor']:>5}  {r['completion_tokens']:>5}({r['reasoning_tokens']})  {where}")
+                      f"{r['floor']:>5}  {1000 * r['ttft']:>7.0f}  {r['completion_tokens']:>5}({r['reasoning_tokens']})  {where}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
