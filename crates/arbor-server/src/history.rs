@@ -27,6 +27,8 @@ pub(crate) struct Turn {
     pub messages: Vec<ChatMessage>,
     pub tools: Option<Value>,
     pub prompt: Vec<u32>,
+    /// The rendered prompt.
+    pub prompt_text: String,
     /// Each message's content as a byte range of the rendered prompt, where it was found.
     pub spans: Vec<Option<(usize, usize)>>,
     /// Whether to warm the next turn when the reply ends (warm-ups on, one choice).
@@ -67,6 +69,8 @@ impl ReasoningEchoes {
 /// A reply as its client will send it back in the next request.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Reply {
+    /// The generated text as it came (what the cache holds after the prompt).
+    pub raw: String,
     pub reasoning: String,
     pub content: String,
     pub calls: Vec<ToolCall>,
@@ -117,7 +121,10 @@ impl Turn {
     /// if the namespace's clients send reasoning back; when that is not known yet, both ways
     /// (one prefix when the template renders them alike). The next message is a tool result
     /// after calls, a user message otherwise; two different ones are rendered and the shared
-    /// tokens kept, less one (the tokenizer may merge across the boundary).
+    /// tokens kept, less one (the tokenizer may merge across the boundary). Nothing when the
+    /// next request starts with this prompt and the reply as generated: the cache has it all
+    /// but the template's few tokens between turns, not worth tokenizing the conversation for
+    /// (the common case of a template that does not rewrite history).
     pub fn next_turn_prefixes(
         &self,
         template: &ChatTemplate,
@@ -170,7 +177,7 @@ impl Turn {
         }
         let mut conversation = self.messages.clone();
         conversation.push(answer);
-        let mut render = |probe: &str| -> Option<Vec<u32>> {
+        let mut render = |probe: &str| -> Option<String> {
             let next = match reply.calls.first() {
                 Some(call) => {
                     let mut m = ChatMessage::new("tool", probe);
@@ -183,10 +190,15 @@ impl Turn {
             conversation.push(next);
             let text = template.render_with_tools(&conversation, self.tools.as_ref(), true);
             conversation.pop();
-            tokenizer.encode(&text.ok()?, true).ok()
+            text.ok()
         };
         let a = render("Hello")?;
+        if a.starts_with(&self.prompt_text) && a[self.prompt_text.len()..].starts_with(&reply.raw) {
+            return None;
+        }
         let b = render("1.\n")?;
+        let tokenize = |text: &str| tokenizer.encode(text, true).ok();
+        let (a, b) = (tokenize(&a)?, tokenize(&b)?);
         let shared = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
         Some(a[..shared.saturating_sub(1)].to_vec())
     }
@@ -235,6 +247,7 @@ mod tests {
             namespace: 0,
             spans: content_spans(&messages, &text),
             prompt: tok.encode(&text, true).unwrap(),
+            prompt_text: text,
             messages,
             tools: None,
             warm: true,
@@ -255,6 +268,7 @@ mod tests {
             &tok,
         );
         let reply = Reply {
+            raw: "<think>The user greets.</think>Hello.".into(),
             reasoning: "The user greets.".into(),
             content: "Hello.".into(),
             calls: Vec::new(),
@@ -312,6 +326,8 @@ mod tests {
         let template = ChatTemplate::new(keeps, "", "").unwrap();
         let tok = tokenizer();
         let reply = Reply {
+            // As generated: newlines the template does not write back.
+            raw: "<think>\nThe user greets.\n</think>\n\nHello.".into(),
             reasoning: "The user greets.".into(),
             content: "Hello.".into(),
             calls: Vec::new(),
@@ -336,6 +352,7 @@ mod tests {
                 sends_reasoning: sends,
                 messages: base.messages.clone(),
                 prompt: base.prompt.clone(),
+                prompt_text: base.prompt_text.clone(),
                 spans: base.spans.clone(),
                 namespace: 0,
                 tools: None,
@@ -344,6 +361,27 @@ mod tests {
             let got: Vec<String> = t.next_turn_prefixes(&template, &tok, &reply).iter().map(text).collect();
             assert_eq!(got, want, "{sends:?}");
         }
+    }
+
+    #[test]
+    fn a_template_that_keeps_history_as_generated_needs_no_warm_up() {
+        let template = ChatTemplate::new(arbor_model::text::chat::CHATML_TEMPLATE, "", "").unwrap();
+        let tok = tokenizer();
+        let t = turn(vec![ChatMessage::new("user", "Hi?")], &template, &tok);
+        let reply = Reply {
+            raw: "Hello.".into(),
+            content: "Hello.".into(),
+            ..Default::default()
+        };
+        assert!(t.next_turn_prefixes(&template, &tok, &reply).is_empty());
+        // A reply whose reasoning the client drops does need one.
+        let reply = Reply {
+            raw: "<think>Greeting.</think>Hello.".into(),
+            reasoning: "Greeting.".into(),
+            content: "Hello.".into(),
+            calls: Vec::new(),
+        };
+        assert_eq!(t.next_turn_prefixes(&template, &tok, &reply).len(), 1);
     }
 
     #[test]

@@ -259,8 +259,13 @@ impl Responder {
         let mut parsers = self.parsers();
         let mut reasoning: Vec<String> = vec![String::new(); parsers.len()];
         let mut calls: Vec<Vec<ToolCallOut>> = (0..parsers.len()).map(|_| Vec::new()).collect();
+        // Choice 0's text as generated, for its next turn's warm-up.
+        let mut raw = String::new();
         // Text into a choice's content, or taken apart into reasoning, content and calls.
         let mut add_text = |index: usize, text: String, last: bool, texts: &mut Vec<String>| {
+            if index == 0 {
+                raw.push_str(&text);
+            }
             let Some(p) = parsers.get_mut(index) else {
                 texts[index].push_str(&text);
                 return;
@@ -323,6 +328,7 @@ impl Responder {
         let usage = Some(Some(self.usage_out(&usage, &parsers)));
         if let (Api::Chat, Some(reason)) = (self.api, finish[0]) {
             let reply = Reply {
+                raw,
                 reasoning: reasoning.first().cloned().unwrap_or_default(),
                 content: texts[0].clone(),
                 calls: calls
@@ -566,6 +572,9 @@ impl StreamState {
                 ..
             } => {
                 let lp = logprob.filter(|_| r.lists_token(token));
+                if let (0, Some(reply)) = (index, self.reply.as_mut()) {
+                    reply.raw.push_str(&text);
+                }
                 let Piece {
                     reasoning,
                     content: text,
@@ -636,6 +645,9 @@ impl StreamState {
                 usage,
                 ..
             } => {
+                if let (0, Some(reply)) = (index, self.reply.as_mut()) {
+                    reply.raw.push_str(&text);
+                }
                 let Piece {
                     reasoning,
                     content: text,

@@ -226,6 +226,7 @@ async fn chat_inner(
             namespace,
             spans: content_spans(&messages, &text),
             prompt: tokens.clone(),
+            prompt_text: text,
             messages,
             tools,
             warm: false,
