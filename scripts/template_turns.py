@@ -106,6 +106,23 @@ def floor_tokens(base, messages):
     return len(prompt) - shared
 
 
+def row(turn, u, finish, ttft, floor):
+    """One turn's figures from its usage."""
+    cached = u["prompt_tokens_details"]["cached_tokens"]
+    return {
+        "turn": turn,
+        "prompt_tokens": u["prompt_tokens"],
+        "cached_tokens": cached,
+        "recomputed": u["prompt_tokens"] - cached,
+        "floor": floor,
+        "reasoning_tokens": (u.get("completion_tokens_details") or {}).get("reasoning_tokens"),
+        "completion_tokens": u["completion_tokens"],
+        "finish_reason": finish,
+        "miss": u.get("prompt_cache_miss"),
+        "ttft": round(ttft, 4),
+    }
+
+
 def run(arbor, template_dir, name, warm, turns, pause):
     template, regex = TEMPLATES[name]
     flags = [
@@ -123,18 +140,7 @@ def run(arbor, template_dir, name, warm, turns, pause):
                 "messages": messages, "max_tokens": 1500, "temperature": 0,
                 "structured_outputs": {"regex": regex},
             })
-            rows.append({
-                "turn": turn + 1,
-                "prompt_tokens": u["prompt_tokens"],
-                "cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
-                "recomputed": u["prompt_tokens"] - u["prompt_tokens_details"]["cached_tokens"],
-                "floor": floor_tokens(s.base_url, messages),
-                "reasoning_tokens": (u.get("completion_tokens_details") or {}).get("reasoning_tokens"),
-                "completion_tokens": u["completion_tokens"],
-                "finish_reason": finish,
-                "miss": u.get("prompt_cache_miss"),
-                "ttft": round(ttft, 4),
-            })
+            rows.append(row(turn + 1, u, finish, ttft, floor_tokens(s.base_url, messages)))
             messages.append({"role": "assistant", "content": msg["content"]})
             # The user reads and types (or the tool runs); the warm-up, if on, runs meanwhile
             # (waited for, so that a slow machine measures the same thing).
@@ -182,18 +188,7 @@ def run_agent(arbor, template_dir, warm, pause):
                 "messages": messages, "tools": TOOLS, "max_tokens": 1500, "temperature": 0,
                 "structured_outputs": {"regex": regex},
             })
-            rows.append({
-                "turn": step + 1,
-                "prompt_tokens": u["prompt_tokens"],
-                "cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
-                "recomputed": u["prompt_tokens"] - u["prompt_tokens_details"]["cached_tokens"],
-                "floor": floor_tokens(s.base_url, messages),
-                "reasoning_tokens": (u.get("completion_tokens_details") or {}).get("reasoning_tokens"),
-                "completion_tokens": u["completion_tokens"],
-                "finish_reason": finish,
-                "miss": u.get("prompt_cache_miss"),
-                "ttft": round(ttft, 4),
-            })
+            rows.append(row(step + 1, u, finish, ttft, floor_tokens(s.base_url, messages)))
             back = {"role": "assistant", "content": msg["content"],
                     "reasoning_content": msg["reasoning_content"]}
             if msg.get("tool_calls"):

@@ -543,41 +543,29 @@ fn warm_ups_give_way_to_requests() {
         assert_eq!(got[&id], want);
         // The warm-up then finishes from where it was, and a request on its prefix hits.
         drain(&mut e);
-        let mut next = long.clone();
-        next.extend([40, 41, 42]);
-        let id = e.add_request(request(next, 2, None)).unwrap();
-        let mut usage = None;
-        while e.has_work() {
-            for ev in e.step().unwrap().0 {
-                if let Event::Finished {
-                    id: done, usage: u, ..
-                } = ev
-                {
-                    assert_eq!(done, id);
-                    usage = Some(u);
+        let cached_for = |e: &mut Engine, namespace| {
+            let mut next = long.clone();
+            next.extend([40, 41, 42]);
+            let mut r = request(next, 2, None);
+            r.namespace = namespace;
+            let id = e.add_request(r).unwrap();
+            let mut usage = None;
+            while e.has_work() {
+                for ev in e.step().unwrap().0 {
+                    if let Event::Finished {
+                        id: done, usage: u, ..
+                    } = ev
+                    {
+                        assert_eq!(done, id);
+                        usage = Some(u);
+                    }
                 }
             }
-        }
+            usage.unwrap().cached_tokens
+        };
         // Namespace 3 was warmed, this request is in 0: nothing shared across namespaces.
-        assert_eq!(usage.unwrap().cached_tokens, 0, "slots {slots}");
-        let mut next = long.clone();
-        next.extend([40, 41, 42]);
-        let mut r = request(next, 2, None);
-        r.namespace = 3;
-        let id = e.add_request(r).unwrap();
-        let mut usage = None;
-        while e.has_work() {
-            for ev in e.step().unwrap().0 {
-                if let Event::Finished {
-                    id: done, usage: u, ..
-                } = ev
-                {
-                    assert_eq!(done, id);
-                    usage = Some(u);
-                }
-            }
-        }
-        let cached = usage.unwrap().cached_tokens;
+        assert_eq!(cached_for(&mut e, 0), 0, "slots {slots}");
+        let cached = cached_for(&mut e, 3);
         if slots > 4000 {
             assert_eq!(cached, long.len(), "slots {slots}");
         } else {

@@ -177,6 +177,13 @@ impl Metrics {
         m.e2e.observe(f.end_to_end);
     }
 
+    /// The engine's last published state: where the KV slots are, requests waiting and
+    /// running (for load reports to a router).
+    pub fn engine_state(&self) -> (SlotUsage, usize, usize) {
+        let m = self.lock();
+        (m.slots, m.queue_length, m.running)
+    }
+
     /// A reply's warm-up is being prepared (`true`), or has reached the engine (`false`).
     pub fn warmup_preparing(&self, started: bool) {
         let mut m = self.lock();
