@@ -193,7 +193,11 @@ impl Responder {
         // Counted from now, before the client sees the reply end, until the engine has it.
         st.metrics.warmup_preparing(true);
         tokio::task::spawn_blocking(move || {
-            let prefixes = turn.next_turn_prefixes(&st.template, &st.tokenizer, &reply);
+            // Whatever happens in the template, the preparation ends (`warm` counts it off).
+            let prefixes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                turn.next_turn_prefixes(&st.template, &st.tokenizer, &reply)
+            }))
+            .unwrap_or_default();
             st.engine.warm(&st.metrics, turn.namespace, prefixes);
         });
     }
