@@ -5,9 +5,11 @@
 #   bash scripts/dynamo/deploy.sh [--router-mode kv|round-robin] [--workers 2] [--port 8000] \
 #       [-- COMMAND ...]
 #
-# With a COMMAND, it runs once the frontend serves the model (DYNAMO_URL is set for it) and
-# everything stops after; without, the deployment runs until Ctrl-C. Logs go to a temporary
-# directory, printed at start. Set-up: bash scripts/dynamo/setup.sh.
+# With a COMMAND, it runs once the frontend serves the model and everything stops after;
+# without, the deployment runs until Ctrl-C. The COMMAND gets DYNAMO_URL (the frontend's
+# /v1) and DYNAMO_RUN, the run's directory: logs, workerN.pid, and workerN.sh, which starts
+# worker N again (for fault tests: kill -9 "$(cat "$DYNAMO_RUN/worker2.pid")", then
+# bash "$DYNAMO_RUN/worker2.sh"). Set-up: bash scripts/dynamo/setup.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODE=kv
@@ -23,7 +25,12 @@ while [ $# -gt 0 ]; do
         *) echo "unknown flag $1" >&2; exit 2 ;;
     esac
 done
-WORKER=integrations/arbor-dynamo/target/release/arbor-dynamo-worker
+# The release build (setup.sh), or the test build (`cargo test` in integrations/arbor-dynamo,
+# whose profile optimises the model's code), or ARBOR_DYNAMO_WORKER.
+WORKER=${ARBOR_DYNAMO_WORKER:-integrations/arbor-dynamo/target/release/arbor-dynamo-worker}
+if [ -z "${ARBOR_DYNAMO_WORKER:-}" ] && [ ! -x "$WORKER" ]; then
+    WORKER=integrations/arbor-dynamo/target/debug/arbor-dynamo-worker
+fi
 for need in etcd nats-server .venv-dynamo/bin/python "$WORKER" "$MODEL"; do
     if ! command -v "$need" >/dev/null && [ ! -e "$need" ]; then
         echo "$need is missing: run bash scripts/dynamo/setup.sh" >&2
@@ -31,10 +38,16 @@ for need in etcd nats-server .venv-dynamo/bin/python "$WORKER" "$MODEL"; do
     fi
 done
 RUN=$(mktemp -d /tmp/arbor-dynamo.XXXXXX)
+export DYNAMO_RUN=$RUN
 echo "logs: $RUN" >&2
 PIDS=()
 stop() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    # Workers first (a restarted one is known only by its pid file), the frontend, then
+    # NATS and etcd.
+    for f in "$RUN"/worker*.pid; do
+        [ -e "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
+    done
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do kill "${PIDS[i]}" 2>/dev/null || true; done
     wait 2>/dev/null || true
 }
 trap stop EXIT
@@ -50,9 +63,14 @@ for _ in $(seq 50); do
     sleep 0.2
 done
 for i in $(seq "$WORKERS"); do
-    ARBOR_LOG=${ARBOR_LOG:-info} "$WORKER" --model "$MODEL" --served-model-name smollm2 \
-        >"$RUN/worker$i.log" 2>&1 &
-    PIDS+=($!)
+    # Each worker's own start script: a restart appends to the same log and pid file.
+    cat >"$RUN/worker$i.sh" <<EOF
+ETCD_ENDPOINTS=$ETCD_ENDPOINTS NATS_SERVER=$NATS_SERVER DYN_LOG=${DYN_LOG:-info,arbor_dynamo=debug} DYN_LOGGING_CONSOLE_FORMAT=jsonl \\
+    setsid "$PWD/$WORKER" --model "$PWD/$MODEL" --served-model-name smollm2 \\
+    >>"$RUN/worker$i.log" 2>&1 &
+echo \$! >"$RUN/worker$i.pid"
+EOF
+    bash "$RUN/worker$i.sh"
 done
 .venv-dynamo/bin/python -m dynamo.frontend --http-port "$PORT" --router-mode "$MODE" \
     >"$RUN/frontend.log" 2>&1 &

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a local Dynamo deployment of Arbor needs (on Debian, as root):
-#   - etcd and NATS from Debian (etcd-server, nats-server), and protoc (protobuf-compiler), which
-#     the etcd client crate needs to build;
+#   - etcd and NATS from Debian (etcd-server, nats-server), protoc (protobuf-compiler), which
+#     the etcd client crate needs to build, and libclang (libclang-dev), which NIXL's bindings
+#     (a Dynamo dependency, built against a stub when NIXL itself is absent) need;
 #   - Dynamo's frontend and KV router from PyPI (ai-dynamo==1.6.1) into .venv-dynamo. Its
 #     dependency `aisimulate` is a stub that downloads from pypi.nvidia.com, unreachable from
 #     many networks and used only by Dynamo's planner simulator, so ai-dynamo is installed
@@ -11,8 +12,9 @@
 # Then: bash scripts/dynamo/deploy.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-if ! command -v etcd >/dev/null || ! command -v nats-server >/dev/null || ! command -v protoc >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server nats-server protobuf-compiler
+if ! command -v etcd >/dev/null || ! command -v nats-server >/dev/null || ! command -v protoc >/dev/null \
+    || ! ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server nats-server protobuf-compiler libclang-dev
 fi
 if [ ! -x .venv-dynamo/bin/python ]; then
     python3 -m venv .venv-dynamo

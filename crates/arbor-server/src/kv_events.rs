@@ -16,8 +16,8 @@
 //! lora_name, extra_keys]`, `["BlockRemoved", block_hashes, medium]`, `["AllBlocksCleared"]`.
 //! Block hashes are unsigned 64-bit integers chained per page; `medium` is `"GPU"` (vLLM's
 //! name for the engine's own KV pool, whatever the device); `extra_keys` carries the cache
-//! namespace (an API key's, or a `cache_salt`'s) as one `["arbor-ns:<hex>"]` per block, and is
-//! nil for the default namespace.
+//! namespace (an API key's, or a `cache_salt`'s) as one `["arbor-ns:<hex>"]` per block (or as
+//! [`NamespaceKeys`] writes it), and is nil for the default namespace.
 //!
 //! Every stream starts with `AllBlocksCleared` (a restarted server's subscribers drop what
 //! they knew). If the channel to the publisher is full, the batch is dropped and the next one
@@ -32,9 +32,11 @@
 //! network only the router can reach.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 
+use arbor_cache::Namespace;
 use arbor_engine::{Engine, KvEvent};
 use tokio::sync::mpsc;
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
@@ -61,6 +63,37 @@ pub struct KvEventsConfig {
     pub page_size: usize,
     /// Batches kept for replay.
     pub replay_batches: usize,
+    /// How a namespace is written into its blocks' `extra_keys`.
+    pub namespace_keys: NamespaceKeys,
+}
+
+/// How a cache namespace appears in its blocks' `extra_keys`. Arbor's own server writes
+/// `arbor-ns:<hex>` (the namespace is a hash of an API key and a `cache_salt`); a router that
+/// salts its block hashes with a namespace it knows by name (Dynamo's `cache_salt`) needs that
+/// name back, which only the process that mapped the name to the hash can give.
+#[derive(Clone)]
+pub struct NamespaceKeys(Arc<dyn Fn(Namespace) -> String + Send + Sync>);
+
+impl NamespaceKeys {
+    pub fn new(key: impl Fn(Namespace) -> String + Send + Sync + 'static) -> Self {
+        Self(Arc::new(key))
+    }
+
+    pub fn key(&self, namespace: Namespace) -> String {
+        (self.0)(namespace)
+    }
+}
+
+impl Default for NamespaceKeys {
+    fn default() -> Self {
+        Self::new(namespace_key)
+    }
+}
+
+impl std::fmt::Debug for NamespaceKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NamespaceKeys(..)")
+    }
 }
 
 impl KvEventsConfig {
@@ -71,6 +104,7 @@ impl KvEventsConfig {
             topic: String::new(),
             page_size: DEFAULT_PAGE_SIZE,
             replay_batches: DEFAULT_REPLAY_BATCHES,
+            namespace_keys: NamespaceKeys::default(),
         }
     }
 }
@@ -239,7 +273,7 @@ async fn run(
         tokio::select! {
             batch = rx.recv() => {
                 let Some(batch) = batch else { break };
-                let payload = bytes::Bytes::from(encode_batch(batch.ts, &batch.events, config.page_size));
+                let payload = bytes::Bytes::from(encode_batch(batch.ts, &batch.events, config.page_size, &config.namespace_keys));
                 let frames = vec![topic.clone(), bytes::Bytes::copy_from_slice(&seq.to_be_bytes()), payload.clone()];
                 let msg = ZmqMessage::try_from(frames).expect("three frames");
                 if let Err(e) = publ.send(msg).await {
@@ -308,7 +342,12 @@ async fn serve_replay(
 }
 
 /// vLLM's `KVEventBatch` in msgpack (see the module docs).
-pub fn encode_batch(ts: f64, events: &[KvEvent], page_size: usize) -> Vec<u8> {
+pub fn encode_batch(
+    ts: f64,
+    events: &[KvEvent],
+    page_size: usize,
+    namespace_keys: &NamespaceKeys,
+) -> Vec<u8> {
     use rmp::encode::{write_array_len, write_f64, write_nil, write_str, write_uint};
     // Writing to a Vec cannot fail.
     fn ok<T, E: std::fmt::Debug>(r: Result<T, E>) {
@@ -351,7 +390,7 @@ pub fn encode_batch(ts: f64, events: &[KvEvent], page_size: usize) -> Vec<u8> {
                 if *namespace == 0 {
                     ok(write_nil(w));
                 } else {
-                    let key = namespace_key(*namespace);
+                    let key = namespace_keys.key(*namespace);
                     ok(write_array_len(w, hashes.len() as u32));
                     for _ in hashes {
                         ok(write_array_len(w, 1));

@@ -11,19 +11,24 @@
 //! - the prefix cache's changes go to the router as vLLM-format KV events over ZeroMQ (Arbor's
 //!   own publisher, `--kv-events-endpoint`), which Dynamo subscribes to
 //!   (`kv_event_sources`), pages of `--kv-block-size` tokens;
-//! - the KV blocks in use are reported as the router's load signal.
+//! - the KV blocks in use are reported as the router's load signal;
+//! - Dynamo's cache namespace (a request's `cache_salt`, or the frontend's `x-tenant-id`
+//!   header) becomes Arbor's cache namespace, and the KV events name it back the way the
+//!   router salts its block hashes ([`CacheNamespaces`]).
 //!
 //! Everything else (discovery, the request plane, shutdown, health) is Dynamo's `Worker`.
 //! It lives outside Arbor's main workspace: Dynamo's crates pin tokio and bring some nine
 //! hundred dependencies, which the default build and CI do without.
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arbor_engine::{Engine, EngineConfig as ArborEngineConfig, Event, FinishReason, Request};
 use arbor_model::{DeviceSpec, RunnerOptions, SamplingParams};
-use arbor_server::kv_events::{KvEventPublisher, KvEventsConfig};
+use arbor_server::kv_events::{namespace_key, KvEventPublisher, KvEventsConfig, NamespaceKeys};
 use arbor_server::worker::{SubmitError, Tagged};
 use arbor_server::{EngineHandle, Metrics};
 use async_trait::async_trait;
@@ -36,10 +41,15 @@ use dynamo_backend_common::{
     BackendError, CommonArgs, DynamoError, EngineConfig, ErrorType, LLMEngine, LLMEngineOutput,
     PreprocessedRequest, WorkerConfig,
 };
+use dynamo_kv_router::zmq_wire::DYNAMO_CACHE_SALT_PREFIX;
 use futures::stream::BoxStream;
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "arbor-dynamo-worker", about = "Arbor as an NVIDIA Dynamo worker")]
+#[command(
+    name = "arbor-dynamo-worker",
+    about = "Arbor as an NVIDIA Dynamo worker",
+    long_about = "Arbor as a worker of an NVIDIA Dynamo deployment: registers with its discovery (etcd), serves pre-tokenized requests from its frontend, and publishes KV events to its KV-aware router."
+)]
 pub struct Args {
     #[command(flatten)]
     pub common: CommonArgs,
@@ -72,6 +82,53 @@ pub struct Args {
     pub kv_block_size: usize,
 }
 
+/// Most distinct cache namespaces whose names the KV events carry. Past it, further
+/// namespaces are still isolated in the cache, but their events carry Arbor's hashed key,
+/// which the router cannot match to requests: those tenants lose KV-aware routing, not
+/// correctness. It bounds what clients choosing arbitrary salts can make the worker remember.
+pub const MAX_NAMED_NAMESPACES: usize = 65_536;
+
+/// Dynamo's cache namespaces as Arbor's.
+///
+/// Dynamo's router salts the block hashes of a request in a namespace with the namespace's
+/// name; Arbor's cache keys a namespace by a 64-bit hash. The worker maps each name to a hash
+/// for the engine and remembers the name, so the KV events can carry it back in the first
+/// block's `extra_keys` as `dynamo-cache-salt:<name>`, which is how Dynamo's vLLM worker
+/// passes it and how its event reader finds it. The router then hashes the blocks of the
+/// event exactly as it hashes the request.
+#[derive(Default)]
+pub struct CacheNamespaces {
+    names: Mutex<HashMap<u64, String>>,
+}
+
+impl CacheNamespaces {
+    /// The engine's namespace for a request's cache namespace (none or empty: the default,
+    /// namespace 0, which every request without one shares).
+    pub fn resolve(&self, name: Option<&str>) -> u64 {
+        let Some(name) = name.filter(|n| !n.is_empty()) else {
+            return 0;
+        };
+        // SipHash with fixed keys: stable for the life of the process, which is as long as
+        // the cache it keys.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut h);
+        let ns = h.finish().max(1);
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        if names.len() < MAX_NAMED_NAMESPACES || names.contains_key(&ns) {
+            names.entry(ns).or_insert_with(|| name.to_owned());
+        }
+        ns
+    }
+
+    /// How a namespace's blocks are keyed in the KV events.
+    pub fn event_key(&self, ns: u64) -> String {
+        match self.names.lock().unwrap_or_else(|e| e.into_inner()).get(&ns) {
+            Some(name) => format!("{DYNAMO_CACHE_SALT_PREFIX}{name}"),
+            None => namespace_key(ns),
+        }
+    }
+}
+
 /// What `start` brings up.
 struct Running {
     engine: EngineHandle,
@@ -86,6 +143,7 @@ struct Running {
 pub struct ArborWorker {
     args: Args,
     running: Mutex<Option<Arc<Running>>>,
+    namespaces: Arc<CacheNamespaces>,
 }
 
 fn backend_error(kind: BackendError, message: impl Into<String>) -> DynamoError {
@@ -100,6 +158,7 @@ impl ArborWorker {
         Self {
             args,
             running: Mutex::new(None),
+            namespaces: Arc::default(),
         }
     }
 
@@ -184,6 +243,7 @@ fn arbor_request(r: &PreprocessedRequest) -> Request {
 impl LLMEngine for ArborWorker {
     async fn start(&self, worker_id: u64) -> Result<EngineConfig, DynamoError> {
         let args = self.args.clone();
+        let namespaces = self.namespaces.clone();
         tracing::info!(worker_id, model = %args.model.display(), "loading the model");
         let running = tokio::task::spawn_blocking(move || -> Result<Running, String> {
             let device: DeviceSpec = args.device.parse()?;
@@ -204,6 +264,7 @@ impl LLMEngine for ArborWorker {
                 Engine::new(opened.runner, opened.tokenizer, config).map_err(|e| e.to_string())?;
             let mut events = KvEventsConfig::new(args.kv_events_endpoint.clone());
             events.page_size = args.kv_block_size;
+            events.namespace_keys = NamespaceKeys::new(move |ns| namespaces.event_key(ns));
             let publisher = KvEventPublisher::start(&events)?;
             let kv_events = publisher.endpoint.clone();
             engine
@@ -245,7 +306,13 @@ impl LLMEngine for ArborWorker {
         ctx: GenerateContext,
     ) -> Result<BoxStream<'static, Result<LLMEngineOutput, DynamoError>>, DynamoError> {
         let running = self.running()?;
-        let req = arbor_request(&request);
+        let mut req = arbor_request(&request);
+        req.namespace = self.namespaces.resolve(
+            request
+                .routing
+                .as_ref()
+                .and_then(|r| r.cache_namespace.as_deref()),
+        );
         // Tokens that end the reply without being part of it.
         let mut hidden: Vec<u32> = if req.stop.ignore_eos {
             Vec::new()
@@ -257,6 +324,9 @@ impl LLMEngine for ArborWorker {
         hidden.extend(c.stop_token_ids_hidden.iter().flatten());
         hidden.extend(request.eos_token_ids.iter().filter(|_| !req.stop.ignore_eos));
         let prompt_tokens = req.prompt.len() as u32;
+        let namespace = req.namespace;
+        let id = ctx.id().to_owned();
+        tracing::debug!(request = %id, prompt_tokens, namespace, "request");
         let (_, mut rx) = running.engine.submit(vec![req]).await.map_err(|e| match e {
             SubmitError::Invalid(e) => backend_error(BackendError::InvalidArgument, e.to_string()),
             SubmitError::QueueFull { waiting, limit } => backend_error(
@@ -293,6 +363,7 @@ impl LLMEngine for ArborWorker {
                     }
                     Some(Tagged { event: Event::Finished { reason, usage: u, error, .. }, .. }) => {
                         let used = usage(prompt_tokens, emitted, u.cached_tokens as u32);
+                        tracing::debug!(request = %id, cached_tokens = u.cached_tokens, completion_tokens = emitted, ?reason, "finished");
                         let end = match reason {
                             FinishReason::Stop => LLMEngineOutput::stop(),
                             FinishReason::Length => LLMEngineOutput::length(),

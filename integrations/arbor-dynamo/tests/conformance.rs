@@ -14,6 +14,8 @@ fn model() -> PathBuf {
     path
 }
 
+// A pool of two contexts: a request without max_tokens may use the whole context, as in
+// `arbor serve`.
 #[tokio::test(flavor = "multi_thread")]
 async fn arbor_meets_dynamos_engine_contract() {
     let model = model();
@@ -23,7 +25,7 @@ async fn arbor_meets_dynamos_engine_contract() {
             "--model",
             model.to_str().unwrap(),
             "--kv-slots",
-            "4096",
+            "16384",
         ]);
         ArborWorker::new(args)
     })
