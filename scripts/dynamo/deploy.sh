@@ -58,6 +58,12 @@ PIDS+=($!)
 nats-server -js -a 127.0.0.1 -p 4222 -sd "$RUN/nats" >"$RUN/nats.log" 2>&1 &
 PIDS+=($!)
 export ETCD_ENDPOINTS=http://127.0.0.1:2379 NATS_SERVER=nats://127.0.0.1:4222
+# Every plane on loopback (Dynamo binds the first non-loopback address by default).
+export DYN_TCP_RPC_HOST=127.0.0.1 DYN_TCP_RESPONSE_STREAM_HOST=127.0.0.1 \
+    DYN_EVENT_PLANE_HOST=127.0.0.1 DYN_SYSTEM_HOST=127.0.0.1 DYN_HTTP_HOST=127.0.0.1
+# KV pool per worker (token slots; 22 KiB each on the default model): several workers share
+# this machine's memory.
+KV_SLOTS=${KV_SLOTS:-65536}
 for _ in $(seq 50); do
     curl -sf http://127.0.0.1:2379/health >/dev/null && break
     sleep 0.2
@@ -65,8 +71,10 @@ done
 for i in $(seq "$WORKERS"); do
     # Each worker's own start script: a restart appends to the same log and pid file.
     cat >"$RUN/worker$i.sh" <<EOF
-ETCD_ENDPOINTS=$ETCD_ENDPOINTS NATS_SERVER=$NATS_SERVER DYN_LOG=${DYN_LOG:-info,arbor_dynamo=debug} DYN_LOGGING_CONSOLE_FORMAT=jsonl \\
-    setsid "$PWD/$WORKER" --model "$PWD/$MODEL" --served-model-name smollm2 \\
+ETCD_ENDPOINTS=$ETCD_ENDPOINTS NATS_SERVER=$NATS_SERVER DYN_TCP_RPC_HOST=127.0.0.1 \\
+    DYN_TCP_RESPONSE_STREAM_HOST=127.0.0.1 DYN_EVENT_PLANE_HOST=127.0.0.1 DYN_SYSTEM_HOST=127.0.0.1 \\
+    DYN_LOG=${DYN_LOG:-info,arbor_dynamo=debug} DYN_LOGGING_CONSOLE_FORMAT=jsonl \\
+    setsid "$PWD/$WORKER" --model "$PWD/$MODEL" --served-model-name smollm2 --kv-slots $KV_SLOTS \\
     >>"$RUN/worker$i.log" 2>&1 &
 echo \$! >"$RUN/worker$i.pid"
 EOF
@@ -84,6 +92,22 @@ for _ in $(seq 300); do
 done
 if ! curl -sf "$DYNAMO_URL/models" | grep -q smollm2; then
     echo "the frontend does not serve the model after 150 s; see $RUN" >&2
+    exit 1
+fi
+# Every worker registered (the frontend lists the model once the first one has).
+for i in $(seq "$WORKERS"); do
+    for _ in $(seq 100); do
+        grep -q '"Serving smollm2 on' "$RUN/worker$i.log" && break
+        sleep 0.2
+    done
+    if ! grep -q '"Serving smollm2 on' "$RUN/worker$i.log"; then
+        echo "worker $i did not register; see $RUN/worker$i.log" >&2
+        exit 1
+    fi
+done
+sleep 1
+if grep -q "Rejected incompatible workers" "$RUN/frontend.log"; then
+    echo "the frontend rejected a worker (its model card differs); see $RUN/frontend.log" >&2
     exit 1
 fi
 echo "serving at $DYNAMO_URL (router: $MODE, $WORKERS Arbor workers)" >&2

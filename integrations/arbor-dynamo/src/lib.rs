@@ -20,6 +20,8 @@
 //! It lives outside Arbor's main workspace: Dynamo's crates pin tokio and bring some nine
 //! hundred dependencies, which the default build and CI do without.
 
+pub mod card;
+
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
@@ -80,6 +82,12 @@ pub struct Args {
     /// Tokens per KV block as the router sees them (the pages of Arbor's radix tree).
     #[arg(long, default_value_t = 16)]
     pub kv_block_size: usize,
+    /// Where a GGUF model's tokenizer, template and configuration are written as the Hugging
+    /// Face folder Dynamo's frontend reads (default: one folder per model file in the
+    /// temporary directory, shared by the workers of that file: Dynamo serves a model only
+    /// from workers whose cards match, paths included).
+    #[arg(long)]
+    pub model_card_dir: Option<PathBuf>,
 }
 
 /// Most distinct cache namespaces whose names the KV events carry. Past it, further
@@ -162,14 +170,20 @@ impl ArborWorker {
         }
     }
 
-    /// Dynamo's worker settings from the flags.
-    pub fn worker_config(&self) -> WorkerConfig {
+    /// Dynamo's worker settings from the flags. The model is registered as a Hugging Face
+    /// folder, which a GGUF file is first written out as ([`card::hf_folder`]).
+    pub fn worker_config(&self) -> anyhow::Result<WorkerConfig> {
         let a = &self.args;
-        WorkerConfig {
+        let card_dir = match &a.model_card_dir {
+            Some(dir) => dir.clone(),
+            None => card::default_dir(&a.model)?,
+        };
+        let folder = card::hf_folder(&a.model, &card_dir)?;
+        Ok(WorkerConfig {
             namespace: a.common.namespace.clone(),
             component: a.common.component.clone(),
             endpoint: a.common.endpoint.clone(),
-            model_name: a.model.display().to_string(),
+            model_name: folder.display().to_string(),
             served_model_name: a.served_model_name.clone(),
             endpoint_types: a.common.endpoint_types.clone(),
             custom_jinja_template: a.common.custom_jinja_template.clone(),
@@ -177,7 +191,7 @@ impl ArborWorker {
             reasoning_parser: a.common.dyn_reasoning_parser.clone(),
             runtime: a.common.runtime.clone(),
             ..Default::default()
-        }
+        })
     }
 
     fn running(&self) -> Result<Arc<Running>, DynamoError> {
@@ -325,8 +339,8 @@ impl LLMEngine for ArborWorker {
         hidden.extend(request.eos_token_ids.iter().filter(|_| !req.stop.ignore_eos));
         let prompt_tokens = req.prompt.len() as u32;
         let namespace = req.namespace;
-        let id = ctx.id().to_owned();
-        tracing::debug!(request = %id, prompt_tokens, namespace, "request");
+        // Within Dynamo's request span (its request_id): for logs of which worker ran what.
+        tracing::debug!(prompt_tokens, namespace, "request");
         let (_, mut rx) = running.engine.submit(vec![req]).await.map_err(|e| match e {
             SubmitError::Invalid(e) => backend_error(BackendError::InvalidArgument, e.to_string()),
             SubmitError::QueueFull { waiting, limit } => backend_error(
@@ -363,7 +377,7 @@ impl LLMEngine for ArborWorker {
                     }
                     Some(Tagged { event: Event::Finished { reason, usage: u, error, .. }, .. }) => {
                         let used = usage(prompt_tokens, emitted, u.cached_tokens as u32);
-                        tracing::debug!(request = %id, cached_tokens = u.cached_tokens, completion_tokens = emitted, ?reason, "finished");
+                        tracing::debug!(cached_tokens = u.cached_tokens, completion_tokens = emitted, ?reason, "finished");
                         let end = match reason {
                             FinishReason::Stop => LLMEngineOutput::stop(),
                             FinishReason::Length => LLMEngineOutput::length(),

@@ -7,6 +7,6 @@ use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
     let worker = ArborWorker::new(Args::parse());
-    let config = worker.worker_config();
+    let config = worker.worker_config()?;
     dynamo_backend_common::run(Arc::new(worker), config)
 }
