@@ -32,8 +32,8 @@
 //! network only the router can reach.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use arbor_cache::Namespace;

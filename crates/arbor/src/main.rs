@@ -44,6 +44,13 @@ enum Command {
     GpuCheck(perf::GpuCheckArgs),
     /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) if it is missing.
     FetchModel,
+    /// Run as a worker of an NVIDIA Dynamo deployment (KV-aware routing): starts
+    /// `arbor-dynamo-worker`, built apart (bash scripts/dynamo/setup.sh), with these arguments.
+    #[command(disable_help_flag = true)]
+    DynamoWorker {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -338,11 +345,42 @@ fn main() {
         Command::FetchModel => {
             model_fetch::default_model_path(true).map(|p| println!("{}", p.display()))
         }
+        Command::DynamoWorker { args } => dynamo_worker(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Replaces this process with `arbor-dynamo-worker`. The worker is its own build (Dynamo's
+/// crates are hundreds, kept out of this binary and of CI), looked for in
+/// `$ARBOR_DYNAMO_WORKER`, next to this binary, in the repository's build of it, then on PATH.
+fn dynamo_worker(args: Vec<std::ffi::OsString>) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    const NAME: &str = "arbor-dynamo-worker";
+    let found =
+        match std::env::var_os("ARBOR_DYNAMO_WORKER") {
+            // Set explicitly: that one or none.
+            Some(path) => PathBuf::from(path),
+            None => {
+                let beside = std::env::current_exe()
+                    .ok()
+                    .and_then(|e| e.parent().map(|d| d.join(NAME)));
+                beside
+                    .into_iter()
+                    .chain(["release", "debug"].map(|p| {
+                        PathBuf::from(format!("integrations/arbor-dynamo/target/{p}/{NAME}"))
+                    }))
+                    .find(|p| p.is_file())
+                    .unwrap_or_else(|| PathBuf::from(NAME))
+            }
+        };
+    let err = std::process::Command::new(&found).args(args).exec();
+    anyhow::bail!(
+        "cannot start {} ({err}); build it with: bash scripts/dynamo/setup.sh",
+        found.display()
+    )
 }
 
 fn model_path(args: &ModelArgs) -> Result<PathBuf> {

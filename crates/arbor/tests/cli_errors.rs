@@ -107,3 +107,30 @@ fn cuda_knobs_are_for_the_gpu() {
         "{e}"
     );
 }
+
+/// `arbor dynamo-worker` hands its arguments to the separately built worker, and says how to
+/// build it when it is missing.
+#[test]
+fn dynamo_worker_forwards_or_says_how_to_build_it() {
+    let run = |worker: &str| {
+        Command::new(env!("CARGO_BIN_EXE_arbor"))
+            .args(["dynamo-worker", "--model", "m.gguf", "--help"])
+            .env("ARBOR_DYNAMO_WORKER", worker)
+            .output()
+            .expect("run arbor")
+    };
+    let out = run("/bin/echo");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "--model m.gguf --help\n"
+    );
+    let out = run("/nonexistent/arbor-dynamo-worker");
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("cannot start /nonexistent/arbor-dynamo-worker"),
+        "{e}"
+    );
+    assert!(e.contains("bash scripts/dynamo/setup.sh"), "{e}");
+}
