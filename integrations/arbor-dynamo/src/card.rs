@@ -17,8 +17,8 @@ use serde_json::json;
 /// included, are equal), a different one for a different or changed file.
 pub fn default_dir(model: &Path) -> anyhow::Result<PathBuf> {
     use std::hash::{Hash, Hasher};
-    let path = std::fs::canonicalize(model)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", model.display()))?;
+    let path =
+        std::fs::canonicalize(model).map_err(|e| anyhow::anyhow!("{}: {e}", model.display()))?;
     let meta = std::fs::metadata(&path)?;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     path.hash(&mut h);
@@ -96,7 +96,11 @@ mod tests {
 
         let model = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        assert!(model.exists(), "`arbor fetch-model` fetches {}", model.display());
+        assert!(
+            model.exists(),
+            "`arbor fetch-model` fetches {}",
+            model.display()
+        );
         let dir = std::env::temp_dir().join(format!("arbor-card-test-{}", std::process::id()));
         let folder = hf_folder(&model, &dir).unwrap();
         let gguf = open_gguf(&model).unwrap();

@@ -130,7 +130,12 @@ impl CacheNamespaces {
 
     /// How a namespace's blocks are keyed in the KV events.
     pub fn event_key(&self, ns: u64) -> String {
-        match self.names.lock().unwrap_or_else(|e| e.into_inner()).get(&ns) {
+        match self
+            .names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ns)
+        {
             Some(name) => format!("{DYNAMO_CACHE_SALT_PREFIX}{name}"),
             None => namespace_key(ns),
         }
@@ -238,17 +243,29 @@ fn arbor_request(r: &PreprocessedRequest) -> Request {
     }
     params.seed = s.seed.map(|x| x as u64);
     let c = &r.stop_conditions;
-    let mut req = Request::new(r.token_ids.to_vec(), c.max_tokens.unwrap_or(u32::MAX) as usize);
+    let mut req = Request::new(
+        r.token_ids.to_vec(),
+        c.max_tokens.unwrap_or(u32::MAX) as usize,
+    );
     req.sampling = params;
     req.stop.min_tokens = c.min_tokens.unwrap_or(0) as usize;
     req.stop.ignore_eos = c.ignore_eos.unwrap_or(false);
-    let stop: Vec<u32> = [&c.stop_token_ids, &c.stop_token_ids_hidden, &c.stop_token_ids_visible]
-        .into_iter()
-        .flatten()
-        .flatten()
-        .copied()
-        .chain(r.eos_token_ids.iter().copied().filter(|_| !req.stop.ignore_eos))
-        .collect();
+    let stop: Vec<u32> = [
+        &c.stop_token_ids,
+        &c.stop_token_ids_hidden,
+        &c.stop_token_ids_visible,
+    ]
+    .into_iter()
+    .flatten()
+    .flatten()
+    .copied()
+    .chain(
+        r.eos_token_ids
+            .iter()
+            .copied()
+            .filter(|_| !req.stop.ignore_eos),
+    )
+    .collect();
     req.stop.stop_token_ids = stop.into();
     req
 }
@@ -285,7 +302,8 @@ impl LLMEngine for ArborWorker {
                 .enable_kv_events(publisher.page_size())
                 .map_err(|e| e.to_string())?;
             let metrics = Arc::new(Metrics::default());
-            let engine = EngineHandle::spawn(engine, args.max_queue, metrics.clone(), Some(publisher));
+            let engine =
+                EngineHandle::spawn(engine, args.max_queue, metrics.clone(), Some(publisher));
             Ok(Running {
                 engine,
                 metrics,
@@ -336,20 +354,33 @@ impl LLMEngine for ArborWorker {
         let c = &request.stop_conditions;
         hidden.extend(c.stop_token_ids.iter().flatten());
         hidden.extend(c.stop_token_ids_hidden.iter().flatten());
-        hidden.extend(request.eos_token_ids.iter().filter(|_| !req.stop.ignore_eos));
+        hidden.extend(
+            request
+                .eos_token_ids
+                .iter()
+                .filter(|_| !req.stop.ignore_eos),
+        );
         let prompt_tokens = req.prompt.len() as u32;
         let namespace = req.namespace;
         // Within Dynamo's request span (its request_id): for logs of which worker ran what.
         tracing::debug!(prompt_tokens, namespace, "request");
-        let (_, mut rx) = running.engine.submit(vec![req]).await.map_err(|e| match e {
-            SubmitError::Invalid(e) => backend_error(BackendError::InvalidArgument, e.to_string()),
-            SubmitError::QueueFull { waiting, limit } => backend_error(
-                BackendError::Unknown,
-                format!("Arbor is at capacity: {waiting} requests waiting (limit {limit})"),
-            ),
-            SubmitError::Draining => backend_error(BackendError::EngineShutdown, "Arbor is draining"),
-            SubmitError::EngineFailed(why) => backend_error(BackendError::EngineShutdown, why),
-        })?;
+        let (_, mut rx) = running
+            .engine
+            .submit(vec![req])
+            .await
+            .map_err(|e| match e {
+                SubmitError::Invalid(e) => {
+                    backend_error(BackendError::InvalidArgument, e.to_string())
+                }
+                SubmitError::QueueFull { waiting, limit } => backend_error(
+                    BackendError::Unknown,
+                    format!("Arbor is at capacity: {waiting} requests waiting (limit {limit})"),
+                ),
+                SubmitError::Draining => {
+                    backend_error(BackendError::EngineShutdown, "Arbor is draining")
+                }
+                SubmitError::EngineFailed(why) => backend_error(BackendError::EngineShutdown, why),
+            })?;
         let stream = async_stream::stream! {
             let mut emitted: u32 = 0;
             loop {
@@ -400,7 +431,11 @@ impl LLMEngine for ArborWorker {
     }
 
     async fn cleanup(&self) -> Result<(), DynamoError> {
-        let running = self.running.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(r) = running {
             // The engine thread stops once the last handle goes (requests in flight end).
             tokio::task::spawn_blocking(move || r.engine.shutdown())

@@ -10,7 +10,11 @@ use clap::Parser;
 fn model() -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "{} missing: `arbor fetch-model` fetches it", path.display());
+    assert!(
+        path.exists(),
+        "{} missing: `arbor fetch-model` fetches it",
+        path.display()
+    );
     path
 }
 

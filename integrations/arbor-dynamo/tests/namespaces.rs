@@ -69,7 +69,11 @@ fn a_tenants_events_hash_as_its_requests_do() {
     let tenant_b = namespaces.resolve(Some("tenant-b"));
     assert_ne!(tenant_a, 0);
     assert_ne!(tenant_a, tenant_b);
-    assert_eq!(namespaces.resolve(Some("tenant-a")), tenant_a, "stable per name");
+    assert_eq!(
+        namespaces.resolve(Some("tenant-a")),
+        tenant_a,
+        "stable per name"
+    );
 
     let a = indexed(stored(tenant_a, &tokens), &keys);
     assert_eq!(a.len(), 3);
@@ -85,7 +89,11 @@ fn a_tenants_events_hash_as_its_requests_do() {
 fn the_default_namespace_hashes_unsalted() {
     let namespaces = Arc::new(CacheNamespaces::default());
     assert_eq!(namespaces.resolve(None), 0);
-    assert_eq!(namespaces.resolve(Some("")), 0, "an empty salt is no salt, as in Dynamo");
+    assert_eq!(
+        namespaces.resolve(Some("")),
+        0,
+        "an empty salt is no salt, as in Dynamo"
+    );
     let n = namespaces.clone();
     let keys = NamespaceKeys::new(move |ns| n.event_key(ns));
     let tokens = prompt();
