@@ -3,7 +3,10 @@
 # (arbor-dynamo-worker) on the default model, and Dynamo's OpenAI frontend with its router.
 #
 #   bash scripts/dynamo/deploy.sh [--router-mode kv|round-robin] [--workers 2] [--port 8000] \
-#       [-- COMMAND ...]
+#       [--frontend-arg ARG ...] [-- COMMAND ...]
+#
+# --frontend-arg passes one argument on to Dynamo's frontend (repeatable), e.g.
+# --frontend-arg=--router-predicted-ttl-secs --frontend-arg=60.
 #
 # With a COMMAND, it runs once the frontend serves the model and everything stops after;
 # without, the deployment runs until Ctrl-C. The COMMAND gets DYNAMO_URL (the frontend's
@@ -15,12 +18,15 @@ cd "$(dirname "$0")/../.."
 MODE=kv
 WORKERS=2
 PORT=8000
+FRONTEND_ARGS=()
 MODEL=${ARBOR_MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 while [ $# -gt 0 ]; do
     case "$1" in
         --router-mode) MODE=$2; shift 2 ;;
         --workers) WORKERS=$2; shift 2 ;;
         --port) PORT=$2; shift 2 ;;
+        --frontend-arg) FRONTEND_ARGS+=("$2"); shift 2 ;;
+        --frontend-arg=*) FRONTEND_ARGS+=("${1#--frontend-arg=}"); shift ;;
         --) shift; break ;;
         *) echo "unknown flag $1" >&2; exit 2 ;;
     esac
@@ -80,7 +86,7 @@ echo \$! >"$RUN/worker$i.pid"
 EOF
     bash "$RUN/worker$i.sh"
 done
-.venv-dynamo/bin/python -m dynamo.frontend --http-port "$PORT" --router-mode "$MODE" \
+.venv-dynamo/bin/python -m dynamo.frontend --http-port "$PORT" --router-mode "$MODE" "${FRONTEND_ARGS[@]}" \
     >"$RUN/frontend.log" 2>&1 &
 PIDS+=($!)
 export DYNAMO_URL="http://127.0.0.1:$PORT/v1"

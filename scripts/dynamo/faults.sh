@@ -7,9 +7,9 @@
 # worker 2 with SIGKILL (no goodbye to the router: as a crash or a lost machine); RESTART_AT
 # seconds in, starts it again. Then reports, from the bench's records and the workers' logs:
 # the requests that failed and when, what each worker served before the kill, while worker 2
-# was down, and after its restart, and the restarted worker's cache hits (its conversations'
-# later turns found their prefix there, so the router's view of it was rebuilt from its new
-# event stream, which opens with AllBlocksCleared). Needs DYNAMO_URL and DYNAMO_RUN
+# was down, and after its restart. Ten seconds after the restart, a second bench starts new
+# conversations: the restarted worker's cache hits on their later turns show the router
+# routed on its new event stream (which opens with AllBlocksCleared). Needs DYNAMO_URL and DYNAMO_RUN
 # (deploy.sh sets them) and the workers logging requests (deploy.sh sets
 # DYN_LOG=info,arbor_dynamo=debug).
 set -euo pipefail
@@ -32,6 +32,14 @@ sleep $((RESTART_AT - KILL_AT))
 bash "$DYNAMO_RUN/worker2.sh"
 restarted=$(date +%s.%N)
 echo "worker 2 restarted at $(echo "$restarted - $start" | bc) s" | tee -a "$OUT/events.txt"
+# New conversations once the worker is back: worker 1 holds every prefix of the first bench,
+# so the router keeps those conversations there; these have a system prompt of their own and
+# find worker 2 the less loaded, and their later turns must find their prefixes there.
+sleep 10
+target/release/arbor bench --target "dynamo=$DYNAMO_URL,model=smollm2" --workload multi-turn \
+    --conversations 4 --turns 3 --concurrency 2 --repeats 1 --max-tokens 32 --seed 1 \
+    --request-timeout 60 --out "$OUT/after-restart.json" >"$OUT/bench-after-restart.txt" 2>&1 \
+    || echo "the second arbor bench exited $?" | tee -a "$OUT/events.txt"
 wait "$bench" || echo "arbor bench exited $?" | tee -a "$OUT/events.txt"
 rm -f "$OUT"/*.html
 cp "$DYNAMO_RUN"/worker*.log "$OUT/"

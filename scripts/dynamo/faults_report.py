@@ -3,7 +3,8 @@
 
     python3 scripts/dynamo/faults_report.py OUT_DIR START KILLED RESTARTED
 
-OUT_DIR holds faults.json (arbor bench's records) and workerN.log (the workers' JSON-lines
+OUT_DIR holds faults.json and after-restart.json (arbor bench's records; the second
+bench's times count from its own start) and workerN.log (the workers' JSON-lines
 logs, with a "request" and a "finished" line per request at debug level). START, KILLED and
 RESTARTED are Unix times (the bench's start, the SIGKILL, the restart).
 """
@@ -40,8 +41,12 @@ def main():
         sys.exit(__doc__)
     out, start, killed, restarted = sys.argv[1], *map(float, sys.argv[2:])
     rel = lambda t: t - start
-    with open(os.path.join(out, "faults.json")) as f:
-        records = json.load(f)["records"]
+    records = []
+    for name in ("faults.json", "after-restart.json"):
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                records += json.load(f)["records"]
     failed = [r for r in records if r.get("error")]
     print(f"worker 2 killed at {rel(killed):.1f} s, restarted at {rel(restarted):.1f} s")
     print(f"bench: {len(records)} requests, {len(records) - len(failed)} completed, {len(failed)} failed")

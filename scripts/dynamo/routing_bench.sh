@@ -4,6 +4,8 @@
 #
 #   bash scripts/dynamo/routing_bench.sh [OUT_DIR] [-- extra arbor bench flags]
 #
+# WORKLOADS="multi-turn" limits the workloads (default: multi-turn shared-prefix); TURNS
+# (default 4) and SYSTEM_TOKENS (default 1000, shared by all conversations) shape them.
 # Each deployment starts fresh (empty caches). Writes OUT_DIR/WORKLOAD-TARGET.json (every
 # request) and OUT_DIR/report.txt (per-turn hit ratio, time to first token, and how many turns
 # landed on the worker holding their conversation; scripts/dynamo/routing_report.py).
@@ -17,9 +19,10 @@ ARBOR=$PWD/target/release/arbor
 mkdir -p "$OUT"
 # Concurrency 4 over 8 conversations: conversations are spread over both workers, and each
 # conversation's turns come back while others run.
-COMMON=(--conversations 8 --turns 4 --concurrency 4 --repeats 2 --max-tokens 32
-    --groups 4 --prompts-per-group 4 "$@")
-for workload in multi-turn shared-prefix; do
+# TURNS and SYSTEM_TOKENS change the conversations' shape.
+COMMON=(--conversations 8 --turns "${TURNS:-4}" --system-tokens "${SYSTEM_TOKENS:-1000}"
+    --concurrency 4 --repeats 2 --max-tokens 32 --groups 4 --prompts-per-group 4 "$@")
+for workload in ${WORKLOADS:-multi-turn shared-prefix}; do
     echo "== $workload: one Arbor server" >&2
     "$ARBOR" bench --spawn --workload "$workload" "${COMMON[@]}" \
         --out "$OUT/$workload-single.json" >/dev/null
@@ -31,5 +34,4 @@ for workload in multi-turn shared-prefix; do
     done
 done
 rm -f "$OUT"/*.html
-python3 scripts/dynamo/routing_report.py "$OUT"/multi-turn-*.json "$OUT"/shared-prefix-*.json \
-    | tee "$OUT/report.txt"
+python3 scripts/dynamo/routing_report.py "$OUT"/*.json | tee "$OUT/report.txt"
