@@ -215,9 +215,10 @@ impl ArborWorker {
     }
 }
 
-/// Dynamo's request as Arbor's. Dynamo's frontend has already applied stop strings' and
+/// Dynamo's request as Arbor's, and the tokens that end its reply without being sent (the
+/// model's end-of-turn ids among them). Dynamo's frontend has already applied stop strings' and
 /// detokenization's jobs; the worker stops on tokens.
-fn arbor_request(r: &PreprocessedRequest) -> Request {
+fn arbor_request(r: &PreprocessedRequest, model_stop_ids: &[u32]) -> (Request, Vec<u32>) {
     let s = &r.sampling_options;
     let mut params = SamplingParams::default();
     if let Some(t) = s.temperature {
@@ -250,24 +251,26 @@ fn arbor_request(r: &PreprocessedRequest) -> Request {
     req.sampling = params;
     req.stop.min_tokens = c.min_tokens.unwrap_or(0) as usize;
     req.stop.ignore_eos = c.ignore_eos.unwrap_or(false);
-    let stop: Vec<u32> = [
-        &c.stop_token_ids,
-        &c.stop_token_ids_hidden,
-        &c.stop_token_ids_visible,
-    ]
-    .into_iter()
-    .flatten()
-    .flatten()
-    .copied()
-    .chain(
-        r.eos_token_ids
-            .iter()
-            .copied()
-            .filter(|_| !req.stop.ignore_eos),
-    )
-    .collect();
+    // Every stop id, and which of them end the reply without being part of it: all but the
+    // visible ones, plus the model's own end-of-turn ids.
+    let eos = r.eos_token_ids.iter().filter(|_| !req.stop.ignore_eos);
+    let mut hidden: Vec<u32> = [&c.stop_token_ids, &c.stop_token_ids_hidden]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .chain(eos)
+        .copied()
+        .collect();
+    let stop: Vec<u32> = hidden
+        .iter()
+        .chain(c.stop_token_ids_visible.iter().flatten())
+        .copied()
+        .collect();
+    if !req.stop.ignore_eos {
+        hidden.extend_from_slice(model_stop_ids);
+    }
     req.stop.stop_token_ids = stop.into();
-    req
+    (req, hidden)
 }
 
 #[async_trait]
@@ -338,27 +341,12 @@ impl LLMEngine for ArborWorker {
         ctx: GenerateContext,
     ) -> Result<BoxStream<'static, Result<LLMEngineOutput, DynamoError>>, DynamoError> {
         let running = self.running()?;
-        let mut req = arbor_request(&request);
+        let (mut req, hidden) = arbor_request(&request, &running.stop_ids);
         req.namespace = self.namespaces.resolve(
             request
                 .routing
                 .as_ref()
                 .and_then(|r| r.cache_namespace.as_deref()),
-        );
-        // Tokens that end the reply without being part of it.
-        let mut hidden: Vec<u32> = if req.stop.ignore_eos {
-            Vec::new()
-        } else {
-            running.stop_ids.clone()
-        };
-        let c = &request.stop_conditions;
-        hidden.extend(c.stop_token_ids.iter().flatten());
-        hidden.extend(c.stop_token_ids_hidden.iter().flatten());
-        hidden.extend(
-            request
-                .eos_token_ids
-                .iter()
-                .filter(|_| !req.stop.ignore_eos),
         );
         let prompt_tokens = req.prompt.len() as u32;
         let namespace = req.namespace;
