@@ -16,9 +16,34 @@ pub(crate) fn par_columns(
     n: usize,
     tile: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
+    drive(m, n, 1, |c, _, r0, rows, out| {
+        tile(c, r0, &mut out[0][..rows])
+    })
+}
+
+/// [`par_columns`] for kernels that compute two output columns at once (one per half of a
+/// 512-bit register): `tile(c, cols, r0, rows, out)` writes `y[r0 + i][c + j]` into
+/// `out[j][i]` for `j < cols` (2, or 1 for a last odd column) and `i < rows`.
+pub(crate) fn par_column_pairs(
+    m: usize,
+    n: usize,
+    tile: impl Fn(usize, usize, usize, usize, &mut [[f32; ROW_TILE]; 2]) + Sync,
+) -> Vec<f32> {
+    drive(m, n, 2, tile)
+}
+
+/// Columns in groups of `step` (1 or 2), rows in tiles of `ROW_TILE`.
+fn drive(
+    m: usize,
+    n: usize,
+    step: usize,
+    tile: impl Fn(usize, usize, usize, usize, &mut [[f32; ROW_TILE]; 2]) + Sync,
+) -> Vec<f32> {
     // Output columns per parallel task: enough work to amortise scheduling, enough tasks to
-    // keep every core busy.
-    let cols_per_task = (n / (4 * rayon::current_num_threads())).clamp(8, 256);
+    // keep every core busy; a whole number of column groups.
+    let cols_per_task = (n / (4 * rayon::current_num_threads()))
+        .clamp(8, 256)
+        .next_multiple_of(step);
     let parts: Vec<(usize, Vec<f32>)> = (0..n)
         .step_by(cols_per_task)
         .collect::<Vec<_>>()
@@ -27,13 +52,16 @@ pub(crate) fn par_columns(
             let c1 = (c0 + cols_per_task).min(n);
             let width = c1 - c0;
             let mut out = vec![0f32; m * width];
-            let mut buf = [0f32; ROW_TILE];
-            for c in c0..c1 {
+            let mut buf = [[0f32; ROW_TILE]; 2];
+            for c in (c0..c1).step_by(step) {
+                let cols = step.min(c1 - c);
                 for r0 in (0..m).step_by(ROW_TILE) {
                     let rows = ROW_TILE.min(m - r0);
-                    tile(c, r0, &mut buf[..rows]);
-                    for (i, v) in buf[..rows].iter().enumerate() {
-                        out[(r0 + i) * width + (c - c0)] = *v;
+                    tile(c, cols, r0, rows, &mut buf);
+                    for (j, col) in buf[..cols].iter().enumerate() {
+                        for (i, v) in col[..rows].iter().enumerate() {
+                            out[(r0 + i) * width + (c + j - c0)] = *v;
+                        }
                     }
                 }
             }

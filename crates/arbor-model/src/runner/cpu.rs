@@ -48,7 +48,12 @@ impl LogitsBackend for CpuBackend {
     }
 
     fn forward(&mut self, batch: &[SeqStep]) -> Result<Vec<Vec<f32>>> {
-        self.model.forward(batch, &mut self.pool)
+        // The whole step runs on one of rayon's workers, so the ~150 parallel loops of a step
+        // are forked from inside the pool (work stealing, the other workers still spinning
+        // from the last loop) rather than each injected from the engine's thread, which then
+        // sleeps and is woken once per loop: hundreds of context switches per decode step.
+        let (model, pool) = (&self.model, &mut self.pool);
+        rayon::scope(|_| model.forward(batch, pool))
     }
 
     fn logits_from_scratch(&self, tokens: &[u32], which: LogitsWanted) -> Result<Vec<Vec<f32>>> {

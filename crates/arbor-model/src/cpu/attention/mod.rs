@@ -299,6 +299,14 @@ mod avx2 {
     }
 }
 
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+mod avx512;
+
 /// Below this many query vectors an item scores keys row by row; from it on, through a
 /// transposed K tile (the transposition costs a tile's worth of scattered stores, which only
 /// pays off when many vectors share it). Both compute [`dot8`]'s arithmetic.
@@ -336,16 +344,27 @@ fn attend(
     k: &HeadView,
     v: &HeadView,
     scale: f32,
+    use_avx512: bool,
 ) -> Vec<Option<Partial>> {
     thread_local! {
         /// Score buffers reused across items: a fresh allocation per item costs page faults
         /// and zeroing on every step.
         static SCORES: std::cell::RefCell<(Vec<f32>, Vec<f16>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     }
-    SCORES.with_borrow_mut(|(p, p16)| attend_with(qv, limits, keys, k, v, scale, p, p16))
+    SCORES
+        .with_borrow_mut(|(p, p16)| attend_with(qv, limits, keys, k, v, scale, use_avx512, p, p16))
 }
 
 #[allow(clippy::too_many_arguments)]
+#[cfg_attr(
+    not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )),
+    allow(unused_variables)
+)]
 fn attend_with(
     qv: &[f32],
     limits: &[usize],
@@ -353,24 +372,25 @@ fn attend_with(
     k: &HeadView,
     v: &HeadView,
     scale: f32,
+    use_avx512: bool,
     p: &mut Vec<f32>,
     p16: &mut Vec<f16>,
 ) -> Vec<Option<Partial>> {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    if use_avx512 && avx512::supports(k.head_dim) {
+        // SAFETY: `use_avx512` comes from `kernels::avx512()` (or a test that checked
+        // `has_avx512()`), true only when the processor has AVX-512 F and VL.
+        return unsafe { avx512::attend_with(qv, limits, keys, k, v, scale, p) };
+    }
     let d = k.head_dim;
     let n_vec = limits.len();
     let k0 = keys.start;
-    // Keys this item scores, and each vector's end within them.
-    let n_keys = limits
-        .iter()
-        .copied()
-        .max()
-        .unwrap_or(0)
-        .min(keys.end)
-        .saturating_sub(k0);
-    let ends: Vec<usize> = limits
-        .iter()
-        .map(|&l| l.min(keys.end).saturating_sub(k0))
-        .collect();
+    let (n_keys, ends) = extent(limits, &keys);
     let mut tile_buf = vec![0f32; KEY_TILE * d];
     let mut row_buf = vec![0f32; d];
     // Scores, then probabilities, `[n_vec, n_keys]`; every entry read below is written first.
@@ -432,6 +452,27 @@ fn attend_with(
             out[vi * d..(vi + 1) * d].copy_from_slice(&acc);
         }
     }
+    partials(&ends, stats, &out, d)
+}
+
+/// The keys an item scores (from the segment's start) and each vector's end within them.
+fn extent(limits: &[usize], keys: &std::ops::Range<usize>) -> (usize, Vec<usize>) {
+    let n_keys = limits
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .min(keys.end)
+        .saturating_sub(keys.start);
+    let ends = limits
+        .iter()
+        .map(|&l| l.min(keys.end).saturating_sub(keys.start))
+        .collect();
+    (n_keys, ends)
+}
+
+/// An item's result per vector from its softmax statistics and V sums.
+fn partials(ends: &[usize], stats: Vec<(f32, f64)>, out: &[f32], d: usize) -> Vec<Option<Partial>> {
     ends.iter()
         .zip(stats)
         .zip(out.chunks_exact(d))
@@ -468,7 +509,9 @@ fn merge(parts: &[&Partial], out: &mut [f32]) {
 
 /// Softmax of one row of scores in place, the probabilities rounded to f16 (see the module
 /// docs); returns the row's max and the sum of `exp(x - max)`. The max and the f64 sum use
-/// several independent lanes so they vectorise.
+/// several independent lanes so they vectorise. Inlined so that the AVX-512 kernel's copy is
+/// vectorised for its registers (the same operations per element, so the same bits).
+#[inline(always)]
 fn softmax_f16(row: &mut [f32], scratch: &mut [f16]) -> (f32, f64) {
     let mut maxes = [f32::NEG_INFINITY; 8];
     for chunk in row.chunks(8) {
@@ -501,6 +544,20 @@ pub fn attention(
     seqs: &[AttnSeq],
     shape: AttnShape,
     out: &mut [f32],
+) {
+    let use_avx512 = crate::cpu::kernels::avx512();
+    attention_with(q, k_pool, v_pool, seqs, shape, out, use_avx512)
+}
+
+/// [`attention`] on the AVX-512 kernel or not (`use_avx512` only where the processor has it).
+fn attention_with(
+    q: &[f32],
+    k_pool: &[f16],
+    v_pool: &[f16],
+    seqs: &[AttnSeq],
+    shape: AttnShape,
+    out: &mut [f32],
+    use_avx512: bool,
 ) {
     let AttnShape {
         num_heads,
@@ -561,7 +618,15 @@ pub fn attention(
             // Key limit (exclusive) of each vector: the causal mask.
             let limits: Vec<usize> = (0..n_vec).map(|v| past + it.q_start + v / g + 1).collect();
             let keys = it.segment * KEY_SEGMENT..(it.segment + 1) * KEY_SEGMENT;
-            attend(&qv, &limits, keys, &view(k_pool), &view(v_pool), scale)
+            attend(
+                &qv,
+                &limits,
+                keys,
+                &view(k_pool),
+                &view(v_pool),
+                scale,
+                use_avx512,
+            )
         })
         .collect();
 
@@ -793,5 +858,86 @@ mod tests {
         };
         let err = max_error_against_reference(3, shape, 200, &perm[..87], 37, &perm[87..178]);
         assert!(err < F16_TOLERANCE, "max abs error {err}");
+    }
+
+    /// The AVX-512 kernel against the AVX2 one, bit for bit, where the processor has both:
+    /// prefill chunks through the transposed tile (with segments and the causal diagonal),
+    /// small chunks and decodes row by row, over scattered slots, for every head size the
+    /// kernel takes and one it leaves to AVX2.
+    #[test]
+    fn avx512_and_avx2_paths_agree_bit_for_bit() {
+        use rand::{Rng, SeedableRng};
+        if !crate::cpu::kernels::has_avx512() {
+            eprintln!("no AVX-512 on this processor: only the AVX2 path is checked (above)");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        let shapes = [
+            (9, 3, 64),
+            (8, 2, 128),
+            (4, 1, 32),
+            (6, 2, 16),
+            (5, 5, 48),
+            (4, 2, 80),
+        ];
+        for (num_heads, num_kv_heads, head_dim) in shapes {
+            let shape = AttnShape {
+                num_heads,
+                num_kv_heads,
+                head_dim,
+            };
+            let pool_slots = 2 * KEY_SEGMENT + 1200;
+            let kvw = num_kv_heads * head_dim;
+            let mut pool = |scale: f32| -> Vec<f16> {
+                (0..pool_slots * kvw)
+                    .map(|_| f16::from_f32(rng.random_range(-scale..scale)))
+                    .collect()
+            };
+            let (k_pool, v_pool) = (pool(1.5), pool(1.0));
+            let mut perm: Vec<u32> = (0..pool_slots as u32).collect();
+            for i in (1..perm.len()).rev() {
+                perm.swap(i, rng.random_range(0..=i));
+            }
+            // (context length, new tokens): a long chunk over two segments, a chunk from
+            // position 0, a small chunk (row-by-row scores), decodes short and long.
+            let cases = [
+                (KEY_SEGMENT + 77, 45),
+                (70, 70),
+                (300, 3),
+                (2 * KEY_SEGMENT + 500, 1),
+                (13, 1),
+            ];
+            let mut seqs = Vec::new();
+            let mut used = 0;
+            let mut rows = 0;
+            for (len, n_new) in cases {
+                seqs.push(AttnSeq {
+                    row_offset: rows,
+                    n_new,
+                    slots: &perm[used % 600..used % 600 + len],
+                });
+                used += 97;
+                rows += n_new;
+            }
+            let qw = num_heads * head_dim;
+            let q: Vec<f32> = (0..rows * qw)
+                .map(|_| rng.random_range(-2.5..2.5))
+                .collect();
+            let run = |fast: bool| {
+                let mut out = vec![0f32; rows * qw];
+                attention_with(&q, &k_pool, &v_pool, &seqs, shape, &mut out, fast);
+                out
+            };
+            let (plain, fast) = (run(false), run(true));
+            assert!(plain.iter().all(|x| x.is_finite()) && plain.iter().any(|&x| x != 0.0));
+            for (i, (a, b)) in plain.iter().zip(&fast).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{shape:?}: element {i} (row {}) {a} vs {b}",
+                    i / qw
+                );
+            }
+        }
     }
 }
