@@ -28,7 +28,7 @@ use half::f16;
 use rayon::prelude::*;
 
 pub const QK: usize = 32;
-use crate::cpu::columns::ROW_TILE;
+use crate::cpu::columns::{PAIR_ROW_TILE, ROW_TILE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockFormat {
@@ -227,7 +227,11 @@ impl BlockMatrix {
                             )
                         }
                     } else {
-                        dot_rows(self.format, self.row(c), a, nb, &mut out[0][..rows], vnni);
+                        // A last odd column: the 256-bit kernel, `ROW_TILE` rows at a time.
+                        for (i, o) in out[0][..rows].chunks_mut(ROW_TILE).enumerate() {
+                            let a = &a[i * ROW_TILE * nb..(i * ROW_TILE + o.len()) * nb];
+                            dot_rows(self.format, self.row(c), a, nb, o, vnni);
+                        }
                     }
                 },
             );
@@ -361,7 +365,7 @@ fn dot_scalar(format: BlockFormat, w: &[u8], a: &[ActBlock]) -> f32 {
     target_feature = "fma"
 ))]
 mod avx2 {
-    use super::{hsum8, ActBlock, BlockFormat, ROW_TILE};
+    use super::{hsum8, ActBlock, BlockFormat, PAIR_ROW_TILE, ROW_TILE};
     use std::arch::x86_64::*;
 
     #[inline]
@@ -443,23 +447,29 @@ mod avx2 {
         acts: &[ActBlock],
         nb: usize,
         rows: usize,
-        out: &mut [[f32; ROW_TILE]; 2],
+        out: &mut [[f32; PAIR_ROW_TILE]; 2],
     ) {
-        assert!((1..=ROW_TILE).contains(&rows) && acts.len() == rows * nb);
+        assert!((1..=PAIR_ROW_TILE).contains(&rows) && acts.len() == rows * nb);
         assert!(w0.len() == nb * format.block_bytes() && w1.len() == w0.len());
-        match (format, rows) {
-            (BlockFormat::Q4_1, 1) => pair_tile::<1, Q41>(w0, w1, acts, nb, out),
-            (BlockFormat::Q4_1, 2) => pair_tile::<2, Q41>(w0, w1, acts, nb, out),
-            (BlockFormat::Q4_1, 3) => pair_tile::<3, Q41>(w0, w1, acts, nb, out),
-            (BlockFormat::Q4_1, _) => pair_tile::<4, Q41>(w0, w1, acts, nb, out),
-            (BlockFormat::Q4_0, 1) => pair_tile::<1, Q40>(w0, w1, acts, nb, out),
-            (BlockFormat::Q4_0, 2) => pair_tile::<2, Q40>(w0, w1, acts, nb, out),
-            (BlockFormat::Q4_0, 3) => pair_tile::<3, Q40>(w0, w1, acts, nb, out),
-            (BlockFormat::Q4_0, _) => pair_tile::<4, Q40>(w0, w1, acts, nb, out),
-            (BlockFormat::Q8_0, 1) => pair_tile::<1, Q80>(w0, w1, acts, nb, out),
-            (BlockFormat::Q8_0, 2) => pair_tile::<2, Q80>(w0, w1, acts, nb, out),
-            (BlockFormat::Q8_0, 3) => pair_tile::<3, Q80>(w0, w1, acts, nb, out),
-            (BlockFormat::Q8_0, _) => pair_tile::<4, Q80>(w0, w1, acts, nb, out),
+        // A const row count keeps every accumulator in a register.
+        macro_rules! by_rows {
+            ($f:ty) => {
+                match rows {
+                    1 => pair_tile::<1, $f>(w0, w1, acts, nb, out),
+                    2 => pair_tile::<2, $f>(w0, w1, acts, nb, out),
+                    3 => pair_tile::<3, $f>(w0, w1, acts, nb, out),
+                    4 => pair_tile::<4, $f>(w0, w1, acts, nb, out),
+                    5 => pair_tile::<5, $f>(w0, w1, acts, nb, out),
+                    6 => pair_tile::<6, $f>(w0, w1, acts, nb, out),
+                    7 => pair_tile::<7, $f>(w0, w1, acts, nb, out),
+                    _ => pair_tile::<8, $f>(w0, w1, acts, nb, out),
+                }
+            };
+        }
+        match format {
+            BlockFormat::Q4_1 => by_rows!(Q41),
+            BlockFormat::Q4_0 => by_rows!(Q40),
+            BlockFormat::Q8_0 => by_rows!(Q80),
         }
     }
 
@@ -509,7 +519,7 @@ mod avx2 {
         w1: &[u8],
         acts: &[ActBlock],
         nb: usize,
-        out: &mut [[f32; ROW_TILE]; 2],
+        out: &mut [[f32; PAIR_ROW_TILE]; 2],
     ) {
         let bb = F::FORMAT.block_bytes();
         let zero = _mm512_setzero_si512();
@@ -751,23 +761,36 @@ mod tests {
                     }
                 }
             }
-            for rows in 1..=ROW_TILE {
+            for rows in 1..=PAIR_ROW_TILE {
                 let x: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-4.0..4.0)).collect();
                 let acts: Vec<ActBlock> = x
                     .chunks(k)
                     .flat_map(|r| quantize_row(r, format == BlockFormat::Q4_1))
                     .collect();
+                // The AVX2 kernel, `ROW_TILE` rows at a time.
+                let plain = |c: usize| -> Vec<f32> {
+                    let mut out = vec![0f32; rows];
+                    for (i, o) in out.chunks_mut(ROW_TILE).enumerate() {
+                        let a = &acts[i * ROW_TILE * nb..(i * ROW_TILE + o.len()) * nb];
+                        avx2::dot_rows_with::<false>(format, w.row(c), a, nb, o);
+                    }
+                    out
+                };
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 for c in 0..n {
-                    let mut plain = vec![0f32; rows];
-                    let mut vnni = vec![0f32; rows];
-                    avx2::dot_rows_with::<false>(format, w.row(c), &acts, nb, &mut plain);
-                    // SAFETY: has_vnni() checked above.
-                    unsafe { avx2::dot_rows_vnni(format, w.row(c), &acts, nb, &mut vnni) };
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&plain), bits(&vnni), "{format:?} rows {rows} col {c}");
+                    if rows <= ROW_TILE {
+                        let mut vnni = vec![0f32; rows];
+                        // SAFETY: has_vnni() checked above.
+                        unsafe { avx2::dot_rows_vnni(format, w.row(c), &acts, nb, &mut vnni) };
+                        assert_eq!(
+                            bits(&plain(c)),
+                            bits(&vnni),
+                            "{format:?} rows {rows} col {c}"
+                        );
+                    }
                     // Two rows per 512-bit register: this column with the next (wrapping).
                     let other = (c + 1) % n;
-                    let mut pair = [[f32::NAN; ROW_TILE]; 2];
+                    let mut pair = [[f32::NAN; PAIR_ROW_TILE]; 2];
                     // SAFETY: has_vnni() (AVX-512 VNNI, F, BW, VL) checked above.
                     unsafe {
                         avx2::dot_pair_vnni512(
@@ -780,15 +803,13 @@ mod tests {
                             &mut pair,
                         )
                     };
-                    let mut plain_other = vec![0f32; rows];
-                    avx2::dot_rows_with::<false>(format, w.row(other), &acts, nb, &mut plain_other);
                     assert_eq!(
-                        bits(&plain),
+                        bits(&plain(c)),
                         bits(&pair[0][..rows]),
                         "{format:?} pair, rows {rows} col {c}"
                     );
                     assert_eq!(
-                        bits(&plain_other),
+                        bits(&plain(other)),
                         bits(&pair[1][..rows]),
                         "{format:?} pair, rows {rows} col {other}"
                     );

@@ -112,6 +112,11 @@ pub(super) unsafe fn attend_with(
             // not written.
             let rows: [*const f16; 8] =
                 std::array::from_fn(|t| k.pool.as_ptr().add(starts[(k8 + t).min(k8_end - 1)]));
+            // A decode reads each K row once, wherever its slot lies: ask for the rows two
+            // groups ahead so that memory latency overlaps the arithmetic.
+            for &start in starts.iter().skip(k8 + PREFETCH_KEYS).take(8) {
+                prefetch_row(k.pool.as_ptr().add(start), d);
+            }
             for v0 in (0..n_vec).step_by(Q_BLOCK) {
                 let nv = Q_BLOCK.min(n_vec - v0);
                 if ends[v0..v0 + nv].iter().all(|&e| e <= k8) {
@@ -327,6 +332,17 @@ unsafe fn row_dots<const NV: usize>(
     out
 }
 
+/// Keys ahead whose K or V row is prefetched while the current ones are computed.
+const PREFETCH_KEYS: usize = 16;
+
+/// Asks for the cache lines of one f16 row of `d` values (a hint: no effect on results).
+#[inline(always)]
+unsafe fn prefetch_row(row: *const f16, d: usize) {
+    for off in (0..2 * d).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>((row as *const i8).add(off));
+    }
+}
+
 /// Rows to columns of an 8x8 block of floats: `out[l][t] = r[t][l]`.
 #[inline(always)]
 unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
@@ -407,6 +423,9 @@ impl PvBlock<'_> {
             }
         }
         for j in keys {
+            if let Some(&ahead) = self.starts.get(j + PREFETCH_KEYS) {
+                prefetch_row(self.pool.add(ahead), d);
+            }
             let row = self.pool.add(*self.starts.get_unchecked(j));
             let vr: [__m512; C] = std::array::from_fn(|c| {
                 _mm512_cvtph_ps(_mm256_loadu_si256(row.add(16 * c) as *const __m256i))
