@@ -223,41 +223,51 @@ mod avx2 {
                             *ri = _mm256_cvtph_ps(h);
                         }
                     }
-                    let t = [
-                        _mm256_unpacklo_ps(r[0], r[1]),
-                        _mm256_unpackhi_ps(r[0], r[1]),
-                        _mm256_unpacklo_ps(r[2], r[3]),
-                        _mm256_unpackhi_ps(r[2], r[3]),
-                        _mm256_unpacklo_ps(r[4], r[5]),
-                        _mm256_unpackhi_ps(r[4], r[5]),
-                        _mm256_unpacklo_ps(r[6], r[7]),
-                        _mm256_unpackhi_ps(r[6], r[7]),
-                    ];
-                    let s = [
-                        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
-                        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
-                        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
-                        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
-                        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
-                        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
-                        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
-                        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
-                    ];
-                    let cols = [
-                        _mm256_permute2f128_ps::<0x20>(s[0], s[4]),
-                        _mm256_permute2f128_ps::<0x20>(s[1], s[5]),
-                        _mm256_permute2f128_ps::<0x20>(s[2], s[6]),
-                        _mm256_permute2f128_ps::<0x20>(s[3], s[7]),
-                        _mm256_permute2f128_ps::<0x31>(s[0], s[4]),
-                        _mm256_permute2f128_ps::<0x31>(s[1], s[5]),
-                        _mm256_permute2f128_ps::<0x31>(s[2], s[6]),
-                        _mm256_permute2f128_ps::<0x31>(s[3], s[7]),
-                    ];
+                    let cols = transpose8(r);
                     for (i, c) in cols.iter().enumerate() {
                         _mm256_storeu_ps(dst.as_mut_ptr().add((dd + i) * KEY_TILE + t0), *c);
                     }
                 }
             }
+        }
+    }
+
+    /// Rows to columns of an 8x8 block of floats: `out[l][t] = r[t][l]`.
+    #[inline(always)]
+    pub(super) fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        // SAFETY: AVX is enabled for the whole build (`target_feature = "avx2"`); register
+        // shuffles only, no memory access.
+        unsafe {
+            let t = [
+                _mm256_unpacklo_ps(r[0], r[1]),
+                _mm256_unpackhi_ps(r[0], r[1]),
+                _mm256_unpacklo_ps(r[2], r[3]),
+                _mm256_unpackhi_ps(r[2], r[3]),
+                _mm256_unpacklo_ps(r[4], r[5]),
+                _mm256_unpackhi_ps(r[4], r[5]),
+                _mm256_unpacklo_ps(r[6], r[7]),
+                _mm256_unpackhi_ps(r[6], r[7]),
+            ];
+            let s = [
+                _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+                _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+                _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+                _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+            ];
+            [
+                _mm256_permute2f128_ps::<0x20>(s[0], s[4]),
+                _mm256_permute2f128_ps::<0x20>(s[1], s[5]),
+                _mm256_permute2f128_ps::<0x20>(s[2], s[6]),
+                _mm256_permute2f128_ps::<0x20>(s[3], s[7]),
+                _mm256_permute2f128_ps::<0x31>(s[0], s[4]),
+                _mm256_permute2f128_ps::<0x31>(s[1], s[5]),
+                _mm256_permute2f128_ps::<0x31>(s[2], s[6]),
+                _mm256_permute2f128_ps::<0x31>(s[3], s[7]),
+            ]
         }
     }
 
