@@ -119,9 +119,9 @@ pub struct ModelArgs {
     /// sample there (`host`, the path before GPU sampling; A/B benchmarks).
     #[arg(long, value_enum, default_value = "device")]
     cuda_sampling: CudaSamplingArg,
-    /// CPU: `auto` uses the fastest kernels the processor has (AVX-512 VNNI where present);
+    /// CPU: `auto` uses the fastest kernels the processor has (AVX-512 where present);
     /// `avx2` keeps to the AVX2 ones (comparisons; the outputs are bit-identical).
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "auto", env = "ARBOR_CPU_KERNELS")]
     cpu_kernels: CpuKernelsArg,
 }
 

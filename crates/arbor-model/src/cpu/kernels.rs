@@ -21,9 +21,29 @@ pub use crate::options::CpuKernels;
 static FORCE_AVX2: AtomicBool = AtomicBool::new(false);
 
 /// Chooses the kernels for the whole process (they are a property of the machine, not of one
-/// model).
+/// model). `ARBOR_CPU_KERNELS=avx2` in the environment forces the AVX2 kernels whatever is
+/// chosen here.
 pub fn select(kernels: CpuKernels) {
     FORCE_AVX2.store(kernels == CpuKernels::Avx2, Ordering::Relaxed);
+}
+
+/// The environment variable that forces the AVX2 kernels in any process (`avx2`; `auto` or
+/// unset leaves the choice to [`select`]). The test suite runs the model's reference tests
+/// once more under it, so CI exercises the AVX2 paths end to end on a machine that has
+/// AVX-512; `--cpu-kernels` reads the same variable.
+pub const ENV: &str = "ARBOR_CPU_KERNELS";
+
+fn forced_by_env() -> bool {
+    static FORCED: OnceLock<bool> = OnceLock::new();
+    *FORCED.get_or_init(|| env_forces_avx2(std::env::var(ENV).ok().as_deref()))
+}
+
+fn env_forces_avx2(value: Option<&str>) -> bool {
+    value.is_some_and(|v| v.trim().eq_ignore_ascii_case("avx2"))
+}
+
+fn avx2_only() -> bool {
+    FORCE_AVX2.load(Ordering::Relaxed) || forced_by_env()
 }
 
 /// Whether the processor has AVX-512 VNNI with AVX-512 F, BW and VL (detected once; every
@@ -66,13 +86,13 @@ pub fn has_avx512() -> bool {
 /// Whether attention uses the AVX-512 kernels now.
 #[inline]
 pub fn avx512() -> bool {
-    has_avx512() && !FORCE_AVX2.load(Ordering::Relaxed)
+    has_avx512() && !avx2_only()
 }
 
 /// Whether the quantized matmuls use VNNI now.
 #[inline]
 pub fn vnni() -> bool {
-    has_vnni() && !FORCE_AVX2.load(Ordering::Relaxed)
+    has_vnni() && !avx2_only()
 }
 
 /// The kernels in use, for the start-up log.
@@ -87,5 +107,19 @@ pub fn describe() -> &'static str {
         "AVX2 quantized dot products and attention"
     } else {
         "portable scalar kernels"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_avx2_in_the_environment_forces_the_avx2_kernels() {
+        assert!(env_forces_avx2(Some("avx2")));
+        assert!(env_forces_avx2(Some(" AVX2\n")));
+        assert!(!env_forces_avx2(Some("auto")));
+        assert!(!env_forces_avx2(Some("")));
+        assert!(!env_forces_avx2(None));
     }
 }
