@@ -513,6 +513,11 @@ mod avx2 {
         }
     }
 
+    /// The body of [`dot_pair_vnni512`] for `R` rows.
+    ///
+    /// # Safety
+    /// AVX-512 F, BW, VL and VNNI are enabled in the caller; `w0` and `w1` hold `nb` blocks of
+    /// `F`'s format and `acts` holds `R * nb` blocks (asserted by the caller).
     #[inline(always)]
     unsafe fn pair_tile<const R: usize, F: Format>(
         w0: &[u8],

@@ -24,8 +24,8 @@ use half::f16;
 use super::avx2::transpose8;
 use super::{extent, partials, HeadView, Partial, KEY_TILE, TRANSPOSE_MIN_VECTORS};
 
-/// Head sizes this kernel takes: whole 16-float registers, at most 8 of them per vector (a V
-/// sum of `V_BLOCK` vectors lives in registers). Others use the AVX2 path.
+/// Head sizes this kernel takes: whole 16-float registers, at most 8 of them per vector (the V
+/// sums of a block of vectors live in registers). Others use the AVX2 path.
 pub(super) fn supports(head_dim: usize) -> bool {
     head_dim.is_multiple_of(16) && head_dim <= 128
 }
@@ -109,8 +109,8 @@ pub(super) unsafe fn attend_with(
     } else {
         for k8 in (0..n_keys).step_by(8) {
             let k8_end = (k8 + 8).min(n_keys);
-            // Missing keys of a last short group read the first key again; their scores are
-            // not written.
+            // Missing keys of a last short group read the group's last key again; their scores
+            // are not written.
             let rows: [*const f16; 8] =
                 std::array::from_fn(|t| k.pool.as_ptr().add(starts[(k8 + t).min(k8_end - 1)]));
             // A decode reads each K row once, wherever its slot lies: ask for the rows two
@@ -268,6 +268,10 @@ unsafe fn exp16(x: __m512) -> __m512 {
 /// `NV` query vectors (at `q`, `d` apart) against a transposed K tile (`[d, KEY_TILE]`, `n`
 /// keys valid): `KEY_TILE` dot products per vector, each with exactly [`super::dot8`]'s
 /// arithmetic (accumulator `l` holds lane `l` for 16 keys; the lanes are added in order).
+///
+/// # Safety
+/// AVX-512 F is enabled in the caller; `q` points to `NV * d` floats; `kt` holds
+/// `d * KEY_TILE` (asserted in debug builds), so every load is inside it.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // `l` and `i` name the lane and the vector, as in `dot8`
 unsafe fn tile_dots<const NV: usize>(
@@ -305,6 +309,10 @@ unsafe fn tile_dots<const NV: usize>(
 /// per vector with [`super::dot8`]'s arithmetic. Accumulator `[i][t]` holds the 8 lanes of
 /// vector `i` and key `t`; an 8x8 transpose puts lane `l` of the 8 keys in one register, and
 /// the registers are added in lane order.
+///
+/// # Safety
+/// AVX-512 VL and F16C are enabled in the caller; `q` points to `NV * d` floats and each row
+/// to `d` f16 values (the caller checks the rows lie inside the pool).
 #[inline(always)]
 unsafe fn row_dots<const NV: usize>(
     q: *const f32,
@@ -356,6 +364,11 @@ struct PvBlock<'a> {
 
 impl PvBlock<'_> {
     /// Vectors `v0..v0 + NV` over `keys` (all of which they see).
+    ///
+    /// # Safety
+    /// AVX-512 F is enabled in the caller; `out` and `p` hold those vectors' rows, `keys` lie
+    /// within `starts`, and each start is a row of `d` f16 values inside the pool (checked by
+    /// `attend_with`).
     #[inline(always)]
     unsafe fn run<const NV: usize>(&mut self, v0: usize, keys: std::ops::Range<usize>) {
         match self.d / 16 {
