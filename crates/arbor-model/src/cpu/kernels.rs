@@ -97,16 +97,13 @@ pub fn vnni() -> bool {
 
 /// The kernels in use, for the start-up log.
 pub fn describe() -> &'static str {
-    match (vnni(), avx512()) {
-        (true, true) => return "AVX-512 VNNI quantized dot products, AVX-512 attention",
-        (true, false) => return "AVX-512 VNNI quantized dot products, AVX2 attention",
-        (false, true) => return "AVX2 quantized dot products, AVX-512 attention",
-        (false, false) => {}
-    }
-    if cfg!(all(target_arch = "x86_64", target_feature = "avx2")) {
-        "AVX2 quantized dot products and attention"
-    } else {
-        "portable scalar kernels"
+    let avx2 = cfg!(all(target_arch = "x86_64", target_feature = "avx2"));
+    match (vnni(), avx512(), avx2) {
+        (true, true, _) => "AVX-512 VNNI quantized dot products, AVX-512 attention",
+        (true, false, _) => "AVX-512 VNNI quantized dot products, AVX2 attention",
+        (false, true, _) => "AVX2 quantized dot products, AVX-512 attention",
+        (false, false, true) => "AVX2 quantized dot products and attention",
+        (false, false, false) => "portable scalar kernels",
     }
 }
 

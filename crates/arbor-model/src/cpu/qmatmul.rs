@@ -545,6 +545,7 @@ mod avx2 {
             ));
             let dm = _mm512_castps128_ps512(dm);
             let dvec = _mm512_permutexvar_ps(d_idx, dm);
+            let mvec = _mm512_permutexvar_ps(m_idx, dm);
             let (wx, sign_src) = weights_pair(F::FORMAT, blk0, blk1);
             let negate = sign_src.map(|qx| _mm512_movepi8_mask(qx));
             for r in 0..R {
@@ -559,7 +560,6 @@ mod avx2 {
                 let scale = _mm512_mul_ps(dvec, _mm512_set1_ps(ab.d));
                 acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums), acc[r]);
                 if F::FORMAT == BlockFormat::Q4_1 {
-                    let mvec = _mm512_permutexvar_ps(m_idx, dm);
                     summs[r] = _mm512_add_ps(summs[r], _mm512_mul_ps(mvec, _mm512_set1_ps(ab.s)));
                 }
             }
