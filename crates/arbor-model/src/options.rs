@@ -55,4 +55,6 @@ pub enum CpuKernels {
     Auto,
     /// The AVX2 paths only (the x86-64-v3 baseline), whatever the processor has.
     Avx2,
+    /// llama.cpp's own block-matmul arithmetic (AVX2), to compare with llama.cpp bit for bit.
+    Ggml,
 }

@@ -120,7 +120,8 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value = "device")]
     cuda_sampling: CudaSamplingArg,
     /// CPU: `auto` uses the fastest kernels the processor has (AVX-512 where present);
-    /// `avx2` keeps to the AVX2 ones (comparisons; the outputs are bit-identical).
+    /// `avx2` keeps to the AVX2 ones (comparisons; the outputs are bit-identical); `ggml`
+    /// takes llama.cpp's block-matmul arithmetic (slower; checks against llama.cpp).
     #[arg(long, value_enum, default_value = "auto", env = "ARBOR_CPU_KERNELS")]
     cpu_kernels: CpuKernelsArg,
 }
@@ -129,6 +130,7 @@ pub struct ModelArgs {
 enum CpuKernelsArg {
     Auto,
     Avx2,
+    Ggml,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -447,6 +449,7 @@ fn runner_options(args: &ModelArgs) -> RunnerOptions {
         cpu_kernels: match args.cpu_kernels {
             CpuKernelsArg::Auto => CpuKernels::Auto,
             CpuKernelsArg::Avx2 => CpuKernels::Avx2,
+            CpuKernelsArg::Ggml => CpuKernels::Ggml,
         },
         ..Default::default()
     }

@@ -5,45 +5,68 @@
 //!
 //! Today:
 //! - AVX-512 VNNI (`vpdpbusd`) for the integer dot products of the block-quantized matmuls
-//!   ([`crate::cpu::qmatmul`]), two weight rows per 512-bit register;
+//!   ([`crate::cpu::qmatmul`]): 4 elements of 16 output columns per instruction;
 //! - AVX-512 F for attention ([`crate::cpu::attention`]): 16 keys per register in the scores of
 //!   a prefill chunk, 32 registers to block queries and keys, V rows widened in registers.
 //!
 //! Both are bit-identical to the AVX2 paths by construction (each output element sees the same
 //! operations in the same order; see the kernels' docs), so the switch changes speed, never an
 //! output: the tests compare the two paths bit for bit on machines that have both.
+//!
+//! A third choice, `ggml`, is a check rather than a speed: the block matmuls take llama.cpp's
+//! own arithmetic (AVX2, rows in the file's layout), so that the whole forward pass can be
+//! compared with llama.cpp's to the last bit (`tests/llama_cpp_exact.rs`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 pub use crate::options::CpuKernels;
 
-static FORCE_AVX2: AtomicBool = AtomicBool::new(false);
+static SELECTED: AtomicU8 = AtomicU8::new(CpuKernels::Auto as u8);
 
 /// Chooses the kernels for the whole process (they are a property of the machine, not of one
-/// model). `ARBOR_CPU_KERNELS=avx2` in the environment forces the AVX2 kernels whatever is
-/// chosen here.
+/// model); call it before loading a model, whose block matrices are laid out for the choice.
+/// `ARBOR_CPU_KERNELS` in the environment (`avx2`, `ggml`) overrides what is chosen here.
 pub fn select(kernels: CpuKernels) {
-    FORCE_AVX2.store(kernels == CpuKernels::Avx2, Ordering::Relaxed);
+    SELECTED.store(kernels as u8, Ordering::Relaxed);
 }
 
-/// The environment variable that forces the AVX2 kernels in any process (`avx2`; `auto` or
-/// unset leaves the choice to [`select`]). The test suite runs the model's reference tests
-/// once more under it, so CI exercises the AVX2 paths end to end on a machine that has
-/// AVX-512; `--cpu-kernels` reads the same variable.
+/// The environment variable that forces a kernel choice in any process (`avx2`, `ggml`;
+/// `auto` or unset leaves the choice to [`select`]). The test suite runs the model's reference
+/// tests once more under `avx2`, so CI exercises the AVX2 paths end to end on a machine that
+/// has AVX-512; `--cpu-kernels` reads the same variable.
 pub const ENV: &str = "ARBOR_CPU_KERNELS";
 
-fn forced_by_env() -> bool {
-    static FORCED: OnceLock<bool> = OnceLock::new();
-    *FORCED.get_or_init(|| env_forces_avx2(std::env::var(ENV).ok().as_deref()))
+fn forced_by_env() -> Option<CpuKernels> {
+    static FORCED: OnceLock<Option<CpuKernels>> = OnceLock::new();
+    *FORCED.get_or_init(|| parse_env(std::env::var(ENV).ok().as_deref()))
 }
 
-fn env_forces_avx2(value: Option<&str>) -> bool {
-    value.is_some_and(|v| v.trim().eq_ignore_ascii_case("avx2"))
+fn parse_env(value: Option<&str>) -> Option<CpuKernels> {
+    match value?.trim().to_ascii_lowercase().as_str() {
+        "avx2" => Some(CpuKernels::Avx2),
+        "ggml" => Some(CpuKernels::Ggml),
+        _ => None,
+    }
+}
+
+/// The choice in force: the environment's, else [`select`]'s.
+pub fn selected() -> CpuKernels {
+    forced_by_env().unwrap_or(match SELECTED.load(Ordering::Relaxed) {
+        x if x == CpuKernels::Avx2 as u8 => CpuKernels::Avx2,
+        x if x == CpuKernels::Ggml as u8 => CpuKernels::Ggml,
+        _ => CpuKernels::Auto,
+    })
 }
 
 fn avx2_only() -> bool {
-    FORCE_AVX2.load(Ordering::Relaxed) || forced_by_env()
+    selected() != CpuKernels::Auto
+}
+
+/// Whether block matrices are laid out for llama.cpp's arithmetic (`ggml`) rather than in
+/// tiles for Arbor's.
+pub fn ggml_blocks() -> bool {
+    selected() == CpuKernels::Ggml
 }
 
 /// Whether the processor has AVX-512 VNNI with AVX-512 F, BW and VL (detected once; every
@@ -98,12 +121,13 @@ pub fn vnni() -> bool {
 /// The kernels in use, for the start-up log.
 pub fn describe() -> &'static str {
     let avx2 = cfg!(all(target_arch = "x86_64", target_feature = "avx2"));
-    match (vnni(), avx512(), avx2) {
-        (true, true, _) => "AVX-512 VNNI quantized dot products, AVX-512 attention",
-        (true, false, _) => "AVX-512 VNNI quantized dot products, AVX2 attention",
-        (false, true, _) => "AVX2 quantized dot products, AVX-512 attention",
-        (false, false, true) => "AVX2 quantized dot products and attention",
-        (false, false, false) => "portable scalar kernels",
+    match (ggml_blocks(), vnni(), avx512(), avx2) {
+        (true, ..) => "llama.cpp's block arithmetic (ggml, AVX2), AVX2 attention",
+        (false, true, true, _) => "AVX-512 VNNI tiled quantized matmuls, AVX-512 attention",
+        (false, true, false, _) => "AVX-512 VNNI tiled quantized matmuls, AVX2 attention",
+        (false, false, true, _) => "AVX2 tiled quantized matmuls, AVX-512 attention",
+        (false, false, false, true) => "AVX2 tiled quantized matmuls and attention",
+        (false, false, false, false) => "portable scalar kernels",
     }
 }
 
@@ -112,11 +136,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_avx2_in_the_environment_forces_the_avx2_kernels() {
-        assert!(env_forces_avx2(Some("avx2")));
-        assert!(env_forces_avx2(Some(" AVX2\n")));
-        assert!(!env_forces_avx2(Some("auto")));
-        assert!(!env_forces_avx2(Some("")));
-        assert!(!env_forces_avx2(None));
+    fn the_environment_names_a_choice_or_leaves_it() {
+        assert_eq!(parse_env(Some("avx2")), Some(CpuKernels::Avx2));
+        assert_eq!(parse_env(Some(" AVX2\n")), Some(CpuKernels::Avx2));
+        assert_eq!(parse_env(Some("ggml")), Some(CpuKernels::Ggml));
+        assert_eq!(parse_env(Some("auto")), None);
+        assert_eq!(parse_env(Some("")), None);
+        assert_eq!(parse_env(None), None);
     }
 }

@@ -1,0 +1,379 @@
+//! The tiled definition's kernels: 16 output columns by up to 8 activation rows at once, over
+//! weights repacked in tiles of 16 columns (layout in the module docs of [`super`]).
+//!
+//! Per block and activation row the integer sum of all 16 columns is exact on every path, and
+//! the float work is one product of scales, one conversion and one or two fused multiply-adds
+//! per column, in the order of [`super::dot_tiled_definition`]:
+//! - AVX-512 VNNI: 8 `vpdpbusd` (4 elements of 16 columns each) on the unsigned stored quants
+//!   and the signed activations, starting from `-bias·Σx`;
+//! - AVX2: the same sums from `maddubs` + `madd` on two halves of 8 columns (Q8_0 with the
+//!   signs moved onto the activations, as `maddubs` would overflow on `q + 128`).
+
+use super::{ActBlock, BlockFormat};
+use crate::cpu::columns::{TILE_COLS, TILE_ROWS};
+
+/// `out[i][j]` = activation row `i` (of `rows`) against column `j` of the tile.
+#[inline]
+#[cfg_attr(
+    not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )),
+    allow(unused_variables)
+)]
+pub(super) fn dot_tile(
+    format: BlockFormat,
+    tile: &[u8],
+    acts: &[ActBlock],
+    nb: usize,
+    rows: usize,
+    out: &mut [[f32; TILE_COLS]; TILE_ROWS],
+    vnni: bool,
+) {
+    assert!((1..=TILE_ROWS).contains(&rows) && acts.len() == rows * nb);
+    assert_eq!(tile.len(), nb * format.tile_block_bytes());
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        if vnni {
+            debug_assert!(crate::cpu::kernels::has_vnni());
+            // SAFETY: `vnni` comes from `kernels::vnni()`, true only where the processor has
+            // AVX-512 F, BW, VL and VNNI; the shapes are asserted above.
+            unsafe { avx512::dot_tile(format, tile, acts, nb, rows, out) }
+        } else {
+            avx2::dot_tile(format, tile, acts, nb, rows, out)
+        }
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    scalar(format, tile, acts, nb, rows, out)
+}
+
+/// The signed weight of element `e` of column `j` in a tile block.
+#[cfg_attr(
+    all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ),
+    allow(dead_code)
+)]
+fn tile_weight(format: BlockFormat, blk: &[u8], j: usize, e: usize) -> i32 {
+    let qa = format.tile_quants_offset();
+    match format {
+        BlockFormat::Q8_0 => (blk[qa + e / 4 * 64 + 4 * j + e % 4] ^ 0x80) as i8 as i32,
+        _ => {
+            let byte = blk[qa + (e % 16) / 4 * 64 + 4 * j + e % 4];
+            let q = if e < 16 { byte & 0x0F } else { byte >> 4 } as i32;
+            q - format.tile_bias()
+        }
+    }
+}
+
+/// The portable path, element by element in the definition's order.
+#[cfg_attr(
+    all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ),
+    allow(dead_code)
+)]
+fn scalar(
+    format: BlockFormat,
+    tile: &[u8],
+    acts: &[ActBlock],
+    nb: usize,
+    rows: usize,
+    out: &mut [[f32; TILE_COLS]; TILE_ROWS],
+) {
+    let tbb = format.tile_block_bytes();
+    for (r, out_row) in out.iter_mut().enumerate().take(rows) {
+        for (j, o) in out_row.iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for (b, blk) in tile.chunks_exact(tbb).enumerate() {
+                let ab = &acts[r * nb + b];
+                let isum: i32 = (0..super::QK)
+                    .map(|e| tile_weight(format, blk, j, e) * ab.qs[e] as i32)
+                    .sum();
+                let d = super::f16_at(blk, 2 * j);
+                acc = (d * ab.d).mul_add(isum as f32, acc);
+                if format == BlockFormat::Q4_1 {
+                    acc = super::f16_at(blk, 2 * TILE_COLS + 2 * j).mul_add(ab.s, acc);
+                }
+            }
+            *o = acc;
+        }
+    }
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+/// Expands a `match` over the row count into calls of `$kernel::<R, $format>` with a const
+/// `R`, so that every accumulator stays in a register.
+macro_rules! by_rows {
+    ($rows:expr, $kernel:ident, $format:expr, $($arg:expr),*) => {
+        match ($format, $rows) {
+            (BlockFormat::Q4_0, 1) => $kernel::<1, 0>($($arg),*),
+            (BlockFormat::Q4_0, 2) => $kernel::<2, 0>($($arg),*),
+            (BlockFormat::Q4_0, 3) => $kernel::<3, 0>($($arg),*),
+            (BlockFormat::Q4_0, 4) => $kernel::<4, 0>($($arg),*),
+            (BlockFormat::Q4_0, 5) => $kernel::<5, 0>($($arg),*),
+            (BlockFormat::Q4_0, 6) => $kernel::<6, 0>($($arg),*),
+            (BlockFormat::Q4_0, 7) => $kernel::<7, 0>($($arg),*),
+            (BlockFormat::Q4_0, _) => $kernel::<8, 0>($($arg),*),
+            (BlockFormat::Q4_1, 1) => $kernel::<1, 1>($($arg),*),
+            (BlockFormat::Q4_1, 2) => $kernel::<2, 1>($($arg),*),
+            (BlockFormat::Q4_1, 3) => $kernel::<3, 1>($($arg),*),
+            (BlockFormat::Q4_1, 4) => $kernel::<4, 1>($($arg),*),
+            (BlockFormat::Q4_1, 5) => $kernel::<5, 1>($($arg),*),
+            (BlockFormat::Q4_1, 6) => $kernel::<6, 1>($($arg),*),
+            (BlockFormat::Q4_1, 7) => $kernel::<7, 1>($($arg),*),
+            (BlockFormat::Q4_1, _) => $kernel::<8, 1>($($arg),*),
+            (BlockFormat::Q8_0, 1) => $kernel::<1, 2>($($arg),*),
+            (BlockFormat::Q8_0, 2) => $kernel::<2, 2>($($arg),*),
+            (BlockFormat::Q8_0, 3) => $kernel::<3, 2>($($arg),*),
+            (BlockFormat::Q8_0, 4) => $kernel::<4, 2>($($arg),*),
+            (BlockFormat::Q8_0, 5) => $kernel::<5, 2>($($arg),*),
+            (BlockFormat::Q8_0, 6) => $kernel::<6, 2>($($arg),*),
+            (BlockFormat::Q8_0, 7) => $kernel::<7, 2>($($arg),*),
+            (BlockFormat::Q8_0, _) => $kernel::<8, 2>($($arg),*),
+        }
+    };
+}
+
+/// The format behind a const generic (const generics cannot be enums on stable Rust).
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+const fn format_of(f: u8) -> BlockFormat {
+    match f {
+        0 => BlockFormat::Q4_0,
+        1 => BlockFormat::Q4_1,
+        _ => BlockFormat::Q8_0,
+    }
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+pub(super) mod avx512 {
+    use super::{format_of, ActBlock, BlockFormat, TILE_COLS, TILE_ROWS};
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The processor supports AVX-512 F, BW, VL and VNNI; `1 <= rows <= TILE_ROWS`,
+    /// `acts.len() == rows * nb` and `tile.len() == nb * format.tile_block_bytes()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(crate) unsafe fn dot_tile(
+        format: BlockFormat,
+        tile: &[u8],
+        acts: &[ActBlock],
+        nb: usize,
+        rows: usize,
+        out: &mut [[f32; TILE_COLS]; TILE_ROWS],
+    ) {
+        by_rows!(rows, rows_tile, format, tile, acts, nb, out)
+    }
+
+    /// # Safety
+    /// As [`dot_tile`], with `rows == R` and `format == format_of(F)`.
+    #[inline(always)]
+    unsafe fn rows_tile<const R: usize, const F: u8>(
+        tile: &[u8],
+        acts: &[ActBlock],
+        nb: usize,
+        out: &mut [[f32; TILE_COLS]; TILE_ROWS],
+    ) {
+        let format = format_of(F);
+        let tbb = format.tile_block_bytes();
+        let bias = format.tile_bias();
+        let low = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = tile.as_ptr().add(b * tbb);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+            let m = if format == BlockFormat::Q4_1 {
+                _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(2 * TILE_COLS) as *const __m256i))
+            } else {
+                _mm512_setzero_ps()
+            };
+            let q = blk.add(format.tile_quants_offset());
+            // Group g: elements 4g..4g+3 of each of the 16 columns.
+            let mut w = [_mm512_setzero_si512(); 8];
+            if format == BlockFormat::Q8_0 {
+                for (g, wg) in w.iter_mut().enumerate() {
+                    *wg = _mm512_loadu_si512(q.add(64 * g) as *const _);
+                }
+            } else {
+                for g in 0..4 {
+                    let packed = _mm512_loadu_si512(q.add(64 * g) as *const _);
+                    w[g] = _mm512_and_si512(packed, low);
+                    w[g + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low);
+                }
+            }
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let ab = acts.get_unchecked(r * nb + b);
+                let qs = ab.qs.as_ptr() as *const i32;
+                let mut isum = _mm512_set1_epi32(-bias * ab.sum);
+                for (g, wg) in w.iter().enumerate() {
+                    let x = _mm512_set1_epi32(qs.add(g).read_unaligned());
+                    isum = _mm512_dpbusd_epi32(isum, *wg, x);
+                }
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(ab.d));
+                *acc_r = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum), *acc_r);
+                if format == BlockFormat::Q4_1 {
+                    *acc_r = _mm512_fmadd_ps(m, _mm512_set1_ps(ab.s), *acc_r);
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            _mm512_storeu_ps(o.as_mut_ptr(), a);
+        }
+    }
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+pub(super) mod avx2 {
+    use super::{format_of, ActBlock, BlockFormat, TILE_COLS, TILE_ROWS};
+    use std::arch::x86_64::*;
+
+    /// Activation rows per pass: 16 registers hold 2 rows' sums and accumulators for both
+    /// halves of a tile next to the weights.
+    const PASS_ROWS: usize = 2;
+
+    pub(crate) fn dot_tile(
+        format: BlockFormat,
+        tile: &[u8],
+        acts: &[ActBlock],
+        nb: usize,
+        rows: usize,
+        out: &mut [[f32; TILE_COLS]; TILE_ROWS],
+    ) {
+        assert!((1..=TILE_ROWS).contains(&rows) && acts.len() == rows * nb);
+        assert_eq!(tile.len(), nb * format.tile_block_bytes());
+        for r0 in (0..rows).step_by(PASS_ROWS) {
+            let n = PASS_ROWS.min(rows - r0);
+            let a = &acts[r0 * nb..(r0 + n) * nb];
+            let o = &mut out[r0..r0 + n];
+            match (format, n) {
+                (BlockFormat::Q4_0, 1) => rows_tile::<1, 0>(tile, a, nb, o),
+                (BlockFormat::Q4_0, _) => rows_tile::<2, 0>(tile, a, nb, o),
+                (BlockFormat::Q4_1, 1) => rows_tile::<1, 1>(tile, a, nb, o),
+                (BlockFormat::Q4_1, _) => rows_tile::<2, 1>(tile, a, nb, o),
+                (BlockFormat::Q8_0, 1) => rows_tile::<1, 2>(tile, a, nb, o),
+                (BlockFormat::Q8_0, _) => rows_tile::<2, 2>(tile, a, nb, o),
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn rows_tile<const R: usize, const F: u8>(
+        tile: &[u8],
+        acts: &[ActBlock],
+        nb: usize,
+        out: &mut [[f32; TILE_COLS]],
+    ) {
+        let format = format_of(F);
+        let tbb = format.tile_block_bytes();
+        debug_assert!(acts.len() == R * nb && out.len() == R && tile.len() == nb * tbb);
+        // SAFETY: compiled only when AVX2, FMA and F16C are enabled for the whole build
+        // (`target_feature`), so the intrinsics exist. Tile block `b < nb` spans
+        // `b*tbb..(b+1)*tbb` of `tile` (asserted by the caller); the loads below read its
+        // scales (32 bytes), Q4_1's minimums (32) and its quant groups (64 bytes each), all
+        // inside it; activation loads read `acts[r * nb + b]` with `r < R`, inside `acts`.
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            let ones = _mm256_set1_epi16(1);
+            let bias = format.tile_bias();
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for b in 0..nb {
+                let blk = tile.as_ptr().add(b * tbb);
+                let q = blk.add(format.tile_quants_offset());
+                // Q8_0 takes the signed quants (sign trick, no bias); the 4-bit formats the
+                // unsigned ones, starting from -bias·Σx.
+                let mut isum = [[_mm256_setzero_si256(); 2]; R];
+                if format != BlockFormat::Q8_0 {
+                    for (r, s) in isum.iter_mut().enumerate() {
+                        let start = _mm256_set1_epi32(-bias * acts.get_unchecked(r * nb + b).sum);
+                        *s = [start; 2];
+                    }
+                }
+                for h in 0..2 {
+                    if format == BlockFormat::Q8_0 {
+                        for g in 0..8 {
+                            let stored =
+                                _mm256_loadu_si256(q.add(64 * g + 32 * h) as *const __m256i);
+                            let signed = _mm256_xor_si256(stored, _mm256_set1_epi8(-128));
+                            let magnitude = _mm256_sign_epi8(signed, signed);
+                            for (r, s) in isum.iter_mut().enumerate() {
+                                let ab = acts.get_unchecked(r * nb + b);
+                                let x = _mm256_set1_epi32(
+                                    (ab.qs.as_ptr() as *const i32).add(g).read_unaligned(),
+                                );
+                                let x = _mm256_sign_epi8(x, signed);
+                                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, x), ones);
+                                s[h] = _mm256_add_epi32(s[h], p);
+                            }
+                        }
+                    } else {
+                        for g in 0..4 {
+                            let packed =
+                                _mm256_loadu_si256(q.add(64 * g + 32 * h) as *const __m256i);
+                            let lo = _mm256_and_si256(packed, low);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
+                            for (r, s) in isum.iter_mut().enumerate() {
+                                let qs = acts.get_unchecked(r * nb + b).qs.as_ptr() as *const i32;
+                                let x_lo = _mm256_set1_epi32(qs.add(g).read_unaligned());
+                                let x_hi = _mm256_set1_epi32(qs.add(g + 4).read_unaligned());
+                                let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x_lo), ones);
+                                let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x_hi), ones);
+                                s[h] = _mm256_add_epi32(s[h], _mm256_add_epi32(p_lo, p_hi));
+                            }
+                        }
+                    }
+                }
+                for h in 0..2 {
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h) as *const __m128i));
+                    let m = if format == BlockFormat::Q4_1 {
+                        _mm256_cvtph_ps(_mm_loadu_si128(
+                            blk.add(2 * TILE_COLS + 16 * h) as *const __m128i
+                        ))
+                    } else {
+                        _mm256_setzero_ps()
+                    };
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let ab = acts.get_unchecked(r * nb + b);
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(ab.d));
+                        a[h] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum[r][h]), a[h]);
+                        if format == BlockFormat::Q4_1 {
+                            a[h] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.s), a[h]);
+                        }
+                    }
+                }
+            }
+            for (o, a) in out.iter_mut().zip(acc) {
+                _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
+                _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
+            }
+        }
+    }
+}
