@@ -412,15 +412,11 @@ pub struct ActBlock {
 /// even. The quants stay in -127..=127.
 fn quantize_row(x: &[f32], with_sum: bool) -> impl Iterator<Item = ActBlock> + '_ {
     x.chunks_exact(QK).map(move |chunk| {
+        let chunk: &[f32; QK] = chunk.try_into().expect("chunks of QK");
         let amax = chunk.iter().fold(0f32, |a, &v| a.max(v.abs()));
         let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        let mut qs = [0i8; 32];
-        let mut sum = 0i32;
-        for (q, &v) in qs.iter_mut().zip(chunk) {
-            *q = (v * id).round_ties_even() as i8;
-            sum += *q as i32;
-        }
+        let (qs, sum) = round_block(chunk, id);
         let d16 = f16::from_f32(d).to_f32();
         let s = if with_sum {
             f16::from_f32(d * sum as f32).to_f32()
@@ -429,6 +425,46 @@ fn quantize_row(x: &[f32], with_sum: bool) -> impl Iterator<Item = ActBlock> + '
         };
         ActBlock { qs, d: d16, s, sum }
     })
+}
+
+/// `round_ties_even(x * id)` as i8 for a block, and the sum of the quants. `|x * id| <= 127`
+/// by the choice of `id`, so the conversions never saturate.
+#[inline]
+fn round_block(x: &[f32; QK], id: f32) -> ([i8; QK], i32) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    // SAFETY: AVX2 is enabled for the whole build; the loads read the 32 floats of `x` and the
+    // store writes the 32 bytes of `qs`.
+    unsafe {
+        use std::arch::x86_64::*;
+        let scale = _mm256_set1_ps(id);
+        // `cvtps` rounds to nearest even under the default rounding mode, as `round_ties_even`.
+        let q: [__m256i; 4] = std::array::from_fn(|i| {
+            _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(8 * i)), scale))
+        });
+        let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let mut lanes = [0i32; 8];
+        _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, sum);
+        // packs work within 128-bit halves; the permutation restores element order.
+        let packed = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let ordered =
+            _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let mut qs = [0i8; QK];
+        _mm256_storeu_si256(qs.as_mut_ptr() as *mut __m256i, ordered);
+        (qs, lanes.iter().sum())
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+    {
+        let mut qs = [0i8; QK];
+        let mut sum = 0i32;
+        for (q, &v) in qs.iter_mut().zip(x) {
+            *q = (v * id).round_ties_even() as i8;
+            sum += *q as i32;
+        }
+        (qs, sum)
+    }
 }
 
 /// The tiled definition of one output element (weight row `w` in the file's layout against one
@@ -494,6 +530,35 @@ mod tests {
 
     const FORMATS: [BlockFormat; 3] = [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0];
     const LAYOUTS: [Layout; 2] = [Layout::Tiles, Layout::Rows];
+
+    /// The vectorised rounding of activations against `round_ties_even`, ties and extremes
+    /// included.
+    #[test]
+    fn activation_rounding_is_round_half_to_even() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        for case in 0..2000 {
+            let mut x = [0f32; QK];
+            for v in x.iter_mut() {
+                *v = match case % 3 {
+                    // Exact halves: ties in both directions.
+                    0 => rng.random_range(-254i32..=254) as f32 / 2.0,
+                    _ => rng.random_range(-5.0f32..5.0),
+                };
+            }
+            let amax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            let id = if case % 3 == 0 {
+                1.0
+            } else if amax != 0.0 {
+                127.0 / amax
+            } else {
+                0.0
+            };
+            let (qs, sum) = round_block(&x, id);
+            let want: Vec<i8> = x.iter().map(|v| (v * id).round_ties_even() as i8).collect();
+            assert_eq!(qs.to_vec(), want, "case {case}");
+            assert_eq!(sum, want.iter().map(|&q| q as i32).sum::<i32>());
+        }
+    }
 
     /// Every layout's matmul (whatever kernels this processor runs, several row tiles, a
     /// partial last tile of columns) against its scalar definition computed from the file's
