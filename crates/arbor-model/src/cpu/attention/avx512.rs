@@ -139,11 +139,7 @@ pub(super) unsafe fn attend_with(
         }
     }
 
-    let stats: Vec<(f32, f64)> = ends
-        .iter()
-        .enumerate()
-        .map(|(vi, &end)| softmax_f16(&mut p[vi * n_keys..vi * n_keys + end]))
-        .collect();
+    let stats = softmax_rows(p, n_keys, &ends);
 
     let mut out = vec![0f32; n_vec * d];
     for tile in (0..n_keys).step_by(KEY_TILE) {
@@ -180,15 +176,57 @@ pub(super) unsafe fn attend_with(
     partials(&ends, stats, &out, d)
 }
 
-/// [`super::softmax_f16`] with 16 scores per instruction, the same bits: the max is a max
-/// (order-free), each `exp` is [`crate::cpu::fastmath::exp`]'s operations on 16 lanes, the
-/// f64 sum keeps the four lanes of the scalar loop (score `i` into lane `i % 4`, in order), and
-/// the f16 rounding is the F16C conversion (round to nearest even), there and back.
+/// [`super::softmax_f16`] of every vector's row of scores (`p`: `[n_vec, n_keys]`, row `i` up
+/// to `ends[i]`) with 16 scores per instruction, the same bits: the max is a max (order-free),
+/// each `exp` is [`crate::cpu::fastmath::exp`]'s operations on 16 lanes, the f64 sum keeps the
+/// four lanes of the scalar loop (score `i` into lane `i % 4`, in order), and the f16 rounding
+/// is the F16C conversion (round to nearest even), there and back.
+///
+/// Rows go four at a time through the exponentials: each row's f64 sum is a chain of dependent
+/// additions (its definition fixes their order), so four rows in step keep four chains in
+/// flight instead of one.
 #[inline(always)]
-unsafe fn softmax_f16(row: &mut [f32]) -> (f32, f64) {
-    let n = row.len();
-    let ptr = row.as_mut_ptr();
-    let main = n / 16 * 16;
+unsafe fn softmax_rows(p: &mut [f32], n_keys: usize, ends: &[usize]) -> Vec<(f32, f64)> {
+    const ROWS: usize = 4;
+    assert!(ends
+        .iter()
+        .enumerate()
+        .all(|(i, &e)| i * n_keys + e <= p.len()));
+    let base = p.as_mut_ptr();
+    let mut stats = Vec::with_capacity(ends.len());
+    for r0 in (0..ends.len()).step_by(ROWS) {
+        let rows = ROWS.min(ends.len() - r0);
+        let row = |i: usize| base.add((r0 + i) * n_keys);
+        let maxes: [f32; ROWS] = std::array::from_fn(|i| {
+            if i < rows {
+                row_max(std::slice::from_raw_parts(row(i), ends[r0 + i]))
+            } else {
+                0.0
+            }
+        });
+        let common = ends[r0..r0 + rows].iter().min().copied().unwrap_or(0) / 16 * 16;
+        let mut sums = [_mm256_setzero_pd(); ROWS];
+        if rows == ROWS {
+            for at in (0..common).step_by(16) {
+                for (i, s) in sums.iter_mut().enumerate() {
+                    *s = exp_and_sum16(row(i).add(at), _mm512_set1_ps(maxes[i]), *s);
+                }
+            }
+        }
+        let done = if rows == ROWS { common } else { 0 };
+        for (i, s) in sums.iter().enumerate().take(rows) {
+            let r = std::slice::from_raw_parts_mut(row(i), ends[r0 + i]);
+            stats.push(finish_softmax(r, maxes[i], done, *s));
+        }
+    }
+    stats
+}
+
+/// The largest score of a row.
+#[inline(always)]
+unsafe fn row_max(row: &[f32]) -> f32 {
+    let ptr = row.as_ptr();
+    let main = row.len() / 16 * 16;
     let mut maxv = _mm512_set1_ps(f32::NEG_INFINITY);
     for i in (0..main).step_by(16) {
         maxv = _mm512_max_ps(maxv, _mm512_loadu_ps(ptr.add(i)));
@@ -197,15 +235,32 @@ unsafe fn softmax_f16(row: &mut [f32]) -> (f32, f64) {
     for &x in &row[main..] {
         max = if x > max { x } else { max };
     }
+    max
+}
+
+/// Sixteen scores at `at` replaced by `exp(x - max)`, added to the four f64 lanes in order.
+#[inline(always)]
+unsafe fn exp_and_sum16(at: *mut f32, maxb: __m512, mut sums: __m256d) -> __m256d {
+    let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(at), maxb));
+    _mm512_storeu_ps(at, e);
+    for quarter in 0..4 {
+        let four = _mm_loadu_ps(at.add(4 * quarter));
+        sums = _mm256_add_pd(sums, _mm256_cvtps_pd(four));
+    }
+    sums
+}
+
+/// The rest of a row's softmax once its first `done` scores (a multiple of 16) went through
+/// [`exp_and_sum16`] into `sums`: the remaining exponentials, the total, and the
+/// probabilities rounded to f16. Returns the row's max and sum.
+#[inline(always)]
+unsafe fn finish_softmax(row: &mut [f32], max: f32, done: usize, mut sums: __m256d) -> (f32, f64) {
+    let n = row.len();
+    let ptr = row.as_mut_ptr();
+    let main = n / 16 * 16;
     let maxb = _mm512_set1_ps(max);
-    let mut sums = _mm256_setzero_pd();
-    for i in (0..main).step_by(16) {
-        let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(ptr.add(i)), maxb));
-        _mm512_storeu_ps(ptr.add(i), e);
-        for quarter in 0..4 {
-            let four = _mm_loadu_ps(ptr.add(i + 4 * quarter));
-            sums = _mm256_add_pd(sums, _mm256_cvtps_pd(four));
-        }
+    for i in (done..main).step_by(16) {
+        sums = exp_and_sum16(ptr.add(i), maxb, sums);
     }
     let mut lanes = [0f64; 4];
     _mm256_storeu_pd(lanes.as_mut_ptr(), sums);

@@ -413,7 +413,7 @@ pub struct ActBlock {
 fn quantize_row(x: &[f32], with_sum: bool) -> impl Iterator<Item = ActBlock> + '_ {
     x.chunks_exact(QK).map(move |chunk| {
         let chunk: &[f32; QK] = chunk.try_into().expect("chunks of QK");
-        let amax = chunk.iter().fold(0f32, |a, &v| a.max(v.abs()));
+        let amax = block_amax(chunk);
         let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let (qs, sum) = round_block(chunk, id);
@@ -425,6 +425,28 @@ fn quantize_row(x: &[f32], with_sum: bool) -> impl Iterator<Item = ActBlock> + '
         };
         ActBlock { qs, d: d16, s, sum }
     })
+}
+
+/// `max |x|` over a block, NaNs ignored (as `f32::max` does).
+#[inline]
+fn block_amax(x: &[f32; QK]) -> f32 {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    // SAFETY: AVX2 is enabled for the whole build; the loads read the 32 floats of `x`.
+    unsafe {
+        use std::arch::x86_64::*;
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let mut m = _mm256_setzero_ps();
+        for i in 0..4 {
+            let v = _mm256_and_ps(_mm256_loadu_ps(x.as_ptr().add(8 * i)), abs);
+            // `maxps` returns its second operand when either is NaN: a NaN `v` leaves `m`.
+            m = _mm256_max_ps(v, m);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        lanes.iter().fold(0f32, |a, &v| a.max(v))
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+    x.iter().fold(0f32, |a, &v| a.max(v.abs()))
 }
 
 /// `round_ties_even(x * id)` as i8 for a block, and the sum of the quants. `|x * id| <= 127`
@@ -546,6 +568,7 @@ mod tests {
                 };
             }
             let amax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            assert_eq!(block_amax(&x).to_bits(), amax.to_bits(), "case {case}");
             let id = if case % 3 == 0 {
                 1.0
             } else if amax != 0.0 {
@@ -554,6 +577,12 @@ mod tests {
                 0.0
             };
             let (qs, sum) = round_block(&x, id);
+            if case % 100 == 0 {
+                let mut with_nan = x;
+                with_nan[case % QK] = f32::NAN;
+                let ignoring_nan = with_nan.iter().fold(0f32, |a, &v| a.max(v.abs()));
+                assert_eq!(block_amax(&with_nan).to_bits(), ignoring_nan.to_bits());
+            }
             let want: Vec<i8> = x.iter().map(|v| (v * id).round_ties_even() as i8).collect();
             assert_eq!(qs.to_vec(), want, "case {case}");
             assert_eq!(sum, want.iter().map(|&q| q as i32).sum::<i32>());
