@@ -1,8 +1,9 @@
 //! The parallel driver shared by the batch-invariant matmul kernels (`qmatmul`, `dense`).
 //!
-//! Output columns (weight rows) are split into chunks run in parallel; within a chunk, a
-//! kernel computes a tile of up to `C` columns by `R` activation rows at a time. How the work
-//! is split never changes an output element: the kernels compute each element on its own.
+//! The output is split into parallel tasks (by rows for a prefill, by columns for a decode);
+//! within a task, a kernel computes a tile of up to `C` columns by `R` activation rows at a
+//! time. How the work is split never changes an output element: the kernels compute each
+//! element on its own.
 
 use rayon::prelude::*;
 
@@ -42,12 +43,47 @@ pub(crate) fn par_tiles(
     drive::<TILE_COLS, TILE_ROWS>(m, n, tile)
 }
 
+/// Rows at or above which the work is split by rows rather than by columns.
+const ROW_SPLIT_MIN: usize = 32;
+
 /// Columns in groups of `C`, rows in tiles of `R`.
+///
+/// Many rows (prefill): each task owns a slab of whole rows of `y` and writes it in place,
+/// visiting every column group once and all the slab's row tiles under it, so a group's
+/// weights stay in L1 while they serve the slab. Few rows (decode): tasks own column ranges,
+/// so that both cores share the weights, which are then read once per step.
 fn drive<const C: usize, const R: usize>(
     m: usize,
     n: usize,
     tile: impl Fn(usize, usize, usize, &mut [[f32; C]; R]) + Sync,
 ) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    if m >= ROW_SPLIT_MIN {
+        // Whole row tiles per task, enough tasks to balance the cores, at most 64 rows so a
+        // slab's quantized activations stay in L2.
+        let rows_per_task = (m / (4 * rayon::current_num_threads()))
+            .clamp(R, 64)
+            .next_multiple_of(R);
+        y.par_chunks_mut(rows_per_task * n)
+            .enumerate()
+            .for_each(|(task, slab)| {
+                let first = task * rows_per_task;
+                let slab_rows = slab.len() / n;
+                let mut buf = [[0f32; C]; R];
+                for c in (0..n).step_by(C) {
+                    let cols = C.min(n - c);
+                    for r0 in (0..slab_rows).step_by(R) {
+                        let rows = R.min(slab_rows - r0);
+                        tile(c, first + r0, rows, &mut buf);
+                        for (i, row) in buf[..rows].iter().enumerate() {
+                            let at = (r0 + i) * n + c;
+                            slab[at..at + cols].copy_from_slice(&row[..cols]);
+                        }
+                    }
+                }
+            });
+        return y;
+    }
     // Output columns per parallel task: enough work to amortise scheduling, enough tasks to
     // keep every core busy; a whole number of column groups.
     let cols_per_task = (n / (4 * rayon::current_num_threads()))
@@ -76,7 +112,6 @@ fn drive<const C: usize, const R: usize>(
             (c0, out)
         })
         .collect();
-    let mut y = vec![0f32; m * n];
     for (c0, out) in parts {
         let width = out.len() / m.max(1);
         for r in 0..m {

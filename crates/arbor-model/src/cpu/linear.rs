@@ -136,6 +136,25 @@ impl FusedLinear {
         Self { parts, fused }
     }
 
+    /// Returns `[m, Σ out_i]` row-major, the parts side by side in each row, and the parts'
+    /// widths: the fused matmul's output as it is, without a copy per part.
+    pub fn forward_joined(&self, x: &[f32], m: usize) -> Result<(Vec<f32>, Vec<usize>)> {
+        let widths: Vec<usize> = self.parts.iter().map(|p| p.out_dim).collect();
+        match &self.fused {
+            Some(f) => Ok((f.forward_vec(x, m)?, widths)),
+            None => {
+                let outs = self.forward_vec(x, m)?;
+                let mut y = Vec::with_capacity(m * widths.iter().sum::<usize>());
+                for r in 0..m {
+                    for (o, w) in outs.iter().zip(&widths) {
+                        y.extend_from_slice(&o[r * w..(r + 1) * w]);
+                    }
+                }
+                Ok((y, widths))
+            }
+        }
+    }
+
     /// Returns one `[m, out_i]` row-major block per part.
     pub fn forward_vec(&self, x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
         match &self.fused {

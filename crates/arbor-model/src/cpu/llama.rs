@@ -7,6 +7,7 @@
 
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use crate::config::ModelConfig;
 use crate::cpu::attention::{attention, AttnSeq, AttnShape};
@@ -141,15 +142,18 @@ impl Llama {
             kv.write(l, &new_slots, &k, &v);
             let pool = kv.layer(l);
             attention(&q, &pool.k, &pool.v, &attn_seqs, shape, &mut attn_out);
-            add_assign(&mut x, &layer.wo.forward_vec(&attn_out, n_tokens)?);
+            add_assign(
+                &mut x,
+                &layer.wo.forward_vec(&attn_out, n_tokens)?,
+                cfg.hidden_size,
+            );
             rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps, &mut h);
-            let mut gate_up = layer.gate_up.forward_vec(&h, n_tokens)?;
-            let up = gate_up.pop().expect("two projections");
-            let mut act = gate_up.pop().expect("two projections");
-            act.iter_mut()
-                .zip(&up)
-                .for_each(|(g, u)| *g = crate::cpu::fastmath::silu(*g) * u);
-            add_assign(&mut x, &layer.w_down.forward_vec(&act, n_tokens)?);
+            let act = swiglu(&layer.gate_up, &h, n_tokens)?;
+            add_assign(
+                &mut x,
+                &layer.w_down.forward_vec(&act, n_tokens)?,
+                cfg.hidden_size,
+            );
         }
         if logit_rows.is_empty() {
             return Ok(Vec::new());
@@ -169,22 +173,65 @@ impl Llama {
     }
 }
 
+/// Rows per parallel task of the element-wise steps (RMSNorm, SwiGLU, residual adds); a step
+/// with fewer than two tasks' worth (a decode) runs on the calling thread. Each row is
+/// computed the same way either way.
+const ROWS_PER_TASK: usize = 16;
+
+/// `f(row_index, out_row)` over the rows (`width` wide) of `out`, in parallel for many rows.
+fn for_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if out.len() >= 2 * ROWS_PER_TASK * width {
+        out.par_chunks_mut(ROWS_PER_TASK * width)
+            .enumerate()
+            .for_each(|(task, rows)| {
+                for (i, row) in rows.chunks_exact_mut(width).enumerate() {
+                    f(task * ROWS_PER_TASK + i, row);
+                }
+            });
+    } else {
+        for (i, row) in out.chunks_exact_mut(width).enumerate() {
+            f(i, row);
+        }
+    }
+}
+
 /// RMSNorm of each row, computed like ggml's `rms_norm` + `mul`: the sum of squares in f64,
 /// `x * (1 / sqrt(mean + eps))`, then times the weight. (Dividing by the root instead differs
 /// in the last bit, and the next matmul's 8-bit activation rounding can turn a last-bit
 /// difference into a visible one.)
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let n = weight.len();
-    for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+    for_rows(out, n, |r, o| {
+        let row = &x[r * n..(r + 1) * n];
         let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
         let mean = (sum / n as f64) as f32;
         let scale = 1.0 / (mean + eps).sqrt();
         for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
             *o = (v * scale) * w;
         }
-    }
+    });
 }
 
-fn add_assign(x: &mut [f32], y: &[f32]) {
-    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+/// The SwiGLU activation `silu(gate) * up`, `[rows, intermediate]`, from the gate and up
+/// projections of `h` computed as one matmul (read in place, not split into two copies).
+fn swiglu(gate_up: &FusedLinear, h: &[f32], n_tokens: usize) -> Result<Vec<f32>> {
+    let (y, widths) = gate_up.forward_joined(h, n_tokens)?;
+    let inter = widths[0];
+    assert_eq!(widths, [inter, inter], "gate and up of one width");
+    let mut act = vec![0f32; n_tokens * inter];
+    for_rows(&mut act, inter, |r, a| {
+        let (gate, up) = y[r * 2 * inter..(r + 1) * 2 * inter].split_at(inter);
+        for ((a, g), u) in a.iter_mut().zip(gate).zip(up) {
+            *a = crate::cpu::fastmath::silu(*g) * u;
+        }
+    });
+    Ok(act)
+}
+
+/// `x += y` over rows of `width`.
+fn add_assign(x: &mut [f32], y: &[f32], width: usize) {
+    for_rows(x, width, |r, row| {
+        let src = &y[r * width..(r + 1) * width];
+        row.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+    });
 }

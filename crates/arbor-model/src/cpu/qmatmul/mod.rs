@@ -597,7 +597,8 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         for format in FORMATS {
             for layout in LAYOUTS {
-                let (n, k, m) = (37, 160, 11);
+                // 41 rows: split by rows, with a partial slab and a partial row tile.
+                let (n, k, m) = (37, 160, 41);
                 let bytes = random_gguf(format, n, k, true, &mut rng);
                 let w = BlockMatrix::with_layout(format, n, k, &bytes, layout).unwrap();
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0)).collect();
@@ -733,7 +734,8 @@ mod tests {
             for layout in LAYOUTS {
                 let bytes = random_gguf(format, 300, 64, false, &mut rng);
                 let w = BlockMatrix::with_layout(format, 300, 64, &bytes, layout).unwrap();
-                let m = 19;
+                // Beyond the row count where tasks split rows instead of columns.
+                let m = 45;
                 let x: Vec<f32> = (0..m * 64).map(|_| rng.random_range(-1.0..1.0)).collect();
                 let batch = w.matmul(&x, m);
                 for r in 0..m {
