@@ -30,9 +30,10 @@ pub struct EngineBenchArgs {
     /// Prompt lengths of the prefill runs (0 to skip).
     #[arg(long, value_delimiter = ',', default_value = "2048,8192")]
     pub prefill: Vec<usize>,
-    /// Memory bandwidth for the roofline, GB/s (the H200's measured copy bandwidth by default).
-    #[arg(long, default_value_t = 4200.0)]
-    pub bandwidth_gbs: f64,
+    /// Memory bandwidth for the roofline, GB/s. Default on a GPU: the H200's measured copy
+    /// bandwidth; on the CPU there is no default (no roofline is reported unless given).
+    #[arg(long)]
+    pub bandwidth_gbs: Option<f64>,
     /// Sampling temperature of the decode requests (0: greedy).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
@@ -188,26 +189,32 @@ pub fn engine_bench(a: EngineBenchArgs) -> Result<()> {
         }
         let ctx = context + a.decode_tokens / 2;
         let kv_bytes = (b * ctx * cfg.kv_bytes_per_slot()) as f64;
-        let roofline_step = (weight_bytes + kv_bytes) / (a.bandwidth_gbs * 1e9);
+        let bandwidth = a
+            .bandwidth_gbs
+            .or((a.model.device != "cpu").then_some(4200.0));
+        let roofline_step = bandwidth.map(|gbs| (weight_bytes + kv_bytes) / (gbs * 1e9));
         let r = json!({
             "test": "decode", "batch": b, "context": context, "steps": steps,
             "constrained": constrained,
             "step_ms": step_s * 1e3, "forward_ms": forward_s * 1e3,
             "tokens_per_s": b as f64 / step_s,
             "per_sequence_tokens_per_s": 1.0 / step_s,
-            "roofline_step_ms": roofline_step * 1e3,
-            "fraction_of_roofline": roofline_step / step_s,
+            "roofline_step_ms": roofline_step.map(|r| r * 1e3),
+            "fraction_of_roofline": roofline_step.map(|r| r / step_s),
         });
         eprintln!(
-            "decode batch {b:>3} at {} tokens{}: {:.2} ms/step ({:.2} in the forward pass), {:.1} tok/s ({:.1} per sequence); bandwidth roofline {:.2} ms/step ({:.0}% of it)",
+            "decode batch {b:>3} at {} tokens{}: {:.2} ms/step ({:.2} in the forward pass), {:.1} tok/s ({:.1} per sequence){}",
             context,
             if constrained { ", JSON-constrained" } else { "" },
             step_s * 1e3,
             forward_s * 1e3,
             b as f64 / step_s,
             1.0 / step_s,
-            roofline_step * 1e3,
-            100.0 * roofline_step / step_s
+            roofline_step.map_or(String::new(), |r| format!(
+                "; bandwidth roofline {:.2} ms/step ({:.0}% of it)",
+                r * 1e3,
+                100.0 * r / step_s
+            )),
         );
         results.push(r);
     }
