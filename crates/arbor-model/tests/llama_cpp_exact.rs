@@ -4,15 +4,7 @@
 
 mod common;
 
-use serde_json::Value;
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
+use common::ids;
 
 /// Where llama.cpp's arithmetic and Arbor's coincide operation for operation (short inputs,
 /// see docs/CORRECTNESS.md), the logits must agree to the last bits: this pins the embedding,

@@ -4,15 +4,7 @@
 mod common;
 
 use arbor_model::{Device, KvPool, LogitsWanted, SeqStep};
-use serde_json::Value;
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
+use common::ids;
 
 /// On short inputs (where ggml's vectorised expf and libm's agree, docs/CORRECTNESS.md) the
 /// forward pass differs from llama.cpp's only in how the block matmul groups its float sums

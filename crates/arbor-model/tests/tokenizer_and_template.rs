@@ -3,15 +3,7 @@
 mod common;
 
 use arbor_model::ChatMessage;
-use serde_json::Value;
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
+use common::ids;
 
 #[test]
 fn tokenization_matches_llama_cpp_on_every_fixture_string() {

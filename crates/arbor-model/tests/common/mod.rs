@@ -6,6 +6,15 @@ use std::sync::OnceLock;
 
 use arbor_model::{Device, KvPool, LoadedModel, LogitsWanted, SeqStep};
 
+/// A fixture's JSON array of token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
