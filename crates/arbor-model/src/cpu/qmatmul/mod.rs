@@ -9,8 +9,9 @@
 //!   elements, then `acc = fma(d_w·d_x, isum, acc)` (and for Q4_1 `acc = fma(m, s, acc)`),
 //!   blocks in order. Weights are repacked at load into tiles of 16 output columns, so one
 //!   512-bit `vpdpbusd` computes 4 elements of 16 columns; a block of 16 columns and one
-//!   activation row is 8 of them and a handful of float operations, about a fifth of the
-//!   operations of the ggml definition, which keeps eight float lane sums per block.
+//!   activation row is 8 of them and a handful of float operations, about a quarter of the
+//!   instructions the ggml definition needs (it keeps eight float lane sums per block and
+//!   output, each converted, scaled and accumulated).
 //! - **ggml** ([`ggml`], `--cpu-kernels ggml`): llama.cpp's AVX2 `vec_dot_q4_1_q8_1` /
 //!   `vec_dot_q4_0_q8_0` / `vec_dot_q8_0_q8_0`, down to the order of the float accumulation,
 //!   on rows in the file's layout. It exists to check the rest of the model against llama.cpp
