@@ -59,6 +59,7 @@ pub(super) fn dot_tile(
 /// The signed weight of element `e` of column `j` in a tile block.
 #[cfg_attr(
     all(
+        not(test),
         target_arch = "x86_64",
         target_feature = "avx2",
         target_feature = "fma"
@@ -77,16 +78,18 @@ fn tile_weight(format: BlockFormat, blk: &[u8], j: usize, e: usize) -> i32 {
     }
 }
 
-/// The portable path, element by element in the definition's order.
+/// The portable path, element by element in the definition's order (built for processors
+/// without AVX2, and in tests, which compare it with the definition).
 #[cfg_attr(
     all(
+        not(test),
         target_arch = "x86_64",
         target_feature = "avx2",
         target_feature = "fma"
     ),
     allow(dead_code)
 )]
-fn scalar(
+pub(super) fn scalar(
     format: BlockFormat,
     tile: &[u8],
     acts: &[ActBlock],
@@ -112,44 +115,6 @@ fn scalar(
             *o = acc;
         }
     }
-}
-
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
-/// Expands a `match` over the row count into calls of `$kernel::<R, $format>` with a const
-/// `R`, so that every accumulator stays in a register.
-macro_rules! by_rows {
-    ($rows:expr, $kernel:ident, $format:expr, $($arg:expr),*) => {
-        match ($format, $rows) {
-            (BlockFormat::Q4_0, 1) => $kernel::<1, 0>($($arg),*),
-            (BlockFormat::Q4_0, 2) => $kernel::<2, 0>($($arg),*),
-            (BlockFormat::Q4_0, 3) => $kernel::<3, 0>($($arg),*),
-            (BlockFormat::Q4_0, 4) => $kernel::<4, 0>($($arg),*),
-            (BlockFormat::Q4_0, 5) => $kernel::<5, 0>($($arg),*),
-            (BlockFormat::Q4_0, 6) => $kernel::<6, 0>($($arg),*),
-            (BlockFormat::Q4_0, 7) => $kernel::<7, 0>($($arg),*),
-            (BlockFormat::Q4_0, _) => $kernel::<8, 0>($($arg),*),
-            (BlockFormat::Q4_1, 1) => $kernel::<1, 1>($($arg),*),
-            (BlockFormat::Q4_1, 2) => $kernel::<2, 1>($($arg),*),
-            (BlockFormat::Q4_1, 3) => $kernel::<3, 1>($($arg),*),
-            (BlockFormat::Q4_1, 4) => $kernel::<4, 1>($($arg),*),
-            (BlockFormat::Q4_1, 5) => $kernel::<5, 1>($($arg),*),
-            (BlockFormat::Q4_1, 6) => $kernel::<6, 1>($($arg),*),
-            (BlockFormat::Q4_1, 7) => $kernel::<7, 1>($($arg),*),
-            (BlockFormat::Q4_1, _) => $kernel::<8, 1>($($arg),*),
-            (BlockFormat::Q8_0, 1) => $kernel::<1, 2>($($arg),*),
-            (BlockFormat::Q8_0, 2) => $kernel::<2, 2>($($arg),*),
-            (BlockFormat::Q8_0, 3) => $kernel::<3, 2>($($arg),*),
-            (BlockFormat::Q8_0, 4) => $kernel::<4, 2>($($arg),*),
-            (BlockFormat::Q8_0, 5) => $kernel::<5, 2>($($arg),*),
-            (BlockFormat::Q8_0, 6) => $kernel::<6, 2>($($arg),*),
-            (BlockFormat::Q8_0, 7) => $kernel::<7, 2>($($arg),*),
-            (BlockFormat::Q8_0, _) => $kernel::<8, 2>($($arg),*),
-        }
-    };
 }
 
 /// The format behind a const generic (const generics cannot be enums on stable Rust).
@@ -187,7 +152,26 @@ pub(super) mod avx512 {
         rows: usize,
         out: &mut [[f32; TILE_COLS]; TILE_ROWS],
     ) {
-        by_rows!(rows, rows_tile, format, tile, acts, nb, out)
+        // Const row counts and formats keep every accumulator in a register.
+        macro_rules! by_rows {
+            ($f:literal) => {
+                match rows {
+                    1 => rows_tile::<1, $f>(tile, acts, nb, out),
+                    2 => rows_tile::<2, $f>(tile, acts, nb, out),
+                    3 => rows_tile::<3, $f>(tile, acts, nb, out),
+                    4 => rows_tile::<4, $f>(tile, acts, nb, out),
+                    5 => rows_tile::<5, $f>(tile, acts, nb, out),
+                    6 => rows_tile::<6, $f>(tile, acts, nb, out),
+                    7 => rows_tile::<7, $f>(tile, acts, nb, out),
+                    _ => rows_tile::<8, $f>(tile, acts, nb, out),
+                }
+            };
+        }
+        match format {
+            BlockFormat::Q4_0 => by_rows!(0),
+            BlockFormat::Q4_1 => by_rows!(1),
+            BlockFormat::Q8_0 => by_rows!(2),
+        }
     }
 
     /// # Safety
