@@ -604,6 +604,30 @@ mod tests {
                 let w = BlockMatrix::with_layout(format, n, k, &bytes, layout).unwrap();
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0)).collect();
                 let y = w.matmul(&x, m);
+                if layout == Layout::Tiles {
+                    // The portable path over the same tiles, which this processor never takes.
+                    let (nb, tb) = (k / QK, w.tile_bytes());
+                    for c0 in (0..n).step_by(TILE_COLS) {
+                        let tile = &w.data[c0 / TILE_COLS * tb..][..tb];
+                        for r0 in (0..m).step_by(TILE_ROWS) {
+                            let rows = TILE_ROWS.min(m - r0);
+                            let acts = acts_of(&x[r0 * k..(r0 + rows) * k], k, format);
+                            let mut out = [[f32::NAN; TILE_COLS]; TILE_ROWS];
+                            tiles::scalar(format, tile, &acts, nb, rows, &mut out);
+                            for (i, row) in out[..rows].iter().enumerate() {
+                                for (j, v) in row.iter().enumerate().take(n - c0) {
+                                    assert_eq!(
+                                        v.to_bits(),
+                                        y[(r0 + i) * n + c0 + j].to_bits(),
+                                        "{format:?} portable ({}, {})",
+                                        r0 + i,
+                                        c0 + j
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
                 let row_bytes = k / QK * format.block_bytes();
                 for r in 0..m {
                     let acts = acts_of(&x[r * k..(r + 1) * k], k, format);
