@@ -121,8 +121,17 @@ fn kernel_checks(device: &crate::Device) -> Result<serde_json::Value> {
     // (heads, kv_heads, head_dim, [(context, new tokens)])
     // The first case is decodes only (the split-K decode path), the others mix decode rows with
     // prefill tiles.
-    let shapes: [KernelShape; 7] = [
+    // Decode-only cases also run with the plan of a replayed CUDA graph (fixed splits, each
+    // row cutting its own keys).
+    let shapes: [KernelShape; 9] = [
         (32, 8, 128, vec![(5000, 1), (37, 1), (1, 1), (700, 1)]),
+        (
+            9,
+            3,
+            64,
+            vec![(1000, 1), (3, 1), (64, 1), (65, 1), (4097, 1)],
+        ),
+        (4, 2, 8, vec![(70, 1), (1, 1), (129, 1)]),
         (
             32,
             8,
@@ -197,12 +206,23 @@ fn kernel_checks(device: &crate::Device) -> Result<serde_json::Value> {
                 row += 1;
             }
         }
-        for kernel in [AttnKernel::TensorCore, AttnKernel::CudaCore] {
+        let decode_only = seqs.iter().all(|s| s.n_new == 1);
+        let kernels = [AttnKernel::TensorCore, AttnKernel::CudaCore];
+        // (kernel, replayed plan, keys per stage of the tensor-core decode kernel)
+        let variants = kernels
+            .into_iter()
+            .flat_map(|k| [(k, false, 32), (k, true, 16), (k, true, 32), (k, true, 64)]);
+        for (kernel, replayed, stage) in variants
+            .filter(|&(_, replayed, _)| decode_only || !replayed)
+            .filter(|&(k, _, stage)| k == AttnKernel::TensorCore || stage == 32)
+        {
             if kernel == AttnKernel::TensorCore && !AttnKernel::tensor_core_fits(heads, kv_heads, d)
             {
                 continue;
             }
-            let got = attention_on_host(device, kernel, &q, &k, &v, &seqs, heads, kv_heads, d)?;
+            let got = attention_on_host(
+                device, kernel, replayed, stage, &q, &k, &v, &seqs, heads, kv_heads, d,
+            )?;
             let worst = got
                 .iter()
                 .zip(&want)
@@ -216,7 +236,8 @@ fn kernel_checks(device: &crate::Device) -> Result<serde_json::Value> {
             let ok = worst_rel < ATTENTION_RELATIVE_BOUND;
             failed += usize::from(!ok);
             cases.push(json!({
-                "kernel": format!("{kernel:?}"),
+                "kernel": format!("{kernel:?}"), "replayed_plan": replayed,
+                "decode_stage_keys": stage,
                 "heads": heads, "kv_heads": kv_heads, "head_dim": d, "sequences": seq_shapes,
                 "query_rows": rows, "max_abs_error": worst, "max_relative_error": worst_rel,
                 "bound": ATTENTION_RELATIVE_BOUND, "ok": ok,

@@ -17,6 +17,9 @@ pub enum GgufWeights {
 /// splits until about this many warps run (see the CUDA backend's launch planning).
 pub const DEFAULT_DECODE_TARGET_WARPS: usize = 4096;
 
+/// Default of [`CudaOptions::decode_stage_keys`].
+pub const DEFAULT_DECODE_STAGE_KEYS: usize = 32;
+
 /// The CUDA backend's knobs, for A/B benchmarks; the defaults are what the measurements in
 /// docs/BENCHMARKS.md chose.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,12 +30,18 @@ pub struct CudaOptions {
     pub gemv_for_one_row: bool,
     /// Decode attention splits each context until about this many warps run.
     pub decode_target_warps: usize,
+    /// Keys per shared-memory stage of the tensor-core decode kernel: 16, 32 or 64 (shorter
+    /// stages fit more blocks on an SM).
+    pub decode_stage_keys: usize,
     /// Time each phase of the forward pass (`arbor_model::diagnostics::take_gpu_profile`); it
     /// synchronizes after each phase, so it gives shares of a step, not its speed.
     pub profile: bool,
     /// Copy the logits to the host and sample there (the path before GPU sampling), instead
     /// of sampling on the GPU; for A/B benchmarks.
     pub host_sampling: bool,
+    /// Replay decode steps as CUDA graphs (`cuda::DecodeGraphs`); off runs the same padded
+    /// steps launch by launch, for A/B benchmarks.
+    pub decode_graphs: bool,
 }
 
 impl Default for CudaOptions {
@@ -41,8 +50,10 @@ impl Default for CudaOptions {
             force_cuda_core_attention: false,
             gemv_for_one_row: false,
             decode_target_warps: DEFAULT_DECODE_TARGET_WARPS,
+            decode_stage_keys: DEFAULT_DECODE_STAGE_KEYS,
             profile: false,
             host_sampling: false,
+            decode_graphs: true,
         }
     }
 }

@@ -111,6 +111,9 @@ pub struct ModelArgs {
     /// GPU: decode attention cuts each context into splits until about this many warps run.
     #[arg(long, default_value_t = arbor_model::runner::DEFAULT_DECODE_TARGET_WARPS)]
     cuda_decode_target_warps: usize,
+    /// GPU: keys per shared-memory stage of the tensor-core decode attention (16, 32, 64).
+    #[arg(long, default_value_t = arbor_model::runner::DEFAULT_DECODE_STAGE_KEYS)]
+    cuda_decode_stage_keys: usize,
     /// GPU: time each phase of the forward pass (`engine-bench` prints the shares; it waits
     /// for the GPU after each phase, so steps get slower).
     #[arg(long)]
@@ -119,6 +122,10 @@ pub struct ModelArgs {
     /// sample there (`host`, the path before GPU sampling; A/B benchmarks).
     #[arg(long, value_enum, default_value = "device")]
     cuda_sampling: CudaSamplingArg,
+    /// GPU: replay decode steps as CUDA graphs (`on`, the default) or run the same padded
+    /// steps launch by launch (`off`; A/B benchmarks, the outputs are identical).
+    #[arg(long, value_enum, default_value = "on")]
+    cuda_graphs: OnOff,
     /// CPU: `auto` uses the fastest kernels the processor has (AVX-512 where present);
     /// `avx2` keeps to the AVX2 ones (comparisons; the outputs are bit-identical); `ggml`
     /// takes llama.cpp's block-matmul arithmetic (slower; checks against llama.cpp).
@@ -131,6 +138,12 @@ enum CpuKernelsArg {
     Auto,
     Avx2,
     Ggml,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -443,8 +456,10 @@ fn runner_options(args: &ModelArgs) -> RunnerOptions {
             force_cuda_core_attention: args.cuda_attention == CudaAttentionArg::CudaCore,
             gemv_for_one_row: args.cuda_gemv,
             decode_target_warps: args.cuda_decode_target_warps,
+            decode_stage_keys: args.cuda_decode_stage_keys,
             profile: args.cuda_profile,
             host_sampling: args.cuda_sampling == CudaSamplingArg::Host,
+            decode_graphs: args.cuda_graphs == OnOff::On,
         },
         cpu_kernels: match args.cpu_kernels {
             CpuKernelsArg::Auto => CpuKernels::Auto,
@@ -474,8 +489,10 @@ fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
                 ("cuda_attention", "--cuda-attention"),
                 ("cuda_gemv", "--cuda-gemv"),
                 ("cuda_decode_target_warps", "--cuda-decode-target-warps"),
+                ("cuda_decode_stage_keys", "--cuda-decode-stage-keys"),
                 ("cuda_profile", "--cuda-profile"),
                 ("cuda_sampling", "--cuda-sampling"),
+                ("decode_graphs", "--cuda-graphs"),
             ]
             .iter()
             .fold(why, |why, (option, flag)| why.replace(option, flag))

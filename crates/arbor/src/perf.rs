@@ -379,6 +379,7 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
                 .collect()
         }
     };
+    let mut failures_early: Vec<String> = Vec::new();
     let mut cpu_engine = Engine::new(cpu.runner, cpu.tokenizer, EngineConfig::default())?;
     let mut gpu_engine = Engine::new(gpu.runner, gpu.tokenizer, EngineConfig::default())?;
     // The logits after a prompt, computed from scratch (no cache) on an engine's backend.
@@ -421,6 +422,34 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
             "greedy_tokens": c.tokens.len(),
         }));
     }
+    // Decode steps replayed as CUDA graphs against the same padded steps launch by launch:
+    // every prompt at once (batches shrink through the buckets as requests end), seeded
+    // sampling, on two fresh engines with the same history. Identical logits give identical
+    // tokens.
+    let graphs = {
+        let graph_options = |decode_graphs| RunnerOptions {
+            cuda: arbor_model::runner::CudaOptions {
+                decode_graphs,
+                ..Default::default()
+            },
+            ..options(Some(weights))
+        };
+        let mut runs = Vec::new();
+        for decode_graphs in [true, false] {
+            let opened = arbor_model::open(&path, device, &graph_options(decode_graphs))?;
+            let mut engine = Engine::new(opened.runner, opened.tokenizer, EngineConfig::default())?;
+            runs.push(all_at_once(&mut engine, &prompts, a.tokens)?);
+        }
+        let identical = runs[0].iter().zip(&runs[1]).filter(|(x, y)| x == y).count();
+        if identical != prompts.len() {
+            failures_early.push(format!(
+                "decode with CUDA graphs differs from launch by launch on {} of {} prompts",
+                prompts.len() - identical,
+                prompts.len()
+            ));
+        }
+        json!({ "prompts": prompts.len(), "identical_with_and_without_graphs": identical })
+    };
     let transformers = match &a.transformers {
         Some(f) => Some(against_transformers(gpu_engine.runner(), f, &path)?),
         None => None,
@@ -441,7 +470,7 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
     // One prompt in six may flip its argmax at a near-tie (random tiny models have many; the
     // H200 run saw 4/5 on tiny-llama at 1.3% relative error), and at least one may.
     let min_top1 = prompts.len().saturating_sub((prompts.len() / 6).max(1));
-    let mut failures = Vec::new();
+    let mut failures = failures_early;
     if prompts.is_empty() {
         failures.push("no prompts were checked".to_string());
     }
@@ -461,7 +490,7 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
         "gguf_weights": format!("{weights:?}"),
         "worst_relative_logit_error": worst_rel, "bound": bound, "same_top1": same_top1,
         "greedy_identical": same_all, "rows": rows, "transformers": transformers,
-        "hf_reference": hf, "failures": failures,
+        "hf_reference": hf, "decode_graphs": graphs, "failures": failures,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     if let Some(p) = &a.json {
@@ -471,6 +500,44 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
         bail!("GPU model check failed: {}", failures.join("; "));
     }
     Ok(())
+}
+
+/// Runs every prompt at once on `engine`, prompt i for `tokens + 3 i` tokens with seeded
+/// sampling (temperature 1), and returns each one's tokens.
+fn all_at_once(
+    engine: &mut arbor_engine::Engine,
+    prompts: &[Vec<u32>],
+    tokens: usize,
+) -> Result<Vec<Vec<u32>>> {
+    use arbor_engine::Event;
+    let mut ids = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let mut r = request(p.clone(), tokens + 3 * i);
+        r.sampling.temperature = 1.0;
+        r.sampling.seed = Some(i as u64 + 1);
+        ids.push(engine.add_request(r)?);
+    }
+    let mut out = vec![Vec::new(); prompts.len()];
+    let mut open = prompts.len();
+    while open > 0 {
+        let (events, _) = engine.step()?;
+        for ev in events {
+            match ev {
+                Event::Token { id, token, .. } => {
+                    if let Some(i) = ids.iter().position(|&x| x == id) {
+                        out[i].push(token);
+                    }
+                }
+                Event::Finished { id, error, .. } => {
+                    if let Some(e) = error {
+                        bail!("request {id} failed: {e}");
+                    }
+                    open -= 1;
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Worst relative logit error (max |GPU - CPU| / max |CPU logit|) of the GPU model check.

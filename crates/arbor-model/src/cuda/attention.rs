@@ -57,22 +57,61 @@ impl AttnKernel {
     }
 }
 
-/// The slot lists of one step, on the GPU: query row r attends keys `0..row_keys[r]` of the
-/// list starting at `flat[row_offset[r]]` (its sequence's slots; causal within the chunk).
-/// Rows of prefill chunks go to the prefill kernel in tiles of consecutive rows of one
-/// sequence; decode rows (one new token) to the decode kernel, a row each.
+/// How decode rows are cut for the attention kernels ([`CudaOptions::decode_target_warps`],
+/// [`CudaOptions::decode_stage_keys`]).
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeTuning {
+    pub target_warps: usize,
+    pub stage_keys: usize,
+}
+
+impl DecodeTuning {
+    pub fn of(options: &CudaOptions) -> Self {
+        Self {
+            target_warps: options.decode_target_warps,
+            stage_keys: options.decode_stage_keys,
+        }
+    }
+}
+
+/// How one step's attention launches: the kernel, its decode rows and prefill tiles, and how
+/// the keys are split. Decode steps replayed as CUDA graphs fix `splits` per graph and pass
+/// `split_len` 0, so that each row cuts its own keys into `splits` pieces (kernels.cu,
+/// `row_split_len`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnPlan {
+    pub kernel: AttnKernel,
+    /// Keys per shared-memory stage of the tensor-core decode kernel (16, 32 or 64).
+    pub decode_stage: usize,
+    pub n_decode: usize,
+    pub n_tiles: usize,
+    pub splits: usize,
+    /// Keys per split of every row, or 0: each row's own keys over `splits`.
+    pub split_len: usize,
+}
+
+/// A step's slot lists and row lists on the GPU, as the attention kernels read them: query
+/// row r attends keys `0..row_keys[r]` of the list starting at `flat[row_offset[r]]` (its
+/// sequence's slots; causal within the chunk). Decode rows (one new token) go to the decode
+/// kernel a row each (`decode_rows`); rows of prefill chunks to the prefill kernel in tiles of
+/// consecutive rows of one sequence (`tile_row0`, `tile_rows`).
+pub struct ListViews<'a> {
+    pub flat: CudaView<'a, u32>,
+    pub row_offset: CudaView<'a, u32>,
+    pub row_keys: CudaView<'a, u32>,
+    pub decode_rows: CudaView<'a, u32>,
+    pub tile_row0: CudaView<'a, u32>,
+    pub tile_rows: CudaView<'a, u32>,
+}
+
+/// The slot lists of one step planned on the host and uploaded in one copy (see
+/// [`ListViews`] for what they hold).
 pub struct SlotLists {
-    kernel: AttnKernel,
-    flat: CudaSlice<u32>,
-    row_offset: CudaSlice<u32>,
-    row_keys: CudaSlice<u32>,
-    decode_rows: CudaSlice<u32>,
-    n_decode: usize,
-    tile_row0: CudaSlice<u32>,
-    tile_rows: CudaSlice<u32>,
-    n_tiles: usize,
-    max_keys: usize,
-    split_len: usize,
+    pub(crate) plan: AttnPlan,
+    buf: CudaSlice<u32>,
+    /// Where flat, row_offset, row_keys, decode_rows, tile_row0 and tile_rows start in `buf`,
+    /// and where the last ends.
+    at: [usize; 7],
 }
 
 impl SlotLists {
@@ -82,7 +121,7 @@ impl SlotLists {
         seqs: impl Iterator<Item = (&'a [u32], usize)>,
         dims: AttnDims,
         kernel: AttnKernel,
-        decode_target_warps: usize,
+        tuning: DecodeTuning,
     ) -> Result<Self> {
         let (mut flat, mut off, mut keys) = (Vec::new(), Vec::new(), Vec::new());
         let (mut decode, mut tile0, mut tile_n) = (Vec::new(), Vec::new(), Vec::new());
@@ -110,33 +149,50 @@ impl SlotLists {
                 decode.extend((first_row..first_row + n_new).map(|r| r as u32));
             }
         }
-        let stream = dev.cuda_stream();
-        // An empty list still gets one (unused) element: no zero-sized allocations.
-        let up = |v: &[u32]| {
-            let v = if v.is_empty() { &[0u32][..] } else { v };
-            stream.clone_htod(v).map_err(cuda_err)
-        };
         let max_keys = keys.iter().copied().max().unwrap_or(1) as usize;
         let split_len = split_len(
             kernel,
             dims,
             (decode.len(), tile0.len()),
             max_keys,
-            decode_target_warps,
+            tuning.target_warps,
         );
-        Ok(Self {
+        let plan = AttnPlan {
             kernel,
-            max_keys,
-            split_len,
-            flat: up(&flat)?,
-            row_offset: up(&off)?,
-            row_keys: up(&keys)?,
+            decode_stage: tuning.stage_keys,
             n_decode: decode.len(),
-            decode_rows: up(&decode)?,
             n_tiles: tile0.len(),
-            tile_row0: up(&tile0)?,
-            tile_rows: up(&tile_n)?,
-        })
+            splits: max_keys.div_ceil(split_len).max(1),
+            split_len,
+        };
+        // One upload; an empty list still gets one (unused) element.
+        let mut packed = Vec::new();
+        let mut at = [0; 7];
+        for (i, part) in [&flat, &off, &keys, &decode, &tile0, &tile_n]
+            .iter()
+            .enumerate()
+        {
+            at[i] = packed.len();
+            packed.extend_from_slice(part);
+            if part.is_empty() {
+                packed.push(0);
+            }
+        }
+        at[6] = packed.len();
+        let buf = dev.cuda_stream().clone_htod(&packed).map_err(cuda_err)?;
+        Ok(Self { plan, buf, at })
+    }
+
+    pub(crate) fn views(&self) -> ListViews<'_> {
+        let part = |i: usize| self.buf.slice(self.at[i]..self.at[i + 1]);
+        ListViews {
+            flat: part(0),
+            row_offset: part(1),
+            row_keys: part(2),
+            decode_rows: part(3),
+            tile_row0: part(4),
+            tile_rows: part(5),
+        }
     }
 }
 
@@ -148,25 +204,65 @@ pub(crate) fn split_len(
     max_keys: usize,
     decode_target_warps: usize,
 ) -> usize {
-    let group = dims.heads / dims.kv_heads;
     // Splits for `units` parallel pieces of work to reach `target`, in whole stages of `stage` keys.
     let fit = |target: usize, units: usize, stage: usize| {
         let splits = (target / units.max(1)).clamp(1, max_keys.div_ceil(stage));
         max_keys.div_ceil(splits).next_multiple_of(stage)
     };
     match (kernel, n_tiles) {
-        (AttnKernel::TensorCore, 0) => {
-            // One warp per 16 (head of the group) rows of a decode row.
-            let warps = n_decode * dims.kv_heads * group.div_ceil(16);
-            fit(decode_target_warps, warps, MMA_KEYS)
-        }
+        (AttnKernel::TensorCore, 0) => fit(
+            decode_target_warps,
+            decode_warps(kernel, dims, n_decode),
+            MMA_KEYS,
+        ),
         (AttnKernel::TensorCore, _) => fit(
             PREFILL_TARGET_BLOCKS,
             (n_tiles + n_decode) * dims.kv_heads,
             MMA_KEYS,
         ),
-        (AttnKernel::CudaCore, 0) => fit(decode_target_warps, n_decode * dims.heads, 32),
+        (AttnKernel::CudaCore, 0) => fit(
+            decode_target_warps,
+            decode_warps(kernel, dims, n_decode),
+            32,
+        ),
         (AttnKernel::CudaCore, _) => SPLIT_LEN_PREFILL,
+    }
+}
+
+/// Warps the decode kernel runs per split for `n_decode` rows: on tensor cores one per 16
+/// heads of a query group, on CUDA cores one per query head.
+fn decode_warps(kernel: AttnKernel, dims: AttnDims, n_decode: usize) -> usize {
+    let group = dims.heads / dims.kv_heads;
+    match kernel {
+        AttnKernel::TensorCore => n_decode * dims.kv_heads * group.div_ceil(16),
+        AttnKernel::CudaCore => n_decode * dims.heads,
+    }
+}
+
+/// The plan of a decode-only step of `rows` rows (padding included) whose longest context is
+/// `max_keys`, for a launch shape that is replayed (CUDA graphs): the splits that
+/// [`split_len`] would give, rounded up to a power of two so that one captured shape serves
+/// contexts up to twice as long; each row cuts its own keys (`split_len` 0).
+pub fn replayed_decode_plan(
+    kernel: AttnKernel,
+    dims: AttnDims,
+    rows: usize,
+    max_keys: usize,
+    tuning: DecodeTuning,
+) -> AttnPlan {
+    let stage = match kernel {
+        AttnKernel::TensorCore => MMA_KEYS,
+        AttnKernel::CudaCore => 32,
+    };
+    let splits = (tuning.target_warps / decode_warps(kernel, dims, rows).max(1))
+        .clamp(1, max_keys.div_ceil(stage).max(1));
+    AttnPlan {
+        kernel,
+        decode_stage: tuning.stage_keys,
+        n_decode: rows,
+        n_tiles: 0,
+        splits: splits.next_power_of_two(),
+        split_len: 0,
     }
 }
 
@@ -178,71 +274,99 @@ pub struct AttnDims {
     pub head_dim: usize,
 }
 
-/// Per-split partial results of the attention kernels (reused by every layer of a step).
+/// Per-split partial results of the attention kernels (reused by every layer of a step), with
+/// room for `capacity` (row, head, split) entries.
 pub struct AttnPartials {
     o: CudaSlice<f32>,
     m: CudaSlice<f32>,
     l: CudaSlice<f32>,
-    splits: usize,
+    capacity: usize,
 }
 
 impl AttnPartials {
+    /// Room for `rows` rows of `heads` heads over `splits` splits.
     pub(crate) fn new(
         dev: &CudaDevice,
         rows: usize,
         heads: usize,
         d: usize,
-        lists: &SlotLists,
+        splits: usize,
     ) -> Result<Self> {
-        let splits = lists.max_keys.div_ceil(lists.split_len).max(1);
-        let n = rows * heads * splits;
+        let n = (rows * heads * splits).max(1);
         // Safety: the attention kernels write every (row, head, split) entry before the merge
         // kernel reads it.
         Ok(Self {
             o: unsafe { dev.alloc::<f32>(n * d) }?,
             m: unsafe { dev.alloc::<f32>(n) }?,
             l: unsafe { dev.alloc::<f32>(n) }?,
-            splits,
+            capacity: n,
         })
     }
 }
 
-/// Attention of every query row over its slot list, split along the keys, then merged:
-/// returns `[rows, heads, head_dim]` bf16.
+/// Attention of every query row over its slot list, split along the keys, then merged into
+/// `out` (`[rows, heads, head_dim]` bf16, `rows` of `dims`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     dev: &CudaDevice,
     q: &CudaSlice<bf16>,
     k_pool: &CudaSlice<bf16>,
     v_pool: &CudaSlice<bf16>,
-    lists: &SlotLists,
+    lists: &ListViews,
+    plan: &AttnPlan,
     dims: AttnDims,
     parts: &mut AttnPartials,
-) -> Result<CudaSlice<bf16>> {
+    out: &mut CudaSlice<bf16>,
+) -> Result<()> {
     let AttnDims {
         rows,
         heads,
         kv_heads,
         head_dim,
     } = dims;
+    if rows * heads * plan.splits > parts.capacity || out.len() < rows * heads * head_dim {
+        return Err(ModelError::Cuda(format!(
+            "attention buffers too small for {rows} rows over {} splits",
+            plan.splits
+        )));
+    }
     let (hi, kvi, di) = (heads as i32, kv_heads as i32, head_dim as i32);
-    let (splits_i, split_len_i) = (parts.splits as i32, lists.split_len as i32);
+    let (splits_i, split_len_i) = (plan.splits as i32, plan.split_len as i32);
     let scale = 1.0 / (head_dim as f32).sqrt();
     let group = heads / kv_heads;
-    match lists.kernel {
+    match plan.kernel {
         AttnKernel::TensorCore => {
-            let name = if head_dim == 64 {
-                "arbor_attention_mma_d64"
-            } else {
-                "arbor_attention_mma_d128"
+            let prefill = match head_dim {
+                64 => "arbor_attention_mma_d64",
+                _ => "arbor_attention_mma_d128",
+            };
+            let decode = match (head_dim, plan.decode_stage) {
+                (64, 16) => "arbor_attention_mma_decode_d64_k16",
+                (64, 32) => "arbor_attention_mma_decode_d64_k32",
+                (_, 16) => "arbor_attention_mma_decode_d128_k16",
+                (_, 32) => "arbor_attention_mma_decode_d128_k32",
+                _ => prefill,
             };
             let scale_log2 = scale * std::f32::consts::LOG2_E;
             // Decode rows: tiles of one position, a warp per 16 heads of the group; prefill
             // tiles: 64 / group positions, 4 warps.
             let launches = [
-                (&lists.decode_rows, lists.n_decode, 1i32, group.div_ceil(16)),
-                (&lists.tile_row0, lists.n_tiles, 0i32, MMA_BLOCK_ROWS / 16),
+                (
+                    decode,
+                    &lists.decode_rows,
+                    plan.n_decode,
+                    1i32,
+                    group.div_ceil(16),
+                ),
+                (
+                    prefill,
+                    &lists.tile_row0,
+                    plan.n_tiles,
+                    0i32,
+                    MMA_BLOCK_ROWS / 16,
+                ),
             ];
-            for (row0, n, single, warps) in launches {
+            for (name, row0, n, single, warps) in launches {
                 if n == 0 {
                     continue;
                 }
@@ -261,29 +385,28 @@ pub(crate) fn attention(
                     .arg(&split_len_i)
                     .arg(&scale_log2);
                 let cfg = LaunchConfig {
-                    grid_dim: (n as u32, kv_heads as u32, parts.splits as u32),
+                    grid_dim: (n as u32, kv_heads as u32, plan.splits as u32),
                     block_dim: (32 * warps as u32, 1, 1),
                     shared_mem_bytes: 0, // static: 36 KiB at head_dim 128
                 };
                 // Safety: argument types and order match the kernel's signature; each block
                 // reads its tile's rows of q and its sequence's slot list (checked against the
                 // pool size by the caller), and writes only the partial entries of its own
-                // (row, head, split)s; `tile_rows` is read only when `single` is 0.
+                // (row, head, split)s, which `parts` has room for (checked above);
+                // `tile_rows` is read only when `single` is 0.
                 unsafe { b.launch(cfg) }.w()?;
             }
         }
         AttnKernel::CudaCore => {
-            cuda_core_attention(dev, q, k_pool, v_pool, lists, dims, parts, scale)?
+            cuda_core_attention(dev, q, k_pool, v_pool, lists, plan, dims, parts, scale)?
         }
     }
-    // Safety: the merge kernel writes every element of its output.
-    let mut out = unsafe { dev.alloc::<bf16>(rows * heads * head_dim) }?;
     let func = dev.get_or_load_custom_func("arbor_attention_merge", MODULE, PTX)?;
     let mut b = func.builder();
     b.arg(&parts.o)
         .arg(&parts.m)
         .arg(&parts.l)
-        .arg(&mut out)
+        .arg(out)
         .arg(&hi)
         .arg(&di)
         .arg(&splits_i);
@@ -291,18 +414,19 @@ pub(crate) fn attention(
     // batch of decodes has few splits per row), at least a warp: one sequence decoding at 8k
     // tokens has ~130 splits per head, merged by 32 blocks (one per head), so each thread
     // reads ~16 of them rather than ~33.
-    let threads = (head_dim * parts.splits.min(8))
+    let threads = (head_dim * plan.splits.min(8))
         .clamp(32, 1024)
         .next_multiple_of(32);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, heads as u32, 1),
         block_dim: (threads as u32, 1, 1),
-        shared_mem_bytes: ((parts.splits + threads) * 4) as u32,
+        shared_mem_bytes: ((plan.splits + threads) * 4) as u32,
     };
-    // Safety: one block per (row, head) reading that entry's splits; shared memory holds one
-    // weight per split and one partial sum per thread.
+    // Safety: one block per (row, head) reading that entry's splits and writing its output
+    // (`out` holds rows x heads x head_dim, checked above); shared memory holds one weight per
+    // split and one partial sum per thread.
     unsafe { b.launch(cfg) }.w()?;
-    Ok(out)
+    Ok(())
 }
 
 /// The arguments every attention kernel takes first: q, the layer's K and V pools, and the
@@ -312,7 +436,7 @@ pub(crate) fn slot_list_args<'a>(
     q: &'a CudaSlice<bf16>,
     k_pool: &'a CudaSlice<bf16>,
     v_pool: &'a CudaSlice<bf16>,
-    lists: &'a SlotLists,
+    lists: &'a ListViews,
 ) {
     b.arg(q)
         .arg(k_pool)
@@ -329,7 +453,8 @@ pub(crate) fn cuda_core_attention(
     q: &CudaSlice<bf16>,
     k_pool: &CudaSlice<bf16>,
     v_pool: &CudaSlice<bf16>,
-    lists: &SlotLists,
+    lists: &ListViews,
+    plan: &AttnPlan,
     dims: AttnDims,
     parts: &mut AttnPartials,
     scale: f32,
@@ -341,7 +466,7 @@ pub(crate) fn cuda_core_attention(
         ..
     } = dims;
     let (hi, kvi, di) = (heads as i32, kv_heads as i32, head_dim as i32);
-    let (splits_i, split_len_i) = (parts.splits as i32, lists.split_len as i32);
+    let (splits_i, split_len_i) = (plan.splits as i32, plan.split_len as i32);
     let group = heads / kv_heads;
     // Decode rows: the GQA kernel (one block per (row, KV head, split), one warp per query
     // head) where its shared memory fits, else a warp per (row, head, split). Both take the
@@ -349,18 +474,18 @@ pub(crate) fn cuda_core_attention(
     let gqa_smem = (group * head_dim + 2 * 32 * (head_dim + 1) + 32) * 4;
     let use_gqa = head_dim % 8 == 0 && group * 32 <= 1024 && gqa_smem <= 48 * 1024;
     // (kernel, launch shape, the row lists it takes after the slot lists)
-    let mut launches: Vec<(&str, LaunchConfig, Vec<&CudaSlice<u32>>)> = Vec::new();
-    if lists.n_decode > 0 {
+    let mut launches: Vec<(&str, LaunchConfig, Vec<&CudaView<u32>>)> = Vec::new();
+    if plan.n_decode > 0 {
         let (name, cfg) = if use_gqa {
             let cfg = LaunchConfig {
-                grid_dim: (lists.n_decode as u32, kv_heads as u32, parts.splits as u32),
+                grid_dim: (plan.n_decode as u32, kv_heads as u32, plan.splits as u32),
                 block_dim: (32 * group as u32, 1, 1),
                 shared_mem_bytes: gqa_smem as u32,
             };
             ("arbor_attention_gqa", cfg)
         } else {
             let cfg = LaunchConfig {
-                grid_dim: (lists.n_decode as u32, heads as u32, parts.splits as u32),
+                grid_dim: (plan.n_decode as u32, heads as u32, plan.splits as u32),
                 block_dim: (32, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -368,11 +493,11 @@ pub(crate) fn cuda_core_attention(
         };
         launches.push((name, cfg, vec![&lists.decode_rows]));
     }
-    if lists.n_tiles > 0 {
+    if plan.n_tiles > 0 {
         // qs [16][D] + ks, vs [32][D + 1] floats + 32 slot ids (kernels.cu).
         let smem = (TILE_ROWS * head_dim + 2 * 32 * (head_dim + 1) + 32) * 4;
         let cfg = LaunchConfig {
-            grid_dim: (lists.n_tiles as u32, heads as u32, parts.splits as u32),
+            grid_dim: (plan.n_tiles as u32, heads as u32, plan.splits as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: smem as u32,
         };

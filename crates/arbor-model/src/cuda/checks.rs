@@ -30,11 +30,16 @@ pub struct CheckSeq {
 }
 
 /// Runs the attention kernels on host data (rounded to bf16 on the way in), for checks
-/// against a float reference: q `[rows, heads, d]`, pools `[slots, kv_heads, d]`.
+/// against a float reference: q `[rows, heads, d]`, pools `[slots, kv_heads, d]`. With
+/// `replayed` (decode rows only), the launch takes the plan a replayed CUDA graph does: fixed
+/// splits, each row cutting its own keys ([`replayed_decode_plan`]). `decode_stage_keys` is
+/// [`CudaOptions::decode_stage_keys`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention_on_host(
     device: &Device,
     kernel: AttnKernel,
+    replayed: bool,
+    decode_stage_keys: usize,
     q: &[f32],
     k_pool: &[f32],
     v_pool: &[f32],
@@ -45,6 +50,10 @@ pub fn attention_on_host(
 ) -> Result<Vec<f32>> {
     let dev = cuda_device(device)?;
     let stream = dev.cuda_stream();
+    let tuning = DecodeTuning {
+        stage_keys: decode_stage_keys,
+        ..DecodeTuning::of(&CudaOptions::default())
+    };
     let to_bf16 = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
     let up_bf16 = |x: &[f32]| stream.clone_htod(&to_bf16(x)).map_err(cuda_err);
     let (q_d, k_d, v_d) = (up_bf16(q)?, up_bf16(k_pool)?, up_bf16(v_pool)?);
@@ -66,10 +75,26 @@ pub fn attention_on_host(
         seqs.iter().map(|s| (&s.slots[..], s.n_new)),
         dims,
         kernel,
-        DECODE_TARGET_WARPS,
+        tuning,
     )?;
-    let mut parts = AttnPartials::new(dev, rows, heads, head_dim, &lists)?;
-    let out = attention(dev, &q_d, &k_d, &v_d, &lists, dims, &mut parts)?;
+    let plan = if replayed {
+        if seqs.iter().any(|s| s.n_new != 1) {
+            return Err(ModelError::Cuda(
+                "a replayed plan takes decode rows only".into(),
+            ));
+        }
+        let max_keys = seqs.iter().map(|s| s.slots.len()).max().unwrap_or(1);
+        replayed_decode_plan(kernel, dims, rows, max_keys, tuning)
+    } else {
+        lists.plan
+    };
+    let mut parts = AttnPartials::new(dev, rows, heads, head_dim, plan.splits)?;
+    // Safety: the merge kernel writes every element.
+    let mut out = unsafe { dev.alloc::<bf16>(rows * heads * head_dim) }?;
+    let views = lists.views();
+    attention(
+        dev, &q_d, &k_d, &v_d, &views, &plan, dims, &mut parts, &mut out,
+    )?;
     let host: Vec<bf16> = stream.clone_dtoh(&out).map_err(cuda_err)?;
     Ok(host.into_iter().map(f32::from).collect())
 }

@@ -24,6 +24,16 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Keys per split of one row. split_len > 0: every row's splits are that long (steps planned
+// on the host for their longest context). 0: the row cuts its own n_keys into n_splits pieces
+// of whole stages, so a launch whose shape is fixed (a CUDA graph replayed while contexts
+// grow) still spreads each row over all its splits.
+__device__ __forceinline__ int row_split_len(int split_len, int n_keys, int n_splits, int stage) {
+    if (split_len > 0) return split_len;
+    const int per = (n_keys + n_splits - 1) / n_splits;
+    return max(stage, (per + stage - 1) / stage * stage);
+}
+
 // One thread per (token, rotated pair or copied element).
 // qkv: [T, (H + 2*KVH) * D]; cos/sin: [max_pos, D/2] f32; positions, slots: [T].
 // interleaved: pairs (2i, 2i+1) (GGUF Llama); else halves (i, i + D/2) (Hugging Face).
@@ -87,6 +97,7 @@ extern "C" __global__ void arbor_attention(
     const int lane = threadIdx.x;
     const long part = ((long)r * H + h) * n_splits + split;
     const int n_keys = row_keys[r];
+    split_len = row_split_len(split_len, n_keys, n_splits, WARP);
     const int k_begin = split * split_len;
     const int k_end = min(n_keys, k_begin + split_len);
     float acc[MAX_PER_LANE];
@@ -297,6 +308,7 @@ extern "C" __global__ void arbor_attention_gqa(
     const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP, nthreads = blockDim.x;
     const int h = kvh * G + warp;
     const int n_keys = row_keys[r];
+    split_len = row_split_len(split_len, n_keys, n_splits, KT);
     const int k_begin = split * split_len;
     const int k_end = min(n_keys, k_begin + split_len);
     const uint32_t* my_slots = slots + row_slot_off[r];
@@ -510,6 +522,27 @@ extern "C" __global__ void arbor_attention_merge(
     }
 }
 
+// out[t] = table[ids[t]]: the embedding rows of a step's tokens, [T, n] bf16 (n % 8 == 0),
+// one thread per 16-byte piece. Ids are checked on the host before they are uploaded.
+extern "C" __global__ void arbor_embed_rows(const __nv_bfloat16* __restrict__ table,
+                                            const uint32_t* __restrict__ ids,
+                                            __nv_bfloat16* __restrict__ out, int T, int n) {
+    const int pieces = n / 8;
+    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)T * pieces) return;
+    const long t = idx / pieces, p = idx % pieces;
+    reinterpret_cast<uint4*>(out + t * n)[p] =
+        reinterpret_cast<const uint4*>(table + (long)ids[t] * n)[p];
+}
+
+// x[t, i] += bias[i] (rounded to bf16, as candle's broadcast add leaves it): [T, n].
+extern "C" __global__ void arbor_add_bias(__nv_bfloat16* __restrict__ x,
+                                          const __nv_bfloat16* __restrict__ bias, int T, int n) {
+    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)T * n) return;
+    x[idx] = __float2bfloat16(__bfloat162float(x[idx]) + __bfloat162float(bias[idx % n]));
+}
+
 // gate_up: [T, 2F] (gate then up); out: [T, F] = silu(gate) * up.
 extern "C" __global__ void arbor_silu_mul(const __nv_bfloat16* __restrict__ gate_up,
                                           __nv_bfloat16* __restrict__ out, int T, int F) {
@@ -587,7 +620,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                  : "r"(s));
 }
 
-template <int D>
+template <int D, int STAGE>
 __device__ __forceinline__ void attention_mma(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,
     const __nv_bfloat16* __restrict__ v_pool, const uint32_t* __restrict__ slots,
@@ -597,11 +630,11 @@ __device__ __forceinline__ void attention_mma(
     float* __restrict__ l_part, int H, int KVH, int n_splits, int split_len, float scale_log2) {
     constexpr int KS = D + 8;       // ks, vs row stride (bf16 elements)
     constexpr int KC = D / 16;      // 16-dim chunks of a head (k steps of S = Q K^T)
-    constexpr int NT = MMA_KT / 8;  // 8-key tiles of a stage (n tiles of S)
+    constexpr int NT = STAGE / 8;  // 8-key tiles of a stage (n tiles of S)
     constexpr int DT = D / 8;       // 8-dim tiles of O
-    __shared__ __align__(16) __nv_bfloat16 ks[MMA_KT * KS];
-    __shared__ __align__(16) __nv_bfloat16 vs[MMA_KT * KS];
-    __shared__ uint32_t sl[MMA_KT];
+    __shared__ __align__(16) __nv_bfloat16 ks[STAGE * KS];
+    __shared__ __align__(16) __nv_bfloat16 vs[STAGE * KS];
+    __shared__ uint32_t sl[STAGE];
 
     const int G = H / KVH;
     const int tile = gridDim.x - 1 - blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
@@ -612,6 +645,7 @@ __device__ __forceinline__ void attention_mma(
     const int nflat = npos * G;
     const uint32_t* my_slots = slots + row_slot_off[row0];
     const int last_keys = row_keys[row0 + npos - 1];  // the widest causal window of the tile
+    split_len = row_split_len(split_len, last_keys, n_splits, STAGE);
     const int k_begin = split * split_len;
     const int k_end = min(last_keys, k_begin + split_len);
 
@@ -642,15 +676,15 @@ __device__ __forceinline__ void attention_mma(
     for (int dt = 0; dt < DT; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-    for (int k0 = k_begin; k0 < k_end; k0 += MMA_KT) {
+    for (int k0 = k_begin; k0 < k_end; k0 += STAGE) {
         __syncthreads();  // the previous stage is consumed
-        for (int i = tid; i < MMA_KT; i += blockDim.x)
+        for (int i = tid; i < STAGE; i += blockDim.x)
             sl[i] = k0 + i < k_end ? my_slots[k0 + i] : 0xffffffffu;
         __syncthreads();
         // The stage's K and V rows straight from the pool into shared memory (cp.async: every
         // copy of the stage in flight at once, no registers held, one memory round trip per
         // stage even for a one-warp decode block). Keys past the split are zeros.
-        constexpr int PIECES = MMA_KT * (D / 8);
+        constexpr int PIECES = STAGE * (D / 8);
         for (int i = tid; i < PIECES; i += blockDim.x) {
             const int j = i / (D / 8), c = (i % (D / 8)) * 8;
             const bool live = sl[j] != 0xffffffffu;
@@ -662,7 +696,7 @@ __device__ __forceinline__ void attention_mma(
         __syncthreads();
         if (warp * 16 >= nflat) continue;  // a padding warp (warp-uniform); still syncs above
 
-        // S = Q K^T: 16 rows x 64 keys, 8 n-tiles of 4 accumulators per lane.
+        // S = Q K^T: 16 rows x STAGE keys, STAGE / 8 n-tiles of 4 accumulators per lane.
         float s[NT][4];
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
@@ -688,7 +722,7 @@ __device__ __forceinline__ void attention_mma(
         float corr[2], m_use[2];
 #pragma unroll
         for (int ri = 0; ri < 2; ri++) {
-            // The 4 lanes of a row group hold its 64 scores between them.
+            // The 4 lanes of a row group hold its STAGE scores between them.
             mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffff, mx[ri], 1));
             mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffff, mx[ri], 2));
             const float m_new = fmaxf(m[ri], mx[ri]);
@@ -716,7 +750,7 @@ __device__ __forceinline__ void attention_mma(
         }
         // O += P V, 16 keys at a time: P's A fragment is two S tiles' accumulators.
 #pragma unroll
-        for (int kk = 0; kk < MMA_KT / 16; kk++) {
+        for (int kk = 0; kk < STAGE / 16; kk++) {
             const uint32_t pa[4] = {
                 pack_bf16x2(s[2 * kk][0], s[2 * kk][1]),
                 pack_bf16x2(s[2 * kk][2], s[2 * kk][3]),
@@ -758,21 +792,28 @@ __device__ __forceinline__ void attention_mma(
     }
 }
 
-#define ATTENTION_MMA(D)                                                                        \
-    extern "C" __global__ void __launch_bounds__(128) arbor_attention_mma_d##D(                 \
-        const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,          \
-        const __nv_bfloat16* __restrict__ v_pool, const uint32_t* __restrict__ slots,           \
-        const uint32_t* __restrict__ row_slot_off, const uint32_t* __restrict__ row_keys,       \
-        const uint32_t* __restrict__ tile_row0, const uint32_t* __restrict__ tile_rows,         \
-        int single_position, float* __restrict__ o_part, float* __restrict__ m_part,            \
-        float* __restrict__ l_part, int H, int KVH, int n_splits, int split_len,                \
-        float scale_log2) {                                                                     \
-        attention_mma<D>(q, k_pool, v_pool, slots, row_slot_off, row_keys, tile_row0,           \
-                         tile_rows, single_position, o_part, m_part, l_part, H, KVH, n_splits,  \
-                         split_len, scale_log2);                                                \
+// NAME's stages hold STAGE keys: 64 for prefill tiles (4 warps share each stage); decode blocks
+// (usually one warp) take shorter stages, so that more blocks fit an SM's shared memory and
+// their loads overlap each other's arithmetic (a one-warp block waits for its own stage).
+#define ATTENTION_MMA(NAME, D, STAGE)                                                              \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                        \
+        const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,             \
+        const __nv_bfloat16* __restrict__ v_pool, const uint32_t* __restrict__ slots,              \
+        const uint32_t* __restrict__ row_slot_off, const uint32_t* __restrict__ row_keys,          \
+        const uint32_t* __restrict__ tile_row0, const uint32_t* __restrict__ tile_rows,            \
+        int single_position, float* __restrict__ o_part, float* __restrict__ m_part,               \
+        float* __restrict__ l_part, int H, int KVH, int n_splits, int split_len,                   \
+        float scale_log2) {                                                                        \
+        attention_mma<D, STAGE>(q, k_pool, v_pool, slots, row_slot_off, row_keys, tile_row0,       \
+                             tile_rows, single_position, o_part, m_part, l_part, H, KVH,           \
+                             n_splits, split_len, scale_log2);                                     \
     }
-ATTENTION_MMA(64)
-ATTENTION_MMA(128)
+ATTENTION_MMA(arbor_attention_mma_d64, 64, MMA_KT)
+ATTENTION_MMA(arbor_attention_mma_d128, 128, MMA_KT)
+ATTENTION_MMA(arbor_attention_mma_decode_d64_k16, 64, 16)
+ATTENTION_MMA(arbor_attention_mma_decode_d128_k16, 128, 16)
+ATTENTION_MMA(arbor_attention_mma_decode_d64_k32, 64, 32)
+ATTENTION_MMA(arbor_attention_mma_decode_d128_k32, 128, 32)
 
 // ---------------------------------------------------------------------------------------------
 // y [M, N] = x [M, K] W^T for a few rows, W [N, K] bf16 row-major: an experiment kept behind

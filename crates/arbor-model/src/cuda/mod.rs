@@ -21,6 +21,7 @@
 //! | `mod.rs` | the device, [`CudaLlama`] and its forward pass, the KV pool |
 //! | `load.rs` | loading from any `WeightSource` (files, or random weights) |
 //! | `attention.rs` | kernel choice, slot lists and split planning, the attention launches |
+//! | `decode.rs` | decode steps on persistent buffers, padded to buckets, replayed as CUDA graphs |
 //! | `ops.rs` | linear layers (cuBLAS, quantized, GEMV) and the fused element-wise kernels |
 //! | `sampler.rs` | sampling on the GPU (`sampler.cu`): penalties, truncation, seeded draws, logprobs |
 //! | `profile.rs` | the per-phase profile ([`CudaOptions::profile`]) |
@@ -30,7 +31,7 @@ use std::path::Path;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, LaunchArgs, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    CudaSlice, CudaView, LaunchArgs, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::op::BackpropOp;
@@ -48,6 +49,7 @@ use crate::{ChatTemplate, Tokenizer};
 
 mod attention;
 mod checks;
+mod decode;
 mod load;
 mod ops;
 mod profile;
@@ -55,6 +57,7 @@ mod sampler;
 
 pub use self::attention::*;
 pub use self::checks::*;
+pub use self::decode::*;
 pub use self::load::*;
 use self::ops::*;
 pub use self::profile::*;
@@ -120,7 +123,8 @@ pub struct CudaLlama {
     logits_host: std::sync::Mutex<Option<PinnedHostSlice<f32>>>,
 }
 
-/// K and V of every slot, per layer, on the GPU.
+/// K and V of every slot, per layer, on the GPU, plus one scratch slot past the last that no
+/// sequence owns: the padding rows of a decode bucket write and read it ([`DecodeGraphs`]).
 pub struct CudaKvPool {
     k: Vec<CudaSlice<bf16>>,
     v: Vec<CudaSlice<bf16>>,
@@ -130,7 +134,7 @@ pub struct CudaKvPool {
 impl CudaKvPool {
     pub fn new(model: &CudaLlama, num_slots: usize) -> Result<Self> {
         let dev = cuda_device(&model.device)?;
-        let n = num_slots * model.config.kv_dim();
+        let n = (num_slots + 1) * model.config.kv_dim();
         let mut k = Vec::new();
         let mut v = Vec::new();
         for _ in 0..model.config.num_layers {
@@ -142,6 +146,11 @@ impl CudaKvPool {
 
     pub fn num_slots(&self) -> usize {
         self.num_slots
+    }
+
+    /// The slot past the sequences' ones (see above).
+    fn scratch_slot(&self) -> u32 {
+        self.num_slots as u32
     }
 }
 
@@ -211,6 +220,10 @@ impl CudaLlama {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    pub fn options(&self) -> &CudaOptions {
+        &self.options
     }
 
     /// Bytes of GPU memory free now (after the weights): the KV pool's budget.
@@ -296,9 +309,10 @@ impl CudaLlama {
             batch.iter().map(|s| (s.slots, s.tokens.len())),
             dims,
             AttnKernel::for_shape(nh, nkv, d, self.options.force_cuda_core_attention),
-            self.options.decode_target_warps,
+            DecodeTuning::of(&self.options),
         )?;
-        let mut parts = AttnPartials::new(dev, t, nh, d, &slot_lists)?;
+        let (plan, views) = (slot_lists.plan, slot_lists.views());
+        let mut parts = AttnPartials::new(dev, t, nh, d, plan.splits)?;
 
         let ids = Tensor::from_vec(tokens, t, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
@@ -306,8 +320,6 @@ impl CudaLlama {
         let gemv = self.options.gemv_for_one_row;
         prof.mark("embed");
         let eps = cfg.rms_norm_eps;
-        let interleaved = i32::from(cfg.rope_style == RopeStyle::Interleaved);
-        let (ti, nhi, nkvi, di) = (t as i32, nh as i32, nkv as i32, d as i32);
         // The first RMSNorm alone; every later one is fused with the residual add before it.
         let mut h = candle_nn::ops::rms_norm(&x, &self.layers[0].attn_norm, eps)?;
         prof.mark("rms_norm");
@@ -323,28 +335,23 @@ impl CudaLlama {
             {
                 let (st, lay) = qkv.storage_and_layout();
                 let qkv_s = slice_of::<bf16>(&st, lay)?;
-                let pairs = t * (nh + 2 * nkv) * (d / 2);
-                let func = dev.get_or_load_custom_func("arbor_qkv_rope_write", MODULE, PTX)?;
-                let mut b = func.builder();
-                b.arg(&qkv_s)
-                    .arg(&positions_d)
-                    .arg(&new_slots_d)
-                    .arg(&self.cos)
-                    .arg(&self.sin)
-                    .arg(&mut q)
-                    .arg(&mut kv.k[l])
-                    .arg(&mut kv.v[l])
-                    .arg(&ti)
-                    .arg(&nhi)
-                    .arg(&nkvi)
-                    .arg(&di)
-                    .arg(&interleaved);
-                // Safety: argument types and order match the kernel's signature; every index
-                // it computes is bounded by the sizes passed (slots were checked above).
-                unsafe { b.launch(LaunchConfig::for_num_elems(pairs as u32)) }.w()?;
+                self.qkv_rope_write(
+                    dev,
+                    &qkv_s,
+                    (&positions_d.slice(..), &new_slots_d.slice(..)),
+                    &mut q,
+                    kv,
+                    l,
+                    t,
+                )?;
             }
             prof.mark("qkv_rope_write");
-            let attn = attention(dev, &q, &kv.k[l], &kv.v[l], &slot_lists, dims, &mut parts)?;
+            // Safety: the merge kernel writes every element.
+            let mut attn = unsafe { dev.alloc::<bf16>(t * nh * d) }?;
+            let (k_pool, v_pool) = (&kv.k[l], &kv.v[l]);
+            attention(
+                dev, &q, k_pool, v_pool, &views, &plan, dims, &mut parts, &mut attn,
+            )?;
             prof.mark("attention");
             let attn = wrap(attn, dev, (t, nh * d));
             let o = layer.wo.forward_with(&attn, gemv)?;
@@ -381,5 +388,55 @@ impl CudaLlama {
             .to_dtype(DType::F32)?;
         prof.mark("lm_head");
         Ok(Some(logits))
+    }
+}
+
+impl CudaLlama {
+    /// `arbor_qkv_rope_write` for layer `layer`: the first `rows` rows of the fused QKV
+    /// projection split into Q (rotated, into `q`) and K (rotated) and V written into their
+    /// new slots of the layer's pool.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_rope_write(
+        &self,
+        dev: &CudaDevice,
+        qkv: &CudaView<bf16>,
+        (positions, new_slots): (&CudaView<u32>, &CudaView<u32>),
+        q: &mut CudaSlice<bf16>,
+        kv: &mut CudaKvPool,
+        layer: usize,
+        rows: usize,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        if qkv.len() < rows * (nh + 2 * nkv) * d
+            || q.len() < rows * nh * d
+            || positions.len() < rows
+            || new_slots.len() < rows
+        {
+            return Err(ModelError::Cuda("QKV + RoPE: buffers too small".into()));
+        }
+        let interleaved = i32::from(cfg.rope_style == RopeStyle::Interleaved);
+        let (ti, nhi, nkvi, di) = (rows as i32, nh as i32, nkv as i32, d as i32);
+        let pairs = rows * (nh + 2 * nkv) * (d / 2);
+        let func = dev.get_or_load_custom_func("arbor_qkv_rope_write", MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(qkv)
+            .arg(positions)
+            .arg(new_slots)
+            .arg(&self.cos)
+            .arg(&self.sin)
+            .arg(q)
+            .arg(&mut kv.k[layer])
+            .arg(&mut kv.v[layer])
+            .arg(&ti)
+            .arg(&nhi)
+            .arg(&nkvi)
+            .arg(&di)
+            .arg(&interleaved);
+        // Safety: argument types and order match the kernel's signature; the buffers hold the
+        // rows read and written (checked above), and every position and slot was checked
+        // against the RoPE tables and the pool before it was uploaded.
+        unsafe { b.launch(LaunchConfig::for_num_elems(pairs as u32)) }.w()?;
+        Ok(())
     }
 }

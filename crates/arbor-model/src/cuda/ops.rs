@@ -189,3 +189,148 @@ pub(crate) fn wrap(slice: CudaSlice<bf16>, dev: &CudaDevice, shape: (usize, usiz
 pub(crate) fn _storage_device(s: &CudaStorage) -> &CudaDevice {
     s.device()
 }
+
+/// Output types [`gemm_into`] writes: bf16 activations, f32 logits.
+pub(crate) trait GemmOut: candle_core::cuda_backend::cudarc::driver::DeviceRepr {
+    const TYPE: cublas_sys::cudaDataType;
+}
+
+impl GemmOut for bf16 {
+    const TYPE: cublas_sys::cudaDataType = cublas_sys::cudaDataType::CUDA_R_16BF;
+}
+
+impl GemmOut for f32 {
+    const TYPE: cublas_sys::cudaDataType = cublas_sys::cudaDataType::CUDA_R_32F;
+}
+
+use candle_core::cuda_backend::cudarc::cublas::sys as cublas_sys;
+
+/// `y = x W^T` for the first `rows` rows of `x` (`[rows, in]`) into `y` (`[rows, out]`), with
+/// a dense bf16 weight `W [out, in]`, through cuBLAS on the device's stream: no allocation,
+/// so decode steps can be captured as CUDA graphs. f32 accumulation; `Y` is the output type.
+pub(crate) fn gemm_into<Y: GemmOut>(
+    dev: &CudaDevice,
+    x: &CudaSlice<bf16>,
+    rows: usize,
+    w: &Tensor,
+    y: &mut CudaSlice<Y>,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let (out, inp) = w.dims2()?;
+    if w.dtype() != DType::BF16 || x.len() < rows * inp || y.len() < rows * out {
+        return Err(ModelError::Cuda(format!(
+            "gemm of {rows} rows: buffers too small for a [{out}, {inp}] {:?} weight",
+            w.dtype()
+        )));
+    }
+    let (ws, wl) = w.storage_and_layout();
+    let w_s = slice_of::<bf16>(&ws, wl)?;
+    let stream = dev.cuda_stream();
+    let blas = dev.cublas_handle();
+    let (w_p, _w_sync) = w_s.device_ptr(&stream);
+    let (x_p, _x_sync) = x.device_ptr(&stream);
+    let (y_p, _y_sync) = y.device_ptr_mut(&stream);
+    let (alpha, beta) = (1f32, 0f32);
+    let as_int = |v: usize| v as std::ffi::c_int;
+    // Column-major: y^T [out, rows] = W [out, in] (row-major, so transposed) x^T [in, rows].
+    // Safety: cuBLAS reads out x in elements of W and rows x in of x and writes rows x out of
+    // y (all checked above); the pointers stay alive for the call, which is ordered on the
+    // stream like every other launch; alpha and beta are f32 as COMPUTE_32F requires.
+    unsafe {
+        candle_core::cuda_backend::cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+            cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+            as_int(out),
+            as_int(rows),
+            as_int(inp),
+            (&alpha) as *const f32 as *const std::ffi::c_void,
+            w_p as *const std::ffi::c_void,
+            cublas_sys::cudaDataType::CUDA_R_16BF,
+            as_int(inp),
+            x_p as *const std::ffi::c_void,
+            cublas_sys::cudaDataType::CUDA_R_16BF,
+            as_int(inp),
+            (&beta) as *const f32 as *const std::ffi::c_void,
+            y_p as *mut std::ffi::c_void,
+            Y::TYPE,
+            as_int(out),
+            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(cuda_err)
+}
+
+/// [`add_rms_norm`] into existing buffers: the first `rows` rows of `x + y` into `x_out` and
+/// their RMSNorm with weight `w` into `h_out` (`[rows, n]` bf16, n % 8 == 0; see
+/// [`rms_norm_fits`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_rms_norm_into(
+    dev: &CudaDevice,
+    x: &CudaSlice<bf16>,
+    y: &CudaSlice<bf16>,
+    w: &Tensor,
+    x_out: &mut CudaSlice<bf16>,
+    h_out: &mut CudaSlice<bf16>,
+    (rows, n): (usize, usize),
+    eps: f32,
+) -> Result<()> {
+    let need = rows * n;
+    if !rms_norm_fits(n)
+        || [x.len(), y.len(), x_out.len(), h_out.len()]
+            .iter()
+            .any(|&l| l < need)
+    {
+        return Err(ModelError::Cuda(format!(
+            "add+RMSNorm of {rows} x {n}: bad buffers"
+        )));
+    }
+    let (ws, wl) = w.storage_and_layout();
+    let w_s = slice_of::<bf16>(&ws, wl)?;
+    let func = dev.get_or_load_custom_func("arbor_add_rmsnorm", MODULE, PTX)?;
+    let (ni, epsf) = (n as i32, eps);
+    let mut b = func.builder();
+    b.arg(x)
+        .arg(y)
+        .arg(&w_s)
+        .arg(x_out)
+        .arg(h_out)
+        .arg(&ni)
+        .arg(&epsf);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: ((n / 8).next_multiple_of(32).min(1024) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // Safety: one block per row reads and writes that row only, in 16-byte pieces (n % 8 == 0;
+    // the buffers hold rows x n elements and start on allocation boundaries, w is a whole
+    // contiguous tensor); the block has at least pieces / 4 threads.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// Whether `arbor_add_rmsnorm` takes rows of `n` elements: whole 16-byte pieces, at most
+/// RMS_PIECES (kernels.cu) per thread of a 1024-thread block.
+pub(crate) fn rms_norm_fits(n: usize) -> bool {
+    n.is_multiple_of(8) && n / 8 <= 4 * 1024
+}
+
+/// `silu(gate) * up` of the first `rows` rows of `gu [rows, 2F]` into `act [rows, F]`.
+pub(crate) fn silu_mul_into(
+    dev: &CudaDevice,
+    gu: &CudaSlice<bf16>,
+    act: &mut CudaSlice<bf16>,
+    (rows, ffn): (usize, usize),
+) -> Result<()> {
+    if gu.len() < rows * 2 * ffn || act.len() < rows * ffn {
+        return Err(ModelError::Cuda("SwiGLU: buffers too small".into()));
+    }
+    let func = dev.get_or_load_custom_func("arbor_silu_mul", MODULE, PTX)?;
+    let (ti, fi) = (rows as i32, ffn as i32);
+    let mut b = func.builder();
+    b.arg(gu).arg(act).arg(&ti).arg(&fi);
+    // Safety: one thread per output element; sizes checked above.
+    unsafe { b.launch(LaunchConfig::for_num_elems((rows * ffn) as u32)) }.w()?;
+    Ok(())
+}

@@ -71,13 +71,28 @@ impl GpuSampler {
     /// Samples `batch` from `logits` (`[rows, vocab]` f32 on this sampler's GPU); one result per
     /// pushed row, in order.
     pub fn sample(&mut self, logits: &Tensor, batch: &SampleBatch) -> Result<Vec<SampledRow>> {
+        let (logit_rows, vocab) = logits.dims2()?;
+        if logits.dtype() != DType::F32 {
+            return Err(ModelError::Cuda("the sampler reads f32 logits".into()));
+        }
+        let (st, lay) = logits.storage_and_layout();
+        let logits_s = slice_of::<f32>(&st, lay)?;
+        self.sample_rows(&logits_s, (logit_rows, vocab), batch)
+    }
+
+    /// [`GpuSampler::sample`] from `logit_rows` rows of `vocab` f32 logits in a device buffer.
+    pub fn sample_rows(
+        &mut self,
+        logits_s: &CudaView<f32>,
+        (logit_rows, vocab): (usize, usize),
+        batch: &SampleBatch,
+    ) -> Result<Vec<SampledRow>> {
         let n = batch.len();
         if n == 0 {
             return Ok(Vec::new());
         }
-        let (logit_rows, vocab) = logits.dims2()?;
-        if logits.dtype() != DType::F32 {
-            return Err(ModelError::Cuda("the sampler reads f32 logits".into()));
+        if logits_s.len() < logit_rows * vocab {
+            return Err(ModelError::Cuda("fewer logits than rows x vocab".into()));
         }
         if let Some(bad) = batch.logit_rows().find(|&r| r >= logit_rows) {
             return Err(ModelError::Cuda(format!(
@@ -111,14 +126,12 @@ impl GpuSampler {
         let probs = ensure(&mut self.probs, n * vocab, |s| s.len(), zeros_f32)?;
         let out = ensure(&mut self.out, n * OUT_WORDS, |s| s.len(), zeros_u32)?;
         {
-            let (st, lay) = logits.storage_and_layout();
-            let logits_s = slice_of::<f32>(&st, lay)?;
             let func = dev.get_or_load_custom_func("arbor_sample", SAMPLER_MODULE, SAMPLER_PTX)?;
             let (adjust_offset, vocab_i) = (batch.row_words().len() as i32, vocab as i32);
             let mut b = func.builder();
             b.arg(&*packed)
                 .arg(&adjust_offset)
-                .arg(&logits_s)
+                .arg(logits_s)
                 .arg(&vocab_i)
                 .arg(&mut *work)
                 .arg(&mut *probs)

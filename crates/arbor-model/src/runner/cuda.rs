@@ -13,7 +13,7 @@ use super::{
     SequenceSampling, StepOutput, StepRow,
 };
 use crate::config::ModelConfig;
-use crate::cuda::{CudaKvPool, CudaLlama, GpuSampler, SampleBatch, SeqSamplingState};
+use crate::cuda::{CudaKvPool, CudaLlama, DecodeGraphs, GpuSampler, SampleBatch, SeqSamplingState};
 use crate::error::Result;
 use crate::step::{LogitsWanted, SeqStep};
 
@@ -81,6 +81,9 @@ impl LogitsBackend for CudaBackend {
 pub struct CudaRunner {
     backend: CudaBackend,
     sampler: GpuSampler,
+    /// Decode-only steps on persistent buffers as CUDA graphs; None where the model's weights
+    /// do not run there (GGUF blocks kept quantized) or phases are profiled.
+    decode: Option<DecodeGraphs>,
     seqs: HashMap<SeqId, DeviceSeq>,
     /// Reused each step: the packed sampling rows.
     batch: SampleBatch,
@@ -95,9 +98,16 @@ struct DeviceSeq {
 impl CudaRunner {
     pub fn new(backend: CudaBackend) -> Result<Self> {
         let sampler = GpuSampler::new(backend.model.device())?;
+        let model = &backend.model;
+        let decode = if DecodeGraphs::supports(model) && !model.options().profile {
+            Some(DecodeGraphs::new(model, model.options().decode_graphs)?)
+        } else {
+            None
+        };
         Ok(Self {
             backend,
             sampler,
+            decode,
             seqs: HashMap::new(),
             batch: SampleBatch::default(),
             faults: None,
@@ -135,14 +145,22 @@ impl ModelRunner for CudaRunner {
     fn step(&mut self, rows: &[StepRow]) -> Result<StepOutput> {
         let batch: Vec<SeqStep> = rows.iter().map(StepRow::seq_step).collect();
         let started = Instant::now();
-        let logits = self
-            .backend
-            .model
-            .forward_logits(&batch, &mut self.backend.pool)?;
+        let vocab = self.backend.config().vocab_size;
+        // Decode-only steps on the graph path: its logits stay in its buffer, one row per row
+        // of the batch (every row samples); other steps through the general forward pass.
+        let (decoded, logits) = match &mut self.decode {
+            Some(d) if DecodeGraphs::takes(&batch) => {
+                let view = d.step(&self.backend.model, &mut self.backend.pool, &batch)?;
+                (Some(view), None)
+            }
+            _ => {
+                let model = &self.backend.model;
+                (None, model.forward_logits(&batch, &mut self.backend.pool)?)
+            }
+        };
         // One outcome per sampling row; rows that reach the GPU are filled in after it.
         let mut outcomes: Vec<Option<RowOutcome>> = Vec::new();
         let mut launched: Vec<(usize, SeqId)> = Vec::new();
-        let vocab = self.backend.config().vocab_size;
         self.batch.clear();
         for (logit_row, r) in rows.iter().filter(|r| r.sample).enumerate() {
             let Some(state) = self.seqs.get(&r.seq) else {
@@ -175,8 +193,17 @@ impl ModelRunner for CudaRunner {
             launched.push((outcomes.len(), r.seq));
             outcomes.push(None);
         }
-        if let (Some(logits), false) = (&logits, self.batch.is_empty()) {
-            let sampled = self.sampler.sample(logits, &self.batch)?;
+        let sampled = match (&decoded, &logits) {
+            _ if self.batch.is_empty() => None,
+            (Some(view), _) => Some(self.sampler.sample_rows(
+                view,
+                (rows.len(), vocab),
+                &self.batch,
+            )?),
+            (None, Some(logits)) => Some(self.sampler.sample(logits, &self.batch)?),
+            (None, None) => None,
+        };
+        if let Some(sampled) = sampled {
             for ((at, seq), (token, logprob)) in launched.into_iter().zip(sampled) {
                 if let Some(seq) = self.seqs.get_mut(&seq) {
                     seq.state.observe(token);

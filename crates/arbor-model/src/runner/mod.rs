@@ -51,7 +51,7 @@ pub use cuda::{CudaBackend, CudaRunner};
 pub use host::{HostSampledRunner, LogitsBackend};
 pub use open::{
     open, CpuKernels, CudaOptions, DeviceSpec, GgufWeights, LoadFormat, OpenedModel, RunnerOptions,
-    DEFAULT_DECODE_TARGET_WARPS,
+    DEFAULT_DECODE_STAGE_KEYS, DEFAULT_DECODE_TARGET_WARPS,
 };
 
 /// The engine's name for a sequence (its request id); the runner keys sampling state by it.

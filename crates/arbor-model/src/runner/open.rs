@@ -9,7 +9,9 @@ use super::cpu::CpuBackend;
 use super::host::{HostSampledRunner, LogitsBackend, DEFAULT_PARALLEL_SAMPLING_MIN_LOGITS};
 use super::ModelRunner;
 use crate::error::{ModelError, Result};
-pub use crate::options::{CpuKernels, CudaOptions, GgufWeights, DEFAULT_DECODE_TARGET_WARPS};
+pub use crate::options::{
+    CpuKernels, CudaOptions, GgufWeights, DEFAULT_DECODE_STAGE_KEYS, DEFAULT_DECODE_TARGET_WARPS,
+};
 use crate::text::chat::ChatTemplate;
 use crate::text::tokenizer::Tokenizer;
 
@@ -116,6 +118,9 @@ pub fn open(path: &Path, device: DeviceSpec, options: &RunnerOptions) -> Result<
     if options.cuda.decode_target_warps == 0 {
         return Err(invalid("cuda_decode_target_warps must be at least 1"));
     }
+    if ![16, 32, 64].contains(&options.cuda.decode_stage_keys) {
+        return Err(invalid("cuda_decode_stage_keys must be 16, 32 or 64"));
+    }
     if options.tokenizer.is_some() && options.load_format != LoadFormat::Dummy {
         return Err(invalid(
             "tokenizer goes with load_format dummy (a real model brings its own)",
@@ -128,7 +133,7 @@ pub fn open(path: &Path, device: DeviceSpec, options: &RunnerOptions) -> Result<
             }
             if options.cuda != CudaOptions::default() {
                 return Err(invalid(
-                    "cuda_attention, cuda_gemv, cuda_decode_target_warps, cuda_profile and cuda_sampling need device cuda",
+                    "cuda_attention, cuda_gemv, cuda_decode_target_warps, cuda_decode_stage_keys, cuda_profile, cuda_sampling and decode_graphs need device cuda",
                 ));
             }
             if options.gguf_weights.is_some() {
@@ -282,6 +287,26 @@ mod tests {
                     ..Default::default()
                 },
                 "cuda_decode_target_warps",
+            ),
+            (
+                RunnerOptions {
+                    cuda: CudaOptions {
+                        decode_stage_keys: 48,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                "cuda_decode_stage_keys",
+            ),
+            (
+                RunnerOptions {
+                    cuda: CudaOptions {
+                        decode_graphs: false,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                "decode_graphs",
             ),
         ];
         for (options, name) in cases {

@@ -1,0 +1,468 @@
+//! Decode steps on persistent buffers, padded to buckets and replayed as CUDA graphs.
+//!
+//! The steady state of serving is steps in which every sequence adds one token. Run launch by
+//! launch, such a step is ~400 kernel launches plus allocations and six metadata uploads, and
+//! at small batches the GPU waits on the host between kernels. Here instead:
+//!
+//! - the step's rows are padded up to a bucket ([`DECODE_BUCKETS`]); padding rows compute
+//!   token 0 at position 0 into the KV pool's scratch slot, attend only that slot, and their
+//!   logits are never read;
+//! - every activation lives in a buffer allocated once for the largest bucket ([`Buffers`]);
+//!   linear layers write into them through cuBLAS ([`gemm_into`]), with no allocation;
+//! - the step's metadata (token ids, positions, new slots, slot-list offsets and lengths, the
+//!   slot lists) is written into page-locked memory and goes up in one copy, into one device
+//!   buffer at fixed offsets;
+//! - the forward pass of each (bucket, attention splits) shape is captured once as a CUDA
+//!   graph and replayed: one launch per step. The splits are fixed per graph and each row
+//!   cuts its own keys into them ([`replayed_decode_plan`]), so a graph serves contexts as
+//!   they grow, up to twice the length it was captured at.
+//!
+//! With graphs off ([`CudaOptions::decode_graphs`]) the same padded forward runs launch by
+//! launch, with identical results (the GPU check compares them), so an A/B measures the
+//! graphs alone. Steps with prefill chunks, and models this path does not take (GGUF weights
+//! kept quantized), run through [`CudaLlama::forward_logits`].
+
+use std::collections::HashMap;
+
+use candle_core::cuda_backend::cudarc::driver::{sys as driver_sys, CudaGraph};
+
+use super::*;
+
+/// Decode batches are padded up to the next of these sizes: one captured graph per bucket
+/// (and splits) serves every batch size down to the previous bucket.
+pub const DECODE_BUCKETS: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
+
+/// The largest decode step this path takes; larger ones run launch by launch.
+pub const MAX_DECODE_ROWS: usize = 256;
+
+/// Where each part of a step's metadata starts in the one `u32` buffer, fixed so that captured
+/// graphs keep reading the right addresses: token ids, positions, new slots, each row's
+/// slot-list offset and key count, the decode row list (0, 1, 2, ...), then the slot lists.
+const TOKENS: usize = 0;
+const POSITIONS: usize = MAX_DECODE_ROWS;
+const NEW_SLOTS: usize = 2 * MAX_DECODE_ROWS;
+const ROW_OFFSET: usize = 3 * MAX_DECODE_ROWS;
+const ROW_KEYS: usize = 4 * MAX_DECODE_ROWS;
+const ROW_LIST: usize = 5 * MAX_DECODE_ROWS;
+const FLAT: usize = 6 * MAX_DECODE_ROWS;
+
+/// Slot-list room allocated at first: 256 contexts of 4k tokens (4 MiB); it doubles when a
+/// step needs more, and the graphs are captured again.
+const INITIAL_FLAT_CAPACITY: usize = MAX_DECODE_ROWS * 4096;
+
+/// The activations of a decode step of up to [`MAX_DECODE_ROWS`] rows.
+struct Buffers {
+    /// The residual stream, alternating: each add + RMSNorm reads one and writes the other.
+    x: [CudaSlice<bf16>; 2],
+    /// Zeros: the first RMSNorm is an add + RMSNorm of the embeddings onto them.
+    zeros: CudaSlice<bf16>,
+    h: CudaSlice<bf16>,
+    qkv: CudaSlice<bf16>,
+    q: CudaSlice<bf16>,
+    attn: CudaSlice<bf16>,
+    /// The embeddings, then each layer's attention output and down projection.
+    o: CudaSlice<bf16>,
+    gu: CudaSlice<bf16>,
+    act: CudaSlice<bf16>,
+    logits: CudaSlice<f32>,
+    parts: AttnPartials,
+}
+
+/// The decode path of one model and KV pool (see the module docs).
+pub struct DecodeGraphs {
+    use_graphs: bool,
+    kernel: AttnKernel,
+    tuning: DecodeTuning,
+    bufs: Buffers,
+    meta: CudaSlice<u32>,
+    staging: PinnedHostSlice<u32>,
+    /// Captured forward passes by (bucket, attention splits).
+    graphs: HashMap<(usize, usize), Graph>,
+    /// Set when a capture failed: later steps run launch by launch (logged once).
+    capture_failed: bool,
+}
+
+/// A captured graph, owned by one runner.
+struct Graph(CudaGraph);
+
+// Safety: CUDA graph objects may be used from any thread as long as no two threads use one
+// at the same time (the CUDA docs' "graphs thread safety"); a `Graph` is only reached through
+// its runner's `&mut self`, which the engine moves to its own thread and uses from there.
+unsafe impl Send for Graph {}
+
+/// The dense weight of a linear layer this path runs (see [`DecodeGraphs::supports`]).
+fn dense(l: &GpuLinear) -> Result<&Tensor> {
+    match l {
+        GpuLinear::Dense(w) => Ok(w),
+        GpuLinear::Quantized(_) => Err(ModelError::Cuda(
+            "the decode path runs dense weights only".into(),
+        )),
+    }
+}
+
+impl DecodeGraphs {
+    /// Whether `model` can run here: dense bf16 weights (GGUF blocks kept quantized go through
+    /// candle's kernels, which allocate their outputs) and rows the fused kernels take.
+    pub fn supports(model: &CudaLlama) -> bool {
+        let linear = |l: &GpuLinear| matches!(l, GpuLinear::Dense(w) if w.dtype() == DType::BF16);
+        let hidden = model.config.hidden_size;
+        rms_norm_fits(hidden)
+            && model.embed.dtype() == DType::BF16
+            && linear(&model.lm_head)
+            && model
+                .layers
+                .iter()
+                .all(|l| linear(&l.qkv) && linear(&l.wo) && linear(&l.gate_up) && linear(&l.down))
+    }
+
+    /// Whether `batch` is a step this path takes: one new token per row, whose next-token
+    /// logits are wanted, and at most [`MAX_DECODE_ROWS`] rows.
+    pub fn takes(batch: &[SeqStep]) -> bool {
+        !batch.is_empty()
+            && batch.len() <= MAX_DECODE_ROWS
+            && batch
+                .iter()
+                .all(|s| s.tokens.len() == 1 && s.logits == crate::LogitsWanted::Last)
+    }
+
+    /// Buffers for `model` (about 150 MB for an 8B model, most of it the f32 logits of 256
+    /// rows of a 128k vocabulary); `use_graphs` false runs the same steps launch by launch.
+    pub fn new(model: &CudaLlama, use_graphs: bool) -> Result<Self> {
+        if !Self::supports(model) {
+            return Err(ModelError::Cuda(
+                "this model's weights do not run on the decode path".into(),
+            ));
+        }
+        let dev = cuda_device(&model.device)?;
+        let stream = dev.cuda_stream();
+        let cfg = &model.config;
+        let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let r = MAX_DECODE_ROWS;
+        let kernel = AttnKernel::for_shape(nh, nkv, d, model.options.force_cuda_core_attention);
+        let dims = AttnDims {
+            rows: r,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: d,
+        };
+        // Room for the most (row, head, split) entries any bucket's plan can take.
+        let entries = DECODE_BUCKETS
+            .iter()
+            .map(|&b| {
+                let plan = replayed_decode_plan(
+                    kernel,
+                    dims,
+                    b,
+                    cfg.max_position_embeddings,
+                    DecodeTuning::of(&model.options),
+                );
+                b * plan.splits
+            })
+            .max()
+            .unwrap_or(1);
+        let zeros = |n: usize| stream.alloc_zeros::<bf16>(n).map_err(cuda_err);
+        let bufs = Buffers {
+            x: [zeros(r * cfg.hidden_size)?, zeros(r * cfg.hidden_size)?],
+            zeros: zeros(r * cfg.hidden_size)?,
+            h: zeros(r * cfg.hidden_size)?,
+            qkv: zeros(r * (nh + 2 * nkv) * d)?,
+            q: zeros(r * nh * d)?,
+            attn: zeros(r * nh * d)?,
+            o: zeros(r * cfg.hidden_size)?,
+            gu: zeros(r * 2 * cfg.intermediate_size)?,
+            act: zeros(r * cfg.intermediate_size)?,
+            logits: stream
+                .alloc_zeros::<f32>(r * cfg.vocab_size)
+                .map_err(cuda_err)?,
+            parts: AttnPartials::new(dev, entries, nh, d, 1)?,
+        };
+        let (meta, staging) = Self::metadata_buffers(dev, FLAT + INITIAL_FLAT_CAPACITY)?;
+        Ok(Self {
+            use_graphs,
+            kernel,
+            tuning: DecodeTuning::of(&model.options),
+            bufs,
+            meta,
+            staging,
+            graphs: HashMap::new(),
+            capture_failed: false,
+        })
+    }
+
+    /// The device buffer and its page-locked staging for `len` words of metadata, with the
+    /// constant decode row list (0, 1, 2, ...) written in.
+    fn metadata_buffers(
+        dev: &CudaDevice,
+        len: usize,
+    ) -> Result<(CudaSlice<u32>, PinnedHostSlice<u32>)> {
+        let stream = dev.cuda_stream();
+        let meta = stream.alloc_zeros::<u32>(len).map_err(cuda_err)?;
+        // Safety: page-locked memory of `len` words; every word a copy reads is written first
+        // (the fixed sections below, the step's parts in `step`). Flags 0: cacheable.
+        let mut staging =
+            unsafe { stream.context().alloc_pinned_with_flags::<u32>(len, 0) }.map_err(cuda_err)?;
+        let host = staging.as_mut_slice().map_err(cuda_err)?;
+        host[..FLAT].fill(0);
+        for (i, r) in host[ROW_LIST..ROW_LIST + MAX_DECODE_ROWS]
+            .iter_mut()
+            .enumerate()
+        {
+            *r = i as u32;
+        }
+        Ok((meta, staging))
+    }
+
+    /// Runs a decode step (see [`DecodeGraphs::takes`]) and returns its logits: `[rows,
+    /// vocab]` f32 on the GPU, row i for `batch[i]` (padding rows after them).
+    pub fn step(
+        &mut self,
+        model: &CudaLlama,
+        kv: &mut CudaKvPool,
+        batch: &[SeqStep],
+    ) -> Result<CudaView<'_, f32>> {
+        let cfg = &model.config;
+        if !Self::takes(batch) {
+            return Err(ModelError::BadBatch(
+                "the decode path takes one token per row, at most 256 rows".into(),
+            ));
+        }
+        for s in batch {
+            s.validate(cfg, kv.num_slots)?;
+        }
+        let dev = cuda_device(&model.device)?;
+        let n = batch.len();
+        let bucket = DECODE_BUCKETS
+            .into_iter()
+            .find(|&b| b >= n)
+            .unwrap_or(MAX_DECODE_ROWS);
+        // Every sequence's slot list, then one entry (the scratch slot) for the padding rows.
+        let flat_len: usize = batch.iter().map(|s| s.slots.len()).sum::<usize>() + 1;
+        if FLAT + flat_len > self.meta.len() {
+            let len = (FLAT + flat_len).next_power_of_two();
+            // The graphs read the old buffer's addresses.
+            self.graphs.clear();
+            (self.meta, self.staging) = Self::metadata_buffers(dev, len)?;
+        }
+        let scratch = kv.scratch_slot();
+        let host = self.staging.as_mut_slice().map_err(cuda_err)?;
+        let mut at = 0usize;
+        let mut max_keys = 1;
+        for (i, s) in batch.iter().enumerate() {
+            let keys = s.slots.len();
+            host[TOKENS + i] = s.tokens[0];
+            host[POSITIONS + i] = (keys - 1) as u32;
+            host[NEW_SLOTS + i] = s.slots[keys - 1];
+            host[ROW_OFFSET + i] = at as u32;
+            host[ROW_KEYS + i] = keys as u32;
+            host[FLAT + at..FLAT + at + keys].copy_from_slice(s.slots);
+            at += keys;
+            max_keys = max_keys.max(keys);
+        }
+        host[FLAT + at] = scratch;
+        for i in n..bucket {
+            host[TOKENS + i] = 0;
+            host[POSITIONS + i] = 0;
+            host[NEW_SLOTS + i] = scratch;
+            host[ROW_OFFSET + i] = at as u32;
+            host[ROW_KEYS + i] = 1;
+        }
+        let words = FLAT + flat_len;
+        let stream = dev.cuda_stream();
+        let staged = self.staging.as_slice().map_err(cuda_err)?;
+        stream
+            .memcpy_htod(&staged[..words], &mut self.meta.slice_mut(..words))
+            .map_err(cuda_err)?;
+        let dims = AttnDims {
+            rows: bucket,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        };
+        let plan = replayed_decode_plan(self.kernel, dims, bucket, max_keys, self.tuning);
+        let key = (bucket, plan.splits);
+        if let Some(Graph(graph)) = self.graphs.get(&key) {
+            graph.launch().map_err(cuda_err)?;
+        } else {
+            // Launch by launch: with graphs off, and the first time a shape is seen (which
+            // also loads its kernels and lets cuBLAS pick its algorithms before a capture).
+            forward(model, kv, &mut self.bufs, &self.meta, dims, &plan)?;
+            if self.use_graphs && !self.capture_failed {
+                match self.capture(model, kv, dims, &plan) {
+                    Ok(graph) => {
+                        self.graphs.insert(key, Graph(graph));
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "CUDA graph capture failed, decode steps run launch by launch: {e}"
+                        );
+                        self.capture_failed = true;
+                    }
+                }
+            }
+        }
+        Ok(self.bufs.logits.slice(..n * cfg.vocab_size))
+    }
+
+    /// Records the forward pass of one (bucket, splits) shape as a graph (nothing runs).
+    fn capture(
+        &mut self,
+        model: &CudaLlama,
+        kv: &mut CudaKvPool,
+        dims: AttnDims,
+        plan: &AttnPlan,
+    ) -> Result<CudaGraph> {
+        let stream = cuda_device(&model.device)?.cuda_stream();
+        stream
+            .begin_capture(driver_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(cuda_err)?;
+        let recorded = forward(model, kv, &mut self.bufs, &self.meta, dims, plan);
+        // The capture ends whatever happened, so that the stream is usable again.
+        let graph = stream.end_capture(driver_sys::CUgraphInstantiate_flags(0));
+        recorded?;
+        let graph = graph
+            .map_err(cuda_err)?
+            .ok_or_else(|| ModelError::Cuda("the capture recorded nothing".into()))?;
+        graph.upload().map_err(cuda_err)?;
+        Ok(graph)
+    }
+
+    /// Graphs captured so far (benchmarks and checks).
+    pub fn captured(&self) -> usize {
+        self.graphs.len()
+    }
+}
+
+/// The forward pass of a padded decode step whose metadata is in `meta` (fixed offsets),
+/// launch by launch (or recorded, under a capture): logits into `bufs.logits`.
+fn forward(
+    model: &CudaLlama,
+    kv: &mut CudaKvPool,
+    bufs: &mut Buffers,
+    meta: &CudaSlice<u32>,
+    dims: AttnDims,
+    plan: &AttnPlan,
+) -> Result<()> {
+    let dev = cuda_device(&model.device)?;
+    let cfg = &model.config;
+    let rows = dims.rows;
+    let (hidden, ffn, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
+    let part = |start: usize| meta.slice(start..start + MAX_DECODE_ROWS);
+    let (tokens, positions, new_slots) = (part(TOKENS), part(POSITIONS), part(NEW_SLOTS));
+    let views = ListViews {
+        flat: meta.slice(FLAT..),
+        row_offset: part(ROW_OFFSET),
+        row_keys: part(ROW_KEYS),
+        decode_rows: part(ROW_LIST),
+        // No prefill tiles in a decode step: never read.
+        tile_row0: part(ROW_LIST),
+        tile_rows: part(ROW_LIST),
+    };
+    let Buffers {
+        x,
+        zeros,
+        h,
+        qkv,
+        q,
+        attn,
+        o,
+        gu,
+        act,
+        logits,
+        parts,
+    } = bufs;
+    let [x_a, x_b] = x;
+    embed_rows(dev, &model.embed, &tokens, o, rows)?;
+    // The first RMSNorm is an add onto zeros: the embeddings land in x_a, normed into h.
+    add_rms_norm_into(
+        dev,
+        zeros,
+        o,
+        &model.layers[0].attn_norm,
+        x_a,
+        h,
+        (rows, hidden),
+        eps,
+    )?;
+    // Which residual buffer holds the stream now; each add + RMSNorm writes the other.
+    let mut in_a = true;
+    let mut add_norm = |y: &CudaSlice<bf16>, w: &Tensor, h: &mut CudaSlice<bf16>| {
+        let (from, to) = if in_a {
+            (&*x_a, &mut *x_b)
+        } else {
+            (&*x_b, &mut *x_a)
+        };
+        in_a = !in_a;
+        add_rms_norm_into(dev, from, y, w, to, h, (rows, hidden), eps)
+    };
+    for (l, layer) in model.layers.iter().enumerate() {
+        gemm_into(dev, h, rows, dense(&layer.qkv)?, qkv)?;
+        if let Some(b) = &layer.qkv_bias {
+            add_bias(dev, qkv, b, rows)?;
+        }
+        model.qkv_rope_write(
+            dev,
+            &qkv.slice(..),
+            (&positions, &new_slots),
+            q,
+            kv,
+            l,
+            rows,
+        )?;
+        attention(dev, q, &kv.k[l], &kv.v[l], &views, plan, dims, parts, attn)?;
+        gemm_into(dev, attn, rows, dense(&layer.wo)?, o)?;
+        add_norm(o, &layer.ffn_norm, h)?;
+        gemm_into(dev, h, rows, dense(&layer.gate_up)?, gu)?;
+        silu_mul_into(dev, gu, act, (rows, ffn))?;
+        gemm_into(dev, act, rows, dense(&layer.down)?, o)?;
+        let next_norm = model
+            .layers
+            .get(l + 1)
+            .map_or(&model.final_norm, |next| &next.attn_norm);
+        add_norm(o, next_norm, h)?;
+    }
+    // `h` holds every row after the final norm (fused into the last layer's add).
+    gemm_into::<f32>(dev, h, rows, dense(&model.lm_head)?, logits)
+}
+
+/// `out[t] = table[ids[t]]` for the first `rows` ids (`arbor_embed_rows`).
+fn embed_rows(
+    dev: &CudaDevice,
+    table: &Tensor,
+    ids: &CudaView<u32>,
+    out: &mut CudaSlice<bf16>,
+    rows: usize,
+) -> Result<()> {
+    let (_, n) = table.dims2()?;
+    if n % 8 != 0 || out.len() < rows * n || ids.len() < rows {
+        return Err(ModelError::Cuda("embedding rows: bad buffers".into()));
+    }
+    let (ts, tl) = table.storage_and_layout();
+    let table_s = slice_of::<bf16>(&ts, tl)?;
+    let func = dev.get_or_load_custom_func("arbor_embed_rows", MODULE, PTX)?;
+    let (ti, ni) = (rows as i32, n as i32);
+    let mut b = func.builder();
+    b.arg(&table_s).arg(ids).arg(out).arg(&ti).arg(&ni);
+    // Safety: one thread per 16-byte piece of an output row (n % 8 == 0, sizes checked
+    // above); the ids were checked against the vocabulary before they were uploaded, so every
+    // table row read exists.
+    unsafe { b.launch(LaunchConfig::for_num_elems((rows * n / 8) as u32)) }.w()?;
+    Ok(())
+}
+
+/// `x[t] += bias` for the first `rows` rows of `x [rows, n]` (`arbor_add_bias`).
+fn add_bias(dev: &CudaDevice, x: &mut CudaSlice<bf16>, bias: &Tensor, rows: usize) -> Result<()> {
+    let n = bias.elem_count();
+    if x.len() < rows * n {
+        return Err(ModelError::Cuda("bias add: buffer too small".into()));
+    }
+    let (bs, bl) = bias.storage_and_layout();
+    let bias_s = slice_of::<bf16>(&bs, bl)?;
+    let func = dev.get_or_load_custom_func("arbor_add_bias", MODULE, PTX)?;
+    let (ti, ni) = (rows as i32, n as i32);
+    let mut b = func.builder();
+    b.arg(x).arg(&bias_s).arg(&ti).arg(&ni);
+    // Safety: one thread per element of the first rows x n of x (checked above); the bias is
+    // a contiguous tensor of n elements.
+    unsafe { b.launch(LaunchConfig::for_num_elems((rows * n) as u32)) }.w()?;
+    Ok(())
+}
