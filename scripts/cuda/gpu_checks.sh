@@ -89,14 +89,19 @@ if has bench; then
         --prefill 0 --kv-slots 200000 --json "$OUT/bench-8b-long.json"
     # A/B of one change at a time against the defaults above (batch 1, 4 and 8, short and long
     # contexts): the GEMV kernel instead of cuBLAS for one-row steps, the CUDA-core attention
-    # kernels, fewer decode splits; then where a step's time goes (--cuda-profile: a sync
-    # per section, so its sections add up to more than an unprofiled step).
+    # kernels, fewer decode splits, decode without CUDA graphs, 64-key decode stages; then
+    # where a step's time goes (--cuda-profile: a sync per section, so its sections add up to
+    # more than an unprofiled step; profiled steps run launch by launch).
     AB=(--batch 1,4,8 --context 512,8192 --decode-tokens 40 --prefill 0 --kv-slots 200000)
     run ab-gemv "$BIN" engine-bench "${DUMMY[@]}" "${AB[@]}" --cuda-gemv --json "$OUT/ab-gemv.json"
     run ab-cudacore "$BIN" engine-bench "${DUMMY[@]}" "${AB[@]}" --cuda-attention cuda-core \
         --prefill 2048,8192 --json "$OUT/ab-cudacore.json"
     run ab-splits1024 "$BIN" engine-bench "${DUMMY[@]}" "${AB[@]}" --cuda-decode-target-warps 1024 \
         --json "$OUT/ab-splits1024.json"
+    run ab-nographs "$BIN" engine-bench "${DUMMY[@]}" "${AB[@]}" --cuda-graphs off \
+        --json "$OUT/ab-nographs.json"
+    run ab-stage64 "$BIN" engine-bench "${DUMMY[@]}" "${AB[@]}" --cuda-decode-stage-keys 64 \
+        --json "$OUT/ab-stage64.json"
     run profile-8b "$BIN" engine-bench "${DUMMY[@]}" --cuda-profile --batch 1,64 --context 512 \
         --decode-tokens 24 --prefill 0 --kv-slots 200000
 fi
