@@ -373,11 +373,13 @@ fn forward(
     let [x_a, x_b] = x;
     embed_rows(dev, &model.embed, &tokens, o, rows)?;
     // The first RMSNorm is an add onto zeros: the embeddings land in x_a, normed into h.
+    let (zeros, embedded) = (zeros.slice(..), o.slice(..));
+    let first_norm = &model.layers[0].attn_norm;
     add_rms_norm_into(
         dev,
-        zeros,
-        o,
-        &model.layers[0].attn_norm,
+        &zeros,
+        &embedded,
+        first_norm,
         x_a,
         h,
         (rows, hidden),
@@ -392,7 +394,16 @@ fn forward(
             (&*x_b, &mut *x_a)
         };
         in_a = !in_a;
-        add_rms_norm_into(dev, from, y, w, to, h, (rows, hidden), eps)
+        add_rms_norm_into(
+            dev,
+            &from.slice(..),
+            &y.slice(..),
+            w,
+            to,
+            h,
+            (rows, hidden),
+            eps,
+        )
     };
     for (l, layer) in model.layers.iter().enumerate() {
         gemm_into(dev, h, rows, dense(&layer.qkv)?, qkv)?;
@@ -412,7 +423,7 @@ fn forward(
         gemm_into(dev, attn, rows, dense(&layer.wo)?, o)?;
         add_norm(o, &layer.ffn_norm, h)?;
         gemm_into(dev, h, rows, dense(&layer.gate_up)?, gu)?;
-        silu_mul_into(dev, gu, act, (rows, ffn))?;
+        silu_mul_into(dev, &gu.slice(..), act, (rows, ffn))?;
         gemm_into(dev, act, rows, dense(&layer.down)?, o)?;
         let next_norm = model
             .layers

@@ -96,13 +96,7 @@ pub(crate) fn swiglu_down(
     let mut act = unsafe { dev.alloc::<bf16>(t * ffn) }?;
     {
         let (st, lay) = gu.storage_and_layout();
-        let gu_s = slice_of::<bf16>(&st, lay)?;
-        let func = dev.get_or_load_custom_func("arbor_silu_mul", MODULE, PTX)?;
-        let (ti, fi) = (t as i32, ffn as i32);
-        let mut b = func.builder();
-        b.arg(&gu_s).arg(&mut act).arg(&ti).arg(&fi);
-        // Safety: one thread per output element.
-        unsafe { b.launch(LaunchConfig::for_num_elems((t * ffn) as u32)) }.w()?;
+        silu_mul_into(dev, &slice_of::<bf16>(&st, lay)?, &mut act, (t, ffn))?;
     }
     prof.mark("silu_mul");
     let act = wrap(act, dev, (t, ffn));
@@ -135,31 +129,8 @@ pub(crate) fn add_rms_norm(
     {
         let (xs, xl) = x.storage_and_layout();
         let (ys, yl) = y.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        let (x_s, y_s, w_s) = (
-            slice_of::<bf16>(&xs, xl)?,
-            slice_of::<bf16>(&ys, yl)?,
-            slice_of::<bf16>(&ws, wl)?,
-        );
-        let func = dev.get_or_load_custom_func("arbor_add_rmsnorm", MODULE, PTX)?;
-        let (ni, epsf) = (n as i32, eps);
-        let mut b = func.builder();
-        b.arg(&x_s)
-            .arg(&y_s)
-            .arg(&w_s)
-            .arg(&mut x_out)
-            .arg(&mut h_out)
-            .arg(&ni)
-            .arg(&epsf);
-        let cfg = LaunchConfig {
-            grid_dim: (t as u32, 1, 1),
-            block_dim: (pieces.next_multiple_of(32).min(1024) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // Safety: one block per row reads and writes that row only (n elements, n % 8 == 0, in
-        // 16-byte pieces: x, y and the outputs are fresh or offset by whole rows, w is a
-        // whole tensor); the block has at least pieces / 4 threads.
-        unsafe { b.launch(cfg) }.w()?;
+        let (x_s, y_s) = (slice_of::<bf16>(&xs, xl)?, slice_of::<bf16>(&ys, yl)?);
+        add_rms_norm_into(dev, &x_s, &y_s, w, &mut x_out, &mut h_out, (t, n), eps)?;
     }
     Ok((wrap(x_out, dev, (t, n)), wrap(h_out, dev, (t, n))))
 }
@@ -268,8 +239,8 @@ pub(crate) fn gemm_into<Y: GemmOut>(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn add_rms_norm_into(
     dev: &CudaDevice,
-    x: &CudaSlice<bf16>,
-    y: &CudaSlice<bf16>,
+    x: &CudaView<bf16>,
+    y: &CudaView<bf16>,
     w: &Tensor,
     x_out: &mut CudaSlice<bf16>,
     h_out: &mut CudaSlice<bf16>,
@@ -304,8 +275,9 @@ pub(crate) fn add_rms_norm_into(
         shared_mem_bytes: 0,
     };
     // Safety: one block per row reads and writes that row only, in 16-byte pieces (n % 8 == 0;
-    // the buffers hold rows x n elements and start on allocation boundaries, w is a whole
-    // contiguous tensor); the block has at least pieces / 4 threads.
+    // the buffers hold rows x n elements; the outputs start on allocation boundaries, the
+    // inputs and w at multiples of 8 elements: callers' buffers, or tensors checked by
+    // `add_rms_norm`); the block has at least pieces / 4 threads.
     unsafe { b.launch(cfg) }.w()?;
     Ok(())
 }
@@ -319,7 +291,7 @@ pub(crate) fn rms_norm_fits(n: usize) -> bool {
 /// `silu(gate) * up` of the first `rows` rows of `gu [rows, 2F]` into `act [rows, F]`.
 pub(crate) fn silu_mul_into(
     dev: &CudaDevice,
-    gu: &CudaSlice<bf16>,
+    gu: &CudaView<bf16>,
     act: &mut CudaSlice<bf16>,
     (rows, ffn): (usize, usize),
 ) -> Result<()> {
