@@ -427,28 +427,39 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
     // sampling, on two fresh engines with the same history. Identical logits give identical
     // tokens.
     let graphs = {
-        let graph_options = |decode_graphs| RunnerOptions {
+        let graph_options = |decode_graphs, gemv_for_one_row| RunnerOptions {
             cuda: arbor_model::runner::CudaOptions {
                 decode_graphs,
+                gemv_for_one_row,
                 ..Default::default()
             },
             ..options(Some(weights))
         };
-        let mut runs = Vec::new();
-        for decode_graphs in [true, false] {
-            let opened = arbor_model::open(&path, device, &graph_options(decode_graphs))?;
-            let mut engine = Engine::new(opened.runner, opened.tokenizer, EngineConfig::default())?;
-            runs.push(all_at_once(&mut engine, &prompts, a.tokens)?);
+        // Each linear-layer choice for one-row steps (cuBLAS, Arbor's GEMV launched as a
+        // programmatic dependent), graphs on and off.
+        let mut identical = Vec::new();
+        for gemv in [false, true] {
+            let mut runs = Vec::new();
+            for decode_graphs in [true, false] {
+                let opened = arbor_model::open(&path, device, &graph_options(decode_graphs, gemv))?;
+                let mut engine =
+                    Engine::new(opened.runner, opened.tokenizer, EngineConfig::default())?;
+                runs.push(all_at_once(&mut engine, &prompts, a.tokens)?);
+            }
+            let same = runs[0].iter().zip(&runs[1]).filter(|(x, y)| x == y).count();
+            if same != prompts.len() {
+                failures_early.push(format!(
+                    "decode with CUDA graphs differs from launch by launch on {} of {} prompts (one-row GEMV {gemv})",
+                    prompts.len() - same,
+                    prompts.len()
+                ));
+            }
+            identical.push(same);
         }
-        let identical = runs[0].iter().zip(&runs[1]).filter(|(x, y)| x == y).count();
-        if identical != prompts.len() {
-            failures_early.push(format!(
-                "decode with CUDA graphs differs from launch by launch on {} of {} prompts",
-                prompts.len() - identical,
-                prompts.len()
-            ));
-        }
-        json!({ "prompts": prompts.len(), "identical_with_and_without_graphs": identical })
+        json!({
+            "prompts": prompts.len(), "identical_with_and_without_graphs": identical[0],
+            "identical_with_and_without_graphs_one_row_gemv": identical[1],
+        })
     };
     let transformers = match &a.transformers {
         Some(f) => Some(against_transformers(gpu_engine.runner(), f, &path)?),

@@ -5,18 +5,32 @@
 use super::*;
 
 /// Arbor's GEMV against cuBLAS on random data: `(rows, out, in, max |difference| / max |y|)`
-/// per shape (the 8B shape's layers, the default model's, an odd small one).
+/// per shape (the 8B shape's layers, the default model's, an odd small one); rows 0 stands
+/// for one row through the programmatic-dependent launch (`gemv_pdl_into`).
 pub fn gemv_check(device: &Device) -> Result<Vec<(usize, usize, usize, f64)>> {
     let mut rows = Vec::new();
     for (n, k) in [(6144, 4096), (4096, 14336), (1000, 576), (37, 8)] {
         let w = Tensor::randn(0f32, 0.02, (n, k), device)?.to_dtype(DType::BF16)?;
         for m in 1..=GEMV_MAX_ROWS {
             let x = Tensor::randn(0f32, 1.0, (m, k), device)?.to_dtype(DType::BF16)?;
-            let ours = gemv(&x, &w)?.to_dtype(DType::F32)?;
             let theirs = x.matmul(&w.t()?)?.to_dtype(DType::F32)?;
-            let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
             let scale = theirs.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+            let ours = gemv(&x, &w)?.to_dtype(DType::F32)?;
+            let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
             rows.push((m, n, k, f64::from(diff / scale)));
+            // The programmatic-dependent launch of the same kernel.
+            if m == 1 && weight_fits_gemv(&w) {
+                let dev = cuda_device(device)?;
+                let x_s = dev
+                    .cuda_stream()
+                    .clone_htod(&x.flatten_all()?.to_vec1::<bf16>()?)
+                    .map_err(cuda_err)?;
+                let mut y = dev.cuda_stream().alloc_zeros::<bf16>(n).map_err(cuda_err)?;
+                gemv_pdl_into(dev, &x_s, &w, &mut y)?;
+                let ours = wrap(y, dev, (1, n)).to_dtype(DType::F32)?;
+                let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                rows.push((0, n, k, f64::from(diff / scale)));
+            }
         }
     }
     Ok(rows)

@@ -4,7 +4,8 @@
 //! launch, such a step is ~400 kernel launches plus allocations and six metadata uploads, and
 //! at small batches the GPU waits on the host between kernels. Here instead:
 //!
-//! - the step's rows are padded up to a bucket ([`DECODE_BUCKETS`]); padding rows compute
+//! - the step's rows are padded up to a bucket (`step::decode`, where the packing is
+//!   unit-tested); padding rows compute
 //!   token 0 at position 0 into the KV pool's scratch slot, attend only that slot, and their
 //!   logits are never read;
 //! - every activation lives in a buffer allocated once for the largest bucket ([`Buffers`]);
@@ -28,23 +29,8 @@ use candle_core::cuda_backend::cudarc::driver::{sys as driver_sys, CudaGraph};
 
 use super::*;
 
-/// Decode batches are padded up to the next of these sizes: one captured graph per bucket
-/// (and splits) serves every batch size down to the previous bucket.
-pub const DECODE_BUCKETS: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
-
-/// The largest decode step this path takes; larger ones run launch by launch.
-pub const MAX_DECODE_ROWS: usize = 256;
-
-/// Where each part of a step's metadata starts in the one `u32` buffer, fixed so that captured
-/// graphs keep reading the right addresses: token ids, positions, new slots, each row's
-/// slot-list offset and key count, the decode row list (0, 1, 2, ...), then the slot lists.
-const TOKENS: usize = 0;
-const POSITIONS: usize = MAX_DECODE_ROWS;
-const NEW_SLOTS: usize = 2 * MAX_DECODE_ROWS;
-const ROW_OFFSET: usize = 3 * MAX_DECODE_ROWS;
-const ROW_KEYS: usize = 4 * MAX_DECODE_ROWS;
-const ROW_LIST: usize = 5 * MAX_DECODE_ROWS;
-const FLAT: usize = 6 * MAX_DECODE_ROWS;
+use crate::step::decode::{self as packing, FLAT, MAX_ROWS as MAX_DECODE_ROWS};
+use crate::step::decode::{NEW_SLOTS, POSITIONS, ROW_KEYS, ROW_LIST, ROW_OFFSET, TOKENS};
 
 /// Slot-list room allocated at first: 256 contexts of 4k tokens (4 MiB); it doubles when a
 /// step needs more, and the graphs are captured again.
@@ -73,6 +59,9 @@ pub struct DecodeGraphs {
     use_graphs: bool,
     kernel: AttnKernel,
     tuning: DecodeTuning,
+    /// One-row steps through `gemv_pdl_into` ([`CudaOptions::gemv_for_one_row`], where every
+    /// layer's weights suit it).
+    one_row_gemv: bool,
     bufs: Buffers,
     meta: CudaSlice<u32>,
     staging: PinnedHostSlice<u32>,
@@ -115,14 +104,9 @@ impl DecodeGraphs {
                 .all(|l| linear(&l.qkv) && linear(&l.wo) && linear(&l.gate_up) && linear(&l.down))
     }
 
-    /// Whether `batch` is a step this path takes: one new token per row, whose next-token
-    /// logits are wanted, and at most [`MAX_DECODE_ROWS`] rows.
+    /// Whether `batch` is a step this path takes ([`packing::takes`]).
     pub fn takes(batch: &[SeqStep]) -> bool {
-        !batch.is_empty()
-            && batch.len() <= MAX_DECODE_ROWS
-            && batch
-                .iter()
-                .all(|s| s.tokens.len() == 1 && s.logits == crate::LogitsWanted::Last)
+        packing::takes(batch)
     }
 
     /// Buffers for `model` (about 150 MB for an 8B model, most of it the f32 logits of 256
@@ -146,7 +130,7 @@ impl DecodeGraphs {
             head_dim: d,
         };
         // Room for the most (row, head, split) entries any bucket's plan can take.
-        let entries = DECODE_BUCKETS
+        let entries = packing::BUCKETS
             .iter()
             .map(|&b| {
                 let plan = replayed_decode_plan(
@@ -181,6 +165,12 @@ impl DecodeGraphs {
             use_graphs,
             kernel,
             tuning: DecodeTuning::of(&model.options),
+            one_row_gemv: model.options.gemv_for_one_row
+                && model.layers.iter().all(|l| {
+                    [&l.qkv, &l.wo, &l.gate_up, &l.down]
+                        .iter()
+                        .all(|w| matches!(w, GpuLinear::Dense(w) if weight_fits_gemv(w)))
+                }),
             bufs,
             meta,
             staging,
@@ -231,46 +221,22 @@ impl DecodeGraphs {
         }
         let dev = cuda_device(&model.device)?;
         let n = batch.len();
-        let bucket = DECODE_BUCKETS
-            .into_iter()
-            .find(|&b| b >= n)
-            .unwrap_or(MAX_DECODE_ROWS);
-        // Every sequence's slot list, then one entry (the scratch slot) for the padding rows.
-        let flat_len: usize = batch.iter().map(|s| s.slots.len()).sum::<usize>() + 1;
-        if FLAT + flat_len > self.meta.len() {
-            let len = (FLAT + flat_len).next_power_of_two();
+        let words = packing::words(batch);
+        if words > self.meta.len() {
             // The graphs read the old buffer's addresses.
             self.graphs.clear();
-            (self.meta, self.staging) = Self::metadata_buffers(dev, len)?;
+            (self.meta, self.staging) = Self::metadata_buffers(dev, words.next_power_of_two())?;
         }
-        let scratch = kv.scratch_slot();
         let host = self.staging.as_mut_slice().map_err(cuda_err)?;
-        let mut at = 0usize;
-        let mut max_keys = 1;
-        for (i, s) in batch.iter().enumerate() {
-            let keys = s.slots.len();
-            host[TOKENS + i] = s.tokens[0];
-            host[POSITIONS + i] = (keys - 1) as u32;
-            host[NEW_SLOTS + i] = s.slots[keys - 1];
-            host[ROW_OFFSET + i] = at as u32;
-            host[ROW_KEYS + i] = keys as u32;
-            host[FLAT + at..FLAT + at + keys].copy_from_slice(s.slots);
-            at += keys;
-            max_keys = max_keys.max(keys);
-        }
-        host[FLAT + at] = scratch;
-        for i in n..bucket {
-            host[TOKENS + i] = 0;
-            host[POSITIONS + i] = 0;
-            host[NEW_SLOTS + i] = scratch;
-            host[ROW_OFFSET + i] = at as u32;
-            host[ROW_KEYS + i] = 1;
-        }
-        let words = FLAT + flat_len;
+        let packed = packing::pack(batch, kv.scratch_slot(), host);
+        let (bucket, max_keys) = (packed.bucket, packed.max_keys);
         let stream = dev.cuda_stream();
         let staged = self.staging.as_slice().map_err(cuda_err)?;
         stream
-            .memcpy_htod(&staged[..words], &mut self.meta.slice_mut(..words))
+            .memcpy_htod(
+                &staged[..packed.words],
+                &mut self.meta.slice_mut(..packed.words),
+            )
             .map_err(cuda_err)?;
         let dims = AttnDims {
             rows: bucket,
@@ -285,7 +251,15 @@ impl DecodeGraphs {
         } else {
             // Launch by launch: with graphs off, and the first time a shape is seen (which
             // also loads its kernels and lets cuBLAS pick its algorithms before a capture).
-            forward(model, kv, &mut self.bufs, &self.meta, dims, &plan)?;
+            forward(
+                model,
+                kv,
+                self.one_row_gemv,
+                &mut self.bufs,
+                &self.meta,
+                dims,
+                &plan,
+            )?;
             if self.use_graphs && !self.capture_failed {
                 match self.capture(model, kv, dims, &plan) {
                     Ok(graph) => {
@@ -315,7 +289,15 @@ impl DecodeGraphs {
         stream
             .begin_capture(driver_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(cuda_err)?;
-        let recorded = forward(model, kv, &mut self.bufs, &self.meta, dims, plan);
+        let recorded = forward(
+            model,
+            kv,
+            self.one_row_gemv,
+            &mut self.bufs,
+            &self.meta,
+            dims,
+            plan,
+        );
         // The capture ends whatever happened, so that the stream is usable again.
         let graph = stream.end_capture(driver_sys::CUgraphInstantiate_flags(0));
         recorded?;
@@ -334,9 +316,11 @@ impl DecodeGraphs {
 
 /// The forward pass of a padded decode step whose metadata is in `meta` (fixed offsets),
 /// launch by launch (or recorded, under a capture): logits into `bufs.logits`.
+#[allow(clippy::too_many_arguments)]
 fn forward(
     model: &CudaLlama,
     kv: &mut CudaKvPool,
+    one_row_gemv: bool,
     bufs: &mut Buffers,
     meta: &CudaSlice<u32>,
     dims: AttnDims,
@@ -405,8 +389,15 @@ fn forward(
             eps,
         )
     };
+    // One-row steps take Arbor's GEMV, launched as a programmatic dependent of the kernel
+    // before it ([`gemv_pdl_into`]); others cuBLAS.
+    let pdl = rows == 1 && one_row_gemv;
+    let linear = |x: &CudaSlice<bf16>, w: &GpuLinear, y: &mut CudaSlice<bf16>| match pdl {
+        true => gemv_pdl_into(dev, x, dense(w)?, y),
+        false => gemm_into(dev, x, rows, dense(w)?, y),
+    };
     for (l, layer) in model.layers.iter().enumerate() {
-        gemm_into(dev, h, rows, dense(&layer.qkv)?, qkv)?;
+        linear(h, &layer.qkv, qkv)?;
         if let Some(b) = &layer.qkv_bias {
             add_bias(dev, qkv, b, rows)?;
         }
@@ -420,11 +411,11 @@ fn forward(
             rows,
         )?;
         attention(dev, q, &kv.k[l], &kv.v[l], &views, plan, dims, parts, attn)?;
-        gemm_into(dev, attn, rows, dense(&layer.wo)?, o)?;
+        linear(attn, &layer.wo, o)?;
         add_norm(o, &layer.ffn_norm, h)?;
-        gemm_into(dev, h, rows, dense(&layer.gate_up)?, gu)?;
+        linear(h, &layer.gate_up, gu)?;
         silu_mul_into(dev, &gu.slice(..), act, (rows, ffn))?;
-        gemm_into(dev, act, rows, dense(&layer.down)?, o)?;
+        linear(act, &layer.down, o)?;
         let next_norm = model
             .layers
             .get(l + 1)

@@ -24,6 +24,23 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Programmatic dependent launch (Hopper): a kernel launched as a programmatic dependent
+// (`launch_pdl` in ops.rs) may start while the kernel before it still runs; it must wait
+// (pdl_wait) before reading that kernel's outputs. A kernel lets its dependents start early
+// with pdl_launch_dependents. Both are no-ops where no such launch is involved, and compile
+// to nothing before sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" :::);
+#endif
+}
+
 // Keys per split of one row. split_len > 0: every row's splits are that long (steps planned
 // on the host for their longest context). 0: the row cuts its own n_keys into n_splits pieces
 // of whole stages, so a launch whose shape is fixed (a CUDA graph replayed while contexts
@@ -402,6 +419,7 @@ extern "C" __global__ void arbor_add_rmsnorm(
     const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ y,
     const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ x_out,
     __nv_bfloat16* __restrict__ h_out, int n, float eps) {
+    pdl_launch_dependents();  // the next projection may start streaming its weights
     __shared__ float part[32];
     const long row = blockIdx.x;
     const int pieces = n / 8;
@@ -475,6 +493,7 @@ extern "C" __global__ void arbor_attention_merge(
     const float* __restrict__ o_part, const float* __restrict__ m_part,
     const float* __restrict__ l_part, __nv_bfloat16* __restrict__ out, int H, int D,
     int n_splits) {
+    pdl_launch_dependents();  // the output projection may start streaming its weights
     // One block per (row, head); threads are (split group g, output dim d): each sums the
     // splits s = g, g + G, ... for its dim, so a long context's hundred splits cost a few
     // memory round trips instead of one per split (a warp per (row, head) left the merge
@@ -546,6 +565,7 @@ extern "C" __global__ void arbor_add_bias(__nv_bfloat16* __restrict__ x,
 // gate_up: [T, 2F] (gate then up); out: [T, F] = silu(gate) * up.
 extern "C" __global__ void arbor_silu_mul(const __nv_bfloat16* __restrict__ gate_up,
                                           __nv_bfloat16* __restrict__ out, int T, int F) {
+    pdl_launch_dependents();  // the down projection may start streaming its weights
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long)T * F) return;
     const long t = idx / F, f = idx % F;
@@ -844,33 +864,62 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
 
 #define GEMV_WARPS 4
 #define GEMV_UNROLL 4
-template <int M>
+// A 16-byte load through the coherent path (not ld.global.nc, which the compiler may pick
+// for const __restrict__ pointers and which assumes the data never changes while the kernel
+// runs).
+__device__ __forceinline__ uint4 ld_plain(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// PDL: launched as a programmatic dependent, each warp issues its first weight loads (which
+// do not depend on the kernel before) and only then waits for that kernel, whose output x it
+// reads with plain loads (it was written while this kernel was already running).
+template <int M, bool PDL>
 __device__ __forceinline__ void gemv_bf16(const __nv_bfloat16* __restrict__ x,
                                           const __nv_bfloat16* __restrict__ w,
                                           __nv_bfloat16* __restrict__ y, int N, int K) {
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const long n = (long)blockIdx.x * GEMV_WARPS + warp;
-    if (n >= N) return;
+    if (n >= N) {
+        if (PDL) pdl_wait();
+        return;
+    }
     const uint4* wr = reinterpret_cast<const uint4*>(w + n * K);
     const uint4* xr = reinterpret_cast<const uint4*>(x);
     const int chunks = K / 8, xstride = K / 8;
     float acc[M];
 #pragma unroll
     for (int m = 0; m < M; m++) acc[m] = 0.f;
+    bool waited = !PDL;
     int c = lane;
     for (; c + (GEMV_UNROLL - 1) * WARP < chunks; c += GEMV_UNROLL * WARP) {
         uint4 wv[GEMV_UNROLL];
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u++) wv[u] = ld_stream(wr + c + u * WARP);
+        if (!waited) {
+            pdl_wait();
+            waited = true;
+        }
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u++)
 #pragma unroll
-            for (int m = 0; m < M; m++) acc[m] += dot8(wv[u], __ldg(xr + m * xstride + c + u * WARP));
+            for (int m = 0; m < M; m++) {
+                const uint4 xv = PDL ? ld_plain(xr + m * xstride + c + u * WARP) : __ldg(xr + m * xstride + c + u * WARP);
+                acc[m] += dot8(wv[u], xv);
+            }
     }
+    if (!waited) pdl_wait();
     for (; c < chunks; c += WARP) {
         const uint4 wv = ld_stream(wr + c);
 #pragma unroll
-        for (int m = 0; m < M; m++) acc[m] += dot8(wv, __ldg(xr + m * xstride + c));
+        for (int m = 0; m < M; m++) {
+            const uint4 xv = PDL ? ld_plain(xr + m * xstride + c) : __ldg(xr + m * xstride + c);
+            acc[m] += dot8(wv, xv);
+        }
     }
 #pragma unroll
     for (int m = 0; m < M; m++) {
@@ -879,10 +928,11 @@ __device__ __forceinline__ void gemv_bf16(const __nv_bfloat16* __restrict__ x,
     }
 }
 
-#define GEMV(M)                                                                                \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP) arbor_gemv_m##M(           \
+#define GEMV(NAME, M, PDL)                                                                     \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP) NAME(                      \
         const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,              \
         __nv_bfloat16* __restrict__ y, int N, int K) {                                         \
-        gemv_bf16<M>(x, w, y, N, K);                                                           \
+        gemv_bf16<M, PDL>(x, w, y, N, K);                                                      \
     }
-GEMV(1)
+GEMV(arbor_gemv_m1, 1, false)
+GEMV(arbor_gemv_pdl_m1, 1, true)

@@ -33,6 +33,15 @@ impl GpuLinear {
     }
 }
 
+/// Whether Arbor's GEMV kernels take the weight `w`: contiguous bf16 rows of whole 16-byte
+/// pieces starting on a piece boundary.
+pub(crate) fn weight_fits_gemv(w: &Tensor) -> bool {
+    matches!(w.dims2(), Ok((_, k)) if k % 8 == 0)
+        && w.dtype() == DType::BF16
+        && w.is_contiguous()
+        && w.layout().start_offset().is_multiple_of(8)
+}
+
 pub(crate) fn gemv_fits(x: &Tensor, w: &Tensor) -> bool {
     let (Ok((m, k)), Ok((_, wk))) = (x.dims2(), w.dims2()) else {
         return false;
@@ -304,5 +313,71 @@ pub(crate) fn silu_mul_into(
     b.arg(gu).arg(act).arg(&ti).arg(&fi);
     // Safety: one thread per output element; sizes checked above.
     unsafe { b.launch(LaunchConfig::for_num_elems((rows * ffn) as u32)) }.w()?;
+    Ok(())
+}
+
+/// `y = x W^T` for one row through `arbor_gemv_pdl_m1`, launched as a programmatic dependent
+/// of the kernel before it (Hopper's programmatic dependent launch): its blocks start while
+/// that kernel finishes and stream their first weights before waiting for its output, which
+/// hides the gap between kernels a one-row decode step is made of. `x [1, in]`, `W [out, in]`
+/// dense bf16 (see [`gemv_fits`]), `y [1, out]`.
+pub(crate) fn gemv_pdl_into(
+    dev: &CudaDevice,
+    x: &CudaSlice<bf16>,
+    w: &Tensor,
+    y: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{sys, DevicePtr, DevicePtrMut};
+    let (n, k) = w.dims2()?;
+    if !weight_fits_gemv(w) || x.len() < k || y.len() < n {
+        return Err(ModelError::Cuda(format!(
+            "GEMV: bad operands for a [{n}, {k}] weight"
+        )));
+    }
+    let func = dev.get_or_load_custom_func("arbor_gemv_pdl_m1", MODULE, PTX)?;
+    let stream = dev.cuda_stream();
+    let (ws, wl) = w.storage_and_layout();
+    let w_s = slice_of::<bf16>(&ws, wl)?;
+    let (w_p, _w_sync) = w_s.device_ptr(&stream);
+    let (x_p, _x_sync) = x.device_ptr(&stream);
+    let (y_p, _y_sync) = y.device_ptr_mut(&stream);
+    let (n_i, k_i) = (n as i32, k as i32);
+    let mut params = [
+        (&x_p) as *const u64 as *mut std::ffi::c_void,
+        (&w_p) as *const u64 as *mut std::ffi::c_void,
+        (&y_p) as *const u64 as *mut std::ffi::c_void,
+        (&n_i) as *const i32 as *mut std::ffi::c_void,
+        (&k_i) as *const i32 as *mut std::ffi::c_void,
+    ];
+    // Safety: a plain-data C struct and union; every field the driver reads is set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: n.div_ceil(4) as u32, // GEMV_WARPS rows per block
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: 128,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // Safety: the parameters match the kernel's signature (three device pointers, two ints)
+    // and outlive the call, which copies them; one warp per output row reads that row of W
+    // (k elements) and x (k elements) and writes one element of y, all checked above.
+    let status = unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            func.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    };
+    if status != sys::CUresult::CUDA_SUCCESS {
+        return Err(ModelError::Cuda(format!("launching the GEMV: {status:?}")));
+    }
     Ok(())
 }
