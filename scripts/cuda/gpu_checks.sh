@@ -88,12 +88,12 @@ if has bench; then
     run bench-8b-long "$BIN" engine-bench "${DUMMY[@]}" --batch 1,8 --context 8192 --decode-tokens 48 \
         --prefill 0 --kv-slots 200000 --json "$OUT/bench-8b-long.json"
     # A/B of one change at a time against the defaults above (batch 1, 4 and 8, short and long
-    # contexts): the GEMV kernel instead of cuBLAS for one-row steps, the CUDA-core attention
+    # contexts): cuBLAS instead of the GEMV kernel for one-row steps, the CUDA-core attention
     # kernels, fewer decode splits, decode without CUDA graphs, 64-key decode stages; then
     # where a step's time goes (--cuda-profile: a sync per section, so its sections add up to
     # more than an unprofiled step; profiled steps run launch by launch).
     AB=(--batch 1,4,8 --context 512,8192 --decode-tokens 40 --prefill 0 --kv-slots 200000)
-    run ab-gemv "$BIN" engine-bench "${DUMMY[@]}" "${AB[@]}" --cuda-gemv --json "$OUT/ab-gemv.json"
+    run ab-cublas "$BIN" engine-bench "${DUMMY[@]}" "${AB[@]}" --cuda-gemv off --json "$OUT/ab-cublas.json"
     run ab-cudacore "$BIN" engine-bench "${DUMMY[@]}" "${AB[@]}" --cuda-attention cuda-core \
         --prefill 2048,8192 --json "$OUT/ab-cudacore.json"
     run ab-splits1024 "$BIN" engine-bench "${DUMMY[@]}" "${AB[@]}" --cuda-decode-target-warps 1024 \

@@ -26,7 +26,8 @@ pub const DEFAULT_DECODE_STAGE_KEYS: usize = 32;
 pub struct CudaOptions {
     /// Attention on the CUDA-core kernels even where the tensor-core kernel fits the shape.
     pub force_cuda_core_attention: bool,
-    /// One-row linear layers through Arbor's GEMV kernel instead of cuBLAS.
+    /// One-row linear layers through Arbor's GEMV kernel instead of cuBLAS (in decode steps
+    /// launched as programmatic dependents: 4-5% faster at batch 1 on the H200).
     pub gemv_for_one_row: bool,
     /// Decode attention splits each context until about this many warps run.
     pub decode_target_warps: usize,
@@ -48,7 +49,7 @@ impl Default for CudaOptions {
     fn default() -> Self {
         Self {
             force_cuda_core_attention: false,
-            gemv_for_one_row: false,
+            gemv_for_one_row: true,
             decode_target_warps: DEFAULT_DECODE_TARGET_WARPS,
             decode_stage_keys: DEFAULT_DECODE_STAGE_KEYS,
             profile: false,

@@ -105,9 +105,10 @@ pub struct ModelArgs {
     /// always on the CUDA-core kernels (`cuda-core`).
     #[arg(long, value_enum, default_value = "auto")]
     cuda_attention: CudaAttentionArg,
-    /// GPU, A/B benchmarks: one-row linear layers through Arbor's GEMV kernel, not cuBLAS.
-    #[arg(long)]
-    cuda_gemv: bool,
+    /// GPU: one-row linear layers through Arbor's GEMV kernel (`on`, the default; in decode
+    /// steps launched as programmatic dependents) or cuBLAS (`off`; A/B benchmarks).
+    #[arg(long, value_enum, default_value = "on")]
+    cuda_gemv: OnOff,
     /// GPU: decode attention cuts each context into splits until about this many warps run.
     #[arg(long, default_value_t = arbor_model::runner::DEFAULT_DECODE_TARGET_WARPS)]
     cuda_decode_target_warps: usize,
@@ -454,7 +455,7 @@ fn runner_options(args: &ModelArgs) -> RunnerOptions {
         tokenizer: args.tokenizer.clone(),
         cuda: CudaOptions {
             force_cuda_core_attention: args.cuda_attention == CudaAttentionArg::CudaCore,
-            gemv_for_one_row: args.cuda_gemv,
+            gemv_for_one_row: args.cuda_gemv == OnOff::On,
             decode_target_warps: args.cuda_decode_target_warps,
             decode_stage_keys: args.cuda_decode_stage_keys,
             profile: args.cuda_profile,
