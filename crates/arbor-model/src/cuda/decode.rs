@@ -5,11 +5,11 @@
 //! at small batches the GPU waits on the host between kernels. Here instead:
 //!
 //! - the step's rows are padded up to a bucket (`step::decode`, where the packing is
-//!   unit-tested); padding rows compute
-//!   token 0 at position 0 into the KV pool's scratch slot, attend only that slot, and their
-//!   logits are never read;
+//!   unit-tested); padding rows compute token 0 at position 0 into the KV pool's scratch
+//!   slot, attend only that slot, and their logits are never read;
 //! - every activation lives in a buffer allocated once for the largest bucket ([`Buffers`]);
-//!   linear layers write into them through cuBLAS ([`gemm_into`]), with no allocation;
+//!   linear layers write into them through cuBLAS ([`gemm_into`]), with no allocation, or at
+//!   one row through Arbor's GEMV launched as a programmatic dependent ([`gemv_pdl_into`]);
 //! - the step's metadata (token ids, positions, new slots, slot-list offsets and lengths, the
 //!   slot lists) is written into page-locked memory and goes up in one copy, into one device
 //!   buffer at fixed offsets;
