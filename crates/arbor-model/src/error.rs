@@ -50,6 +50,9 @@ pub enum ModelError {
     InvalidOption(String),
     #[error("invalid batch: {0}")]
     BadBatch(String),
+    /// A tensor-parallel rank failed; the group cannot run another step.
+    #[error("tensor-parallel rank failed: {0}")]
+    RankFailed(String),
     #[error("CUDA: {0}")]
     Cuda(String),
     #[error(transparent)]

@@ -3,7 +3,7 @@
 //!
 //! - [`error`], [`config`] (a model's shape), [`step`] (one forward step's input, the same for
 //!   every backend), [`rope`] (positions), [`options`] (backend options): shared by everything
-//!   below.
+//!   below; [`parallel`] (how tensor parallelism cuts a model, the host all-reduce).
 //! - [`text`]: tokenizer, incremental detokenizer, chat templates.
 //! - [`weights`]: model files (GGUF, Hugging Face folders) and their configuration, tokenizer
 //!   and tensors.
@@ -24,6 +24,7 @@ pub mod device_sampling;
 pub mod diagnostics;
 pub mod error;
 pub mod options;
+pub mod parallel;
 pub mod rope;
 pub mod runner;
 pub mod sampling;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arbor_engine::{EngineConfig, FaultInjector, FaultSite};
+use arbor_model::RunnerOptions;
 use arbor_server::{AppState, ServerConfig};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -236,12 +237,46 @@ async fn a_fault_in_one_request_fails_only_that_request() {
 /// process exits non-zero for its supervisor).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_engine_failure_stops_the_server_instead_of_leaving_a_zombie() {
+    let options = RunnerOptions {
+        kv_slots: Some(4_096),
+        ..Default::default()
+    };
+    engine_failure_stops_the_server(
+        &options,
+        |site| matches!(site, FaultSite::Forward { .. }),
+        "injected forward-pass fault",
+    )
+    .await;
+}
+
+/// The same when one tensor-parallel rank fails: the others, waiting for it in the
+/// all-reduce, are released, and the server stops rather than hang.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_tensor_parallel_rank_stops_the_server_instead_of_hanging_it() {
+    let options = RunnerOptions {
+        kv_slots: Some(4_096),
+        tensor_parallel_size: 3,
+        ..Default::default()
+    };
+    engine_failure_stops_the_server(
+        &options,
+        |site| matches!(site, FaultSite::Rank { rank: 1, .. }),
+        "injected forward-pass fault",
+    )
+    .await;
+}
+
+async fn engine_failure_stops_the_server(
+    options: &RunnerOptions,
+    site_fails: fn(FaultSite<'_>) -> bool,
+    message: &'static str,
+) {
     let armed = Arc::new(AtomicBool::new(false));
     let trigger = armed.clone();
-    let (app, state) = server_with(move |_, e| {
+    let (app, state) = common::server_with_options("m", options, move |_, e| {
         e.fault_injector = Some(FaultInjector(Arc::new(move |site| {
-            if matches!(site, FaultSite::Forward { .. }) && trigger.load(Ordering::SeqCst) {
-                panic!("injected forward-pass fault");
+            if site_fails(site) && trigger.load(Ordering::SeqCst) {
+                panic!("{message}");
             }
         })))
     });
@@ -264,7 +299,7 @@ async fn an_engine_failure_stops_the_server_instead_of_leaving_a_zombie() {
         .unwrap();
     let text = String::from_utf8_lossy(&rest);
     assert!(
-        text.contains("\"error\"") && text.contains("forward-pass fault"),
+        text.contains("\"error\"") && text.contains(message),
         "{text}"
     );
     assert!(text.contains("data: [DONE]"), "{text}");

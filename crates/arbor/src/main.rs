@@ -87,6 +87,13 @@ pub struct ModelArgs {
     /// scripts/cuda/build.sh).
     #[arg(long, default_value = "cpu", env = "ARBOR_DEVICE")]
     pub device: String,
+    /// Cut the model over this many ranks (tensor parallelism; `-tp N` works too): attention
+    /// heads, MLP columns and vocabulary split between them, partial results summed after
+    /// each layer's attention and MLP. It must divide the model's attention heads and MLP
+    /// width, and divide its KV heads or be a multiple of them. On the CPU the ranks are
+    /// threads sharing the cores (for testing: not faster than 1).
+    #[arg(long, default_value_t = 1, env = "ARBOR_TENSOR_PARALLEL_SIZE")]
+    tensor_parallel_size: usize,
     /// `auto` reads the weights from --model; `dummy` makes random weights of the shapes in
     /// --model's config.json, on the GPU (benchmarking models that cannot be downloaded).
     #[arg(long, value_enum, default_value = "auto")]
@@ -350,7 +357,12 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // `dynamo-worker` hands its arguments on untouched.
+    if args.get(1).is_none_or(|a| a != "dynamo-worker") {
+        args = args.into_iter().map(vllm_style_short_flags).collect();
+    }
+    let cli = Cli::parse_from(args);
     let result = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Chat(a) => chat(a),
@@ -366,6 +378,16 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// vLLM's and SGLang's two-letter short flag `-tp N` (`-tp=N`), which clap's one-letter
+/// short flags cannot spell: read as `--tensor-parallel-size`.
+fn vllm_style_short_flags(arg: std::ffi::OsString) -> std::ffi::OsString {
+    match arg.to_str() {
+        Some("-tp") => "--tensor-parallel-size".into(),
+        Some(a) if a.starts_with("-tp=") => format!("--tensor-parallel-size={}", &a[4..]).into(),
+        _ => arg,
     }
 }
 
@@ -467,6 +489,7 @@ fn runner_options(args: &ModelArgs) -> RunnerOptions {
             CpuKernelsArg::Avx2 => CpuKernels::Avx2,
             CpuKernelsArg::Ggml => CpuKernels::Ggml,
         },
+        tensor_parallel_size: args.tensor_parallel_size,
         ..Default::default()
     }
 }
@@ -494,6 +517,7 @@ fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
                 ("cuda_profile", "--cuda-profile"),
                 ("cuda_sampling", "--cuda-sampling"),
                 ("decode_graphs", "--cuda-graphs"),
+                ("tensor_parallel_size", "--tensor-parallel-size"),
             ]
             .iter()
             .fold(why, |why, (option, flag)| why.replace(option, flag))

@@ -134,3 +134,28 @@ fn dynamo_worker_forwards_or_says_how_to_build_it() {
     );
     assert!(e.contains("bash scripts/dynamo/setup.sh"), "{e}");
 }
+
+/// `-tp N` (vLLM's and SGLang's spelling) is `--tensor-parallel-size N`; a size the model
+/// cannot be cut into names the flag and the reason. tiny-llama has 4 heads.
+#[test]
+fn tensor_parallel_sizes_that_do_not_divide_the_heads_are_refused() {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/tiny-llama");
+    for flag in [
+        &["-tp", "3"][..],
+        &["-tp=3"],
+        &["--tensor-parallel-size", "3"],
+    ] {
+        let mut args = vec!["generate", "--model", model, "--prompt", "hi"];
+        args.extend(flag);
+        let e = arbor_err(&args);
+        assert!(
+            e.contains("--tensor-parallel-size 3 does not divide the model's 4 attention heads"),
+            "{flag:?}: {e}"
+        );
+    }
+    let e = arbor_err(&["generate", "--model", model, "-tp", "0", "--prompt", "hi"]);
+    assert!(
+        e.contains("--tensor-parallel-size must be at least 1"),
+        "{e}"
+    );
+}

@@ -33,8 +33,13 @@ impl KvPool {
     /// Allocates the pool. The memory is requested zeroed from the allocator (calloc), which
     /// maps it lazily: slots cost RAM only once written, so a large pool starts instantly.
     pub fn new(config: &ModelConfig, num_slots: usize) -> Self {
-        let kv_dim = config.kv_dim();
-        let layers = (0..config.num_layers)
+        Self::with_dims(config.num_layers, config.kv_dim(), num_slots)
+    }
+
+    /// A pool of `kv_dim` values per slot and layer (a tensor-parallel rank holds its own
+    /// KV heads: a part of the model's `kv_dim`).
+    pub fn with_dims(num_layers: usize, kv_dim: usize, num_slots: usize) -> Self {
+        let layers = (0..num_layers)
             .map(|_| LayerKv {
                 k: bytemuck::zeroed_vec(num_slots * kv_dim),
                 v: bytemuck::zeroed_vec(num_slots * kv_dim),

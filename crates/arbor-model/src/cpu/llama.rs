@@ -4,6 +4,11 @@
 //! single-token decodes. The new tokens of all sequences are flattened into one `[T, hidden]`
 //! matrix, so every linear layer is a single matmul for the whole step; only attention looks at
 //! sequence boundaries, through each sequence's slot list.
+//!
+//! A model may be one rank's [`Shard`] of a tensor-parallel group (built by
+//! `cpu::load::build_shards`): it then holds its heads, MLP columns and vocabulary rows only,
+//! and [`Llama::forward_shard`] sums the partial hidden states over the group through an
+//! [`AllReduce`] after the embedding and the O and down projections (see [`crate::parallel`]).
 
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
@@ -13,7 +18,8 @@ use crate::config::ModelConfig;
 use crate::cpu::attention::{attention, AttnSeq, AttnShape};
 use crate::cpu::kv_pool::KvPool;
 use crate::cpu::linear::{FusedLinear, Linear};
-use crate::error::Result;
+use crate::error::{ModelError, Result};
+use crate::parallel::{AllReduce, Shard};
 use crate::rope::Rope;
 use crate::step::{FlatStep, SeqStep};
 
@@ -27,6 +33,7 @@ pub enum Embedding {
 }
 
 impl Embedding {
+    /// `[ids.len(), hidden]` rows; `ids` index this embedding's own rows.
     fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Embedding::Quantized(q) => q.embedding(ids)?,
@@ -56,7 +63,10 @@ pub struct Layer {
 
 #[derive(Debug)]
 pub struct Llama {
+    /// The whole model's shape (a shard's own widths are in `shard`).
     pub config: ModelConfig,
+    /// What this model holds of the whole: all of it, or one tensor-parallel rank's part.
+    pub shard: Shard,
     pub embedding: Embedding,
     pub layers: Vec<Layer>,
     pub final_norm: Vec<f32>,
@@ -68,6 +78,7 @@ pub struct Llama {
 impl Llama {
     pub fn new(
         config: ModelConfig,
+        shard: Shard,
         embedding: Embedding,
         layers: Vec<Layer>,
         final_norm: Vec<f32>,
@@ -78,6 +89,7 @@ impl Llama {
         let rope = Rope::new(&config);
         Ok(Self {
             config,
+            shard,
             embedding,
             layers,
             final_norm,
@@ -91,9 +103,57 @@ impl Llama {
         &self.device
     }
 
+    /// A KV pool of `slots` slots for this model (a shard's pool holds its own KV heads).
+    pub fn new_kv_pool(&self, slots: usize) -> KvPool {
+        KvPool::with_dims(
+            self.config.num_layers,
+            self.shard.kv_dim(&self.config),
+            slots,
+        )
+    }
+
     /// Runs one step and returns the requested logit rows, sequence by sequence in batch order.
+    /// The whole model only: a tensor-parallel shard runs through [`Llama::forward_shard`].
     pub fn forward(&self, batch: &[SeqStep], kv: &mut KvPool) -> Result<Vec<Vec<f32>>> {
+        if !self.shard.is_whole() {
+            return Err(ModelError::RankFailed(format!(
+                "rank {} of {} runs only with its group's all-reduce",
+                self.shard.rank, self.shard.size
+            )));
+        }
+        self.run(batch, kv, None)
+    }
+
+    /// One rank's part of a tensor-parallel step: every rank of the group calls it with the
+    /// same batch, at the same time, over its own KV pool. Returns the rank's slice of each
+    /// requested logit row (its vocabulary rows, `shard.vocab`); the caller joins the slices.
+    pub fn forward_shard(
+        &self,
+        batch: &[SeqStep],
+        kv: &mut KvPool,
+        group: &dyn AllReduce,
+    ) -> Result<Vec<Vec<f32>>> {
+        self.run(batch, kv, Some(group))
+    }
+
+    fn run(
+        &self,
+        batch: &[SeqStep],
+        kv: &mut KvPool,
+        group: Option<&dyn AllReduce>,
+    ) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.config;
+        let shard = &self.shard;
+        // Sums a row-parallel partial result over the group (nothing to sum on one rank).
+        let reduce = |buf: &mut [f32]| match group {
+            Some(g) => g.sum(shard.rank, buf),
+            None => Ok(()),
+        };
+        debug_assert_eq!(
+            kv.kv_dim(),
+            shard.kv_dim(cfg),
+            "a pool of this shard's width"
+        );
         let FlatStep {
             tokens,
             positions,
@@ -117,43 +177,39 @@ impl Llama {
         if n_tokens == 0 {
             return Ok(Vec::new());
         }
+        let (heads, kv_heads) = (shard.num_heads(), shard.num_kv_heads());
         let shape = AttnShape {
-            num_heads: cfg.num_heads,
-            num_kv_heads: cfg.num_kv_heads,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
             head_dim: cfg.head_dim,
         };
         let rope_tables = self.rope.tables(&positions);
-        let ids = Tensor::from_vec(tokens, n_tokens, &self.device)?;
-        let mut x = self
-            .embedding
-            .lookup(&ids)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let mut x = self.embed(&tokens)?;
+        if !shard.is_whole() {
+            // Each token's row came from the one rank that holds it; the others gave zeros.
+            reduce(&mut x)?;
+        }
         let mut h = vec![0f32; x.len()];
-        let mut attn_out = vec![0f32; n_tokens * cfg.q_dim()];
+        let mut attn_out = vec![0f32; n_tokens * shard.q_dim(cfg)];
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps, &mut h);
             let mut qkv = layer.qkv.forward_vec(&h, n_tokens)?;
             let v = qkv.pop().expect("three projections");
             let mut k = qkv.pop().expect("three projections");
             let mut q = qkv.pop().expect("three projections");
-            self.rope.apply(&mut q, cfg.num_heads, &rope_tables);
-            self.rope.apply(&mut k, cfg.num_kv_heads, &rope_tables);
+            self.rope.apply(&mut q, heads, &rope_tables);
+            self.rope.apply(&mut k, kv_heads, &rope_tables);
             kv.write(l, &new_slots, &k, &v);
             let pool = kv.layer(l);
             attention(&q, &pool.k, &pool.v, &attn_seqs, shape, &mut attn_out);
-            add_assign(
-                &mut x,
-                &layer.wo.forward_vec(&attn_out, n_tokens)?,
-                cfg.hidden_size,
-            );
+            let mut o = layer.wo.forward_vec(&attn_out, n_tokens)?;
+            reduce(&mut o)?;
+            add_assign(&mut x, &o, cfg.hidden_size);
             rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps, &mut h);
             let act = swiglu(&layer.gate_up, &h, n_tokens)?;
-            add_assign(
-                &mut x,
-                &layer.w_down.forward_vec(&act, n_tokens)?,
-                cfg.hidden_size,
-            );
+            let mut down = layer.w_down.forward_vec(&act, n_tokens)?;
+            reduce(&mut down)?;
+            add_assign(&mut x, &down, cfg.hidden_size);
         }
         if logit_rows.is_empty() {
             return Ok(Vec::new());
@@ -170,6 +226,32 @@ impl Llama {
             .chunks_exact(self.lm_head.out_dim)
             .map(<[f32]>::to_vec)
             .collect())
+    }
+}
+
+impl Llama {
+    /// The embedding rows of `tokens`, `[tokens.len(), hidden]`. A shard holds its
+    /// vocabulary rows only: other tokens get zero rows (the group's sum fills them in).
+    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let vocab = &self.shard.vocab;
+        let held = |t: u32| vocab.contains(&(t as usize));
+        let local: Vec<u32> = tokens
+            .iter()
+            .map(|&t| if held(t) { t - vocab.start as u32 } else { 0 })
+            .collect();
+        let ids = Tensor::from_vec(local, tokens.len(), &self.device)?;
+        let mut x = self
+            .embedding
+            .lookup(&ids)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let hd = self.config.hidden_size;
+        for (row, &t) in x.chunks_exact_mut(hd).zip(tokens) {
+            if !held(t) {
+                row.fill(0.0);
+            }
+        }
+        Ok(x)
     }
 }
 

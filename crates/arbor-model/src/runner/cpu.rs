@@ -11,7 +11,7 @@ use crate::step::{LogitsWanted, SeqStep};
 
 /// Share of the host memory available at start that the default CPU KV pool may take: the
 /// rest is for the weights' working buffers, the OS and whatever else runs on the machine.
-const CPU_KV_MEMORY_SHARE: f64 = 0.4;
+pub(super) const CPU_KV_MEMORY_SHARE: f64 = 0.4;
 
 pub struct CpuBackend {
     model: Arc<Llama>,
@@ -25,7 +25,7 @@ impl CpuBackend {
         let budget =
             crate::cpu::available_memory_bytes().map(|m| (m as f64 * CPU_KV_MEMORY_SHARE) as usize);
         let slots = kv_slots.unwrap_or_else(|| super::default_kv_slots(&model.config, budget));
-        let pool = KvPool::new(&model.config, slots);
+        let pool = model.new_kv_pool(slots);
         Self { model, pool }
     }
 
@@ -57,7 +57,7 @@ impl LogitsBackend for CpuBackend {
     }
 
     fn logits_from_scratch(&self, tokens: &[u32], which: LogitsWanted) -> Result<Vec<Vec<f32>>> {
-        let mut pool = KvPool::new(&self.model.config, tokens.len());
+        let mut pool = self.model.new_kv_pool(tokens.len());
         let slots: Vec<u32> = (0..tokens.len() as u32).collect();
         let step = SeqStep {
             tokens,

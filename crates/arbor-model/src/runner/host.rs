@@ -28,6 +28,8 @@ pub trait LogitsBackend: Send {
     fn forward(&mut self, batch: &[SeqStep]) -> Result<Vec<Vec<f32>>>;
     /// Logits of `tokens` from a scratch KV pool of their length.
     fn logits_from_scratch(&self, tokens: &[u32], which: LogitsWanted) -> Result<Vec<Vec<f32>>>;
+    /// Test-only: a backend with fault sites of its own (tensor-parallel ranks) calls this.
+    fn set_fault_injector(&mut self, _faults: Option<FaultInjector>) {}
 }
 
 /// A step of at least this many logits (rows x vocabulary) is sampled on several threads:
@@ -223,6 +225,7 @@ impl<B: LogitsBackend> ModelRunner for HostSampledRunner<B> {
     }
 
     fn set_fault_injector(&mut self, faults: Option<FaultInjector>) {
+        self.backend.set_fault_injector(faults.clone());
         self.faults = faults;
     }
 }

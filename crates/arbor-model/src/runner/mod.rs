@@ -32,6 +32,7 @@
 //!   pool's slot count, which is the same on every rank.
 
 mod cpu;
+mod cpu_tp;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod fake;
@@ -46,6 +47,7 @@ use crate::sampling::{SamplingParams, TokenLogprob};
 use crate::LogitsWanted;
 
 pub use cpu::CpuBackend;
+pub use cpu_tp::CpuTensorParallel;
 #[cfg(feature = "cuda")]
 pub use cuda::{CudaBackend, CudaRunner};
 pub use host::{HostSampledRunner, LogitsBackend};
@@ -170,6 +172,9 @@ pub enum FaultSite<'a> {
     Sample { prompt: &'a [u32] },
     /// Before a request's new token is detokenized and checked for stop strings.
     Detokenize { prompt: &'a [u32] },
+    /// On tensor-parallel rank `rank`'s own thread, before its part of step `step` (counted
+    /// from 0): a panic here is one rank failing, which must take the engine down cleanly.
+    Rank { rank: usize, step: u64 },
 }
 
 /// A hook called at each [`FaultSite`]; a test makes it panic to check that the fault stays

@@ -6,6 +6,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use super::cpu::CpuBackend;
+use super::cpu_tp::CpuTensorParallel;
 use super::host::{HostSampledRunner, LogitsBackend, DEFAULT_PARALLEL_SAMPLING_MIN_LOGITS};
 use super::ModelRunner;
 use crate::error::{ModelError, Result};
@@ -69,6 +70,8 @@ pub struct RunnerOptions {
     pub cuda: CudaOptions,
     /// CPU: the fastest kernels the processor has, or the AVX2 ones (a process-wide choice).
     pub cpu_kernels: CpuKernels,
+    /// Ranks the model is cut into (tensor parallelism); 1 runs it whole.
+    pub tensor_parallel_size: usize,
 }
 
 impl Default for RunnerOptions {
@@ -82,6 +85,7 @@ impl Default for RunnerOptions {
             parallel_sampling_min_logits: DEFAULT_PARALLEL_SAMPLING_MIN_LOGITS,
             cuda: CudaOptions::default(),
             cpu_kernels: CpuKernels::Auto,
+            tensor_parallel_size: 1,
         }
     }
 }
@@ -121,6 +125,9 @@ pub fn open(path: &Path, device: DeviceSpec, options: &RunnerOptions) -> Result<
     if ![16, 32, 64].contains(&options.cuda.decode_stage_keys) {
         return Err(invalid("cuda_decode_stage_keys must be 16, 32 or 64"));
     }
+    if options.tensor_parallel_size == 0 {
+        return Err(invalid("tensor_parallel_size must be at least 1"));
+    }
     if options.tokenizer.is_some() && options.load_format != LoadFormat::Dummy {
         return Err(invalid(
             "tokenizer goes with load_format dummy (a real model brings its own)",
@@ -143,6 +150,19 @@ pub fn open(path: &Path, device: DeviceSpec, options: &RunnerOptions) -> Result<
             }
             crate::cpu::kernels::select(options.cpu_kernels);
             tracing::info!("CPU kernels: {}", crate::cpu::kernels::describe());
+            if options.tensor_parallel_size > 1 {
+                let (shards, tokenizer, chat_template) = crate::cpu::load::load_shards(
+                    path,
+                    &crate::Device::Cpu,
+                    options.tensor_parallel_size,
+                )?;
+                let backend = CpuTensorParallel::new(shards, options.kv_slots)?;
+                return Ok(OpenedModel {
+                    runner: host_sampled(backend, options),
+                    tokenizer,
+                    chat_template,
+                });
+            }
             let loaded = crate::cpu::load::load_model(path, &crate::Device::Cpu)?;
             let backend = CpuBackend::new(Arc::new(loaded.model), options.kv_slots);
             Ok(OpenedModel {
@@ -169,6 +189,11 @@ fn host_sampled<B: LogitsBackend + 'static>(
 #[cfg(feature = "cuda")]
 fn open_cuda(path: &Path, ordinal: usize, options: &RunnerOptions) -> Result<OpenedModel> {
     use super::cuda::{CudaBackend, CudaRunner};
+    if options.tensor_parallel_size > 1 {
+        return Err(invalid(
+            "tensor_parallel_size above 1 runs on device cpu only in this build: the CUDA backend has no tensor parallelism yet",
+        ));
+    }
     let device = crate::cuda::device(ordinal)?;
     let started = std::time::Instant::now();
     let loaded = match options.load_format {
@@ -307,6 +332,13 @@ mod tests {
                     ..Default::default()
                 },
                 "decode_graphs",
+            ),
+            (
+                RunnerOptions {
+                    tensor_parallel_size: 0,
+                    ..Default::default()
+                },
+                "tensor_parallel_size",
             ),
         ];
         for (options, name) in cases {

@@ -6,9 +6,11 @@
 //! names per file format. Each source hands tensors over as stored ([`Stored`]: GGUF block
 //! formats stay quantized), shape-checked; each backend decides what to make of them (the CPU
 //! keeps GGUF blocks for its batch-invariant kernels, the GPU makes bf16 or keeps blocks).
+//! [`shard`] cuts them for tensor-parallel ranks.
 
 pub mod gguf;
 pub mod hf;
+pub mod shard;
 
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};

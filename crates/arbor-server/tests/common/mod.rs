@@ -39,7 +39,16 @@ pub fn server_with(
         kv_slots: Some(kv_slots),
         ..Default::default()
     };
-    let opened = arbor_model::open(&model_path(), DeviceSpec::Cpu, &options).unwrap();
+    server_with_options(model_name, &options, f)
+}
+
+/// A server on the default model with these runner options, configured further by `f`.
+pub fn server_with_options(
+    model_name: &str,
+    options: &RunnerOptions,
+    f: impl FnOnce(&mut ServerConfig, &mut EngineConfig),
+) -> (Router, Arc<AppState>) {
+    let opened = arbor_model::open(&model_path(), DeviceSpec::Cpu, options).unwrap();
     let mut engine_config = EngineConfig::default();
     let mut config = ServerConfig::new(model_name);
     f(&mut config, &mut engine_config);

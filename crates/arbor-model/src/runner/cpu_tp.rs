@@ -1,0 +1,339 @@
+//! The CPU backend split over tensor-parallel ranks: one worker thread per rank, each with
+//! its shard of the weights ([`Llama`] built by `cpu::load::build_shards`), its shard of the
+//! KV pool (its KV heads of every slot) and its own rayon pool (the cores divided between
+//! the ranks), summing partial hidden states through one [`HostAllReduce`].
+//!
+//! It is the CPU twin of the multi-GPU runner: the same cut of the model, the same points of
+//! communication, the same fixed summation order. It lets CI check tensor parallelism (TP=N
+//! against TP=1, cache on against off) on machines without GPUs; on one processor it is not
+//! faster than TP=1.
+//!
+//! A step: the caller's thread checks the batch, sends it to every rank, and joins the ranks'
+//! logit slices (their vocabulary rows) into whole rows; sampling happens once, above, in
+//! [`super::HostSampledRunner`]. A rank that fails (an error or a panic in its forward pass)
+//! breaks the all-reduce group, which releases the ranks waiting in it: the step returns the
+//! failing rank's reason, and every later step fails at once (the KV shards can no longer be
+//! trusted; the engine stops). Nothing waits forever.
+
+use std::ops::Range;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use super::host::LogitsBackend;
+use super::{panic_message, FaultInjector, FaultSite};
+use crate::config::ModelConfig;
+use crate::cpu::kv_pool::KvPool;
+use crate::cpu::llama::Llama;
+use crate::error::{ModelError, Result};
+use crate::parallel::HostAllReduce;
+use crate::step::{LogitsWanted, SeqStep};
+
+/// A step's batch, owned so that it can go to the rank threads: every sequence's tokens and
+/// slots in two flat lists.
+struct OwnedBatch {
+    tokens: Vec<u32>,
+    slots: Vec<u32>,
+    seqs: Vec<(Range<usize>, Range<usize>, LogitsWanted)>,
+}
+
+impl OwnedBatch {
+    fn new(batch: &[SeqStep]) -> Self {
+        let mut b = Self {
+            tokens: Vec::with_capacity(batch.iter().map(|s| s.tokens.len()).sum()),
+            slots: Vec::with_capacity(batch.iter().map(|s| s.slots.len()).sum()),
+            seqs: Vec::with_capacity(batch.len()),
+        };
+        for s in batch {
+            let t = b.tokens.len()..b.tokens.len() + s.tokens.len();
+            let k = b.slots.len()..b.slots.len() + s.slots.len();
+            b.tokens.extend_from_slice(s.tokens);
+            b.slots.extend_from_slice(s.slots);
+            b.seqs.push((t, k, s.logits));
+        }
+        b
+    }
+
+    fn steps(&self) -> Vec<SeqStep<'_>> {
+        self.seqs
+            .iter()
+            .map(|(t, k, logits)| SeqStep {
+                tokens: &self.tokens[t.clone()],
+                slots: &self.slots[k.clone()],
+                logits: *logits,
+            })
+            .collect()
+    }
+}
+
+/// What a rank is asked to do; each rank answers on `reply`.
+enum Job {
+    /// A step over the rank's KV pool.
+    Step(Arc<OwnedBatch>),
+    /// A step over a scratch pool of the batch's length (diagnostics).
+    Scratch(Arc<OwnedBatch>),
+}
+
+type Reply = Result<Vec<Vec<f32>>>;
+
+struct Rank {
+    jobs: Option<Sender<(Job, Sender<Reply>)>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What a rank's thread owns.
+struct RankWorker {
+    model: Llama,
+    pool: KvPool,
+    threads: rayon::ThreadPool,
+    group: Arc<HostAllReduce>,
+    faults: Arc<Mutex<Option<FaultInjector>>>,
+    steps: Arc<AtomicU64>,
+}
+
+impl RankWorker {
+    fn run(mut self, jobs: Receiver<(Job, Sender<Reply>)>) {
+        while let Ok((job, reply)) = jobs.recv() {
+            let rank = self.model.shard.rank;
+            let outcome = catch_unwind(AssertUnwindSafe(|| self.execute(&job)));
+            let result = match outcome {
+                Ok(Ok(logits)) => Ok(logits),
+                Ok(Err(e @ ModelError::RankFailed(_))) => Err(e),
+                Ok(Err(e)) => {
+                    let why = format!("rank {rank}: {e}");
+                    self.group.abort(&why);
+                    Err(ModelError::RankFailed(why))
+                }
+                Err(panic) => {
+                    let why = format!("rank {rank} panicked: {}", panic_message(panic.as_ref()));
+                    self.group.abort(&why);
+                    Err(ModelError::RankFailed(why))
+                }
+            };
+            // The caller waits for every rank; if it is gone, so is the runner.
+            let _ = reply.send(result);
+        }
+    }
+
+    fn execute(&mut self, job: &Job) -> Result<Vec<Vec<f32>>> {
+        let (model, group) = (&self.model, &*self.group);
+        match job {
+            Job::Step(batch) => {
+                let faults = self.faults.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(f) = faults.as_ref() {
+                    let step = self.steps.load(Ordering::SeqCst);
+                    (f.0)(FaultSite::Rank {
+                        rank: model.shard.rank,
+                        step,
+                    });
+                }
+                drop(faults);
+                let pool = &mut self.pool;
+                self.threads
+                    .install(|| model.forward_shard(&batch.steps(), pool, group))
+            }
+            Job::Scratch(batch) => {
+                let mut pool = model.new_kv_pool(batch.tokens.len());
+                self.threads
+                    .install(|| model.forward_shard(&batch.steps(), &mut pool, group))
+            }
+        }
+    }
+}
+
+/// The CPU model over `shards.len()` tensor-parallel ranks (see the module docs).
+pub struct CpuTensorParallel {
+    /// The whole model's shape.
+    config: ModelConfig,
+    kv_slots: usize,
+    ranks: Vec<Rank>,
+    group: Arc<HostAllReduce>,
+    /// Every rank must see the jobs in one order: one job at a time.
+    dispatch: Mutex<()>,
+    faults: Arc<Mutex<Option<FaultInjector>>>,
+    /// Steps run so far (the fault hook's count).
+    steps: Arc<AtomicU64>,
+}
+
+impl CpuTensorParallel {
+    /// Starts one worker per shard model (rank order), each with a pool of `kv_slots` slots
+    /// (default: 40% of the memory available now, over all ranks' pools) and an equal share
+    /// of the cores.
+    pub fn new(models: Vec<Llama>, kv_slots: Option<usize>) -> Result<Self> {
+        let size = models.len();
+        let config = models[0].config.clone();
+        let slots = kv_slots.unwrap_or_else(|| {
+            // The ranks' pools share the host's memory: a slot costs the sum of their widths,
+            // more than one model's slot when KV heads are replicated.
+            let ranks_slot: usize = models.iter().map(|m| m.shard.kv_dim(&config)).sum();
+            let budget = crate::cpu::available_memory_bytes()
+                .map(|m| (m as f64 * super::cpu::CPU_KV_MEMORY_SHARE) as usize)
+                .map(|b| b / ranks_slot.max(1) * config.kv_dim());
+            super::default_kv_slots(&config, budget)
+        });
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let group = Arc::new(HostAllReduce::new(size));
+        let faults = Arc::new(Mutex::new(None));
+        let steps = Arc::new(AtomicU64::new(0));
+        let mut ranks = Vec::with_capacity(size);
+        for model in models {
+            let rank = model.shard.rank;
+            let threads = rayon::ThreadPoolBuilder::new()
+                .num_threads((cores / size).max(1))
+                .thread_name(move |i| format!("arbor-tp{rank}-{i}"))
+                .build()
+                .map_err(|e| ModelError::RankFailed(format!("rank {rank}: thread pool: {e}")))?;
+            let worker = RankWorker {
+                pool: model.new_kv_pool(slots),
+                model,
+                threads,
+                group: group.clone(),
+                faults: faults.clone(),
+                steps: steps.clone(),
+            };
+            let (jobs, inbox) = channel();
+            let thread = std::thread::Builder::new()
+                .name(format!("arbor-tp{rank}"))
+                .spawn(move || worker.run(inbox))
+                .map_err(|e| ModelError::RankFailed(format!("rank {rank}: thread: {e}")))?;
+            ranks.push(Rank {
+                jobs: Some(jobs),
+                thread: Some(thread),
+            });
+        }
+        tracing::info!(
+            "CPU tensor parallelism: {size} ranks of {} threads each",
+            (cores / size).max(1)
+        );
+        Ok(Self {
+            config,
+            kv_slots: slots,
+            ranks,
+            group,
+            dispatch: Mutex::new(()),
+            faults,
+            steps,
+        })
+    }
+
+    /// Sends `job` to every rank and joins their logit slices row by row.
+    fn run_job(&self, make: impl Fn() -> Job) -> Result<Vec<Vec<f32>>> {
+        let _one_at_a_time = self.dispatch.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(why) = self.group.aborted() {
+            return Err(ModelError::RankFailed(why));
+        }
+        let mut replies = Vec::with_capacity(self.ranks.len());
+        for (r, rank) in self.ranks.iter().enumerate() {
+            let (tx, rx) = channel();
+            let sent = rank
+                .jobs
+                .as_ref()
+                .is_some_and(|jobs| jobs.send((make(), tx)).is_ok());
+            if !sent {
+                // Ranks already sent this job would wait for this one in the all-reduce.
+                let why = format!("rank {r} is gone");
+                self.group.abort(&why);
+                return Err(ModelError::RankFailed(why));
+            }
+            replies.push(rx);
+        }
+        let mut slices = Vec::with_capacity(replies.len());
+        let mut failure = None;
+        for (r, rx) in replies.into_iter().enumerate() {
+            match rx.recv() {
+                Ok(Ok(rows)) => slices.push(rows),
+                Ok(Err(e)) => {
+                    failure.get_or_insert(e);
+                }
+                Err(_) => {
+                    let why = format!("rank {r} stopped without answering");
+                    self.group.abort(&why);
+                    failure.get_or_insert(ModelError::RankFailed(why));
+                }
+            }
+        }
+        // The reason a rank gave first; the others were released by it.
+        if let Some(e) = failure {
+            return Err(match self.group.aborted() {
+                Some(why) => ModelError::RankFailed(why),
+                None => e,
+            });
+        }
+        Ok(join_rows(slices, self.config.vocab_size))
+    }
+
+    fn check(&self, batch: &[SeqStep], pool_slots: usize) -> Result<()> {
+        batch
+            .iter()
+            .try_for_each(|s| s.validate(&self.config, pool_slots))
+    }
+}
+
+/// Row `i` of the result is rank 0's row `i`, then rank 1's, ...: each rank's vocabulary
+/// rows in order.
+fn join_rows(slices: Vec<Vec<Vec<f32>>>, vocab: usize) -> Vec<Vec<f32>> {
+    let rows = slices.first().map_or(0, Vec::len);
+    let mut joined: Vec<Vec<f32>> = (0..rows).map(|_| Vec::with_capacity(vocab)).collect();
+    for rank in slices {
+        for (row, part) in joined.iter_mut().zip(rank) {
+            row.extend_from_slice(&part);
+        }
+    }
+    joined
+}
+
+impl LogitsBackend for CpuTensorParallel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn device_name(&self) -> String {
+        format!("cpu (tensor parallel x{})", self.ranks.len())
+    }
+
+    fn kv_slots(&self) -> usize {
+        self.kv_slots
+    }
+
+    fn forward(&mut self, batch: &[SeqStep]) -> Result<Vec<Vec<f32>>> {
+        // Bad input is the caller's error, found before any rank starts: it breaks nothing.
+        self.check(batch, self.kv_slots)?;
+        let owned = Arc::new(OwnedBatch::new(batch));
+        let result = self.run_job(|| Job::Step(owned.clone()));
+        self.steps.fetch_add(1, Ordering::SeqCst);
+        result
+    }
+
+    fn logits_from_scratch(&self, tokens: &[u32], which: LogitsWanted) -> Result<Vec<Vec<f32>>> {
+        let slots: Vec<u32> = (0..tokens.len() as u32).collect();
+        let step = SeqStep {
+            tokens,
+            slots: &slots,
+            logits: which,
+        };
+        self.check(&[step], tokens.len())?;
+        let owned = Arc::new(OwnedBatch::new(&[step]));
+        self.run_job(|| Job::Scratch(owned.clone()))
+    }
+
+    fn set_fault_injector(&mut self, faults: Option<FaultInjector>) {
+        *self.faults.lock().unwrap_or_else(PoisonError::into_inner) = faults;
+    }
+}
+
+impl Drop for CpuTensorParallel {
+    fn drop(&mut self) {
+        // Closing the job channels ends the workers' loops; no job is in flight (run_job
+        // waits for every reply).
+        for rank in &mut self.ranks {
+            rank.jobs.take();
+        }
+        for rank in &mut self.ranks {
+            if let Some(t) = rank.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
