@@ -23,13 +23,12 @@
 //! - **Sampling on the GPU** (`CudaRunner`) implements [`ModelRunner`] directly: it keeps
 //!   each sequence's sampling state (registered by `add_sequence`), samples the step's logits
 //!   where they are, and returns only [`Sampled`] rows. Nothing above the seam changed.
-//! - **Tensor parallelism**: one runner drives N GPUs. It holds a shard of the weights and of
-//!   the KV pool per GPU (attention heads split, so a slot id names the same token on every
-//!   shard and the engine's slot ids need no change), hands each step's rows to one worker
-//!   thread per GPU, which run the same forward pass with NCCL all-reduces after the attention
-//!   output and MLP down projections; rank 0 samples (the logits are all-gathered or the
-//!   vocabulary projection is replicated) and returns the rows. `kv_slots` is the per-shard
-//!   pool's slot count, which is the same on every rank.
+//! - **Tensor parallelism** (`parallel.rs` has the cut): [`CpuTensorParallel`] is a
+//!   [`LogitsBackend`] over N rank threads, each with its shard of the weights and of the KV
+//!   pool (its KV heads of every slot, so a slot id names the same token on every rank and
+//!   the engine's slot ids need no change; `kv_slots` is the per-rank count), summing
+//!   partial hidden states through a host all-reduce; the host samples the joined logits
+//!   once. The GPU runner will be the same over one worker per GPU, with NCCL.
 
 mod cpu;
 mod cpu_tp;
