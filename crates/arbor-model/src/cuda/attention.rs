@@ -25,6 +25,9 @@ pub(crate) const MMA_KEYS: usize = 64;
 
 pub(crate) const MMA_BLOCK_ROWS: usize = 64;
 
+/// Splits one thread of the merge sums before another group of threads joins (see `attention`).
+const MERGE_SPLITS_PER_THREAD: usize = 8;
+
 /// The attention kernels a head shape runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttnKernel {
@@ -410,13 +413,15 @@ pub(crate) fn attention(
         .arg(&hi)
         .arg(&di)
         .arg(&splits_i);
-    // Up to eight split groups per output dim (kernels.cu), no more groups than splits (a
-    // batch of decodes has few splits per row), at least a warp: one sequence decoding at 8k
-    // tokens has ~130 splits per head, merged by 32 blocks (one per head), so each thread
-    // reads ~16 of them rather than ~33.
-    let threads = (head_dim * plan.splits.min(8))
-        .clamp(32, 1024)
-        .next_multiple_of(32);
+    // Threads per (row, head): one group of head_dim threads per MERGE_SPLITS_PER_THREAD
+    // splits, up to eight groups (kernels.cu), at least a warp. One sequence decoding at 8k
+    // tokens has ~130 splits per head, merged by 32 blocks (one per head): eight groups, each
+    // thread reading ~16 splits rather than ~130. A batch of 64 decodes at 2k tokens has 8
+    // splits: one group, 2,048 blocks of 128 threads. (One group per split there, 1,024
+    // threads a block, each adding one product behind three block-wide reductions, took 47 us
+    // a layer on the H200, 13% of the step: ncu, docs/results/ncu-decode-2026-12-02.)
+    let groups = plan.splits.div_ceil(MERGE_SPLITS_PER_THREAD).clamp(1, 8);
+    let threads = (head_dim * groups).clamp(32, 1024).next_multiple_of(32);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, heads as u32, 1),
         block_dim: (threads as u32, 1, 1),

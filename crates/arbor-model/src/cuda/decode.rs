@@ -188,17 +188,11 @@ impl DecodeGraphs {
         let stream = dev.cuda_stream();
         let meta = stream.alloc_zeros::<u32>(len).map_err(cuda_err)?;
         // Safety: page-locked memory of `len` words; every word a copy reads is written first
-        // (the fixed sections below, the step's parts in `step`). Flags 0: cacheable.
+        // (zeroed here; `step::decode::pack` writes the step's parts and the fixed row list
+        // before every upload). Flags 0: cacheable.
         let mut staging =
             unsafe { stream.context().alloc_pinned_with_flags::<u32>(len, 0) }.map_err(cuda_err)?;
-        let host = staging.as_mut_slice().map_err(cuda_err)?;
-        host[..FLAT].fill(0);
-        for (i, r) in host[ROW_LIST..ROW_LIST + MAX_DECODE_ROWS]
-            .iter_mut()
-            .enumerate()
-        {
-            *r = i as u32;
-        }
+        staging.as_mut_slice().map_err(cuda_err)?[..FLAT].fill(0);
         Ok((meta, staging))
     }
 

@@ -124,10 +124,9 @@ pub(crate) fn add_rms_norm(
     eps: f32,
 ) -> Result<(Tensor, Tensor)> {
     let (t, n) = x.dims2()?;
-    // 16-byte pieces, up to RMS_PIECES (kernels.cu) per thread of a 1024-thread block.
-    let pieces = n / 8;
+    // The kernel reads 16-byte pieces: each tensor must start on one.
     let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(8);
-    if n % 8 != 0 || pieces > 4 * 1024 || !aligned(x) || !aligned(y) || !aligned(w) {
+    if !rms_norm_fits(n) || !aligned(x) || !aligned(y) || !aligned(w) {
         let sum = (x + y)?;
         let h = candle_nn::ops::rms_norm(&sum, w, eps)?;
         return Ok((sum, h));
