@@ -1,7 +1,6 @@
 //! End-to-end generation on the default model: against llama.cpp's greedy continuations, and
 //! batching invariance (a sequence's tokens do not depend on what else is in the batch).
 
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use arbor_engine::{
@@ -10,11 +9,9 @@ use arbor_engine::{
 };
 use arbor_model::runner::{cpu_runner, CpuBackend, HostSampledRunner};
 use arbor_model::{Device, LoadedModel};
-use serde_json::Value;
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
+use common::{ids, llama_cpp_fixture};
 
 struct Shared {
     model: Arc<arbor_model::Llama>,
@@ -24,15 +21,7 @@ struct Shared {
 fn shared() -> &'static Shared {
     static S: OnceLock<Shared> = OnceLock::new();
     S.get_or_init(|| {
-        let dir = std::env::var_os("ARBOR_MODELS_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join("models"));
-        let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-        assert!(
-            path.exists(),
-            "{} missing: the README's test command fetches it",
-            path.display()
-        );
+        let path = common::default_model_path();
         let LoadedModel {
             model, tokenizer, ..
         } = arbor_model::load_model(&path, &Device::Cpu).unwrap();
@@ -59,19 +48,6 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
         },
         constraint: None,
     }
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn llama_cpp_fixture() -> Value {
-    let p = repo_root().join("fixtures/llamacpp_smollm2.json");
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
 /// A divergence from llama.cpp counts as a near-tie when llama.cpp's own top-2 logits at that

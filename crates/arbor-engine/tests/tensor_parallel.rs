@@ -17,27 +17,11 @@ use arbor_engine::{
 use arbor_model::{
     DeviceSpec, FaultInjector, FaultSite, LogitsWanted, ModelRunner, OpenedModel, RunnerOptions,
 };
-use serde_json::Value;
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn default_model() -> PathBuf {
-    let dir = std::env::var_os("ARBOR_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "{} missing: the README's test command fetches it",
-        path.display()
-    );
-    path
-}
+mod common;
 
 fn tiny(name: &str) -> PathBuf {
-    repo_root().join("fixtures").join(name)
+    common::repo_root().join("fixtures").join(name)
 }
 
 fn open(path: &Path, tp: usize) -> OpenedModel {
@@ -173,20 +157,12 @@ fn tiny_models_give_the_whole_models_logits_and_tokens() {
 }
 
 fn llama_cpp_prompts() -> Vec<Vec<u32>> {
-    let p = repo_root().join("fixtures/llamacpp_smollm2.json");
-    let fx: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let fx = common::llama_cpp_fixture();
     let prompts: Vec<Vec<u32>> = fx["greedy"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| {
-            c["prompt_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
+        .map(|c| common::ids(&c["prompt_ids"]))
         .collect();
     assert_eq!(prompts.len(), 12, "the fixture's 12 prompts");
     prompts
@@ -209,7 +185,7 @@ const NEAR_TIE: f32 = 0.35;
 
 #[test]
 fn the_default_model_at_tp3_agrees_with_tp1_but_at_near_ties() {
-    let path = default_model();
+    let path = common::default_model_path();
     let whole = open(&path, 1);
     let split = open(&path, 3);
     let prompts = llama_cpp_prompts();
@@ -271,7 +247,7 @@ fn the_default_model_at_tp3_agrees_with_tp1_but_at_near_ties() {
 /// parallelism either: cached, chunked and cold runs give the same tokens.
 #[test]
 fn the_prefix_cache_changes_no_output_under_tp3() {
-    let path = default_model();
+    let path = common::default_model_path();
     let prompts = llama_cpp_prompts();
     let mut off = engine(&path, 3, PrefixCacheMode::Off, 512);
     let mut on = engine(&path, 3, PrefixCacheMode::Radix, 64);
@@ -351,7 +327,7 @@ fn sizes_that_do_not_divide_the_model_are_refused_at_load() {
             .unwrap_err()
             .to_string()
     };
-    let e = err(&default_model(), 2);
+    let e = err(&common::default_model_path(), 2);
     assert!(
         e.contains("tensor_parallel_size 2") && e.contains("9 attention heads"),
         "{e}"
