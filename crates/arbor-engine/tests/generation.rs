@@ -11,7 +11,7 @@ use arbor_model::runner::{cpu_runner, CpuBackend, HostSampledRunner};
 use arbor_model::{Device, LoadedModel};
 
 mod common;
-use common::{ids, llama_cpp_fixture};
+use common::{greedy, ids, llama_cpp_fixture};
 
 struct Shared {
     model: Arc<arbor_model::Llama>,
@@ -34,20 +34,6 @@ fn shared() -> &'static Shared {
 
 fn engine(kv_slots: usize, max_batch_tokens: usize) -> Engine {
     engine_with_cache(PrefixCacheMode::Radix, kv_slots, max_batch_tokens)
-}
-
-fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
-    Request {
-        logprobs: None,
-        namespace: 0,
-        prompt,
-        sampling: SamplingParams::greedy(),
-        stop: StopConditions {
-            max_tokens,
-            ..Default::default()
-        },
-        constraint: None,
-    }
 }
 
 /// A divergence from llama.cpp counts as a near-tie when llama.cpp's own top-2 logits at that

@@ -11,9 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arbor_engine::{
-    Engine, EngineConfig, FinishReason, PrefixCacheMode, Request, SamplingParams, StopConditions,
-};
+use arbor_engine::{Engine, EngineConfig, FinishReason, PrefixCacheMode, Request};
 use arbor_model::{
     DeviceSpec, FaultInjector, FaultSite, LogitsWanted, ModelRunner, OpenedModel, RunnerOptions,
 };
@@ -44,19 +42,11 @@ fn engine(path: &Path, tp: usize, cache: PrefixCacheMode, max_batch_tokens: usiz
     Engine::new(opened.runner, opened.tokenizer, config).unwrap()
 }
 
+/// A greedy request that runs its whole length (EOS ignored), so every token is compared.
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
-    Request {
-        logprobs: None,
-        namespace: 0,
-        prompt,
-        sampling: SamplingParams::greedy(),
-        stop: StopConditions {
-            max_tokens,
-            ignore_eos: true,
-            ..Default::default()
-        },
-        constraint: None,
-    }
+    let mut req = common::greedy(prompt, max_tokens);
+    req.stop.ignore_eos = true;
+    req
 }
 
 /// Runs the requests together (one batch, chunked prefill) and returns each one's tokens.

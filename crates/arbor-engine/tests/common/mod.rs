@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use arbor_engine::{Request, SamplingParams, StopConditions};
 use serde_json::Value;
 
 pub fn repo_root() -> PathBuf {
@@ -37,4 +38,19 @@ pub fn ids(v: &Value) -> Vec<u32> {
 pub fn llama_cpp_fixture() -> Value {
     let p = repo_root().join("fixtures/llamacpp_smollm2.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// A greedy request for `max_tokens` tokens.
+pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
+    Request {
+        logprobs: None,
+        namespace: 0,
+        prompt,
+        sampling: SamplingParams::greedy(),
+        stop: StopConditions {
+            max_tokens,
+            ..Default::default()
+        },
+        constraint: None,
+    }
 }

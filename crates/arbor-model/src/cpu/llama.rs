@@ -233,6 +233,14 @@ impl Llama {
     /// The embedding rows of `tokens`, `[tokens.len(), hidden]`. A shard holds its
     /// vocabulary rows only: other tokens get zero rows (the group's sum fills them in).
     fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if self.shard.is_whole() {
+            let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
+            return Ok(self
+                .embedding
+                .lookup(&ids)?
+                .flatten_all()?
+                .to_vec1::<f32>()?);
+        }
         let vocab = &self.shard.vocab;
         let held = |t: u32| vocab.contains(&(t as usize));
         let local: Vec<u32> = tokens
