@@ -76,6 +76,33 @@ pub fn linear_bench(ordinal: usize, config: &ModelConfig) -> Result<serde_json::
     }
 }
 
+/// A one-rank NCCL round trip on GPU `ordinal` (the library loads, a communicator forms, the
+/// all-reduce copies its input exactly); `failed` is 1 when it did not.
+pub fn nccl_check(ordinal: usize) -> Result<serde_json::Value> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::cuda::nccl_self_check(ordinal)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = ordinal;
+        Err(no_cuda())
+    }
+}
+
+/// How many GPUs this process sees (0 without the CUDA backend).
+pub fn gpu_count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
+            .map_or(0, |n| n.max(0) as usize)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        0
+    }
+}
+
 /// The CUDA forward pass's time per phase since the last call, `(phase, seconds, marks)`, when
 /// profiling is on (`CudaOptions::profile`, `--cuda-profile`); empty otherwise and on other
 /// backends.

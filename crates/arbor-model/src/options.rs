@@ -43,6 +43,10 @@ pub struct CudaOptions {
     /// Replay decode steps as CUDA graphs (`cuda::DecodeGraphs`); off runs the same padded
     /// steps launch by launch, for A/B benchmarks.
     pub decode_graphs: bool,
+    /// Tensor parallelism with every rank on the one GPU the device names, summing through
+    /// the host: a check of the cut where there is no second GPU (NCCL refuses two ranks on
+    /// one device). Slow; not for serving.
+    pub tp_one_gpu: bool,
 }
 
 impl Default for CudaOptions {
@@ -55,6 +59,7 @@ impl Default for CudaOptions {
             profile: false,
             host_sampling: false,
             decode_graphs: true,
+            tp_one_gpu: false,
         }
     }
 }

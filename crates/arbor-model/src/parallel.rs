@@ -163,6 +163,16 @@ pub trait AllReduce: Send + Sync {
     fn sum(&self, rank: usize, buf: &mut [f32]) -> Result<()>;
 }
 
+/// What the tensor-parallel runner needs of a group of ranks, whatever carries its
+/// collectives (a host all-reduce, NCCL): a way to break it when a rank fails, so that no
+/// rank waits forever for a peer that will never join.
+pub trait RankGroup: Send + Sync {
+    /// Breaks the group: ranks waiting in a collective, and every later call, fail with `why`.
+    fn abort(&self, why: &str);
+    /// Why the group was broken, if it was.
+    fn aborted(&self) -> Option<String>;
+}
+
 /// A barrier that a failing rank can break: the others stop waiting and get its reason,
 /// rather than hang in a collective that will never complete.
 #[derive(Debug)]
@@ -246,14 +256,14 @@ impl HostAllReduce {
             barrier: AbortableBarrier::new(size),
         }
     }
+}
 
-    /// Breaks the group: ranks waiting in a collective, and every later call, fail with `why`.
-    pub fn abort(&self, why: &str) {
+impl RankGroup for HostAllReduce {
+    fn abort(&self, why: &str) {
         self.barrier.abort(why);
     }
 
-    /// Why the group was broken, if it was.
-    pub fn aborted(&self) -> Option<String> {
+    fn aborted(&self) -> Option<String> {
         self.barrier.aborted()
     }
 }

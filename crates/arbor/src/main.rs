@@ -91,9 +91,14 @@ pub struct ModelArgs {
     /// heads, MLP columns and vocabulary split between them, partial results summed after
     /// each layer's attention and MLP. It must divide the model's attention heads and MLP
     /// width, and divide its KV heads or be a multiple of them. On the CPU the ranks are
-    /// threads sharing the cores (for testing: not faster than 1).
+    /// threads sharing the cores (for testing: not faster than 1); on GPUs one rank per GPU
+    /// from --device's on (`--device cuda -tp 2`: cuda:0 and cuda:1), summing over NCCL.
     #[arg(long, default_value_t = 1, env = "ARBOR_TENSOR_PARALLEL_SIZE")]
     tensor_parallel_size: usize,
+    /// GPU, checking only: every tensor-parallel rank on --device's one GPU, summing through
+    /// the host instead of NCCL (slow; for checking the cut where there is no second GPU).
+    #[arg(long)]
+    tp_one_gpu: bool,
     /// `auto` reads the weights from --model; `dummy` makes random weights of the shapes in
     /// --model's config.json, on the GPU (benchmarking models that cannot be downloaded).
     #[arg(long, value_enum, default_value = "auto")]
@@ -483,6 +488,7 @@ fn runner_options(args: &ModelArgs) -> RunnerOptions {
             profile: args.cuda_profile,
             host_sampling: args.cuda_sampling == CudaSamplingArg::Host,
             decode_graphs: args.cuda_graphs == OnOff::On,
+            tp_one_gpu: args.tp_one_gpu,
         },
         cpu_kernels: match args.cpu_kernels {
             CpuKernelsArg::Auto => CpuKernels::Auto,
@@ -518,6 +524,7 @@ fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
                 ("cuda_sampling", "--cuda-sampling"),
                 ("decode_graphs", "--cuda-graphs"),
                 ("tensor_parallel_size", "--tensor-parallel-size"),
+                ("tp_one_gpu", "--tp-one-gpu"),
             ]
             .iter()
             .fold(why, |why, (option, flag)| why.replace(option, flag))

@@ -290,6 +290,23 @@ pub struct GpuCheckArgs {
     /// identical, seeded draws by a chi-square test over this many draws per case.
     #[arg(long)]
     pub sampler: Option<usize>,
+    /// Check tensor parallelism: the model cut into this many ranks against the whole model,
+    /// both on the GPU (last-position logits of every prompt, greedy tokens of all prompts
+    /// batched). Ranks go on GPUs cuda:N, cuda:N+1, ... summing over NCCL when the machine
+    /// has them, else all on the one GPU summing through the host.
+    #[arg(long)]
+    pub tp: Option<usize>,
+    /// With --tp: --model is a config.json and the weights are random (`--load-format dummy`,
+    /// seed 0; every rank makes the same weights).
+    #[arg(long)]
+    pub dummy: bool,
+    /// With --tp and --dummy: a tokenizer folder (default: one token per character).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// A one-rank NCCL round trip (the library loads, a communicator forms, an all-reduce
+    /// copies its input exactly); no model.
+    #[arg(long)]
+    pub nccl: bool,
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -325,6 +342,20 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
             bail!("GPU sampler checks failed");
         }
         return Ok(());
+    }
+    if a.nccl {
+        let out = arbor_model::diagnostics::nccl_check(ordinal)?;
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        if let Some(p) = &a.json {
+            std::fs::write(p, serde_json::to_string_pretty(&out)?)?;
+        }
+        if out["failed"].as_u64() != Some(0) {
+            bail!("NCCL check failed");
+        }
+        return Ok(());
+    }
+    if let Some(size) = a.tp {
+        return tp_check(&a, ordinal, size);
     }
     if a.kernels {
         let out = arbor_model::diagnostics::attention_kernel_checks(ordinal)?;
@@ -513,6 +544,151 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
     Ok(())
 }
 
+/// Bounds of `gpu-check --tp`: TP=N against TP=1 on the same GPU differs only by where bf16
+/// rounds (each rank's partial sums round before they are added, at two points a layer), so
+/// the worst logit is held to the bound of the GPU path against the CPU path (another
+/// arithmetic on the same weights). Measured on one H200: 0.7-2.2% on the tiny models and
+/// SmolLM2's shape, 4.4-6.6% on Llama-3.1-8B's shape with random weights (32 layers; logits
+/// of about 6, where one bf16 step is 0.03). A shard with a wrong KV head was off by more than
+/// its logits (the CPU twin's test). Greedy tokens may part only where TP=1's top two were
+/// within [`TP_NEAR_TIE`] (the CPU's tensor-parallel test's bound); measured partings were
+/// at margins of 0.00-0.09.
+const TP_RELATIVE_BOUND: f64 = MODEL_RELATIVE_BOUND_BF16;
+const TP_NEAR_TIE: f32 = 0.35;
+
+/// `gpu-check --tp N`: the model cut into `size` ranks against the whole model on GPU
+/// `ordinal` (see [`GpuCheckArgs::tp`]).
+fn tp_check(a: &GpuCheckArgs, ordinal: usize, size: usize) -> Result<()> {
+    use arbor_engine::{Engine, EngineConfig};
+    use arbor_model::runner::{CudaOptions, LoadFormat};
+    use arbor_model::{DeviceSpec, LogitsWanted, RunnerOptions};
+    let path = match &a.model {
+        Some(p) => p.clone(),
+        None => crate::model_fetch::default_model_path(false)?,
+    };
+    let one_gpu = ordinal + size > arbor_model::diagnostics::gpu_count();
+    let options = |tp: usize| RunnerOptions {
+        kv_slots: Some(16_384),
+        tensor_parallel_size: tp,
+        load_format: if a.dummy {
+            LoadFormat::Dummy
+        } else {
+            LoadFormat::Auto
+        },
+        tokenizer: a.tokenizer.clone(),
+        cuda: CudaOptions {
+            tp_one_gpu: one_gpu && tp > 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let device = DeviceSpec::Cuda(ordinal);
+    let whole = arbor_model::open(&path, device, &options(1))?;
+    let split = arbor_model::open(&path, device, &options(size))?;
+    let vocab = whole.runner.config().vocab_size;
+    let max_pos = whole.runner.config().max_position_embeddings;
+    let prompts: Vec<Vec<u32>> = match &a.fixture {
+        Some(f) => {
+            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(f)?)?;
+            v["greedy"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|g| serde_json::from_value(g["prompt_ids"].clone()).ok())
+                .collect()
+        }
+        None => {
+            let mut rng = 11u64;
+            [5usize, 17, 64, 300, 1000, 3000]
+                .iter()
+                .map(|&n| prompt(&mut rng, n.min(max_pos - a.tokens - 1), vocab))
+                .collect()
+        }
+    };
+    if prompts.is_empty() {
+        bail!("no prompts to check");
+    }
+    let last = |r: &dyn arbor_model::ModelRunner, p: &[u32]| -> Result<Vec<f32>> {
+        Ok(r.logits_from_scratch(p, LogitsWanted::Last)?.remove(0))
+    };
+    let mut rows = Vec::new();
+    let mut worst_rel = 0f64;
+    for p in &prompts {
+        let (lw, ls) = (
+            last(whole.runner.as_ref(), p)?,
+            last(split.runner.as_ref(), p)?,
+        );
+        let max_abs = lw
+            .iter()
+            .zip(&ls)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        let scale = lw.iter().map(|x| x.abs()).fold(0f32, f32::max).max(1e-6);
+        let rel = f64::from(max_abs / scale);
+        worst_rel = worst_rel.max(rel);
+        rows.push(json!({
+            "prompt_tokens": p.len(), "max_abs_diff": max_abs, "max_abs_logit": scale,
+            "relative": rel,
+            "same_top1": arbor_model::sampling::argmax(&lw) == arbor_model::sampling::argmax(&ls),
+        }));
+    }
+    // Greedy tokens of every prompt at once (batched decode steps, prefix cache on).
+    let mut whole_engine = Engine::new(whole.runner, whole.tokenizer, EngineConfig::default())?;
+    let mut split_engine = Engine::new(split.runner, split.tokenizer, EngineConfig::default())?;
+    let want = greedy_together(&mut whole_engine, &prompts, a.tokens)?;
+    let got = greedy_together(&mut split_engine, &prompts, a.tokens)?;
+    let mut failures = Vec::new();
+    let (mut identical, mut near_ties) = (0, Vec::new());
+    for ((p, want), got) in prompts.iter().zip(&want).zip(&got) {
+        let Some(at) = want.iter().zip(got).position(|(x, y)| x != y) else {
+            identical += usize::from(want.len() == got.len());
+            continue;
+        };
+        let mut context = p.clone();
+        context.extend(&want[..at]);
+        let mut sorted = last(whole_engine.runner(), &context)?;
+        sorted.sort_by(|x, y| y.total_cmp(x));
+        let margin = sorted[0] - sorted[1];
+        near_ties.push(json!({"prompt_tokens": p.len(), "step": at, "tp1_margin": margin}));
+        if margin >= TP_NEAR_TIE {
+            failures.push(format!(
+                "a {}-token prompt's greedy tokens part at step {at}, where TP=1's top-2 margin was {margin:.3}",
+                p.len()
+            ));
+        }
+    }
+    if worst_rel > TP_RELATIVE_BOUND {
+        failures.push(format!(
+            "worst relative logit difference {worst_rel:.4} exceeds {TP_RELATIVE_BOUND}"
+        ));
+    }
+    let out = json!({
+        "model": path.display().to_string(), "tensor_parallel_size": size,
+        "ranks_on_one_gpu": one_gpu, "device": split_engine.runner().device_name(),
+        "prompts": prompts.len(), "worst_relative_logit_difference": worst_rel,
+        "bound": TP_RELATIVE_BOUND, "greedy_tokens": a.tokens, "greedy_identical": identical,
+        "diverged": near_ties, "rows": rows, "failures": failures,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&out)?)?;
+    }
+    if !failures.is_empty() {
+        bail!("tensor-parallel check failed: {}", failures.join("; "));
+    }
+    Ok(())
+}
+
+/// Greedy continuations of every prompt, all in flight at once on `engine`.
+fn greedy_together(
+    engine: &mut arbor_engine::Engine,
+    prompts: &[Vec<u32>],
+    tokens: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let requests = prompts.iter().map(|p| request(p.clone(), tokens));
+    run_together(engine, requests.collect())
+}
+
 /// Runs every prompt at once on `engine`, prompt i for `tokens + 3 i` tokens with seeded
 /// sampling (temperature 1), and returns each one's tokens.
 fn all_at_once(
@@ -520,16 +696,28 @@ fn all_at_once(
     prompts: &[Vec<u32>],
     tokens: usize,
 ) -> Result<Vec<Vec<u32>>> {
-    use arbor_engine::Event;
-    let mut ids = Vec::new();
-    for (i, p) in prompts.iter().enumerate() {
+    let requests = prompts.iter().enumerate().map(|(i, p)| {
         let mut r = request(p.clone(), tokens + 3 * i);
         r.sampling.temperature = 1.0;
         r.sampling.seed = Some(i as u64 + 1);
+        r
+    });
+    run_together(engine, requests.collect())
+}
+
+/// Runs `requests` all in flight at once on `engine`; each one's tokens, in order.
+fn run_together(
+    engine: &mut arbor_engine::Engine,
+    requests: Vec<Request>,
+) -> Result<Vec<Vec<u32>>> {
+    use arbor_engine::Event;
+    let n = requests.len();
+    let mut ids = Vec::with_capacity(n);
+    for r in requests {
         ids.push(engine.add_request(r)?);
     }
-    let mut out = vec![Vec::new(); prompts.len()];
-    let mut open = prompts.len();
+    let mut out = vec![Vec::new(); n];
+    let mut open = n;
     while open > 0 {
         let (events, _) = engine.step()?;
         for ev in events {

@@ -95,7 +95,9 @@ impl DecodeGraphs {
     pub fn supports(model: &CudaLlama) -> bool {
         let linear = |l: &GpuLinear| matches!(l, GpuLinear::Dense(w) if w.dtype() == DType::BF16);
         let hidden = model.config.hidden_size;
-        rms_norm_fits(hidden)
+        // Tensor-parallel shards take the general path (no collectives in the graphs yet).
+        model.shard.is_whole()
+            && rms_norm_fits(hidden)
             && model.embed.dtype() == DType::BF16
             && linear(&model.lm_head)
             && model

@@ -37,20 +37,52 @@ pub(crate) fn dense_bf16(t: Stored, device: &Device) -> Result<Tensor> {
     })
 }
 
-/// A linear layer's weight: `parts` (`[out, in]` each) stacked along the output dimension.
+/// Where a model's (or its shards') weights come from.
+pub(crate) enum ShardSources<'a> {
+    /// One source, each tensor read once and cut for every rank.
+    Shared(&'a mut dyn WeightSource),
+    /// One source per rank giving the same weights (random weights made again on each rank's
+    /// GPU from one seed: nothing crosses between GPUs), each cut for its rank.
+    PerRank(Vec<Box<dyn WeightSource + 'a>>),
+}
+
+impl ShardSources<'_> {
+    pub(crate) fn config(&self) -> &ModelConfig {
+        match self {
+            Self::Shared(src) => src.config(),
+            Self::PerRank(srcs) => srcs[0].config(),
+        }
+    }
+
+    /// `w`'s part for each of `shards`.
+    pub(crate) fn parts(&mut self, w: Weight, shards: &[Shard]) -> Result<Vec<Stored>> {
+        match self {
+            Self::Shared(src) => crate::weights::shard::get_parts(&mut **src, w, shards),
+            Self::PerRank(srcs) => srcs
+                .iter_mut()
+                .zip(shards)
+                .map(|(src, shard)| {
+                    let part = crate::weights::shard::part(w, src.config(), shard);
+                    let t = src.get(w)?;
+                    match part {
+                        crate::weights::shard::Part::Whole => Ok(t),
+                        part => crate::weights::shard::cut(&t, &part, &w.gguf_name()),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A linear layer's weight: `stored` (`[out, in]` each) stacked along the output dimension.
 /// With `keep_quantized`, GGUF block formats stay as they are when every part has the same one
 /// (stacking rows of one format is concatenating their bytes); otherwise bf16.
 pub(crate) fn gpu_linear(
-    src: &mut dyn WeightSource,
-    parts: &[Weight],
+    stored: Vec<Stored>,
     keep_quantized: bool,
     device: &Device,
 ) -> Result<GpuLinear> {
     use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-    let mut stored = Vec::with_capacity(parts.len());
-    for &w in parts {
-        stored.push(src.get(w)?);
-    }
     if keep_quantized {
         let dtypes: Vec<Option<GgmlDType>> = stored
             .iter()
@@ -99,6 +131,55 @@ pub struct LoadedCuda {
     pub chat_template: ChatTemplate,
 }
 
+/// A model cut into tensor-parallel shards, one per device, with its text side.
+pub struct LoadedShards {
+    pub shards: Vec<CudaLlama>,
+    pub tokenizer: Tokenizer,
+    pub chat_template: ChatTemplate,
+}
+
+/// Loads `path` (GGUF file or Hugging Face folder) cut into one shard per device
+/// (`devices[rank]`); every tensor is read once, on the host, and each rank's part goes to
+/// its GPU.
+pub fn load_shards(
+    path: &Path,
+    devices: &[Device],
+    gguf_weights: GgufWeights,
+    options: CudaOptions,
+) -> Result<LoadedShards> {
+    if !path.exists() {
+        return Err(ModelError::NotFound(path.to_path_buf()));
+    }
+    let keep_quantized = gguf_weights == GgufWeights::Quantized;
+    let build = |src: &mut dyn WeightSource| {
+        let shards = crate::parallel::plan(src.config(), devices.len())?;
+        CudaLlama::build_shards(
+            ShardSources::Shared(src),
+            &shards,
+            keep_quantized,
+            &options,
+            devices,
+        )
+    };
+    if path.is_dir() {
+        let (config, tokenizer, chat_template) = crate::weights::hf::open_hf(path)?;
+        let mut src = crate::weights::hf::SafetensorsWeights::load(path, config, &Device::Cpu)?;
+        Ok(LoadedShards {
+            shards: build(&mut src)?,
+            tokenizer,
+            chat_template,
+        })
+    } else {
+        let mut file = crate::weights::gguf::open_gguf(path)?;
+        let shards = build(&mut file)?;
+        Ok(LoadedShards {
+            shards,
+            tokenizer: file.tokenizer,
+            chat_template: file.chat_template,
+        })
+    }
+}
+
 /// Loads a GGUF file or a Hugging Face folder onto the GPU: bf16, or GGUF weights in their
 /// own block format (`gguf_weights`).
 pub fn load(
@@ -142,6 +223,30 @@ pub fn load_dummy(
     seed: u64,
     options: CudaOptions,
 ) -> Result<LoadedCuda> {
+    let mut loaded = load_dummy_shards(
+        config_path,
+        tokenizer_dir,
+        std::slice::from_ref(device),
+        seed,
+        options,
+    )?;
+    Ok(LoadedCuda {
+        model: loaded.shards.pop().expect("one device, one model"),
+        tokenizer: loaded.tokenizer,
+        chat_template: loaded.chat_template,
+    })
+}
+
+/// [`load_dummy`] cut into one shard per device. Every rank's GPU makes the whole tensors
+/// from the same seed and keeps its part, so the shards are cuts of the model TP=1 makes
+/// on the same kind of GPU.
+pub fn load_dummy_shards(
+    config_path: &Path,
+    tokenizer_dir: Option<&Path>,
+    devices: &[Device],
+    seed: u64,
+    options: CudaOptions,
+) -> Result<LoadedShards> {
     let path = if config_path.is_dir() {
         config_path.join("config.json")
     } else {
@@ -161,14 +266,24 @@ pub fn load_dummy(
             ChatTemplate::new(crate::text::chat::CHATML_TEMPLATE, "", "")?,
         ),
     };
-    device.set_seed(seed)?;
-    let mut src = DummyWeights {
-        config,
-        device: device.clone(),
-    };
-    let model = CudaLlama::build(&mut src, false, options, device)?;
-    Ok(LoadedCuda {
-        model,
+    let shards = crate::parallel::plan(&config, devices.len())?;
+    let mut sources: Vec<Box<dyn WeightSource>> = Vec::with_capacity(devices.len());
+    for device in devices {
+        device.set_seed(seed)?;
+        sources.push(Box::new(DummyWeights {
+            config: config.clone(),
+            device: device.clone(),
+        }));
+    }
+    let shards = CudaLlama::build_shards(
+        ShardSources::PerRank(sources),
+        &shards,
+        false,
+        &options,
+        devices,
+    )?;
+    Ok(LoadedShards {
+        shards,
         tokenizer,
         chat_template,
     })

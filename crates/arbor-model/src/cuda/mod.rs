@@ -26,6 +26,12 @@
 //! | `sampler.rs` | sampling on the GPU (`sampler.cu`): penalties, truncation, seeded draws, logprobs |
 //! | `profile.rs` | the per-phase profile ([`CudaOptions::profile`]) |
 //! | `checks.rs` | kernel checks and the linear-layer benchmark, for `arbor_model::diagnostics` |
+//! | `collective.rs` | tensor parallelism's sums across GPUs: NCCL, or through the host on one GPU |
+//!
+//! Under tensor parallelism a [`CudaLlama`] is one rank's [`Shard`]: its heads, KV heads, MLP
+//! columns and vocabulary rows, at those widths everywhere (weights, KV pool, buffers), and
+//! [`CudaLlama::forward_shard`] sums the partial hidden states over the group after the
+//! embedding, the O and the down projections (Megatron's cut, `crate::parallel`).
 
 use std::path::Path;
 
@@ -42,6 +48,7 @@ pub use candle_core::quantized::GgmlDType;
 
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
+use crate::parallel::Shard;
 use crate::rope::Rope;
 use crate::step::{FlatStep, SeqStep};
 use crate::weights::{LayerWeight as L, Stored, Weight, WeightSource};
@@ -49,6 +56,7 @@ use crate::{ChatTemplate, Tokenizer};
 
 mod attention;
 mod checks;
+mod collective;
 mod decode;
 mod load;
 mod ops;
@@ -57,6 +65,7 @@ mod sampler;
 
 pub use self::attention::*;
 pub use self::checks::*;
+pub use self::collective::*;
 pub use self::decode::*;
 pub use self::load::*;
 use self::ops::*;
@@ -84,6 +93,25 @@ pub fn device(ordinal: usize) -> Result<Device> {
     Device::new_cuda(ordinal).map_err(|e| ModelError::Cuda(format!("CUDA device {ordinal}: {e}")))
 }
 
+/// Opens GPU `ordinal` with a stream of its own (not the per-thread default stream): a
+/// tensor-parallel rank is built on one thread and runs on another, and ranks that share a
+/// GPU must not share a stream or a cuBLAS handle.
+pub fn device_with_stream(ordinal: usize) -> Result<Device> {
+    CudaDevice::new_with_stream(ordinal)
+        .map(Device::Cuda)
+        .map_err(|e| ModelError::Cuda(format!("CUDA device {ordinal}: {e}")))
+}
+
+/// Bytes of memory free now on `device`'s GPU.
+pub fn free_memory(device: &Device) -> Option<usize> {
+    let dev = cuda_device(device).ok()?;
+    dev.cuda_stream()
+        .context()
+        .mem_get_info()
+        .ok()
+        .map(|(free, _)| free)
+}
+
 fn cuda_device(device: &Device) -> Result<&CudaDevice> {
     match device {
         Device::Cuda(d) => Ok(d),
@@ -108,7 +136,11 @@ pub struct CudaLayer {
 
 #[derive(Debug)]
 pub struct CudaLlama {
+    /// The whole model's shape.
     pub config: ModelConfig,
+    /// The part of the model this one holds (all of it without tensor parallelism).
+    pub shard: Shard,
+    /// This shard's vocabulary rows of the embedding.
     embed: Tensor,
     layers: Vec<CudaLayer>,
     final_norm: Tensor,
@@ -134,7 +166,7 @@ pub struct CudaKvPool {
 impl CudaKvPool {
     pub fn new(model: &CudaLlama, num_slots: usize) -> Result<Self> {
         let dev = cuda_device(&model.device)?;
-        let n = (num_slots + 1) * model.config.kv_dim();
+        let n = (num_slots + 1) * model.shard.kv_dim(&model.config);
         let mut k = Vec::new();
         let mut v = Vec::new();
         for _ in 0..model.config.num_layers {
@@ -163,7 +195,27 @@ impl CudaLlama {
         options: CudaOptions,
         device: &Device,
     ) -> Result<Self> {
-        let config = src.config().clone();
+        let whole = Shard::whole(src.config());
+        let mut models = Self::build_shards(
+            ShardSources::Shared(src),
+            &[whole],
+            keep_quantized,
+            &options,
+            std::slice::from_ref(device),
+        )?;
+        Ok(models.pop().expect("one shard, one model"))
+    }
+
+    /// Each of `shards`' model on its device (`devices[rank]`), from one source read once and
+    /// cut for every rank, or from one source per rank (random weights made on each GPU).
+    pub(crate) fn build_shards(
+        mut sources: ShardSources,
+        shards: &[Shard],
+        keep_quantized: bool,
+        options: &CudaOptions,
+        devices: &[Device],
+    ) -> Result<Vec<Self>> {
+        let config = sources.config().clone();
         config.validate()?;
         if !config.head_dim.is_multiple_of(2) || config.head_dim > 256 {
             return Err(ModelError::BadConfig(format!(
@@ -171,51 +223,110 @@ impl CudaLlama {
                 config.head_dim
             )));
         }
-        let mut layers = Vec::with_capacity(config.num_layers);
+        let n = shards.len();
+        // Per rank: the weights `ws` stacked into one linear layer on the rank's device.
+        let linear = |sources: &mut ShardSources, ws: &[Weight]| -> Result<Vec<GpuLinear>> {
+            let mut per_rank: Vec<Vec<Stored>> = (0..n).map(|_| Vec::new()).collect();
+            for &w in ws {
+                for (r, t) in sources.parts(w, shards)?.into_iter().enumerate() {
+                    per_rank[r].push(t);
+                }
+            }
+            per_rank
+                .into_iter()
+                .zip(devices)
+                .map(|(parts, device)| gpu_linear(parts, keep_quantized, device))
+                .collect()
+        };
+        let dense = |sources: &mut ShardSources, w: Weight| -> Result<Vec<Tensor>> {
+            sources
+                .parts(w, shards)?
+                .into_iter()
+                .zip(devices)
+                .map(|(t, device)| dense_bf16(t, device))
+                .collect()
+        };
+        let mut layers: Vec<Vec<CudaLayer>> = (0..n)
+            .map(|_| Vec::with_capacity(config.num_layers))
+            .collect();
         for i in 0..config.num_layers {
             let w = |role: L| Weight::Layer(i, role);
-            let qkv = gpu_linear(src, &[w(L::Q), w(L::K), w(L::V)], keep_quantized, device)?;
-            let qkv_bias = if config.qkv_bias {
-                let mut b = |role: L| dense_bf16(src.get(w(role))?, device);
-                Some(Tensor::cat(&[b(L::QBias)?, b(L::KBias)?, b(L::VBias)?], 0)?)
+            let qkv = linear(&mut sources, &[w(L::Q), w(L::K), w(L::V)])?;
+            let qkv_bias: Vec<Option<Tensor>> = if config.qkv_bias {
+                let (q, k, v) = (
+                    dense(&mut sources, w(L::QBias))?,
+                    dense(&mut sources, w(L::KBias))?,
+                    dense(&mut sources, w(L::VBias))?,
+                );
+                q.into_iter()
+                    .zip(k)
+                    .zip(v)
+                    .map(|((q, k), v)| Ok(Some(Tensor::cat(&[q, k, v], 0)?)))
+                    .collect::<Result<_>>()?
             } else {
-                None
+                (0..n).map(|_| None).collect()
             };
-            let gate_up = gpu_linear(src, &[w(L::Gate), w(L::Up)], keep_quantized, device)?;
-            let wo = gpu_linear(src, &[w(L::O)], keep_quantized, device)?;
-            let down = gpu_linear(src, &[w(L::Down)], keep_quantized, device)?;
-            layers.push(CudaLayer {
-                attn_norm: dense_bf16(src.get(w(L::AttnNorm))?, device)?,
-                qkv,
-                qkv_bias,
-                wo,
-                ffn_norm: dense_bf16(src.get(w(L::FfnNorm))?, device)?,
-                gate_up,
-                down,
-            });
+            let gate_up = linear(&mut sources, &[w(L::Gate), w(L::Up)])?;
+            let wo = linear(&mut sources, &[w(L::O)])?;
+            let down = linear(&mut sources, &[w(L::Down)])?;
+            let attn_norm = dense(&mut sources, w(L::AttnNorm))?;
+            let ffn_norm = dense(&mut sources, w(L::FfnNorm))?;
+            let parts = qkv
+                .into_iter()
+                .zip(qkv_bias)
+                .zip(gate_up)
+                .zip(wo)
+                .zip(down)
+                .zip(attn_norm)
+                .zip(ffn_norm);
+            for (r, ((((((qkv, qkv_bias), gate_up), wo), down), attn_norm), ffn_norm)) in
+                parts.enumerate()
+            {
+                layers[r].push(CudaLayer {
+                    attn_norm,
+                    qkv,
+                    qkv_bias,
+                    wo,
+                    ffn_norm,
+                    gate_up,
+                    down,
+                });
+            }
         }
-        let embed = dense_bf16(src.get(Weight::TokenEmbedding)?, device)?;
-        let final_norm = dense_bf16(src.get(Weight::FinalNorm)?, device)?;
+        let embed = dense(&mut sources, Weight::TokenEmbedding)?;
+        let final_norm = dense(&mut sources, Weight::FinalNorm)?;
         let lm_head = if config.tie_word_embeddings {
-            GpuLinear::Dense(embed.clone())
+            embed.iter().cloned().map(GpuLinear::Dense).collect()
         } else {
-            gpu_linear(src, &[Weight::LmHead], keep_quantized, device)?
+            linear(&mut sources, &[Weight::LmHead])?
         };
         let rope = Rope::new(&config);
         let (cos, sin) = rope.full_tables(config.max_position_embeddings);
-        let stream = cuda_device(device)?.cuda_stream();
-        Ok(Self {
-            cos: stream.clone_htod(&cos).map_err(cuda_err)?,
-            sin: stream.clone_htod(&sin).map_err(cuda_err)?,
-            config,
-            embed,
-            layers,
-            final_norm,
-            lm_head,
-            device: device.clone(),
-            options,
-            logits_host: std::sync::Mutex::new(None),
-        })
+        let mut models = Vec::with_capacity(n);
+        let ranks = shards
+            .iter()
+            .zip(devices)
+            .zip(layers)
+            .zip(embed)
+            .zip(final_norm)
+            .zip(lm_head);
+        for (((((shard, device), layers), embed), final_norm), lm_head) in ranks {
+            let stream = cuda_device(device)?.cuda_stream();
+            models.push(Self {
+                cos: stream.clone_htod(&cos).map_err(cuda_err)?,
+                sin: stream.clone_htod(&sin).map_err(cuda_err)?,
+                config: config.clone(),
+                shard: shard.clone(),
+                embed,
+                layers,
+                final_norm,
+                lm_head,
+                device: device.clone(),
+                options: options.clone(),
+                logits_host: std::sync::Mutex::new(None),
+            });
+        }
+        Ok(models)
     }
 
     pub fn device(&self) -> &Device {
@@ -228,24 +339,43 @@ impl CudaLlama {
 
     /// Bytes of GPU memory free now (after the weights): the KV pool's budget.
     pub fn free_memory_bytes(&self) -> Option<usize> {
-        let dev = cuda_device(&self.device).ok()?;
-        dev.cuda_stream()
-            .context()
-            .mem_get_info()
-            .ok()
-            .map(|(free, _)| free)
+        free_memory(&self.device)
     }
 
     /// Runs one step, like [`crate::Llama::forward`]: the logit rows on the host.
     pub fn forward(&self, batch: &[SeqStep], kv: &mut CudaKvPool) -> Result<Vec<Vec<f32>>> {
-        let Some(logits) = self.forward_logits(batch, kv)? else {
-            return Ok(Vec::new());
-        };
+        match self.run(batch, kv, None)? {
+            Some(logits) => self.rows_to_host(&logits, None),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// One tensor-parallel rank's step: like [`Self::forward`] on this shard, summing over
+    /// `group` after the embedding, O and down; each row is this shard's vocabulary slice.
+    pub fn forward_shard(
+        &self,
+        batch: &[SeqStep],
+        kv: &mut CudaKvPool,
+        group: &dyn DeviceAllReduce,
+    ) -> Result<Vec<Vec<f32>>> {
+        match self.run(batch, kv, Some(group))? {
+            Some(logits) => self.rows_to_host(&logits, Some(group)),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// `logits` (`[rows, vocab]` f32 on the GPU) as rows on the host: one flat copy into
+    /// page-locked memory (candle's `to_vec2` gathers element by element through pageable
+    /// memory). Under tensor parallelism the wait for the GPU goes through the group, which
+    /// gives up when a peer fails.
+    fn rows_to_host(
+        &self,
+        logits: &Tensor,
+        group: Option<&dyn DeviceAllReduce>,
+    ) -> Result<Vec<Vec<f32>>> {
         let dev = cuda_device(&self.device)?;
         let stream = dev.cuda_stream();
         let mut prof = Profiler::start(dev, self.options.profile);
-        // One flat copy into page-locked memory, then rows on the host (candle's `to_vec2`
-        // gathers element by element through pageable memory).
         let (n_rows, vocab) = logits.dims2()?;
         let n = n_rows * vocab;
         let mut pinned = self.logits_host.lock().unwrap_or_else(|e| e.into_inner());
@@ -272,7 +402,10 @@ impl CudaLlama {
                 .map_err(cuda_err)?;
         }
         // The copy into page-locked memory is asynchronous.
-        stream.synchronize().map_err(cuda_err)?;
+        match group {
+            Some(g) => g.wait(self.shard.rank, dev)?,
+            None => stream.synchronize().map_err(cuda_err)?,
+        }
         let logits = host[..n].chunks_exact(vocab).map(<[f32]>::to_vec).collect();
         prof.mark("copy_out");
         Ok(logits)
@@ -281,10 +414,33 @@ impl CudaLlama {
     /// Runs one step and leaves its logits on the GPU: `[rows wanting logits, vocab]` f32, or
     /// `None` when no row wants them.
     pub fn forward_logits(&self, batch: &[SeqStep], kv: &mut CudaKvPool) -> Result<Option<Tensor>> {
+        if !self.shard.is_whole() {
+            return Err(ModelError::Cuda(
+                "a tensor-parallel shard runs through forward_shard".into(),
+            ));
+        }
+        self.run(batch, kv, None)
+    }
+
+    /// The forward pass; `group` sums a shard's partial hidden states (None: the whole model).
+    fn run(
+        &self,
+        batch: &[SeqStep],
+        kv: &mut CudaKvPool,
+        group: Option<&dyn DeviceAllReduce>,
+    ) -> Result<Option<Tensor>> {
         let cfg = &self.config;
         let dev = cuda_device(&self.device)?;
         let stream = dev.cuda_stream();
-        let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let shard = &self.shard;
+        let (nh, nkv, d) = (shard.num_heads(), shard.num_kv_heads(), cfg.head_dim);
+        let rank = shard.rank;
+        let reduce = |x: Tensor| -> Result<Tensor> {
+            match group {
+                Some(g) => g.sum(rank, &x),
+                None => Ok(x),
+            }
+        };
         let FlatStep {
             tokens,
             positions,
@@ -314,8 +470,7 @@ impl CudaLlama {
         let (plan, views) = (slot_lists.plan, slot_lists.views());
         let mut parts = AttnPartials::new(dev, t, nh, d, plan.splits)?;
 
-        let ids = Tensor::from_vec(tokens, t, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = reduce(self.embed_rows(tokens)?)?;
         let mut prof = Profiler::start(dev, self.options.profile);
         let gemv = self.options.gemv_for_one_row;
         prof.mark("embed");
@@ -354,20 +509,14 @@ impl CudaLlama {
             )?;
             prof.mark("attention");
             let attn = wrap(attn, dev, (t, nh * d));
-            let o = layer.wo.forward_with(&attn, gemv)?;
+            let o = reduce(layer.wo.forward_with(&attn, gemv)?)?;
             prof.mark("matmul_wo");
             (x, h) = add_rms_norm(dev, &x, &o, &layer.ffn_norm, eps)?;
             prof.mark("add+rms_norm");
             let gu = layer.gate_up.forward_with(&h, gemv)?.contiguous()?;
             prof.mark("matmul_gate_up");
-            let down = swiglu_down(
-                dev,
-                &gu,
-                &layer.down,
-                (t, cfg.intermediate_size),
-                gemv,
-                &mut prof,
-            )?;
+            let down = swiglu_down(dev, &gu, &layer.down, (t, shard.ffn.len()), gemv, &mut prof)?;
+            let down = reduce(down)?;
             let next_norm = self
                 .layers
                 .get(l + 1)
@@ -392,6 +541,35 @@ impl CudaLlama {
 }
 
 impl CudaLlama {
+    /// The embedding rows of `tokens` (bf16 `[T, hidden]`). A shard holds some vocabulary
+    /// rows: tokens outside them get zero rows, and the sum over ranks completes each row.
+    fn embed_rows(&self, tokens: Vec<u32>) -> Result<Tensor> {
+        let t = tokens.len();
+        if self.shard.is_whole() {
+            let ids = Tensor::from_vec(tokens, t, &self.device)?;
+            return Ok(self.embed.index_select(&ids, 0)?);
+        }
+        let vocab = &self.shard.vocab;
+        let held = |tok: u32| vocab.contains(&(tok as usize));
+        let local: Vec<u32> = tokens
+            .iter()
+            .map(|&tok| {
+                if held(tok) {
+                    tok - vocab.start as u32
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let mask: Vec<bf16> = tokens
+            .iter()
+            .map(|&tok| bf16::from_f32(if held(tok) { 1.0 } else { 0.0 }))
+            .collect();
+        let ids = Tensor::from_vec(local, t, &self.device)?;
+        let mask = Tensor::from_vec(mask, (t, 1), &self.device)?;
+        Ok(self.embed.index_select(&ids, 0)?.broadcast_mul(&mask)?)
+    }
+
     /// `arbor_qkv_rope_write` for layer `layer`: the first `rows` rows of the fused QKV
     /// projection split into Q (rotated, into `q`) and K (rotated) and V written into their
     /// new slots of the layer's pool.
@@ -407,7 +585,11 @@ impl CudaLlama {
         rows: usize,
     ) -> Result<()> {
         let cfg = &self.config;
-        let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (nh, nkv, d) = (
+            self.shard.num_heads(),
+            self.shard.num_kv_heads(),
+            cfg.head_dim,
+        );
         if qkv.len() < rows * (nh + 2 * nkv) * d
             || q.len() < rows * nh * d
             || positions.len() < rows

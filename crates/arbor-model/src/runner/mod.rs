@@ -23,20 +23,22 @@
 //! - **Sampling on the GPU** (`CudaRunner`) implements [`ModelRunner`] directly: it keeps
 //!   each sequence's sampling state (registered by `add_sequence`), samples the step's logits
 //!   where they are, and returns only [`Sampled`] rows. Nothing above the seam changed.
-//! - **Tensor parallelism** (`parallel.rs` has the cut): [`CpuTensorParallel`] is a
+//! - **Tensor parallelism** (`parallel.rs` has the cut): [`TensorParallel`] is a
 //!   [`LogitsBackend`] over N rank threads, each with its shard of the weights and of the KV
 //!   pool (its KV heads of every slot, so a slot id names the same token on every rank and
 //!   the engine's slot ids need no change; `kv_slots` is the per-rank count), summing
-//!   partial hidden states through a host all-reduce; the host samples the joined logits
-//!   once. The GPU runner will be the same over one worker per GPU, with NCCL.
+//!   partial hidden states through the group's all-reduce (on the CPU a host all-reduce;
+//!   on GPUs NCCL, `cuda_tp.rs`); the host samples the joined logits once.
 
 mod cpu;
-mod cpu_tp;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_tp;
 pub mod fake;
 mod host;
 mod open;
+mod tp;
 
 use std::sync::Arc;
 
@@ -46,7 +48,6 @@ use crate::sampling::{SamplingParams, TokenLogprob};
 use crate::LogitsWanted;
 
 pub use cpu::CpuBackend;
-pub use cpu_tp::CpuTensorParallel;
 #[cfg(feature = "cuda")]
 pub use cuda::{CudaBackend, CudaRunner};
 pub use host::{HostSampledRunner, LogitsBackend};
@@ -54,6 +55,7 @@ pub use open::{
     open, CpuKernels, CudaOptions, DeviceSpec, GgufWeights, LoadFormat, OpenedModel, RunnerOptions,
     DEFAULT_DECODE_STAGE_KEYS, DEFAULT_DECODE_TARGET_WARPS,
 };
+pub use tp::TensorParallel;
 
 /// The engine's name for a sequence (its request id); the runner keys sampling state by it.
 pub type SeqId = u64;

@@ -6,8 +6,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use super::cpu::CpuBackend;
-use super::cpu_tp::CpuTensorParallel;
 use super::host::{HostSampledRunner, LogitsBackend, DEFAULT_PARALLEL_SAMPLING_MIN_LOGITS};
+use super::tp::TensorParallel;
 use super::ModelRunner;
 use crate::error::{ModelError, Result};
 pub use crate::options::{
@@ -140,7 +140,7 @@ pub fn open(path: &Path, device: DeviceSpec, options: &RunnerOptions) -> Result<
             }
             if options.cuda != CudaOptions::default() {
                 return Err(invalid(
-                    "cuda_attention, cuda_gemv, cuda_decode_target_warps, cuda_decode_stage_keys, cuda_profile, cuda_sampling and decode_graphs need device cuda",
+                    "cuda_attention, cuda_gemv, cuda_decode_target_warps, cuda_decode_stage_keys, cuda_profile, cuda_sampling, decode_graphs and tp_one_gpu need device cuda",
                 ));
             }
             if options.gguf_weights.is_some() {
@@ -156,7 +156,7 @@ pub fn open(path: &Path, device: DeviceSpec, options: &RunnerOptions) -> Result<
                     &crate::Device::Cpu,
                     options.tensor_parallel_size,
                 )?;
-                let backend = CpuTensorParallel::new(shards, options.kv_slots)?;
+                let backend = TensorParallel::cpu(shards, options.kv_slots)?;
                 return Ok(OpenedModel {
                     runner: host_sampled(backend, options),
                     tokenizer,
@@ -190,9 +190,10 @@ fn host_sampled<B: LogitsBackend + 'static>(
 fn open_cuda(path: &Path, ordinal: usize, options: &RunnerOptions) -> Result<OpenedModel> {
     use super::cuda::{CudaBackend, CudaRunner};
     if options.tensor_parallel_size > 1 {
-        return Err(invalid(
-            "tensor_parallel_size above 1 runs on device cpu only in this build: the CUDA backend has no tensor parallelism yet",
-        ));
+        return open_cuda_tp(path, ordinal, options);
+    }
+    if options.cuda.tp_one_gpu {
+        return Err(invalid("tp_one_gpu goes with tensor_parallel_size above 1"));
     }
     let device = crate::cuda::device(ordinal)?;
     let started = std::time::Instant::now();
@@ -224,6 +225,92 @@ fn open_cuda(path: &Path, ordinal: usize, options: &RunnerOptions) -> Result<Ope
     };
     Ok(OpenedModel {
         runner,
+        tokenizer: loaded.tokenizer,
+        chat_template: loaded.chat_template,
+    })
+}
+
+/// Tensor parallelism on GPUs: ranks on GPUs `ordinal`, `ordinal + 1`, ... summing over
+/// NCCL, or all on GPU `ordinal` summing through the host (`tp_one_gpu`).
+#[cfg(feature = "cuda")]
+fn open_cuda_tp(path: &Path, ordinal: usize, options: &RunnerOptions) -> Result<OpenedModel> {
+    use crate::cuda::{DeviceAllReduce, NcclGroup, StagedAllReduce};
+    use candle_core::cuda_backend::cudarc::driver::CudaContext;
+    let size = options.tensor_parallel_size;
+    let ordinals: Vec<usize> = if options.cuda.tp_one_gpu {
+        vec![ordinal; size]
+    } else {
+        (ordinal..ordinal + size).collect()
+    };
+    let count = CudaContext::device_count()
+        .map_err(|e| ModelError::Cuda(format!("counting GPUs: {e}")))? as usize;
+    if let Some(&last) = ordinals.iter().max() {
+        if last >= count {
+            return Err(invalid(format!(
+                "tensor_parallel_size {size} needs GPUs cuda:{ordinal} to cuda:{last}, and this \
+                 machine has {count} (cuda:0 to cuda:{}); tp_one_gpu puts every rank on one GPU \
+                 to check the cut",
+                count.saturating_sub(1)
+            )));
+        }
+    }
+    // The group first: a missing NCCL fails before minutes of loading.
+    let group: Arc<dyn DeviceAllReduce> = if options.cuda.tp_one_gpu {
+        Arc::new(StagedAllReduce::new(size))
+    } else {
+        NcclGroup::new(&ordinals)?
+    };
+    let devices = ordinals
+        .iter()
+        .map(|&o| crate::cuda::device_with_stream(o))
+        .collect::<Result<Vec<_>>>()?;
+    let free_before: Vec<Option<usize>> = devices.iter().map(crate::cuda::free_memory).collect();
+    let started = std::time::Instant::now();
+    // Out of memory while loading: say which GPU, what it had free, and what to change.
+    let explain = |e: ModelError| {
+        let why = e.to_string();
+        if !why.contains("OUT_OF_MEMORY") {
+            return e;
+        }
+        let free: Vec<String> = ordinals
+            .iter()
+            .zip(&free_before)
+            .map(|(o, f)| match f {
+                Some(b) => format!("cuda:{o} {:.1} GiB", *b as f64 / (1u64 << 30) as f64),
+                None => format!("cuda:{o} unknown"),
+            })
+            .collect();
+        ModelError::Cuda(format!(
+            "out of GPU memory loading {size} tensor-parallel shards (free before loading: \
+                 {}); another process may hold the GPU, or the model needs a larger \
+                 tensor_parallel_size ({why})",
+            free.join(", ")
+        ))
+    };
+    let loaded = match options.load_format {
+        LoadFormat::Auto => crate::cuda::load_shards(
+            path,
+            &devices,
+            options.gguf_weights.unwrap_or_default(),
+            options.cuda.clone(),
+        ),
+        LoadFormat::Dummy => crate::cuda::load_dummy_shards(
+            path,
+            options.tokenizer.as_deref(),
+            &devices,
+            options.seed,
+            options.cuda.clone(),
+        ),
+    }
+    .map_err(explain)?;
+    tracing::info!(
+        "loaded {} onto GPUs {ordinals:?} as {size} tensor-parallel shards in {:.1}s",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    let backend = TensorParallel::cuda(loaded.shards, group, options.kv_slots)?;
+    Ok(OpenedModel {
+        runner: host_sampled(backend, options),
         tokenizer: loaded.tokenizer,
         chat_template: loaded.chat_template,
     })

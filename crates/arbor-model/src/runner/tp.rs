@@ -1,19 +1,21 @@
-//! The CPU backend split over tensor-parallel ranks: one worker thread per rank, each with
-//! its shard of the weights ([`Llama`] built by `cpu::load::build_shards`), its shard of the
-//! KV pool (its KV heads of every slot) and its own rayon pool (the cores divided between
-//! the ranks), summing partial hidden states through one [`HostAllReduce`].
-//!
-//! It is the CPU twin of the multi-GPU runner: the same cut of the model, the same points of
-//! communication, the same fixed summation order. It lets CI check tensor parallelism (TP=N
-//! against TP=1, cache on against off) on machines without GPUs; on one processor it is not
-//! faster than TP=1.
+//! Tensor parallelism's runner: one worker thread per rank, each owning its shard of the
+//! model and of the KV pool (its KV heads of every slot, so a slot id names the same token on
+//! every rank), behind one [`LogitsBackend`]. What a rank runs is a [`RankModel`]: the CPU's
+//! (here: [`Llama`] shards summing through a [`HostAllReduce`], each rank with its own rayon
+//! pool of the cores divided between the ranks) or, with the `cuda` feature, a GPU's
+//! (`cuda_tp.rs`: one worker per GPU, NCCL).
 //!
 //! A step: the caller's thread checks the batch, sends it to every rank, and joins the ranks'
 //! logit slices (their vocabulary rows) into whole rows; sampling happens once, above, in
 //! [`super::HostSampledRunner`]. A rank that fails (an error or a panic in its forward pass)
-//! breaks the all-reduce group, which releases the ranks waiting in it: the step returns the
-//! failing rank's reason, and every later step fails at once (the KV shards can no longer be
-//! trusted; the engine stops). Nothing waits forever.
+//! breaks the group ([`RankGroup::abort`]), which releases the ranks waiting in a collective:
+//! the step returns the failing rank's reason, and every later step fails at once (the KV
+//! shards can no longer be trusted; the engine stops). Nothing waits forever.
+//!
+//! The CPU ranks are the CPU twin of the GPU ones: the same cut of the model, the same points
+//! of communication, the same fixed summation order. They let CI check tensor parallelism
+//! (TP=N against TP=1, cache on against off) on machines without GPUs; on one processor they
+//! are not faster than TP=1.
 
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -28,7 +30,7 @@ use crate::config::ModelConfig;
 use crate::cpu::kv_pool::KvPool;
 use crate::cpu::llama::Llama;
 use crate::error::{ModelError, Result};
-use crate::parallel::HostAllReduce;
+use crate::parallel::{HostAllReduce, RankGroup};
 use crate::step::{LogitsWanted, SeqStep};
 
 /// A step's batch, owned so that it can go to the rank threads: every sequence's tokens and
@@ -78,25 +80,33 @@ enum Job {
 
 type Reply = Result<Vec<Vec<f32>>>;
 
+/// One rank's part of the model, run on its worker thread: its shard of the weights, of the
+/// KV pool, and its end of the group's collectives.
+pub(crate) trait RankModel: Send + 'static {
+    fn rank(&self) -> usize;
+    /// One step over the rank's KV pool: the rank's vocabulary slice of each logit row.
+    fn step(&mut self, batch: &[SeqStep]) -> Result<Vec<Vec<f32>>>;
+    /// The same over a fresh pool of the batch's token count (diagnostics).
+    fn scratch(&mut self, batch: &[SeqStep], tokens: usize) -> Result<Vec<Vec<f32>>>;
+}
+
 struct Rank {
     jobs: Option<Sender<(Job, Sender<Reply>)>>,
     thread: Option<JoinHandle<()>>,
 }
 
 /// What a rank's thread owns.
-struct RankWorker {
-    model: Llama,
-    pool: KvPool,
-    threads: rayon::ThreadPool,
-    group: Arc<HostAllReduce>,
+struct RankWorker<M: RankModel> {
+    model: M,
+    group: Arc<dyn RankGroup>,
     faults: Arc<Mutex<Option<FaultInjector>>>,
     steps: Arc<AtomicU64>,
 }
 
-impl RankWorker {
+impl<M: RankModel> RankWorker<M> {
     fn run(mut self, jobs: Receiver<(Job, Sender<Reply>)>) {
         while let Ok((job, reply)) = jobs.recv() {
-            let rank = self.model.shard.rank;
+            let rank = self.model.rank();
             let outcome = catch_unwind(AssertUnwindSafe(|| self.execute(&job)));
             let result = match outcome {
                 Ok(Ok(logits)) => Ok(logits),
@@ -118,38 +128,59 @@ impl RankWorker {
     }
 
     fn execute(&mut self, job: &Job) -> Result<Vec<Vec<f32>>> {
-        let (model, group) = (&self.model, &*self.group);
         match job {
             Job::Step(batch) => {
                 let faults = self.faults.lock().unwrap_or_else(PoisonError::into_inner);
                 if let Some(f) = faults.as_ref() {
                     let step = self.steps.load(Ordering::SeqCst);
                     (f.0)(FaultSite::Rank {
-                        rank: model.shard.rank,
+                        rank: self.model.rank(),
                         step,
                     });
                 }
                 drop(faults);
-                let pool = &mut self.pool;
-                self.threads
-                    .install(|| model.forward_shard(&batch.steps(), pool, group))
+                self.model.step(&batch.steps())
             }
-            Job::Scratch(batch) => {
-                let mut pool = model.new_kv_pool(batch.tokens.len());
-                self.threads
-                    .install(|| model.forward_shard(&batch.steps(), &mut pool, group))
-            }
+            Job::Scratch(batch) => self.model.scratch(&batch.steps(), batch.tokens.len()),
         }
     }
 }
 
-/// The CPU model over `shards.len()` tensor-parallel ranks (see the module docs).
-pub struct CpuTensorParallel {
+/// A CPU rank: its [`Llama`] shard, KV pool and thread pool.
+struct CpuRank {
+    model: Llama,
+    pool: KvPool,
+    threads: rayon::ThreadPool,
+    group: Arc<HostAllReduce>,
+}
+
+impl RankModel for CpuRank {
+    fn rank(&self) -> usize {
+        self.model.shard.rank
+    }
+
+    fn step(&mut self, batch: &[SeqStep]) -> Result<Vec<Vec<f32>>> {
+        let (model, pool, group) = (&self.model, &mut self.pool, &*self.group);
+        self.threads
+            .install(|| model.forward_shard(batch, pool, group))
+    }
+
+    fn scratch(&mut self, batch: &[SeqStep], tokens: usize) -> Result<Vec<Vec<f32>>> {
+        let mut pool = self.model.new_kv_pool(tokens);
+        let (model, group) = (&self.model, &*self.group);
+        self.threads
+            .install(|| model.forward_shard(batch, &mut pool, group))
+    }
+}
+
+/// A model over tensor-parallel ranks (see the module docs).
+pub struct TensorParallel {
     /// The whole model's shape.
     config: ModelConfig,
     kv_slots: usize,
+    device_name: String,
     ranks: Vec<Rank>,
-    group: Arc<HostAllReduce>,
+    group: Arc<dyn RankGroup>,
     /// Every rank must see the jobs in one order: one job at a time.
     dispatch: Mutex<()>,
     faults: Arc<Mutex<Option<FaultInjector>>>,
@@ -157,11 +188,11 @@ pub struct CpuTensorParallel {
     steps: Arc<AtomicU64>,
 }
 
-impl CpuTensorParallel {
-    /// Starts one worker per shard model (rank order), each with a pool of `kv_slots` slots
-    /// (default: 40% of the memory available now, over all ranks' pools) and an equal share
-    /// of the cores.
-    pub fn new(models: Vec<Llama>, kv_slots: Option<usize>) -> Result<Self> {
+impl TensorParallel {
+    /// The CPU model over one worker per shard model (rank order), each with a pool of
+    /// `kv_slots` slots (default: 40% of the memory available now, over all ranks' pools) and
+    /// an equal share of the cores.
+    pub fn cpu(models: Vec<Llama>, kv_slots: Option<usize>) -> Result<Self> {
         let size = models.len();
         let config = models[0].config.clone();
         let slots = kv_slots.unwrap_or_else(|| {
@@ -174,21 +205,44 @@ impl CpuTensorParallel {
             super::default_kv_slots(&config, budget)
         });
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads_each = (cores / size).max(1);
         let group = Arc::new(HostAllReduce::new(size));
-        let faults = Arc::new(Mutex::new(None));
-        let steps = Arc::new(AtomicU64::new(0));
         let mut ranks = Vec::with_capacity(size);
         for model in models {
             let rank = model.shard.rank;
             let threads = rayon::ThreadPoolBuilder::new()
-                .num_threads((cores / size).max(1))
+                .num_threads(threads_each)
                 .thread_name(move |i| format!("arbor-tp{rank}-{i}"))
                 .build()
                 .map_err(|e| ModelError::RankFailed(format!("rank {rank}: thread pool: {e}")))?;
-            let worker = RankWorker {
+            ranks.push(CpuRank {
                 pool: model.new_kv_pool(slots),
                 model,
                 threads,
+                group: group.clone(),
+            });
+        }
+        tracing::info!("CPU tensor parallelism: {size} ranks of {threads_each} threads each");
+        let name = format!("cpu (tensor parallel x{size})");
+        Self::start(ranks, config, slots, group, name)
+    }
+
+    /// Starts one worker thread per rank (given in rank order). `config` is the whole model's,
+    /// `kv_slots` every rank's pool size, `group` the ranks' collectives.
+    pub(crate) fn start<M: RankModel>(
+        models: Vec<M>,
+        config: ModelConfig,
+        kv_slots: usize,
+        group: Arc<dyn RankGroup>,
+        device_name: String,
+    ) -> Result<Self> {
+        let faults = Arc::new(Mutex::new(None));
+        let steps = Arc::new(AtomicU64::new(0));
+        let mut ranks = Vec::with_capacity(models.len());
+        for model in models {
+            let rank = model.rank();
+            let worker = RankWorker {
+                model,
                 group: group.clone(),
                 faults: faults.clone(),
                 steps: steps.clone(),
@@ -203,13 +257,10 @@ impl CpuTensorParallel {
                 thread: Some(thread),
             });
         }
-        tracing::info!(
-            "CPU tensor parallelism: {size} ranks of {} threads each",
-            (cores / size).max(1)
-        );
         Ok(Self {
             config,
-            kv_slots: slots,
+            kv_slots,
+            device_name,
             ranks,
             group,
             dispatch: Mutex::new(()),
@@ -284,13 +335,13 @@ fn join_rows(slices: Vec<Vec<Vec<f32>>>, vocab: usize) -> Vec<Vec<f32>> {
     joined
 }
 
-impl LogitsBackend for CpuTensorParallel {
+impl LogitsBackend for TensorParallel {
     fn config(&self) -> &ModelConfig {
         &self.config
     }
 
     fn device_name(&self) -> String {
-        format!("cpu (tensor parallel x{})", self.ranks.len())
+        self.device_name.clone()
     }
 
     fn kv_slots(&self) -> usize {
@@ -323,7 +374,7 @@ impl LogitsBackend for CpuTensorParallel {
     }
 }
 
-impl Drop for CpuTensorParallel {
+impl Drop for TensorParallel {
     fn drop(&mut self) {
         // Closing the job channels ends the workers' loops; no job is in flight (run_job
         // waits for every reply).

@@ -1,0 +1,310 @@
+//! The sums a tensor-parallel forward pass makes across GPUs ([`DeviceAllReduce`]): NCCL
+//! between GPUs ([`NcclGroup`]), or through the host when every rank shares one GPU
+//! ([`StagedAllReduce`], the one-GPU check of the sharding).
+//!
+//! NCCL is opened at run time (`libnccl.so.2`, through `libloading`) rather than linked:
+//! a binary that never runs tensor parallelism does not need the library, a machine without
+//! it gets a clear message when `-tp` asks for it, and the build keeps candle's link settings
+//! (candle's own `nccl` feature links it into every binary, and cudarc refuses its
+//! dynamic-loading mode next to candle's dynamic linking). The API used is six functions.
+//!
+//! A rank that fails never leaves another waiting forever: the host-staged sum waits on an
+//! abortable barrier; under NCCL a rank waits for its GPU by polling ([`DeviceAllReduce::wait`])
+//! and, when the group breaks, aborts its communicator, which ends the collective it was
+//! stuck in.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+
+use super::*;
+use crate::parallel::{AllReduce, HostAllReduce, RankGroup};
+
+/// The sum over ranks after the embedding, O and down projections of a GPU rank.
+pub trait DeviceAllReduce: RankGroup {
+    /// `x` (bf16 `[rows, hidden]`, this rank's partial sums) summed over the group: a new
+    /// tensor on `x`'s device. Every rank calls it with the same shape, in the same order.
+    fn sum(&self, rank: usize, x: &Tensor) -> Result<Tensor>;
+    /// Waits until `dev`'s stream has finished the work queued so far, or fails when the
+    /// group breaks first.
+    fn wait(&self, rank: usize, dev: &CudaDevice) -> Result<()>;
+}
+
+/// Every rank's part copied to the host and summed there in rank order (f32), then copied
+/// back: ranks that share one GPU (NCCL refuses two ranks on one device). Slow, and only for
+/// checking the sharding where one GPU is all there is.
+pub struct StagedAllReduce {
+    host: HostAllReduce,
+}
+
+impl StagedAllReduce {
+    pub fn new(size: usize) -> Self {
+        Self {
+            host: HostAllReduce::new(size),
+        }
+    }
+}
+
+impl RankGroup for StagedAllReduce {
+    fn abort(&self, why: &str) {
+        self.host.abort(why);
+    }
+
+    fn aborted(&self) -> Option<String> {
+        self.host.aborted()
+    }
+}
+
+impl DeviceAllReduce for StagedAllReduce {
+    fn sum(&self, rank: usize, x: &Tensor) -> Result<Tensor> {
+        let mut buf = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        self.host.sum(rank, &mut buf)?;
+        Ok(Tensor::from_vec(buf, x.shape(), x.device())?.to_dtype(DType::BF16)?)
+    }
+
+    fn wait(&self, _rank: usize, dev: &CudaDevice) -> Result<()> {
+        // Every collective above already waited on the host; the GPU never waits for a peer.
+        dev.cuda_stream().synchronize().map_err(cuda_err)
+    }
+}
+
+type NcclResult = c_int;
+type NcclComm = *mut c_void;
+/// `ncclBfloat16` and `ncclSum` in nccl.h's enums.
+const NCCL_BFLOAT16: c_int = 9;
+const NCCL_SUM: c_int = 0;
+
+/// The NCCL functions Arbor calls, from the library found at run time.
+struct NcclLib {
+    comm_init_all: unsafe extern "C" fn(*mut NcclComm, c_int, *const c_int) -> NcclResult,
+    all_reduce: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        c_int,
+        c_int,
+        NcclComm,
+        *mut c_void,
+    ) -> NcclResult,
+    comm_abort: unsafe extern "C" fn(NcclComm) -> NcclResult,
+    comm_destroy: unsafe extern "C" fn(NcclComm) -> NcclResult,
+    error_string: unsafe extern "C" fn(NcclResult) -> *const c_char,
+    version: c_int,
+    /// Keeps the function pointers above valid.
+    _lib: libloading::Library,
+}
+
+impl NcclLib {
+    fn open() -> Result<Self> {
+        let missing = |e: libloading::Error| {
+            ModelError::Cuda(format!(
+                "tensor parallelism over several GPUs needs NCCL (libnccl.so.2), which was not \
+                 found on the library path ({e}); install it (e.g. `pip install nvidia-nccl-cu13` \
+                 and add its nvidia/nccl/lib to LD_LIBRARY_PATH)"
+            ))
+        };
+        // Safety: loading NCCL runs its initializers, which have no preconditions; the symbols
+        // are read with the signatures nccl.h declares (NCCL 2.x ABI).
+        unsafe {
+            let lib = libloading::Library::new("libnccl.so.2").map_err(missing)?;
+            let get_version: libloading::Symbol<unsafe extern "C" fn(*mut c_int) -> NcclResult> =
+                lib.get(b"ncclGetVersion\0").map_err(missing)?;
+            let mut version = 0;
+            get_version(&mut version);
+            Ok(Self {
+                comm_init_all: *lib.get(b"ncclCommInitAll\0").map_err(missing)?,
+                all_reduce: *lib.get(b"ncclAllReduce\0").map_err(missing)?,
+                comm_abort: *lib.get(b"ncclCommAbort\0").map_err(missing)?,
+                comm_destroy: *lib.get(b"ncclCommDestroy\0").map_err(missing)?,
+                error_string: *lib.get(b"ncclGetErrorString\0").map_err(missing)?,
+                version,
+                _lib: lib,
+            })
+        }
+    }
+
+    fn check(&self, what: &str, r: NcclResult) -> Result<()> {
+        if r == 0 {
+            return Ok(());
+        }
+        // Safety: NCCL returns a static C string for every result code.
+        let text = unsafe { CStr::from_ptr((self.error_string)(r)) };
+        Err(ModelError::Cuda(format!(
+            "NCCL {what}: {} (code {r})",
+            text.to_string_lossy()
+        )))
+    }
+}
+
+/// A rank's communicator; `None` once aborted or destroyed.
+struct Comm(Option<NcclComm>);
+
+// Safety: an NCCL communicator may be used from any thread, one call at a time; each rank's is
+// used only by that rank's worker (behind its own mutex here).
+unsafe impl Send for Comm {}
+
+/// One NCCL communicator per GPU of this process (`ncclCommInitAll`), each used by its rank's
+/// worker thread on its device's stream.
+pub struct NcclGroup {
+    lib: NcclLib,
+    comms: Vec<Mutex<Comm>>,
+    aborted: Mutex<Option<String>>,
+}
+
+impl NcclGroup {
+    /// Communicators over `ordinals` (one rank per GPU, in rank order).
+    pub fn new(ordinals: &[usize]) -> Result<Arc<Self>> {
+        let lib = NcclLib::open()?;
+        let devs: Vec<c_int> = ordinals.iter().map(|&o| o as c_int).collect();
+        let mut comms: Vec<NcclComm> = vec![std::ptr::null_mut(); devs.len()];
+        // Safety: `comms` has room for one communicator per device listed.
+        let r =
+            unsafe { (lib.comm_init_all)(comms.as_mut_ptr(), devs.len() as c_int, devs.as_ptr()) };
+        lib.check(&format!("initialization over GPUs {ordinals:?}"), r)?;
+        tracing::info!(
+            "NCCL {}: {} ranks on GPUs {ordinals:?}",
+            lib.version,
+            devs.len()
+        );
+        Ok(Arc::new(Self {
+            lib,
+            comms: comms
+                .into_iter()
+                .map(|c| Mutex::new(Comm(Some(c))))
+                .collect(),
+            aborted: Mutex::new(None),
+        }))
+    }
+
+    fn comm(&self, rank: usize) -> std::sync::MutexGuard<'_, Comm> {
+        self.comms[rank]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn broken(&self) -> Result<()> {
+        match self.aborted() {
+            Some(why) => Err(ModelError::RankFailed(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Aborts `rank`'s communicator, which ends any collective of it still running.
+    fn abort_comm(&self, rank: usize) {
+        if let Some(c) = self.comm(rank).0.take() {
+            // Safety: `c` came from ncclCommInitAll and is not used after this.
+            unsafe { (self.lib.comm_abort)(c) };
+        }
+    }
+}
+
+impl RankGroup for NcclGroup {
+    fn abort(&self, why: &str) {
+        let mut a = self.aborted.lock().unwrap_or_else(PoisonError::into_inner);
+        a.get_or_insert_with(|| why.to_string());
+    }
+
+    fn aborted(&self) -> Option<String> {
+        self.aborted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl DeviceAllReduce for NcclGroup {
+    fn sum(&self, rank: usize, x: &Tensor) -> Result<Tensor> {
+        self.broken()?;
+        let x = x.contiguous()?;
+        let (rows, cols) = x.dims2()?;
+        let dev = cuda_device(x.device())?;
+        let stream = dev.cuda_stream();
+        // Safety: NCCL writes every element of the output.
+        let mut out = unsafe { dev.alloc::<bf16>(rows * cols) }?;
+        {
+            let (st, lay) = x.storage_and_layout();
+            let input = slice_of::<bf16>(&st, lay)?;
+            let comm = self.comm(rank);
+            let Some(c) = comm.0 else {
+                return Err(ModelError::RankFailed(format!("rank {rank}: NCCL aborted")));
+            };
+            let (src, _read) = input.device_ptr(&stream);
+            let (dst, _written) = out.device_ptr_mut(&stream);
+            // Safety: both buffers hold rows x cols bf16 values on this rank's GPU and stay
+            // alive until the stream's events (the guards above) record the collective; the
+            // stream is the one this rank's kernels run on.
+            let r = unsafe {
+                (self.lib.all_reduce)(
+                    src as *const c_void,
+                    dst as *mut c_void,
+                    rows * cols,
+                    NCCL_BFLOAT16,
+                    NCCL_SUM,
+                    c,
+                    stream.cu_stream() as *mut c_void,
+                )
+            };
+            self.lib.check("all-reduce", r)?;
+        }
+        Ok(wrap(out, dev, (rows, cols)))
+    }
+
+    fn wait(&self, rank: usize, dev: &CudaDevice) -> Result<()> {
+        let stream = dev.cuda_stream();
+        let done = stream.record_event(None).map_err(cuda_err)?;
+        // A peer that failed before its collective leaves ours waiting on the GPU: poll, and
+        // abort this rank's communicator when the group breaks.
+        let mut spins = 0u32;
+        loop {
+            if done.try_is_complete().map_err(cuda_err)? {
+                return Ok(());
+            }
+            if let Some(why) = self.aborted() {
+                self.abort_comm(rank);
+                return Err(ModelError::RankFailed(why));
+            }
+            spins += 1;
+            if spins < 2000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+}
+
+impl Drop for NcclGroup {
+    fn drop(&mut self) {
+        for c in &self.comms {
+            let mut c = c.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(comm) = c.0.take() {
+                // Safety: the workers are gone (the runner joins them first); nothing uses
+                // the communicator after this.
+                unsafe { (self.lib.comm_destroy)(comm) };
+            }
+        }
+    }
+}
+
+/// A one-rank NCCL round trip on GPU `ordinal` (`arbor gpu-check --nccl`): the library loads,
+/// a communicator forms, and an all-reduce of one rank copies its input exactly. NCCL refuses
+/// two ranks on one GPU, so this is what one GPU can check of the binding.
+pub fn nccl_self_check(ordinal: usize) -> Result<serde_json::Value> {
+    let device = device(ordinal)?;
+    let group = NcclGroup::new(&[ordinal])?;
+    let values: Vec<f32> = (0..4096)
+        .map(|i| ((i * 37 % 211) as f32 - 105.0) / 8.0)
+        .collect();
+    let x = Tensor::from_vec(values, (64, 64), &device)?.to_dtype(DType::BF16)?;
+    let y = group.sum(0, &x)?;
+    group.wait(0, cuda_device(&device)?)?;
+    let want = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let got = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let same = want == got;
+    Ok(serde_json::json!({
+        "nccl_version": group.lib.version, "values": want.len(), "identical": same,
+        "failed": u32::from(!same),
+    }))
+}
