@@ -435,12 +435,6 @@ impl CudaLlama {
         let shard = &self.shard;
         let (nh, nkv, d) = (shard.num_heads(), shard.num_kv_heads(), cfg.head_dim);
         let rank = shard.rank;
-        let reduce = |x: Tensor| -> Result<Tensor> {
-            match group {
-                Some(g) => g.sum(rank, &x),
-                None => Ok(x),
-            }
-        };
         let FlatStep {
             tokens,
             positions,
@@ -470,10 +464,18 @@ impl CudaLlama {
         let (plan, views) = (slot_lists.plan, slot_lists.views());
         let mut parts = AttnPartials::new(dev, t, nh, d, plan.splits)?;
 
-        let mut x = reduce(self.embed_rows(tokens)?)?;
         let mut prof = Profiler::start(dev, self.options.profile);
-        let gemv = self.options.gemv_for_one_row;
+        let mut x = self.embed_rows(tokens)?;
         prof.mark("embed");
+        // The sums over the group (tensor parallelism), timed apart when profiling.
+        let reduce = |x: Tensor, prof: &mut Profiler| -> Result<Tensor> {
+            let Some(g) = group else { return Ok(x) };
+            let sum = g.sum(rank, &x)?;
+            prof.mark("all_reduce");
+            Ok(sum)
+        };
+        x = reduce(x, &mut prof)?;
+        let gemv = self.options.gemv_for_one_row;
         let eps = cfg.rms_norm_eps;
         // The first RMSNorm alone; every later one is fused with the residual add before it.
         let mut h = candle_nn::ops::rms_norm(&x, &self.layers[0].attn_norm, eps)?;
@@ -509,14 +511,15 @@ impl CudaLlama {
             )?;
             prof.mark("attention");
             let attn = wrap(attn, dev, (t, nh * d));
-            let o = reduce(layer.wo.forward_with(&attn, gemv)?)?;
+            let o = layer.wo.forward_with(&attn, gemv)?;
             prof.mark("matmul_wo");
+            let o = reduce(o, &mut prof)?;
             (x, h) = add_rms_norm(dev, &x, &o, &layer.ffn_norm, eps)?;
             prof.mark("add+rms_norm");
             let gu = layer.gate_up.forward_with(&h, gemv)?.contiguous()?;
             prof.mark("matmul_gate_up");
             let down = swiglu_down(dev, &gu, &layer.down, (t, shard.ffn.len()), gemv, &mut prof)?;
-            let down = reduce(down)?;
+            let down = reduce(down, &mut prof)?;
             let next_norm = self
                 .layers
                 .get(l + 1)

@@ -427,6 +427,17 @@ mod tests {
                 },
                 "tensor_parallel_size",
             ),
+            (
+                RunnerOptions {
+                    tensor_parallel_size: 2,
+                    cuda: CudaOptions {
+                        tp_one_gpu: true,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                "tp_one_gpu",
+            ),
         ];
         for (options, name) in cases {
             let e = open(path, DeviceSpec::Cpu, &options)
