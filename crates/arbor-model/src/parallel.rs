@@ -258,6 +258,30 @@ impl HostAllReduce {
     }
 }
 
+impl HostAllReduce {
+    /// Every rank's `part`, in rank order, on rank 0 (`None` on the others). Every rank calls
+    /// it, in the same order of calls; an error means the group failed.
+    pub fn gather(&self, rank: usize, part: &[f32]) -> Result<Option<Vec<Vec<f32>>>> {
+        {
+            let mut mine = self.parts[rank]
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            mine.clear();
+            mine.extend_from_slice(part);
+        }
+        self.barrier.wait()?;
+        let all = (rank == 0).then(|| {
+            self.parts
+                .iter()
+                .map(|p| p.read().unwrap_or_else(PoisonError::into_inner).clone())
+                .collect()
+        });
+        // Nobody posts the next part before rank 0 has read this one.
+        self.barrier.wait()?;
+        Ok(all)
+    }
+}
+
 impl RankGroup for HostAllReduce {
     fn abort(&self, why: &str) {
         self.barrier.abort(why);
@@ -301,12 +325,13 @@ impl AllReduce for HostAllReduce {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    fn config(heads: usize, kv: usize, ffn: usize, vocab: usize) -> ModelConfig {
+    /// A Llama config of these widths (no weights), for tests of the cut and the runners.
+    pub(crate) fn config(heads: usize, kv: usize, ffn: usize, vocab: usize) -> ModelConfig {
         ModelConfig {
             architecture: "llama".into(),
             vocab_size: vocab,
@@ -396,6 +421,24 @@ mod tests {
             let handles: Vec<_> = (0..size).map(|r| s.spawn(move || f(r))).collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         })
+    }
+
+    #[test]
+    fn gather_gives_rank_zero_every_part_in_rank_order() {
+        let group = HostAllReduce::new(3);
+        let got = on_ranks(3, |rank| {
+            let part: Vec<f32> = (0..rank + 2).map(|i| (10 * rank + i) as f32).collect();
+            group.gather(rank, &part).unwrap()
+        });
+        let want: Vec<Vec<f32>> = vec![
+            vec![0.0, 1.0],
+            vec![10.0, 11.0, 12.0],
+            vec![20.0, 21.0, 22.0, 23.0],
+        ];
+        assert_eq!(got[0].as_ref(), Some(&want));
+        assert!(got[1].is_none() && got[2].is_none());
+        group.abort("rank 1 failed");
+        assert!(group.gather(0, &[1.0]).is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! a binary that never runs tensor parallelism does not need the library, a machine without
 //! it gets a clear message when `-tp` asks for it, and the build keeps candle's link settings
 //! (candle's own `nccl` feature links it into every binary, and cudarc refuses its
-//! dynamic-loading mode next to candle's dynamic linking). The API used is six functions.
+//! dynamic-loading mode next to candle's dynamic linking). The API used is seven functions.
 //!
 //! A rank that fails never leaves another waiting forever: the host-staged sum waits on an
 //! abortable barrier; under NCCL a rank waits for its GPU by polling ([`DeviceAllReduce::wait`])
@@ -30,6 +30,10 @@ pub trait DeviceAllReduce: RankGroup {
     /// Waits until `dev`'s stream has finished the work queued so far, or fails when the
     /// group breaks first.
     fn wait(&self, rank: usize, dev: &CudaDevice) -> Result<()>;
+    /// Every rank's `x` (f32 `[rows, its columns]`, the rank's vocabulary slice of the
+    /// logits) joined column-wise in rank order into `[rows, columns]` on rank 0's GPU;
+    /// `None` on the other ranks.
+    fn gather_columns(&self, rank: usize, x: &Tensor, columns: usize) -> Result<Option<Tensor>>;
 }
 
 /// Every rank's part copied to the host and summed there in rank order (f32), then copied
@@ -68,12 +72,35 @@ impl DeviceAllReduce for StagedAllReduce {
         // Every collective above already waited on the host; the GPU never waits for a peer.
         dev.cuda_stream().synchronize().map_err(cuda_err)
     }
+
+    fn gather_columns(&self, rank: usize, x: &Tensor, columns: usize) -> Result<Option<Tensor>> {
+        let rows = x.dims2()?.0;
+        let part = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let Some(parts) = self.host.gather(rank, &part)? else {
+            return Ok(None);
+        };
+        let mut joined = Vec::with_capacity(rows * columns);
+        for r in 0..rows {
+            for p in &parts {
+                let width = p.len() / rows.max(1);
+                joined.extend_from_slice(&p[r * width..(r + 1) * width]);
+            }
+        }
+        if joined.len() != rows * columns {
+            return Err(ModelError::RankFailed(format!(
+                "gathered {} logits for {rows} rows of {columns}",
+                joined.len()
+            )));
+        }
+        Ok(Some(Tensor::from_vec(joined, (rows, columns), x.device())?))
+    }
 }
 
 type NcclResult = c_int;
 type NcclComm = *mut c_void;
-/// `ncclBfloat16` and `ncclSum` in nccl.h's enums.
+/// `ncclBfloat16`, `ncclFloat32` and `ncclSum` in nccl.h's enums.
 const NCCL_BFLOAT16: c_int = 9;
+const NCCL_FLOAT32: c_int = 7;
 const NCCL_SUM: c_int = 0;
 
 /// The NCCL functions Arbor calls, from the library found at run time.
@@ -84,6 +111,14 @@ struct NcclLib {
         *mut c_void,
         usize,
         c_int,
+        c_int,
+        NcclComm,
+        *mut c_void,
+    ) -> NcclResult,
+    all_gather: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
         c_int,
         NcclComm,
         *mut c_void,
@@ -116,6 +151,7 @@ impl NcclLib {
             Ok(Self {
                 comm_init_all: *lib.get(b"ncclCommInitAll\0").map_err(missing)?,
                 all_reduce: *lib.get(b"ncclAllReduce\0").map_err(missing)?,
+                all_gather: *lib.get(b"ncclAllGather\0").map_err(missing)?,
                 comm_abort: *lib.get(b"ncclCommAbort\0").map_err(missing)?,
                 comm_destroy: *lib.get(b"ncclCommDestroy\0").map_err(missing)?,
                 error_string: *lib.get(b"ncclGetErrorString\0").map_err(missing)?,
@@ -249,6 +285,67 @@ impl DeviceAllReduce for NcclGroup {
             self.lib.check("all-reduce", r)?;
         }
         Ok(wrap(out, dev, (rows, cols)))
+    }
+
+    fn gather_columns(&self, rank: usize, x: &Tensor, columns: usize) -> Result<Option<Tensor>> {
+        self.broken()?;
+        let size = self.comms.len();
+        let (rows, width) = x.dims2()?;
+        // NCCL gathers equal parts: every rank's slice padded to the widest (the last rank's
+        // vocabulary slice may be narrower), cut off again after the join.
+        let chunk = columns.div_ceil(size);
+        let x = x.to_dtype(DType::F32)?;
+        let x = if width < chunk {
+            x.pad_with_zeros(1, 0, chunk - width)?
+        } else {
+            x
+        }
+        .contiguous()?;
+        let dev = cuda_device(x.device())?;
+        let stream = dev.cuda_stream();
+        // Safety: NCCL writes every element of the output.
+        let mut out = unsafe { dev.alloc::<f32>(size * rows * chunk) }?;
+        {
+            let (st, lay) = x.storage_and_layout();
+            let input = slice_of::<f32>(&st, lay)?;
+            let comm = self.comm(rank);
+            let Some(c) = comm.0 else {
+                return Err(ModelError::RankFailed(format!("rank {rank}: NCCL aborted")));
+            };
+            let (src, _read) = input.device_ptr(&stream);
+            let (dst, _written) = out.device_ptr_mut(&stream);
+            // Safety: the input holds rows x chunk f32 values and the output size times that,
+            // both on this rank's GPU, alive until the stream's events record the collective.
+            let r = unsafe {
+                (self.lib.all_gather)(
+                    src as *const c_void,
+                    dst as *mut c_void,
+                    rows * chunk,
+                    NCCL_FLOAT32,
+                    c,
+                    stream.cu_stream() as *mut c_void,
+                )
+            };
+            self.lib.check("all-gather", r)?;
+        }
+        if rank != 0 {
+            return Ok(None);
+        }
+        // [rank, row, column] -> [row, rank, column]: each row's slices side by side.
+        let storage = CudaStorage::wrap_cuda_slice(out, dev.clone());
+        let all = Tensor::from_storage(
+            Storage::Cuda(storage),
+            (size, rows, chunk),
+            BackpropOp::none(),
+            false,
+        );
+        let joined = all
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((rows, size * chunk))?
+            .narrow(1, 0, columns)?
+            .contiguous()?;
+        Ok(Some(joined))
     }
 
     fn wait(&self, rank: usize, dev: &CudaDevice) -> Result<()> {

@@ -364,6 +364,17 @@ impl CudaLlama {
         }
     }
 
+    /// One tensor-parallel rank's step leaving its logits on the GPU: this shard's vocabulary
+    /// slice of each row that wants logits (`[rows, slice]` f32), or `None` when none does.
+    pub fn forward_shard_logits(
+        &self,
+        batch: &[SeqStep],
+        kv: &mut CudaKvPool,
+        group: &dyn DeviceAllReduce,
+    ) -> Result<Option<Tensor>> {
+        self.run(batch, kv, Some(group))
+    }
+
     /// `logits` (`[rows, vocab]` f32 on the GPU) as rows on the host: one flat copy into
     /// page-locked memory (candle's `to_vec2` gathers element by element through pageable
     /// memory). Under tensor parallelism the wait for the GPU goes through the group, which

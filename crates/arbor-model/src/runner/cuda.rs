@@ -13,7 +13,9 @@ use super::{
     SequenceSampling, StepOutput, StepRow,
 };
 use crate::config::ModelConfig;
-use crate::cuda::{CudaKvPool, CudaLlama, DecodeGraphs, GpuSampler, SampleBatch, SeqSamplingState};
+use crate::cuda::{
+    CudaKvPool, CudaLlama, DecodeGraphs, GpuSampler, SampleBatch, SampledRow, SeqSamplingState,
+};
 use crate::error::Result;
 use crate::step::{LogitsWanted, SeqStep};
 
@@ -84,10 +86,7 @@ pub struct CudaRunner {
     /// Decode-only steps on persistent buffers as CUDA graphs; None where the model's weights
     /// do not run there (GGUF blocks kept quantized) or phases are profiled.
     decode: Option<DecodeGraphs>,
-    seqs: HashMap<SeqId, DeviceSeq>,
-    /// Reused each step: the packed sampling rows.
-    batch: SampleBatch,
-    faults: Option<FaultInjector>,
+    sampling: DeviceSampling,
 }
 
 struct DeviceSeq {
@@ -95,40 +94,26 @@ struct DeviceSeq {
     state: SeqSamplingState,
 }
 
-impl CudaRunner {
-    pub fn new(backend: CudaBackend) -> Result<Self> {
-        let sampler = GpuSampler::new(backend.model.device())?;
-        let model = &backend.model;
-        let decode = if DecodeGraphs::supports(model) && !model.options().profile {
-            Some(DecodeGraphs::new(model, model.options().decode_graphs)?)
-        } else {
-            None
-        };
-        Ok(Self {
-            backend,
-            sampler,
-            decode,
-            seqs: HashMap::new(),
-            batch: SampleBatch::default(),
-            faults: None,
-        })
-    }
+/// The host's side of sampling on a GPU: each sequence's sampling state, and the packing of a
+/// step's sampling rows into a [`SampleBatch`] (shared by [`CudaRunner`] and the
+/// tensor-parallel runner, whose rank 0 samples).
+#[derive(Default)]
+pub(crate) struct DeviceSampling {
+    seqs: HashMap<SeqId, DeviceSeq>,
+    /// Reused each step: the packed sampling rows.
+    pub(crate) batch: SampleBatch,
+    pub(crate) faults: Option<FaultInjector>,
 }
 
-impl ModelRunner for CudaRunner {
-    fn config(&self) -> &ModelConfig {
-        self.backend.config()
-    }
+/// A step's sampling rows after [`DeviceSampling::prepare`]: one outcome per row (rows that
+/// failed before the GPU already have theirs), and which ones the GPU samples.
+pub(crate) struct PreparedRows {
+    outcomes: Vec<Option<RowOutcome>>,
+    launched: Vec<(usize, SeqId)>,
+}
 
-    fn device_name(&self) -> String {
-        self.backend.device_name()
-    }
-
-    fn kv_slots(&self) -> usize {
-        self.backend.kv_slots()
-    }
-
-    fn add_sequence(&mut self, seq: SeqId, spec: SequenceSampling) {
+impl DeviceSampling {
+    pub(crate) fn add(&mut self, seq: SeqId, spec: SequenceSampling) {
         let state = SeqSamplingState::new(
             &spec.params,
             &spec.prompt,
@@ -138,27 +123,12 @@ impl ModelRunner for CudaRunner {
         self.seqs.insert(seq, DeviceSeq { spec, state });
     }
 
-    fn remove_sequence(&mut self, seq: SeqId) {
+    pub(crate) fn remove(&mut self, seq: SeqId) {
         self.seqs.remove(&seq);
     }
 
-    fn step(&mut self, rows: &[StepRow]) -> Result<StepOutput> {
-        let batch: Vec<SeqStep> = rows.iter().map(StepRow::seq_step).collect();
-        let started = Instant::now();
-        let vocab = self.backend.config().vocab_size;
-        // Decode-only steps on the graph path: its logits stay in its buffer, one row per row
-        // of the batch (every row samples); other steps through the general forward pass.
-        let (decoded, logits) = match &mut self.decode {
-            Some(d) if DecodeGraphs::takes(&batch) => {
-                let view = d.step(&self.backend.model, &mut self.backend.pool, &batch)?;
-                (Some(view), None)
-            }
-            _ => {
-                let model = &self.backend.model;
-                (None, model.forward_logits(&batch, &mut self.backend.pool)?)
-            }
-        };
-        // One outcome per sampling row; rows that reach the GPU are filled in after it.
+    /// Packs the rows of `rows` that sample into `self.batch`, logit row by logit row.
+    pub(crate) fn prepare(&mut self, rows: &[StepRow], vocab: usize) -> PreparedRows {
         let mut outcomes: Vec<Option<RowOutcome>> = Vec::new();
         let mut launched: Vec<(usize, SeqId)> = Vec::new();
         self.batch.clear();
@@ -193,16 +163,19 @@ impl ModelRunner for CudaRunner {
             launched.push((outcomes.len(), r.seq));
             outcomes.push(None);
         }
-        let sampled = match (&decoded, &logits) {
-            _ if self.batch.is_empty() => None,
-            (Some(view), _) => Some(self.sampler.sample_rows(
-                view,
-                (rows.len(), vocab),
-                &self.batch,
-            )?),
-            (None, Some(logits)) => Some(self.sampler.sample(logits, &self.batch)?),
-            (None, None) => None,
-        };
+        PreparedRows { outcomes, launched }
+    }
+
+    /// Every sampling row's outcome, given what the GPU sampled for the launched ones.
+    pub(crate) fn finish(
+        &mut self,
+        prepared: PreparedRows,
+        sampled: Option<Vec<SampledRow>>,
+    ) -> Vec<RowOutcome> {
+        let PreparedRows {
+            mut outcomes,
+            launched,
+        } = prepared;
         if let Some(sampled) = sampled {
             for ((at, seq), (token, logprob)) in launched.into_iter().zip(sampled) {
                 if let Some(seq) = self.seqs.get_mut(&seq) {
@@ -211,12 +184,79 @@ impl ModelRunner for CudaRunner {
                 outcomes[at] = Some(Ok(Sampled { token, logprob }));
             }
         }
-        // Everything above ran on the GPU and waited for it: the forward pass and sampling.
-        let forward_seconds = started.elapsed().as_secs_f64();
-        let sampled = outcomes
+        outcomes
             .into_iter()
             .map(|o| o.unwrap_or_else(|| Err("the step produced no logits for this row".into())))
-            .collect();
+            .collect()
+    }
+}
+
+impl CudaRunner {
+    pub fn new(backend: CudaBackend) -> Result<Self> {
+        let sampler = GpuSampler::new(backend.model.device())?;
+        let model = &backend.model;
+        let decode = if DecodeGraphs::supports(model) && !model.options().profile {
+            Some(DecodeGraphs::new(model, model.options().decode_graphs)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            backend,
+            sampler,
+            decode,
+            sampling: DeviceSampling::default(),
+        })
+    }
+}
+
+impl ModelRunner for CudaRunner {
+    fn config(&self) -> &ModelConfig {
+        self.backend.config()
+    }
+
+    fn device_name(&self) -> String {
+        self.backend.device_name()
+    }
+
+    fn kv_slots(&self) -> usize {
+        self.backend.kv_slots()
+    }
+
+    fn add_sequence(&mut self, seq: SeqId, spec: SequenceSampling) {
+        self.sampling.add(seq, spec);
+    }
+
+    fn remove_sequence(&mut self, seq: SeqId) {
+        self.sampling.remove(seq);
+    }
+
+    fn step(&mut self, rows: &[StepRow]) -> Result<StepOutput> {
+        let batch: Vec<SeqStep> = rows.iter().map(StepRow::seq_step).collect();
+        let started = Instant::now();
+        let vocab = self.backend.config().vocab_size;
+        // Decode-only steps on the graph path: its logits stay in its buffer, one row per row
+        // of the batch (every row samples); other steps through the general forward pass.
+        let (decoded, logits) = match &mut self.decode {
+            Some(d) if DecodeGraphs::takes(&batch) => {
+                let view = d.step(&self.backend.model, &mut self.backend.pool, &batch)?;
+                (Some(view), None)
+            }
+            _ => {
+                let model = &self.backend.model;
+                (None, model.forward_logits(&batch, &mut self.backend.pool)?)
+            }
+        };
+        let prepared = self.sampling.prepare(rows, vocab);
+        let batch = &self.sampling.batch;
+        let sampled = match (&decoded, &logits) {
+            _ if batch.is_empty() => None,
+            (Some(view), _) => Some(self.sampler.sample_rows(view, (rows.len(), vocab), batch)?),
+            (None, Some(logits)) => Some(self.sampler.sample(logits, batch)?),
+            (None, None) => None,
+        };
+        let sampled = self.sampling.finish(prepared, sampled);
+        // Everything above ran on the GPU and waited for it: the forward pass and sampling.
+        let forward_seconds = started.elapsed().as_secs_f64();
         Ok(StepOutput {
             sampled,
             forward_seconds,
@@ -228,6 +268,6 @@ impl ModelRunner for CudaRunner {
     }
 
     fn set_fault_injector(&mut self, faults: Option<FaultInjector>) {
-        self.faults = faults;
+        self.sampling.faults = faults;
     }
 }

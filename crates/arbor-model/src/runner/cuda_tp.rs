@@ -3,16 +3,24 @@
 //! of the KV pool, summing over NCCL ([`NcclGroup`]) — or, with every rank on one GPU, through
 //! the host ([`StagedAllReduce`]): the check of the cut that one GPU allows.
 //!
-//! Steps run the general forward pass (no CUDA graphs yet: the collectives are not captured),
-//! and the host samples the joined logits once ([`super::HostSampledRunner`]).
+//! Steps run the general forward pass (no CUDA graphs yet: the collectives are not captured).
+//! Sampling happens once, on rank 0's GPU ([`CudaTensorParallelRunner`]): the ranks' vocabulary
+//! slices of the logits are gathered there and sampled as on one GPU, and only the tokens come
+//! back. `--cuda-sampling host` samples on the host from the joined logits instead
+//! ([`super::HostSampledRunner`] over the same [`TensorParallel`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
-use super::tp::{RankModel, TensorParallel};
-use crate::cuda::{CudaKvPool, CudaLlama, DeviceAllReduce};
+use super::cuda::DeviceSampling;
+use super::host::LogitsBackend;
+use super::tp::{RankModel, SampledRow, TensorParallel};
+use super::{FaultInjector, ModelRunner, SeqId, SequenceSampling, StepOutput, StepRow};
+use crate::config::ModelConfig;
+use crate::cuda::{CudaKvPool, CudaLlama, DeviceAllReduce, GpuSampler, SampleBatch};
 use crate::error::{ModelError, Result};
-use crate::step::SeqStep;
+use crate::step::{LogitsWanted, SeqStep};
 
 /// Share of each GPU's memory free after the weights that the ranks' KV pools take, as for
 /// one GPU (`super::cuda`).
@@ -23,6 +31,8 @@ struct CudaRank {
     model: CudaLlama,
     pool: CudaKvPool,
     group: Arc<dyn DeviceAllReduce>,
+    /// Rank 0's: the sampler of the gathered logits.
+    sampler: Option<GpuSampler>,
 }
 
 impl RankModel for CudaRank {
@@ -38,6 +48,34 @@ impl RankModel for CudaRank {
     fn scratch(&mut self, batch: &[SeqStep], tokens: usize) -> Result<Vec<Vec<f32>>> {
         let mut pool = CudaKvPool::new(&self.model, tokens)?;
         self.model.forward_shard(batch, &mut pool, &*self.group)
+    }
+
+    fn step_sampled(&mut self, batch: &[SeqStep], sample: &SampleBatch) -> Result<Vec<SampledRow>> {
+        let rank = self.model.shard.rank;
+        let group = &*self.group;
+        let logits = self
+            .model
+            .forward_shard_logits(batch, &mut self.pool, group)?;
+        // Every rank sees the same batch, so all of them gather or none does.
+        let joined = match logits {
+            Some(l) if !sample.is_empty() => {
+                group.gather_columns(rank, &l, self.model.config.vocab_size)?
+            }
+            _ => None,
+        };
+        // Past the collectives: a peer that failed cannot leave this rank waiting forever.
+        let dev = match self.model.device() {
+            candle_core::Device::Cuda(d) => d,
+            _ => return Err(ModelError::Cuda("a GPU rank off the GPU".into())),
+        };
+        group.wait(rank, dev)?;
+        match (joined, self.sampler.as_mut()) {
+            (Some(logits), Some(sampler)) => sampler.sample(&logits, sample),
+            (Some(_), None) => Err(ModelError::RankFailed(format!(
+                "rank {rank} gathered the logits but has no sampler"
+            ))),
+            (None, _) => Ok(Vec::new()),
+        }
     }
 }
 
@@ -81,10 +119,16 @@ impl TensorParallel {
                     model.shard.rank
                 ))
             })?;
+            let sampler = if model.shard.rank == 0 {
+                Some(GpuSampler::new(model.device())?)
+            } else {
+                None
+            };
             ranks.push(CudaRank {
                 model,
                 pool,
                 group: group.clone(),
+                sampler,
             });
         }
         tracing::info!(
@@ -93,5 +137,70 @@ impl TensorParallel {
         );
         let name = format!("{} (tensor parallel x{size})", names.join(", "));
         Self::start(ranks, config, slots, group, name)
+    }
+}
+
+/// Tensor parallelism on GPUs as a [`ModelRunner`] that samples on rank 0's GPU: the host
+/// keeps each sequence's sampling state and packs a step's sampling rows
+/// ([`DeviceSampling`], as [`super::CudaRunner`] does), rank 0 samples them from the gathered
+/// logits, and only the tokens come back.
+pub struct CudaTensorParallelRunner {
+    ranks: TensorParallel,
+    sampling: DeviceSampling,
+}
+
+impl CudaTensorParallelRunner {
+    pub fn new(ranks: TensorParallel) -> Self {
+        Self {
+            ranks,
+            sampling: DeviceSampling::default(),
+        }
+    }
+}
+
+impl ModelRunner for CudaTensorParallelRunner {
+    fn config(&self) -> &ModelConfig {
+        self.ranks.config()
+    }
+
+    fn device_name(&self) -> String {
+        LogitsBackend::device_name(&self.ranks)
+    }
+
+    fn kv_slots(&self) -> usize {
+        LogitsBackend::kv_slots(&self.ranks)
+    }
+
+    fn add_sequence(&mut self, seq: SeqId, spec: SequenceSampling) {
+        self.sampling.add(seq, spec);
+    }
+
+    fn remove_sequence(&mut self, seq: SeqId) {
+        self.sampling.remove(seq);
+    }
+
+    fn step(&mut self, rows: &[StepRow]) -> Result<StepOutput> {
+        let batch: Vec<SeqStep> = rows.iter().map(StepRow::seq_step).collect();
+        let started = Instant::now();
+        let vocab = self.ranks.config().vocab_size;
+        let prepared = self.sampling.prepare(rows, vocab);
+        let sample = std::mem::take(&mut self.sampling.batch);
+        let launched = !sample.is_empty();
+        let (sampled, sample) = self.ranks.step_sampled(&batch, sample)?;
+        self.sampling.batch = sample;
+        let sampled = self.sampling.finish(prepared, launched.then_some(sampled));
+        Ok(StepOutput {
+            sampled,
+            forward_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn logits_from_scratch(&self, tokens: &[u32], which: LogitsWanted) -> Result<Vec<Vec<f32>>> {
+        self.ranks.logits_from_scratch(tokens, which)
+    }
+
+    fn set_fault_injector(&mut self, faults: Option<FaultInjector>) {
+        self.ranks.set_fault_injector(faults.clone());
+        self.sampling.faults = faults;
     }
 }

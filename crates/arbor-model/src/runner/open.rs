@@ -309,8 +309,13 @@ fn open_cuda_tp(path: &Path, ordinal: usize, options: &RunnerOptions) -> Result<
         started.elapsed().as_secs_f64()
     );
     let backend = TensorParallel::cuda(loaded.shards, group, options.kv_slots)?;
+    let runner = if options.cuda.host_sampling {
+        host_sampled(backend, options)
+    } else {
+        Box::new(super::cuda_tp::CudaTensorParallelRunner::new(backend))
+    };
     Ok(OpenedModel {
-        runner: host_sampled(backend, options),
+        runner,
         tokenizer: loaded.tokenizer,
         chat_template: loaded.chat_template,
     })

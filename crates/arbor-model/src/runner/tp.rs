@@ -29,8 +29,10 @@ use super::{panic_message, FaultInjector, FaultSite};
 use crate::config::ModelConfig;
 use crate::cpu::kv_pool::KvPool;
 use crate::cpu::llama::Llama;
+use crate::device_sampling::SampleBatch;
 use crate::error::{ModelError, Result};
 use crate::parallel::{HostAllReduce, RankGroup};
+use crate::sampling::TokenLogprob;
 use crate::step::{LogitsWanted, SeqStep};
 
 /// A step's batch, owned so that it can go to the rank threads: every sequence's tokens and
@@ -76,9 +78,24 @@ enum Job {
     Step(Arc<OwnedBatch>),
     /// A step over a scratch pool of the batch's length (diagnostics).
     Scratch(Arc<OwnedBatch>),
+    /// A step whose logits stay on the devices: rank 0 gathers them and samples these rows.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    StepSampled(Arc<OwnedBatch>, Arc<SampleBatch>),
 }
 
-type Reply = Result<Vec<Vec<f32>>>;
+/// What a rank answers.
+enum RankOutput {
+    /// Its vocabulary slice of each logit row.
+    Logits(Vec<Vec<f32>>),
+    /// The sampled rows (rank 0), or nothing (the others).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Sampled(Vec<SampledRow>),
+}
+
+type Reply = Result<RankOutput>;
+
+/// A sampled row: its token and, when asked, log-probabilities.
+pub(crate) type SampledRow = (u32, Option<TokenLogprob>);
 
 /// One rank's part of the model, run on its worker thread: its shard of the weights, of the
 /// KV pool, and its end of the group's collectives.
@@ -88,6 +105,17 @@ pub(crate) trait RankModel: Send + 'static {
     fn step(&mut self, batch: &[SeqStep]) -> Result<Vec<Vec<f32>>>;
     /// The same over a fresh pool of the batch's token count (diagnostics).
     fn scratch(&mut self, batch: &[SeqStep], tokens: usize) -> Result<Vec<Vec<f32>>>;
+    /// One step over the rank's KV pool whose logits stay on the device: rank 0 gathers the
+    /// whole rows and samples `sample`'s rows there; the other ranks return nothing.
+    fn step_sampled(
+        &mut self,
+        _batch: &[SeqStep],
+        _sample: &SampleBatch,
+    ) -> Result<Vec<SampledRow>> {
+        Err(ModelError::InvalidOption(
+            "this backend's ranks do not sample on their device".into(),
+        ))
+    }
 }
 
 struct Rank {
@@ -127,9 +155,9 @@ impl<M: RankModel> RankWorker<M> {
         }
     }
 
-    fn execute(&mut self, job: &Job) -> Result<Vec<Vec<f32>>> {
+    fn execute(&mut self, job: &Job) -> Result<RankOutput> {
         match job {
-            Job::Step(batch) => {
+            Job::Step(batch) | Job::StepSampled(batch, _) => {
                 let faults = self.faults.lock().unwrap_or_else(PoisonError::into_inner);
                 if let Some(f) = faults.as_ref() {
                     let step = self.steps.load(Ordering::SeqCst);
@@ -139,9 +167,18 @@ impl<M: RankModel> RankWorker<M> {
                     });
                 }
                 drop(faults);
-                self.model.step(&batch.steps())
+                match job {
+                    Job::StepSampled(_, sample) => self
+                        .model
+                        .step_sampled(&batch.steps(), sample)
+                        .map(RankOutput::Sampled),
+                    _ => self.model.step(&batch.steps()).map(RankOutput::Logits),
+                }
             }
-            Job::Scratch(batch) => self.model.scratch(&batch.steps(), batch.tokens.len()),
+            Job::Scratch(batch) => self
+                .model
+                .scratch(&batch.steps(), batch.tokens.len())
+                .map(RankOutput::Logits),
         }
     }
 }
@@ -269,8 +306,8 @@ impl TensorParallel {
         })
     }
 
-    /// Sends `job` to every rank and joins their logit slices row by row.
-    fn run_job(&self, make: impl Fn() -> Job) -> Result<Vec<Vec<f32>>> {
+    /// Sends `job` to every rank; their answers in rank order.
+    fn run_job(&self, make: impl Fn() -> Job) -> Result<Vec<RankOutput>> {
         let _one_at_a_time = self.dispatch.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(why) = self.group.aborted() {
             return Err(ModelError::RankFailed(why));
@@ -312,7 +349,52 @@ impl TensorParallel {
                 None => e,
             });
         }
+        Ok(slices)
+    }
+
+    /// Sends `job` to every rank and joins their logit slices row by row.
+    fn run_logits_job(&self, make: impl Fn() -> Job) -> Result<Vec<Vec<f32>>> {
+        let mut slices = Vec::new();
+        for out in self.run_job(make)? {
+            match out {
+                RankOutput::Logits(rows) => slices.push(rows),
+                RankOutput::Sampled(_) => {
+                    return Err(ModelError::RankFailed(
+                        "a rank sampled where logits were asked for".into(),
+                    ))
+                }
+            }
+        }
         Ok(join_rows(slices, self.config.vocab_size))
+    }
+
+    /// One step whose logits never leave the GPUs: rank 0 samples `sample`'s rows (packed by
+    /// the caller in logit-row order). Gives the sampled rows and the batch back (its buffers
+    /// are reused).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn step_sampled(
+        &self,
+        batch: &[SeqStep],
+        sample: SampleBatch,
+    ) -> Result<(Vec<SampledRow>, SampleBatch)> {
+        self.check(batch, self.kv_slots)?;
+        let owned = Arc::new(OwnedBatch::new(batch));
+        let sample = Arc::new(sample);
+        let result = self.run_job(|| Job::StepSampled(owned.clone(), sample.clone()));
+        self.steps.fetch_add(1, Ordering::SeqCst);
+        let sampled = match result?.into_iter().next() {
+            Some(RankOutput::Sampled(rows)) => rows,
+            _ => return Err(ModelError::RankFailed("rank 0 gave no sampled rows".into())),
+        };
+        // Every rank has answered, so every clone of the batch is gone.
+        let sample = Arc::try_unwrap(sample).unwrap_or_default();
+        Ok((sampled, sample))
+    }
+
+    /// The whole model's shape.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn config(&self) -> &ModelConfig {
+        &self.config
     }
 
     fn check(&self, batch: &[SeqStep], pool_slots: usize) -> Result<()> {
@@ -352,7 +434,7 @@ impl LogitsBackend for TensorParallel {
         // Bad input is the caller's error, found before any rank starts: it breaks nothing.
         self.check(batch, self.kv_slots)?;
         let owned = Arc::new(OwnedBatch::new(batch));
-        let result = self.run_job(|| Job::Step(owned.clone()));
+        let result = self.run_logits_job(|| Job::Step(owned.clone()));
         self.steps.fetch_add(1, Ordering::SeqCst);
         result
     }
@@ -366,7 +448,7 @@ impl LogitsBackend for TensorParallel {
         };
         self.check(&[step], tokens.len())?;
         let owned = Arc::new(OwnedBatch::new(&[step]));
-        self.run_job(|| Job::Scratch(owned.clone()))
+        self.run_logits_job(|| Job::Scratch(owned.clone()))
     }
 
     fn set_fault_injector(&mut self, faults: Option<FaultInjector>) {
@@ -386,5 +468,117 @@ impl Drop for TensorParallel {
                 let _ = t.join();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device_sampling::SeqSamplingState;
+    use crate::parallel::AllReduce;
+    use crate::sampling::SamplingParams;
+
+    /// A rank that joins one all-reduce per step, as a real rank's forward pass does, and
+    /// "samples" each row as the row's index plus the group's sum (so a result can only come
+    /// from a rank that met all the others).
+    struct CountingRank {
+        rank: usize,
+        fails: bool,
+        group: Arc<HostAllReduce>,
+    }
+
+    impl RankModel for CountingRank {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+
+        fn step(&mut self, _batch: &[SeqStep]) -> Result<Vec<Vec<f32>>> {
+            Ok(vec![vec![self.rank as f32]])
+        }
+
+        fn scratch(&mut self, batch: &[SeqStep], _tokens: usize) -> Result<Vec<Vec<f32>>> {
+            self.step(batch)
+        }
+
+        fn step_sampled(
+            &mut self,
+            _batch: &[SeqStep],
+            sample: &SampleBatch,
+        ) -> Result<Vec<SampledRow>> {
+            if self.fails {
+                return Err(ModelError::Cuda("out of memory".into()));
+            }
+            let mut x = [1.0f32 + self.rank as f32];
+            self.group.sum(self.rank, &mut x)?;
+            let rows = if self.rank == 0 { sample.len() } else { 0 };
+            Ok((0..rows).map(|i| (i as u32 + x[0] as u32, None)).collect())
+        }
+    }
+
+    fn ranks(size: usize, failing: Option<usize>) -> TensorParallel {
+        let group = Arc::new(HostAllReduce::new(size));
+        let models = (0..size)
+            .map(|rank| CountingRank {
+                rank,
+                fails: failing == Some(rank),
+                group: group.clone(),
+            })
+            .collect();
+        let config = crate::parallel::tests::config(4, 2, 64, 32);
+        TensorParallel::start(models, config, 16, group, "test".into()).unwrap()
+    }
+
+    fn sample_rows(n: usize) -> SampleBatch {
+        let state = SeqSamplingState::new(&SamplingParams::default(), &[1, 2], 0, &[]);
+        let mut batch = SampleBatch::default();
+        for row in 0..n {
+            batch.push_seq(row, &state, None, None);
+        }
+        batch
+    }
+
+    #[test]
+    fn rank_zero_samples_once_after_every_rank_joined_and_the_batch_comes_back() {
+        let tp = ranks(3, None);
+        let (tokens, slots) = ([5u32, 6], [0u32, 1]);
+        let steps = [
+            SeqStep {
+                tokens: &tokens[..1],
+                slots: &slots[..1],
+                logits: LogitsWanted::Last,
+            },
+            SeqStep {
+                tokens: &tokens[1..],
+                slots: &slots[1..],
+                logits: LogitsWanted::Last,
+            },
+        ];
+        let (sampled, back) = tp.step_sampled(&steps, sample_rows(2)).unwrap();
+        // The group's sum is 1 + 2 + 3 = 6: every rank took part.
+        let tokens: Vec<u32> = sampled.iter().map(|r| r.0).collect();
+        assert_eq!(tokens, vec![6, 7]);
+        assert_eq!(back.len(), 2, "the packed rows come back for reuse");
+        // Bad input is refused before any rank runs, and breaks nothing.
+        let bad = [SeqStep {
+            tokens: &[99],
+            slots: &[0],
+            logits: LogitsWanted::Last,
+        }];
+        assert!(tp.step_sampled(&bad, sample_rows(1)).is_err());
+        assert!(tp.step_sampled(&steps, sample_rows(2)).is_ok());
+    }
+
+    #[test]
+    fn a_rank_that_fails_a_sampled_step_fails_it_and_every_later_one() {
+        let tp = ranks(3, Some(2));
+        let step = [SeqStep {
+            tokens: &[5],
+            slots: &[0],
+            logits: LogitsWanted::Last,
+        }];
+        let e = tp.step_sampled(&step, sample_rows(1)).unwrap_err().to_string();
+        assert!(e.contains("rank 2") && e.contains("out of memory"), "{e}");
+        let again = tp.step_sampled(&step, sample_rows(1)).unwrap_err().to_string();
+        assert!(again.contains("rank 2"), "{again}");
     }
 }
