@@ -65,6 +65,10 @@ pub struct Args {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Ranks the model is cut into, as `arbor serve --tensor-parallel-size` (`-tp N` works
+    /// too): on GPUs one per GPU from --device's on, summing over NCCL.
+    #[arg(long, default_value_t = 1, env = "ARBOR_TENSOR_PARALLEL_SIZE")]
+    pub tensor_parallel_size: usize,
     /// KV pool size in token slots (default: as `arbor serve`).
     #[arg(long)]
     pub kv_slots: Option<usize>,
@@ -283,6 +287,7 @@ impl LLMEngine for ArborWorker {
             let device: DeviceSpec = args.device.parse()?;
             let options = RunnerOptions {
                 kv_slots: args.kv_slots,
+                tensor_parallel_size: args.tensor_parallel_size,
                 ..Default::default()
             };
             let opened =

@@ -28,7 +28,8 @@
 //!   pool (its KV heads of every slot, so a slot id names the same token on every rank and
 //!   the engine's slot ids need no change; `kv_slots` is the per-rank count), summing
 //!   partial hidden states through the group's all-reduce (on the CPU a host all-reduce;
-//!   on GPUs NCCL, `cuda_tp.rs`); the host samples the joined logits once.
+//!   on GPUs NCCL, `cuda_tp.rs`). Sampling happens once: on the host from the joined logits
+//!   (CPU ranks), or on rank 0's GPU from the gathered logits (`CudaTensorParallelRunner`).
 
 mod cpu;
 #[cfg(feature = "cuda")]

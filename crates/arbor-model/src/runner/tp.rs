@@ -7,7 +7,9 @@
 //!
 //! A step: the caller's thread checks the batch, sends it to every rank, and joins the ranks'
 //! logit slices (their vocabulary rows) into whole rows; sampling happens once, above, in
-//! [`super::HostSampledRunner`]. A rank that fails (an error or a panic in its forward pass)
+//! [`super::HostSampledRunner`]. GPU ranks can instead keep the logits on the devices
+//! ([`TensorParallel::step_sampled`]): rank 0 gathers and samples them and answers with the
+//! tokens. A rank that fails (an error or a panic in its forward pass)
 //! breaks the group ([`RankGroup::abort`]), which releases the ranks waiting in a collective:
 //! the step returns the failing rank's reason, and every later step fails at once (the KV
 //! shards can no longer be trusted; the engine stops). Nothing waits forever.
