@@ -386,30 +386,12 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
     let gpu = arbor_model::open(&path, device, &options(Some(weights)))?;
     let model_config = cpu.runner.config().clone();
     let vocab = model_config.vocab_size;
-    let prompts: Vec<Vec<u32>> = match &a.fixture {
-        Some(f) => {
-            let v: Value = serde_json::from_str(&std::fs::read_to_string(f)?)?;
-            v["greedy"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|g| serde_json::from_value(g["prompt_ids"].clone()).ok())
-                .collect()
-        }
-        None => {
-            let mut rng = 7u64;
-            [5usize, 17, 64, 300, 1000]
-                .iter()
-                .map(|&n| {
-                    prompt(
-                        &mut rng,
-                        n.min(model_config.max_position_embeddings - a.tokens - 1),
-                        vocab,
-                    )
-                })
-                .collect()
-        }
-    };
+    let prompts = check_prompts(
+        a.fixture.as_deref(),
+        (7, &[5, 17, 64, 300, 1000]),
+        model_config.max_position_embeddings - a.tokens - 1,
+        vocab,
+    )?;
     let mut failures_early: Vec<String> = Vec::new();
     let mut cpu_engine = Engine::new(cpu.runner, cpu.tokenizer, EngineConfig::default())?;
     let mut gpu_engine = Engine::new(gpu.runner, gpu.tokenizer, EngineConfig::default())?;
@@ -435,13 +417,7 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
         // Logits at the prompt's last position, from fresh KV (no cache) on each backend.
         let lc = last_logits(&cpu_engine, p)?;
         let lg = last_logits(&gpu_engine, p)?;
-        let max_abs = lc
-            .iter()
-            .zip(&lg)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        let scale = lc.iter().map(|x| x.abs()).fold(0f32, f32::max).max(1e-6);
-        let rel = (max_abs / scale) as f64;
+        let (max_abs, scale, rel) = logit_gap(&lc, &lg);
         let top1 = arbor_model::sampling::argmax(&lc) == arbor_model::sampling::argmax(&lg);
         worst_rel = worst_rel.max(rel);
         same_top1 += usize::from(top1);
@@ -587,24 +563,12 @@ fn tp_check(a: &GpuCheckArgs, ordinal: usize, size: usize) -> Result<()> {
     let split = arbor_model::open(&path, device, &options(size))?;
     let vocab = whole.runner.config().vocab_size;
     let max_pos = whole.runner.config().max_position_embeddings;
-    let prompts: Vec<Vec<u32>> = match &a.fixture {
-        Some(f) => {
-            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(f)?)?;
-            v["greedy"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|g| serde_json::from_value(g["prompt_ids"].clone()).ok())
-                .collect()
-        }
-        None => {
-            let mut rng = 11u64;
-            [5usize, 17, 64, 300, 1000, 3000]
-                .iter()
-                .map(|&n| prompt(&mut rng, n.min(max_pos - a.tokens - 1), vocab))
-                .collect()
-        }
-    };
+    let prompts = check_prompts(
+        a.fixture.as_deref(),
+        (11, &[5, 17, 64, 300, 1000, 3000]),
+        max_pos - a.tokens - 1,
+        vocab,
+    )?;
     if prompts.is_empty() {
         bail!("no prompts to check");
     }
@@ -618,13 +582,7 @@ fn tp_check(a: &GpuCheckArgs, ordinal: usize, size: usize) -> Result<()> {
             last(whole.runner.as_ref(), p)?,
             last(split.runner.as_ref(), p)?,
         );
-        let max_abs = lw
-            .iter()
-            .zip(&ls)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        let scale = lw.iter().map(|x| x.abs()).fold(0f32, f32::max).max(1e-6);
-        let rel = f64::from(max_abs / scale);
+        let (max_abs, scale, rel) = logit_gap(&lw, &ls);
         worst_rel = worst_rel.max(rel);
         rows.push(json!({
             "prompt_tokens": p.len(), "max_abs_diff": max_abs, "max_abs_logit": scale,
@@ -677,6 +635,46 @@ fn tp_check(a: &GpuCheckArgs, ordinal: usize, size: usize) -> Result<()> {
         bail!("tensor-parallel check failed: {}", failures.join("; "));
     }
     Ok(())
+}
+
+/// The prompts of a model check: a llama.cpp fixture's greedy prompts, or random prompts of
+/// `lengths` (capped at `max_len`) from `seed`.
+fn check_prompts(
+    fixture: Option<&std::path::Path>,
+    (seed, lengths): (u64, &[usize]),
+    max_len: usize,
+    vocab: usize,
+) -> Result<Vec<Vec<u32>>> {
+    Ok(match fixture {
+        Some(f) => {
+            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(f)?)?;
+            v["greedy"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|g| serde_json::from_value(g["prompt_ids"].clone()).ok())
+                .collect()
+        }
+        None => {
+            let mut rng = seed;
+            lengths
+                .iter()
+                .map(|&n| prompt(&mut rng, n.min(max_len), vocab))
+                .collect()
+        }
+    })
+}
+
+/// How far `got` is from `want`: the largest absolute difference, the largest |logit| of
+/// `want`, and their ratio.
+fn logit_gap(want: &[f32], got: &[f32]) -> (f32, f32, f64) {
+    let max_abs = want
+        .iter()
+        .zip(got)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let scale = want.iter().map(|x| x.abs()).fold(0f32, f32::max).max(1e-6);
+    (max_abs, scale, f64::from(max_abs / scale))
 }
 
 /// Greedy continuations of every prompt, all in flight at once on `engine`.

@@ -17,7 +17,7 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::*;
 use crate::parallel::{AllReduce, HostAllReduce, RankGroup};
@@ -227,6 +227,48 @@ impl NcclGroup {
         }
     }
 
+    /// One collective of `rank` reading `in_len` values of `x` (contiguous, on the rank's GPU)
+    /// into a new buffer of `out_len` values: `call(send, receive, communicator, stream)`, on
+    /// the rank's stream.
+    fn collective<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+        &self,
+        rank: usize,
+        x: &Tensor,
+        (in_len, out_len): (usize, usize),
+        what: &str,
+        call: impl FnOnce(*const c_void, *mut c_void, NcclComm, *mut c_void) -> NcclResult,
+    ) -> Result<CudaSlice<T>> {
+        self.broken()?;
+        let dev = cuda_device(x.device())?;
+        let stream = dev.cuda_stream();
+        // Safety: the collective writes every element of the output.
+        let mut out = unsafe { dev.alloc::<T>(out_len) }?;
+        let (st, lay) = x.storage_and_layout();
+        let input = slice_of::<T>(&st, lay)?;
+        if input.len() < in_len {
+            return Err(ModelError::Cuda(format!(
+                "NCCL {what}: {} values to send, {in_len} expected",
+                input.len()
+            )));
+        }
+        let comm = self.comm(rank);
+        let Some(c) = comm.0 else {
+            return Err(ModelError::RankFailed(format!("rank {rank}: NCCL aborted")));
+        };
+        let (src, read) = input.device_ptr(&stream);
+        let (dst, written) = out.device_ptr_mut(&stream);
+        let r = call(
+            src as *const c_void,
+            dst as *mut c_void,
+            c,
+            stream.cu_stream() as *mut c_void,
+        );
+        self.lib.check(what, r)?;
+        // The buffers' events record the collective on the stream.
+        drop((read, written));
+        Ok(out)
+    }
+
     /// Aborts `rank`'s communicator, which ends any collective of it still running.
     fn abort_comm(&self, rank: usize) {
         if let Some(c) = self.comm(rank).0.take() {
@@ -252,39 +294,22 @@ impl RankGroup for NcclGroup {
 
 impl DeviceAllReduce for NcclGroup {
     fn sum(&self, rank: usize, x: &Tensor) -> Result<Tensor> {
-        self.broken()?;
         let x = x.contiguous()?;
         let (rows, cols) = x.dims2()?;
-        let dev = cuda_device(x.device())?;
-        let stream = dev.cuda_stream();
-        // Safety: NCCL writes every element of the output.
-        let mut out = unsafe { dev.alloc::<bf16>(rows * cols) }?;
-        {
-            let (st, lay) = x.storage_and_layout();
-            let input = slice_of::<bf16>(&st, lay)?;
-            let comm = self.comm(rank);
-            let Some(c) = comm.0 else {
-                return Err(ModelError::RankFailed(format!("rank {rank}: NCCL aborted")));
-            };
-            let (src, _read) = input.device_ptr(&stream);
-            let (dst, _written) = out.device_ptr_mut(&stream);
-            // Safety: both buffers hold rows x cols bf16 values on this rank's GPU and stay
-            // alive until the stream's events (the guards above) record the collective; the
-            // stream is the one this rank's kernels run on.
-            let r = unsafe {
-                (self.lib.all_reduce)(
-                    src as *const c_void,
-                    dst as *mut c_void,
-                    rows * cols,
-                    NCCL_BFLOAT16,
-                    NCCL_SUM,
-                    c,
-                    stream.cu_stream() as *mut c_void,
-                )
-            };
-            self.lib.check("all-reduce", r)?;
-        }
-        Ok(wrap(out, dev, (rows, cols)))
+        let out = self.collective::<bf16>(
+            rank,
+            &x,
+            (rows * cols, rows * cols),
+            "all-reduce",
+            |src, dst, c, s| {
+                // Safety: both buffers hold rows x cols bf16 values on this rank's GPU (checked
+                // by `collective`) and stay alive until the stream's events record the call.
+                unsafe {
+                    (self.lib.all_reduce)(src, dst, rows * cols, NCCL_BFLOAT16, NCCL_SUM, c, s)
+                }
+            },
+        )?;
+        Ok(wrap(out, cuda_device(x.device())?, (rows, cols)))
     }
 
     fn gather_columns(&self, rank: usize, x: &Tensor, columns: usize) -> Result<Option<Tensor>> {
@@ -302,32 +327,18 @@ impl DeviceAllReduce for NcclGroup {
         }
         .contiguous()?;
         let dev = cuda_device(x.device())?;
-        let stream = dev.cuda_stream();
-        // Safety: NCCL writes every element of the output.
-        let mut out = unsafe { dev.alloc::<f32>(size * rows * chunk) }?;
-        {
-            let (st, lay) = x.storage_and_layout();
-            let input = slice_of::<f32>(&st, lay)?;
-            let comm = self.comm(rank);
-            let Some(c) = comm.0 else {
-                return Err(ModelError::RankFailed(format!("rank {rank}: NCCL aborted")));
-            };
-            let (src, _read) = input.device_ptr(&stream);
-            let (dst, _written) = out.device_ptr_mut(&stream);
-            // Safety: the input holds rows x chunk f32 values and the output size times that,
-            // both on this rank's GPU, alive until the stream's events record the collective.
-            let r = unsafe {
-                (self.lib.all_gather)(
-                    src as *const c_void,
-                    dst as *mut c_void,
-                    rows * chunk,
-                    NCCL_FLOAT32,
-                    c,
-                    stream.cu_stream() as *mut c_void,
-                )
-            };
-            self.lib.check("all-gather", r)?;
-        }
+        let out = self.collective::<f32>(
+            rank,
+            &x,
+            (rows * chunk, size * rows * chunk),
+            "all-gather",
+            |src, dst, c, s| {
+                // Safety: the input holds rows x chunk f32 values and the output size times that
+                // (checked by `collective`), both on this rank's GPU, alive until the stream's
+                // events record the call.
+                unsafe { (self.lib.all_gather)(src, dst, rows * chunk, NCCL_FLOAT32, c, s) }
+            },
+        )?;
         if rank != 0 {
             return Ok(None);
         }

@@ -578,9 +578,15 @@ mod tests {
             slots: &[0],
             logits: LogitsWanted::Last,
         }];
-        let e = tp.step_sampled(&step, sample_rows(1)).unwrap_err().to_string();
+        let e = tp
+            .step_sampled(&step, sample_rows(1))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rank 2") && e.contains("out of memory"), "{e}");
-        let again = tp.step_sampled(&step, sample_rows(1)).unwrap_err().to_string();
+        let again = tp
+            .step_sampled(&step, sample_rows(1))
+            .unwrap_err()
+            .to_string();
         assert!(again.contains("rank 2"), "{again}");
     }
 }
