@@ -4,6 +4,7 @@
 #   Llama-3.1-8B's shape, multi-turn conversations in flight together through `arbor bench`:
 #   batching, the prefix cache and streaming over the tensor-parallel runner; TP=1 alongside
 #   (the host-staged sums make TP=2 on one GPU slow: this is a check, not a benchmark);
+# - the one-rank NCCL round trip again (the NCCL calls now share one path);
 # - Llama-3.1-70B's shape at -tp 2 on one GPU: 141 GB of weights do not fit in 139 GiB, and
 #   loading must say so clearly;
 # - sampling on rank 0's GPU against the host under -tp;
@@ -18,6 +19,7 @@ export ARBOR_LOG=warn
 B=gpu/arbor
 R=$OUT/r2; mkdir -p $R
 t0=$SECONDS
+$B gpu-check --nccl --json $R/nccl.json > $R/nccl.log 2>&1; echo "nccl rc=$?"; grep -E "identical|failed" $R/nccl.log
 serve() {  # serve NAME EXTRA-ARGS...
   local name=$1; shift
   local S=()

@@ -268,10 +268,12 @@ fn open_cuda_tp(path: &Path, ordinal: usize, options: &RunnerOptions) -> Result<
     let started = std::time::Instant::now();
     // Out of memory while loading: say which GPU, what it had free, and what to change.
     let explain = |e: ModelError| {
-        let why = e.to_string();
-        if !why.contains("OUT_OF_MEMORY") {
+        let text = e.to_string();
+        if !text.contains("OUT_OF_MEMORY") {
             return e;
         }
+        // The driver's reason alone: candle's error text carries a backtrace after it.
+        let why = text.lines().next().unwrap_or_default();
         let free: Vec<String> = ordinals
             .iter()
             .zip(&free_before)
