@@ -262,14 +262,7 @@ impl HostAllReduce {
     /// Every rank's `part`, in rank order, on rank 0 (`None` on the others). Every rank calls
     /// it, in the same order of calls; an error means the group failed.
     pub fn gather(&self, rank: usize, part: &[f32]) -> Result<Option<Vec<Vec<f32>>>> {
-        {
-            let mut mine = self.parts[rank]
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
-            mine.clear();
-            mine.extend_from_slice(part);
-        }
-        self.barrier.wait()?;
+        self.post(rank, part)?;
         let all = (rank == 0).then(|| {
             self.parts
                 .iter()
@@ -279,6 +272,18 @@ impl HostAllReduce {
         // Nobody posts the next part before rank 0 has read this one.
         self.barrier.wait()?;
         Ok(all)
+    }
+
+    /// Puts `part` in `rank`'s place and waits until every rank has put its own.
+    fn post(&self, rank: usize, part: &[f32]) -> Result<()> {
+        {
+            let mut mine = self.parts[rank]
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            mine.clear();
+            mine.extend_from_slice(part);
+        }
+        self.barrier.wait()
     }
 }
 
@@ -294,14 +299,7 @@ impl RankGroup for HostAllReduce {
 
 impl AllReduce for HostAllReduce {
     fn sum(&self, rank: usize, buf: &mut [f32]) -> Result<()> {
-        {
-            let mut mine = self.parts[rank]
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
-            mine.clear();
-            mine.extend_from_slice(buf);
-        }
-        self.barrier.wait()?;
+        self.post(rank, buf)?;
         for (r, part) in self.parts.iter().enumerate() {
             let part = part.read().unwrap_or_else(PoisonError::into_inner);
             if part.len() != buf.len() {

@@ -21,7 +21,7 @@ use crate::step::{LogitsWanted, SeqStep};
 
 /// Share of the GPU memory free after loading the weights that the default KV pool takes: the
 /// rest is for activations and cuBLAS workspaces.
-const GPU_KV_MEMORY_SHARE: f64 = 0.85;
+pub(crate) const GPU_KV_MEMORY_SHARE: f64 = 0.85;
 
 pub struct CudaBackend {
     model: Arc<CudaLlama>,

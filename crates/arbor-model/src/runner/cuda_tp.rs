@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::cuda::DeviceSampling;
+use super::cuda::{DeviceSampling, GPU_KV_MEMORY_SHARE};
 use super::host::LogitsBackend;
 use super::tp::{RankModel, SampledRow, TensorParallel};
 use super::{FaultInjector, ModelRunner, SeqId, SequenceSampling, StepOutput, StepRow};
@@ -21,10 +21,6 @@ use crate::config::ModelConfig;
 use crate::cuda::{CudaKvPool, CudaLlama, DeviceAllReduce, GpuSampler, SampleBatch};
 use crate::error::{ModelError, Result};
 use crate::step::{LogitsWanted, SeqStep};
-
-/// Share of each GPU's memory free after the weights that the ranks' KV pools take, as for
-/// one GPU (`super::cuda`).
-const GPU_KV_MEMORY_SHARE: f64 = 0.85;
 
 /// One GPU rank: its shard, its KV pool (its KV heads of every slot) and the group.
 struct CudaRank {
@@ -81,8 +77,8 @@ impl RankModel for CudaRank {
 
 impl TensorParallel {
     /// GPU shards (rank order) summing through `group`, each with a KV pool of `kv_slots`
-    /// slots (default: 85% of the memory each GPU has free after the weights, divided
-    /// between the ranks it holds).
+    /// slots (default: [`GPU_KV_MEMORY_SHARE`] of the memory each GPU has free after the
+    /// weights, as on one GPU, divided between the ranks it holds).
     pub fn cuda(
         shards: Vec<CudaLlama>,
         group: Arc<dyn DeviceAllReduce>,
