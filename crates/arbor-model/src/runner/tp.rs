@@ -152,6 +152,9 @@ impl<M: RankModel> RankWorker<M> {
                     Err(ModelError::RankFailed(why))
                 }
             };
+            // The job's shared batches go before the answer: once every rank has answered, the
+            // caller holds the only references (it takes the sampling batch back for reuse).
+            drop(job);
             // The caller waits for every rank; if it is gone, so is the runner.
             let _ = reply.send(result);
         }
