@@ -279,9 +279,15 @@ fn kernel_checks(device: &crate::Device) -> Result<serde_json::Value> {
         failed += usize::from(!ok);
         gemv.push(json!({"rows": m, "out": n, "in": k, "max_relative_difference": rel, "ok": ok}));
     }
+    // A tensor-parallel shard's sliced embedding and logit join: they move values, so exactly.
+    let mut shard = Vec::new();
+    for (case, values, wrong) in crate::cuda::shard_kernels_check(device)? {
+        failed += usize::from(wrong > 0 || values == 0);
+        shard.push(json!({"case": case, "values": values, "mismatches": wrong}));
+    }
     Ok(json!({
-        "kernels": "tensor-core and CUDA-core attention + arbor_attention_merge; arbor_gemv against cuBLAS",
-        "cases": cases, "gemv": gemv, "failed": failed,
+        "kernels": "tensor-core and CUDA-core attention + arbor_attention_merge; arbor_gemv against cuBLAS; arbor_embed_rows and arbor_join_columns against the host",
+        "cases": cases, "gemv": gemv, "shard_kernels": shard, "failed": failed,
     }))
 }
 

@@ -47,6 +47,10 @@ pub struct CudaOptions {
     /// the host: a check of the cut where there is no second GPU (NCCL refuses two ranks on
     /// one device). Slow; not for serving.
     pub tp_one_gpu: bool,
+    /// Run through the tensor-parallel runner even at one rank (one NCCL rank on the device's
+    /// GPU): the check that its path, with the collectives recorded in its decode graphs,
+    /// gives what the one-GPU runner gives, and the A/B of what it costs. Not for serving.
+    pub tp_runner: bool,
 }
 
 impl Default for CudaOptions {
@@ -60,6 +64,7 @@ impl Default for CudaOptions {
             host_sampling: false,
             decode_graphs: true,
             tp_one_gpu: false,
+            tp_runner: false,
         }
     }
 }

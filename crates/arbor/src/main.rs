@@ -99,6 +99,10 @@ pub struct ModelArgs {
     /// the host instead of NCCL (slow; for checking the cut where there is no second GPU).
     #[arg(long)]
     tp_one_gpu: bool,
+    /// GPU, checking only: the tensor-parallel runner even at one rank (one NCCL rank), for
+    /// A/Bs of its path against the one-GPU runner.
+    #[arg(long, hide = true)]
+    tp_runner: bool,
     /// `auto` reads the weights from --model; `dummy` makes random weights of the shapes in
     /// --model's config.json, on the GPU (benchmarking models that cannot be downloaded).
     #[arg(long, value_enum, default_value = "auto")]
@@ -489,6 +493,7 @@ fn runner_options(args: &ModelArgs) -> RunnerOptions {
             host_sampling: args.cuda_sampling == CudaSamplingArg::Host,
             decode_graphs: args.cuda_graphs == OnOff::On,
             tp_one_gpu: args.tp_one_gpu,
+            tp_runner: args.tp_runner,
         },
         cpu_kernels: match args.cpu_kernels {
             CpuKernelsArg::Auto => CpuKernels::Auto,
@@ -525,6 +530,7 @@ fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
                 ("decode_graphs", "--cuda-graphs"),
                 ("tensor_parallel_size", "--tensor-parallel-size"),
                 ("tp_one_gpu", "--tp-one-gpu"),
+                ("tp_runner", "--tp-runner"),
             ]
             .iter()
             .fold(why, |why, (option, flag)| why.replace(option, flag))

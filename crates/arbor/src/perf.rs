@@ -293,7 +293,9 @@ pub struct GpuCheckArgs {
     /// Check tensor parallelism: the model cut into this many ranks against the whole model,
     /// both on the GPU (last-position logits of every prompt, greedy tokens of all prompts
     /// batched). Ranks go on GPUs cuda:N, cuda:N+1, ... summing over NCCL when the machine
-    /// has them, else all on the one GPU summing through the host.
+    /// has them, else all on the one GPU summing through the host. `--tp 1` runs the whole
+    /// model through the tensor-parallel runner (one NCCL rank, its collectives in the decode
+    /// graphs) and expects the one-GPU runner's logits and tokens exactly.
     #[arg(long)]
     pub tp: Option<usize>,
     /// With --tp: --model is a config.json and the weights are random (`--load-format dummy`,
@@ -543,7 +545,8 @@ fn tp_check(a: &GpuCheckArgs, ordinal: usize, size: usize) -> Result<()> {
         None => crate::model_fetch::default_model_path(false)?,
     };
     let one_gpu = ordinal + size > arbor_model::diagnostics::gpu_count();
-    let options = |tp: usize| RunnerOptions {
+    // The checked side: `size` ranks, through the tensor-parallel runner even at one.
+    let options = |tp: usize, tp_runner: bool| RunnerOptions {
         kv_slots: Some(16_384),
         tensor_parallel_size: tp,
         load_format: if a.dummy {
@@ -554,13 +557,14 @@ fn tp_check(a: &GpuCheckArgs, ordinal: usize, size: usize) -> Result<()> {
         tokenizer: a.tokenizer.clone(),
         cuda: CudaOptions {
             tp_one_gpu: one_gpu && tp > 1,
+            tp_runner,
             ..Default::default()
         },
         ..Default::default()
     };
     let device = DeviceSpec::Cuda(ordinal);
-    let whole = arbor_model::open(&path, device, &options(1))?;
-    let split = arbor_model::open(&path, device, &options(size))?;
+    let whole = arbor_model::open(&path, device, &options(1, false))?;
+    let split = arbor_model::open(&path, device, &options(size, true))?;
     let vocab = whole.runner.config().vocab_size;
     let max_pos = whole.runner.config().max_position_embeddings;
     let prompts = check_prompts(
@@ -618,6 +622,15 @@ fn tp_check(a: &GpuCheckArgs, ordinal: usize, size: usize) -> Result<()> {
     if worst_rel > TP_RELATIVE_BOUND {
         failures.push(format!(
             "worst relative logit difference {worst_rel:.4} exceeds {TP_RELATIVE_BOUND}"
+        ));
+    }
+    // One rank sums nothing: the same kernels on the same weights, so the same bits.
+    if size == 1 && (worst_rel != 0.0 || identical != prompts.len()) {
+        failures.push(format!(
+            "one rank through the tensor-parallel runner differs from the one-GPU runner \
+             (worst relative logit difference {worst_rel}, greedy tokens identical on \
+             {identical}/{})",
+            prompts.len()
         ));
     }
     let out = json!({

@@ -36,6 +36,86 @@ pub fn gemv_check(device: &Device) -> Result<Vec<(usize, usize, usize, f64)>> {
     Ok(rows)
 }
 
+/// The two kernels of a tensor-parallel shard's decode path against host references, on
+/// values each output position determines: the vocabulary-sliced embedding (rows outside the
+/// slice zero) and the join of gathered logit slices, over rank counts that leave the last
+/// slice narrower. `(case, values, mismatches)` per case; exact equality is expected (both
+/// only move values).
+pub fn shard_kernels_check(device: &Device) -> Result<Vec<(String, usize, usize)>> {
+    let dev = cuda_device(device)?;
+    let stream = dev.cuda_stream();
+    let mut cases = Vec::new();
+    let (vocab, n) = (1000usize, 24usize);
+    let value = |row: usize, i: usize| bf16::from_f32(((row * 31 + i * 7) % 251) as f32 - 125.0);
+    for (first, count) in [(0usize, 1000usize), (0, 334), (334, 334), (668, 332)] {
+        let table: Vec<bf16> = (0..count * n)
+            .map(|k| value(first + k / n, k % n))
+            .collect();
+        let table = Tensor::from_vec(table, (count, n), device)?;
+        let ids: Vec<u32> = (0..37u32).map(|t| (t * 389 + 11) % vocab as u32).collect();
+        let ids_d = stream.clone_htod(&ids).map_err(cuda_err)?;
+        let mut out = stream
+            .alloc_zeros::<bf16>(ids.len() * n)
+            .map_err(cuda_err)?;
+        let range = first..first + count;
+        embed_rows(dev, &table, &ids_d.slice(..), &mut out, ids.len(), &range)?;
+        let got = stream.clone_dtoh(&out).map_err(cuda_err)?;
+        let want: Vec<bf16> = ids
+            .iter()
+            .flat_map(|&id| {
+                let held = range.contains(&(id as usize));
+                (0..n).map(move |i| {
+                    if held {
+                        value(id as usize, i)
+                    } else {
+                        bf16::ZERO
+                    }
+                })
+            })
+            .collect();
+        let wrong = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        cases.push((
+            format!("embed_rows vocab {first}..{}", first + count),
+            want.len(),
+            wrong,
+        ));
+    }
+    for ranks in [1usize, 2, 3] {
+        for rows in [1usize, 5] {
+            let chunk = vocab.div_ceil(ranks);
+            // Rank p's [rows, w_p] slice at the start of its rows x chunk part; the rest of
+            // each part is padding the join must not read (NaN here).
+            let mut gathered = vec![f32::NAN; ranks * rows * chunk];
+            let mut want = vec![0f32; rows * vocab];
+            for p in 0..ranks {
+                let width = chunk.min(vocab - p * chunk);
+                for r in 0..rows {
+                    for j in 0..width {
+                        let v = (p * 100_000 + r * 1_000 + j) as f32;
+                        gathered[p * rows * chunk + r * width + j] = v;
+                        want[r * vocab + p * chunk + j] = v;
+                    }
+                }
+            }
+            let gathered_d = stream.clone_htod(&gathered).map_err(cuda_err)?;
+            let mut out = stream.alloc_zeros::<f32>(rows * vocab).map_err(cuda_err)?;
+            join_columns(dev, &gathered_d, &mut out, (rows, vocab, chunk))?;
+            let got = stream.clone_dtoh(&out).map_err(cuda_err)?;
+            let wrong = got
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            cases.push((
+                format!("join_columns {ranks} ranks, {rows} rows"),
+                want.len(),
+                wrong,
+            ));
+        }
+    }
+    Ok(cases)
+}
+
 /// One sequence of a kernel check: its slot list and how many of its last tokens are queries.
 #[derive(Debug, Clone)]
 pub struct CheckSeq {

@@ -34,6 +34,28 @@ pub trait DeviceAllReduce: RankGroup {
     /// logits) joined column-wise in rank order into `[rows, columns]` on rank 0's GPU;
     /// `None` on the other ranks.
     fn gather_columns(&self, rank: usize, x: &Tensor, columns: usize) -> Result<Option<Tensor>>;
+    /// `buf[..len]` (bf16, this rank's partial sums) summed over the group in place, on
+    /// `dev`'s stream: the decode path's persistent buffers ([`super::DecodeGraphs`]).
+    fn sum_in_place(
+        &self,
+        rank: usize,
+        dev: &CudaDevice,
+        buf: &mut CudaSlice<bf16>,
+        len: usize,
+    ) -> Result<()>;
+    /// Every rank's `send[..len]` (f32) into `receive[..size * len]` in rank order, on
+    /// `dev`'s stream. Rank 0's `receive` is written; other ranks' may be.
+    fn gather_into(
+        &self,
+        rank: usize,
+        dev: &CudaDevice,
+        send: &CudaSlice<f32>,
+        len: usize,
+        receive: &mut CudaSlice<f32>,
+    ) -> Result<()>;
+    /// Whether [`Self::sum_in_place`] and [`Self::gather_into`] only queue GPU work, never
+    /// waiting on the host, so that a CUDA graph can record them.
+    fn in_stream(&self) -> bool;
 }
 
 /// Every rank's part copied to the host and summed there in rank order (f32), then copied
@@ -93,6 +115,54 @@ impl DeviceAllReduce for StagedAllReduce {
             )));
         }
         Ok(Some(Tensor::from_vec(joined, (rows, columns), x.device())?))
+    }
+
+    fn sum_in_place(
+        &self,
+        rank: usize,
+        dev: &CudaDevice,
+        buf: &mut CudaSlice<bf16>,
+        len: usize,
+    ) -> Result<()> {
+        let stream = dev.cuda_stream();
+        let part = stream.clone_dtoh(&buf.slice(..len)).map_err(cuda_err)?;
+        let mut sums: Vec<f32> = part.iter().map(|x| x.to_f32()).collect();
+        self.host.sum(rank, &mut sums)?;
+        // Rounded once, as `sum` rounds its f32 total.
+        let back: Vec<bf16> = sums.into_iter().map(bf16::from_f32).collect();
+        stream
+            .memcpy_htod(&back, &mut buf.slice_mut(..len))
+            .map_err(cuda_err)
+    }
+
+    fn gather_into(
+        &self,
+        rank: usize,
+        dev: &CudaDevice,
+        send: &CudaSlice<f32>,
+        len: usize,
+        receive: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let stream = dev.cuda_stream();
+        let part = stream.clone_dtoh(&send.slice(..len)).map_err(cuda_err)?;
+        let Some(parts) = self.host.gather(rank, &part)? else {
+            return Ok(());
+        };
+        let joined = parts.concat();
+        if joined.len() > receive.len() {
+            return Err(ModelError::RankFailed(format!(
+                "gathered {} values into room for {}",
+                joined.len(),
+                receive.len()
+            )));
+        }
+        stream
+            .memcpy_htod(&joined, &mut receive.slice_mut(..joined.len()))
+            .map_err(cuda_err)
+    }
+
+    fn in_stream(&self) -> bool {
+        false
     }
 }
 
@@ -251,22 +321,35 @@ impl NcclGroup {
                 input.len()
             )));
         }
+        let (src, read) = input.device_ptr(&stream);
+        let (dst, written) = out.device_ptr_mut(&stream);
+        self.with_comm(rank, what, |c| {
+            call(
+                src as *const c_void,
+                dst as *mut c_void,
+                c,
+                stream.cu_stream() as *mut c_void,
+            )
+        })?;
+        // The buffers' events record the collective on the stream.
+        drop((read, written));
+        Ok(out)
+    }
+
+    /// `call(communicator)` with `rank`'s communicator, unless the group broke or it was
+    /// aborted; NCCL's result checked.
+    fn with_comm(
+        &self,
+        rank: usize,
+        what: &str,
+        call: impl FnOnce(NcclComm) -> NcclResult,
+    ) -> Result<()> {
+        self.broken()?;
         let comm = self.comm(rank);
         let Some(c) = comm.0 else {
             return Err(ModelError::RankFailed(format!("rank {rank}: NCCL aborted")));
         };
-        let (src, read) = input.device_ptr(&stream);
-        let (dst, written) = out.device_ptr_mut(&stream);
-        let r = call(
-            src as *const c_void,
-            dst as *mut c_void,
-            c,
-            stream.cu_stream() as *mut c_void,
-        );
-        self.lib.check(what, r)?;
-        // The buffers' events record the collective on the stream.
-        drop((read, written));
-        Ok(out)
+        self.lib.check(what, call(c))
     }
 
     /// Aborts `rank`'s communicator, which ends any collective of it still running.
@@ -357,6 +440,82 @@ impl DeviceAllReduce for NcclGroup {
             .narrow(1, 0, columns)?
             .contiguous()?;
         Ok(Some(joined))
+    }
+
+    fn sum_in_place(
+        &self,
+        rank: usize,
+        dev: &CudaDevice,
+        buf: &mut CudaSlice<bf16>,
+        len: usize,
+    ) -> Result<()> {
+        if len > buf.len() {
+            return Err(ModelError::Cuda(format!(
+                "NCCL all-reduce of {len} values in a buffer of {}",
+                buf.len()
+            )));
+        }
+        let stream = dev.cuda_stream();
+        let (ptr, written) = buf.device_ptr_mut(&stream);
+        self.with_comm(rank, "all-reduce", |c| {
+            // Safety: `buf` holds at least `len` bf16 values on this rank's GPU (checked
+            // above) and outlives the call, which is ordered on the rank's stream (NCCL allows
+            // the input and output to be the same buffer).
+            unsafe {
+                (self.lib.all_reduce)(
+                    ptr as *const c_void,
+                    ptr as *mut c_void,
+                    len,
+                    NCCL_BFLOAT16,
+                    NCCL_SUM,
+                    c,
+                    stream.cu_stream() as *mut c_void,
+                )
+            }
+        })?;
+        drop(written);
+        Ok(())
+    }
+
+    fn gather_into(
+        &self,
+        rank: usize,
+        dev: &CudaDevice,
+        send: &CudaSlice<f32>,
+        len: usize,
+        receive: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let size = self.comms.len();
+        if len > send.len() || size * len > receive.len() {
+            return Err(ModelError::Cuda(format!(
+                "NCCL all-gather of {size} x {len} values: {} to send, room for {}",
+                send.len(),
+                receive.len()
+            )));
+        }
+        let stream = dev.cuda_stream();
+        let (src, read) = send.device_ptr(&stream);
+        let (dst, written) = receive.device_ptr_mut(&stream);
+        self.with_comm(rank, "all-gather", |c| {
+            // Safety: `send` holds `len` and `receive` `size * len` f32 values on this rank's
+            // GPU (checked above); both outlive the call, ordered on the rank's stream.
+            unsafe {
+                (self.lib.all_gather)(
+                    src as *const c_void,
+                    dst as *mut c_void,
+                    len,
+                    NCCL_FLOAT32,
+                    c,
+                    stream.cu_stream() as *mut c_void,
+                )
+            }
+        })?;
+        drop((read, written));
+        Ok(())
+    }
+
+    fn in_stream(&self) -> bool {
+        true
     }
 
     fn wait(&self, rank: usize, dev: &CudaDevice) -> Result<()> {

@@ -22,6 +22,14 @@
 //! launch, with identical results (the GPU check compares them), so an A/B measures the
 //! graphs alone. Steps with prefill chunks, and models this path does not take (GGUF weights
 //! kept quantized), run through [`CudaLlama::forward_logits`].
+//!
+//! A tensor-parallel shard runs the same path at its widths, with its group's collectives in
+//! the recorded pass: the sums after the embedding, O and down projections in place on the
+//! persistent buffers, and the vocabulary slices of the logits gathered onto every rank and
+//! joined on rank 0 (`arbor_join_columns`). Every rank takes the same decisions from the same
+//! batch (path, bucket, splits, capture), so the ranks' collectives always pair up. Graphs
+//! need a group that only queues GPU work ([`DeviceAllReduce::in_stream`]: NCCL); the
+//! host-staged sums of ranks sharing one GPU run the path launch by launch.
 
 use std::collections::HashMap;
 
@@ -50,13 +58,28 @@ struct Buffers {
     o: CudaSlice<bf16>,
     gu: CudaSlice<bf16>,
     act: CudaSlice<bf16>,
+    /// `[rows, vocab]`: the whole model's logits, or on a shard rank 0's joined ones (one
+    /// unused value on other ranks).
     logits: CudaSlice<f32>,
+    /// A shard's own vocabulary slice and every rank's, gathered.
+    shard_logits: Option<ShardLogits>,
     parts: AttnPartials,
+}
+
+/// The logits of a tensor-parallel shard: its `[rows, slice]` part, sent as `rows * chunk`
+/// values (chunk: the widest rank's slice), and every rank's part after the gather.
+struct ShardLogits {
+    part: CudaSlice<f32>,
+    gathered: CudaSlice<f32>,
+    chunk: usize,
 }
 
 /// The decode path of one model and KV pool (see the module docs).
 pub struct DecodeGraphs {
     use_graphs: bool,
+    /// Steps sum over a tensor-parallel group (a shard, or one rank through the
+    /// tensor-parallel runner); rank 0 holds the joined logits.
+    in_group: bool,
     kernel: AttnKernel,
     tuning: DecodeTuning,
     /// One-row steps through `gemv_pdl_into` ([`CudaOptions::gemv_for_one_row`], where every
@@ -91,12 +114,15 @@ fn dense(l: &GpuLinear) -> Result<&Tensor> {
 
 impl DecodeGraphs {
     /// Whether `model` can run here: dense bf16 weights (GGUF blocks kept quantized go through
-    /// candle's kernels, which allocate their outputs) and rows the fused kernels take.
+    /// candle's kernels, which allocate their outputs) and rows the fused kernels take. Every
+    /// shard of one model gets the same answer (their ranks must take the same path).
     pub fn supports(model: &CudaLlama) -> bool {
         let linear = |l: &GpuLinear| matches!(l, GpuLinear::Dense(w) if w.dtype() == DType::BF16);
-        let hidden = model.config.hidden_size;
-        // Tensor-parallel shards take the general path (no collectives in the graphs yet).
-        model.shard.is_whole()
+        let (hidden, vocab) = (model.config.hidden_size, model.config.vocab_size);
+        // Every rank's vocabulary slice has columns (the last one's may be narrower).
+        let size = model.shard.size;
+        let slices_filled = vocab.div_ceil(size) * (size - 1) < vocab;
+        slices_filled
             && rms_norm_fits(hidden)
             && model.embed.dtype() == DType::BF16
             && linear(&model.lm_head)
@@ -112,17 +138,26 @@ impl DecodeGraphs {
     }
 
     /// Buffers for `model` (about 150 MB for an 8B model, most of it the f32 logits of 256
-    /// rows of a 128k vocabulary); `use_graphs` false runs the same steps launch by launch.
-    pub fn new(model: &CudaLlama, use_graphs: bool) -> Result<Self> {
+    /// rows of a 128k vocabulary; a rank of a group adds its slice and the gathered slices);
+    /// `use_graphs` false runs the same steps launch by launch. `in_group`: every step sums
+    /// over a tensor-parallel group (required of a shard).
+    pub fn new(model: &CudaLlama, use_graphs: bool, in_group: bool) -> Result<Self> {
         if !Self::supports(model) {
             return Err(ModelError::Cuda(
                 "this model's weights do not run on the decode path".into(),
             ));
         }
+        if !in_group && !model.shard.is_whole() {
+            return Err(ModelError::Cuda(
+                "a tensor-parallel shard's decode steps sum over its group".into(),
+            ));
+        }
         let dev = cuda_device(&model.device)?;
         let stream = dev.cuda_stream();
         let cfg = &model.config;
-        let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let shard = &model.shard;
+        let (nh, nkv, d) = (shard.num_heads(), shard.num_kv_heads(), cfg.head_dim);
+        let ffn = shard.ffn.len();
         let r = MAX_DECODE_ROWS;
         let kernel = AttnKernel::for_shape(nh, nkv, d, model.options.force_cuda_core_attention);
         let dims = AttnDims {
@@ -147,6 +182,18 @@ impl DecodeGraphs {
             .max()
             .unwrap_or(1);
         let zeros = |n: usize| stream.alloc_zeros::<bf16>(n).map_err(cuda_err);
+        let floats = |n: usize| stream.alloc_zeros::<f32>(n).map_err(cuda_err);
+        let shard_logits = if !in_group {
+            None
+        } else {
+            let chunk = cfg.vocab_size.div_ceil(shard.size);
+            Some(ShardLogits {
+                part: floats(r * chunk)?,
+                gathered: floats(shard.size * r * chunk)?,
+                chunk,
+            })
+        };
+        let joins = !in_group || shard.rank == 0;
         let bufs = Buffers {
             x: [zeros(r * cfg.hidden_size)?, zeros(r * cfg.hidden_size)?],
             zeros: zeros(r * cfg.hidden_size)?,
@@ -155,16 +202,16 @@ impl DecodeGraphs {
             q: zeros(r * nh * d)?,
             attn: zeros(r * nh * d)?,
             o: zeros(r * cfg.hidden_size)?,
-            gu: zeros(r * 2 * cfg.intermediate_size)?,
-            act: zeros(r * cfg.intermediate_size)?,
-            logits: stream
-                .alloc_zeros::<f32>(r * cfg.vocab_size)
-                .map_err(cuda_err)?,
+            gu: zeros(r * 2 * ffn)?,
+            act: zeros(r * ffn)?,
+            logits: floats(if joins { r * cfg.vocab_size } else { 1 })?,
+            shard_logits,
             parts: AttnPartials::new(dev, entries, nh, d, 1)?,
         };
         let (meta, staging) = Self::metadata_buffers(dev, FLAT + INITIAL_FLAT_CAPACITY)?;
         Ok(Self {
             use_graphs,
+            in_group,
             kernel,
             tuning: DecodeTuning::of(&model.options),
             one_row_gemv: model.options.gemv_for_one_row
@@ -199,13 +246,21 @@ impl DecodeGraphs {
     }
 
     /// Runs a decode step (see [`DecodeGraphs::takes`]) and returns its logits: `[rows,
-    /// vocab]` f32 on the GPU, row i for `batch[i]` (padding rows after them).
+    /// vocab]` f32 on the GPU, row i for `batch[i]` (padding rows after them). A shard sums
+    /// over `group` (every rank of it runs the same step); its logits are on rank 0 only
+    /// (`None` on the others), and its caller waits for the GPU through the group.
     pub fn step(
         &mut self,
         model: &CudaLlama,
         kv: &mut CudaKvPool,
         batch: &[SeqStep],
-    ) -> Result<CudaView<'_, f32>> {
+        group: Option<&dyn DeviceAllReduce>,
+    ) -> Result<Option<CudaView<'_, f32>>> {
+        if self.in_group != group.is_some() {
+            return Err(ModelError::Cuda(
+                "a decode step sums over a group exactly when its buffers were made for one".into(),
+            ));
+        }
         let cfg = &model.config;
         if !Self::takes(batch) {
             return Err(ModelError::BadBatch(
@@ -236,8 +291,8 @@ impl DecodeGraphs {
             .map_err(cuda_err)?;
         let dims = AttnDims {
             rows: bucket,
-            heads: cfg.num_heads,
-            kv_heads: cfg.num_kv_heads,
+            heads: model.shard.num_heads(),
+            kv_heads: model.shard.num_kv_heads(),
             head_dim: cfg.head_dim,
         };
         let plan = replayed_decode_plan(self.kernel, dims, bucket, max_keys, self.tuning);
@@ -250,6 +305,7 @@ impl DecodeGraphs {
             forward(
                 model,
                 kv,
+                group,
                 self.one_row_gemv,
                 &mut self.bufs,
                 &self.meta,
@@ -257,7 +313,7 @@ impl DecodeGraphs {
                 &plan,
             )?;
             if self.use_graphs && !self.capture_failed {
-                match self.capture(model, kv, dims, &plan) {
+                match self.capture(model, kv, group, dims, &plan) {
                     Ok(graph) => {
                         self.graphs.insert(key, Graph(graph));
                     }
@@ -270,7 +326,8 @@ impl DecodeGraphs {
                 }
             }
         }
-        Ok(self.bufs.logits.slice(..n * cfg.vocab_size))
+        let joined = !self.in_group || model.shard.rank == 0;
+        Ok(joined.then(|| self.bufs.logits.slice(..n * cfg.vocab_size)))
     }
 
     /// Records the forward pass of one (bucket, splits) shape as a graph (nothing runs).
@@ -278,6 +335,7 @@ impl DecodeGraphs {
         &mut self,
         model: &CudaLlama,
         kv: &mut CudaKvPool,
+        group: Option<&dyn DeviceAllReduce>,
         dims: AttnDims,
         plan: &AttnPlan,
     ) -> Result<CudaGraph> {
@@ -288,6 +346,7 @@ impl DecodeGraphs {
         let recorded = forward(
             model,
             kv,
+            group,
             self.one_row_gemv,
             &mut self.bufs,
             &self.meta,
@@ -311,11 +370,13 @@ impl DecodeGraphs {
 }
 
 /// The forward pass of a padded decode step whose metadata is in `meta` (fixed offsets),
-/// launch by launch (or recorded, under a capture): logits into `bufs.logits`.
+/// launch by launch (or recorded, under a capture): logits into `bufs.logits`. A shard sums
+/// over `group` after the embedding, O and down, and gathers its logits onto rank 0.
 #[allow(clippy::too_many_arguments)]
 fn forward(
     model: &CudaLlama,
     kv: &mut CudaKvPool,
+    group: Option<&dyn DeviceAllReduce>,
     one_row_gemv: bool,
     bufs: &mut Buffers,
     meta: &CudaSlice<u32>,
@@ -324,8 +385,14 @@ fn forward(
 ) -> Result<()> {
     let dev = cuda_device(&model.device)?;
     let cfg = &model.config;
+    let shard = &model.shard;
     let rows = dims.rows;
-    let (hidden, ffn, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
+    let (hidden, ffn, eps) = (cfg.hidden_size, shard.ffn.len(), cfg.rms_norm_eps);
+    // A shard's partial sums of `[rows, hidden]` completed over its group, in place.
+    let reduce = |y: &mut CudaSlice<bf16>| match group {
+        Some(g) => g.sum_in_place(shard.rank, dev, y, rows * hidden),
+        None => Ok(()),
+    };
     let part = |start: usize| meta.slice(start..start + MAX_DECODE_ROWS);
     let (tokens, positions, new_slots) = (part(TOKENS), part(POSITIONS), part(NEW_SLOTS));
     let views = ListViews {
@@ -348,10 +415,12 @@ fn forward(
         gu,
         act,
         logits,
+        shard_logits,
         parts,
     } = bufs;
     let [x_a, x_b] = x;
-    embed_rows(dev, &model.embed, &tokens, o, rows)?;
+    embed_rows(dev, &model.embed, &tokens, o, rows, &shard.vocab)?;
+    reduce(o)?;
     // The first RMSNorm is an add onto zeros: the embeddings land in x_a, normed into h.
     let (zeros, embedded) = (zeros.slice(..), o.slice(..));
     let first_norm = &model.layers[0].attn_norm;
@@ -408,10 +477,12 @@ fn forward(
         )?;
         attention(dev, q, &kv.k[l], &kv.v[l], &views, plan, dims, parts, attn)?;
         linear(attn, &layer.wo, o)?;
+        reduce(o)?;
         add_norm(o, &layer.ffn_norm, h)?;
         linear(h, &layer.gate_up, gu)?;
         silu_mul_into(dev, &gu.slice(..), act, (rows, ffn))?;
         linear(act, &layer.down, o)?;
+        reduce(o)?;
         let next_norm = model
             .layers
             .get(l + 1)
@@ -419,30 +490,77 @@ fn forward(
         add_norm(o, next_norm, h)?;
     }
     // `h` holds every row after the final norm (fused into the last layer's add).
-    gemm_into::<f32>(dev, h, rows, dense(&model.lm_head)?, logits)
+    let (
+        Some(g),
+        Some(ShardLogits {
+            part,
+            gathered,
+            chunk,
+        }),
+    ) = (group, shard_logits)
+    else {
+        return gemm_into::<f32>(dev, h, rows, dense(&model.lm_head)?, logits);
+    };
+    // This rank's [rows, slice] at the start of its part; every part to every rank.
+    gemm_into::<f32>(dev, h, rows, dense(&model.lm_head)?, part)?;
+    g.gather_into(shard.rank, dev, part, rows * *chunk, gathered)?;
+    if shard.rank == 0 {
+        join_columns(dev, gathered, logits, (rows, cfg.vocab_size, *chunk))?;
+    }
+    Ok(())
 }
 
-/// `out[t] = table[ids[t]]` for the first `rows` ids (`arbor_embed_rows`).
-fn embed_rows(
+/// `out [rows, columns]` from the gathered vocabulary slices of every rank
+/// (`arbor_join_columns`, whose comment has the layout).
+pub(super) fn join_columns(
+    dev: &CudaDevice,
+    gathered: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+    (rows, columns, chunk): (usize, usize, usize),
+) -> Result<()> {
+    let ranks = columns.div_ceil(chunk);
+    if out.len() < rows * columns || gathered.len() < ranks * rows * chunk {
+        return Err(ModelError::Cuda("joining the logits: bad buffers".into()));
+    }
+    let func = dev.get_or_load_custom_func("arbor_join_columns", MODULE, PTX)?;
+    let (ri, ci, ki) = (rows as i32, columns as i32, chunk as i32);
+    let mut b = func.builder();
+    b.arg(gathered).arg(out).arg(&ri).arg(&ci).arg(&ki);
+    // Safety: one thread per value of out's first rows x columns (checked above); each reads
+    // inside its rank's rows x chunk part of `gathered` (the rank's width is at most chunk).
+    unsafe { b.launch(LaunchConfig::for_num_elems((rows * columns) as u32)) }.w()?;
+    Ok(())
+}
+
+/// `out[t] = table[ids[t] - vocab.start]` for the first `rows` ids, zero rows for ids outside
+/// `vocab` (the table's rows: a shard's slice) (`arbor_embed_rows`).
+pub(super) fn embed_rows(
     dev: &CudaDevice,
     table: &Tensor,
     ids: &CudaView<u32>,
     out: &mut CudaSlice<bf16>,
     rows: usize,
+    vocab: &std::ops::Range<usize>,
 ) -> Result<()> {
-    let (_, n) = table.dims2()?;
-    if n % 8 != 0 || out.len() < rows * n || ids.len() < rows {
+    let (held, n) = table.dims2()?;
+    if n % 8 != 0 || out.len() < rows * n || ids.len() < rows || held != vocab.len() {
         return Err(ModelError::Cuda("embedding rows: bad buffers".into()));
     }
     let (ts, tl) = table.storage_and_layout();
     let table_s = slice_of::<bf16>(&ts, tl)?;
     let func = dev.get_or_load_custom_func("arbor_embed_rows", MODULE, PTX)?;
     let (ti, ni) = (rows as i32, n as i32);
+    let (first, count) = (vocab.start as u32, vocab.len() as u32);
     let mut b = func.builder();
-    b.arg(&table_s).arg(ids).arg(out).arg(&ti).arg(&ni);
+    b.arg(&table_s)
+        .arg(ids)
+        .arg(out)
+        .arg(&ti)
+        .arg(&ni)
+        .arg(&first)
+        .arg(&count);
     // Safety: one thread per 16-byte piece of an output row (n % 8 == 0, sizes checked
-    // above); the ids were checked against the vocabulary before they were uploaded, so every
-    // table row read exists.
+    // above); the kernel reads only table rows below `count`, the table's row count.
     unsafe { b.launch(LaunchConfig::for_num_elems((rows * n / 8) as u32)) }.w()?;
     Ok(())
 }

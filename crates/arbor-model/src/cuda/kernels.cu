@@ -541,17 +541,38 @@ extern "C" __global__ void arbor_attention_merge(
     }
 }
 
-// out[t] = table[ids[t]]: the embedding rows of a step's tokens, [T, n] bf16 (n % 8 == 0),
-// one thread per 16-byte piece. Ids are checked on the host before they are uploaded.
+// out[t] = table[ids[t] - first]: the embedding rows of a step's tokens, [T, n] bf16
+// (n % 8 == 0), one thread per 16-byte piece. The table holds vocabulary rows [first, first +
+// count): a tensor-parallel shard's slice, whose sum over ranks completes every row; ids
+// outside it give zero rows. Ids are checked on the host before they are uploaded.
 extern "C" __global__ void arbor_embed_rows(const __nv_bfloat16* __restrict__ table,
                                             const uint32_t* __restrict__ ids,
-                                            __nv_bfloat16* __restrict__ out, int T, int n) {
+                                            __nv_bfloat16* __restrict__ out, int T, int n,
+                                            uint32_t first, uint32_t count) {
     const int pieces = n / 8;
     const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long)T * pieces) return;
     const long t = idx / pieces, p = idx % pieces;
-    reinterpret_cast<uint4*>(out + t * n)[p] =
-        reinterpret_cast<const uint4*>(table + (long)ids[t] * n)[p];
+    const uint32_t row = ids[t] - first;  // wraps for ids below `first`: outside as well
+    uint4 piece = make_uint4(0, 0, 0, 0);
+    if (row < count) piece = reinterpret_cast<const uint4*>(table + (long)row * n)[p];
+    reinterpret_cast<uint4*>(out + t * n)[p] = piece;
+}
+
+// The logits of `rows` rows gathered from every tensor-parallel rank, [ranks][rows * chunk]
+// f32 where rank p wrote its [rows, w_p] vocabulary slice (w_p = min(chunk, columns - p *
+// chunk)) at the start of its part, joined into out [rows, columns]: row r's slices side by
+// side in rank order. One thread per output value.
+extern "C" __global__ void arbor_join_columns(const float* __restrict__ parts,
+                                              float* __restrict__ out, int rows, int columns,
+                                              int chunk) {
+    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)rows * columns) return;
+    const long r = idx / columns;
+    const int c = (int)(idx % columns);
+    const int p = c / chunk, j = c - p * chunk;
+    const int width = min(chunk, columns - p * chunk);
+    out[idx] = parts[(long)p * rows * chunk + r * width + j];
 }
 
 // x[t, i] += bias[i] (rounded to bf16, as candle's broadcast add leaves it): [T, n].

@@ -96,10 +96,20 @@ pub fn device(ordinal: usize) -> Result<Device> {
 /// Opens GPU `ordinal` with a stream of its own (not the per-thread default stream): a
 /// tensor-parallel rank is built on one thread and runs on another, and ranks that share a
 /// GPU must not share a stream or a cuBLAS handle.
+///
+/// A stream of its own puts cudarc in its multi-stream mode, where every buffer records an
+/// event at each use and every use waits on the last writer's event: host work on each of the
+/// ~400 launches of a step, and waits on events recorded outside a CUDA graph's capture, which
+/// the capture of the decode graphs must not see. A rank uses only its own stream, so the
+/// tracking is turned off before any buffer exists.
 pub fn device_with_stream(ordinal: usize) -> Result<Device> {
-    CudaDevice::new_with_stream(ordinal)
-        .map(Device::Cuda)
-        .map_err(|e| ModelError::Cuda(format!("CUDA device {ordinal}: {e}")))
+    let dev = CudaDevice::new_with_stream(ordinal)
+        .map_err(|e| ModelError::Cuda(format!("CUDA device {ordinal}: {e}")))?;
+    // Safety: every buffer made on this device is used on its one stream only (a rank's
+    // weights, KV pool, workspace and sampler; collectives are queued on the same stream), so
+    // no use needs ordering against another stream.
+    unsafe { dev.disable_event_tracking() };
+    Ok(Device::Cuda(dev))
 }
 
 /// Bytes of memory free now on `device`'s GPU.

@@ -196,7 +196,11 @@ impl CudaRunner {
         let sampler = GpuSampler::new(backend.model.device())?;
         let model = &backend.model;
         let decode = if DecodeGraphs::supports(model) && !model.options().profile {
-            Some(DecodeGraphs::new(model, model.options().decode_graphs)?)
+            Some(DecodeGraphs::new(
+                model,
+                model.options().decode_graphs,
+                false,
+            )?)
         } else {
             None
         };
@@ -238,8 +242,8 @@ impl ModelRunner for CudaRunner {
         // of the batch (every row samples); other steps through the general forward pass.
         let (decoded, logits) = match &mut self.decode {
             Some(d) if DecodeGraphs::takes(&batch) => {
-                let view = d.step(&self.backend.model, &mut self.backend.pool, &batch)?;
-                (Some(view), None)
+                let view = d.step(&self.backend.model, &mut self.backend.pool, &batch, None)?;
+                (view, None)
             }
             _ => {
                 let model = &self.backend.model;

@@ -3,8 +3,9 @@
 //! of the KV pool, summing over NCCL ([`NcclGroup`]) — or, with every rank on one GPU, through
 //! the host ([`StagedAllReduce`]): the check of the cut that one GPU allows.
 //!
-//! Steps run the general forward pass (no CUDA graphs yet: the collectives are not captured).
-//! Sampling happens once, on rank 0's GPU ([`CudaTensorParallelRunner`]): the ranks' vocabulary
+//! Decode steps take the decode path ([`DecodeGraphs`]) at the shard's widths, its collectives
+//! recorded in the CUDA graphs under NCCL (launch by launch with the host-staged sums); other
+//! steps the general forward pass. Sampling happens once, on rank 0's GPU ([`CudaTensorParallelRunner`]): the ranks' vocabulary
 //! slices of the logits are gathered there and sampled as on one GPU, and only the tokens come
 //! back. `--cuda-sampling host` samples on the host from the joined logits instead
 //! ([`super::HostSampledRunner`] over the same [`TensorParallel`]).
@@ -18,7 +19,7 @@ use super::host::LogitsBackend;
 use super::tp::{RankModel, SampledRow, TensorParallel};
 use super::{FaultInjector, ModelRunner, SeqId, SequenceSampling, StepOutput, StepRow};
 use crate::config::ModelConfig;
-use crate::cuda::{CudaKvPool, CudaLlama, DeviceAllReduce, GpuSampler, SampleBatch};
+use crate::cuda::{CudaKvPool, CudaLlama, DecodeGraphs, DeviceAllReduce, GpuSampler, SampleBatch};
 use crate::error::{ModelError, Result};
 use crate::step::{LogitsWanted, SeqStep};
 
@@ -29,6 +30,8 @@ struct CudaRank {
     group: Arc<dyn DeviceAllReduce>,
     /// Rank 0's: the sampler of the gathered logits.
     sampler: Option<GpuSampler>,
+    /// The decode path, where the model takes it (the same answer on every rank).
+    decode: Option<DecodeGraphs>,
 }
 
 impl RankModel for CudaRank {
@@ -49,6 +52,26 @@ impl RankModel for CudaRank {
     fn step_sampled(&mut self, batch: &[SeqStep], sample: &SampleBatch) -> Result<Vec<SampledRow>> {
         let rank = self.model.shard.rank;
         let group = &*self.group;
+        let dev = match self.model.device() {
+            candle_core::Device::Cuda(d) => d,
+            _ => return Err(ModelError::Cuda("a GPU rank off the GPU".into())),
+        };
+        if let Some(decode) = self.decode.as_mut().filter(|_| DecodeGraphs::takes(batch)) {
+            let joined = decode.step(&self.model, &mut self.pool, batch, Some(group))?;
+            // Past the collectives (see below) before the sampler waits on the GPU.
+            group.wait(rank, dev)?;
+            let vocab = self.model.config.vocab_size;
+            return match (joined, self.sampler.as_mut()) {
+                _ if sample.is_empty() => Ok(Vec::new()),
+                (Some(view), Some(sampler)) => {
+                    sampler.sample_rows(&view, (batch.len(), vocab), sample)
+                }
+                (Some(_), None) => Err(ModelError::RankFailed(format!(
+                    "rank {rank} joined the logits but has no sampler"
+                ))),
+                (None, _) => Ok(Vec::new()),
+            };
+        }
         let logits = self
             .model
             .forward_shard_logits(batch, &mut self.pool, group)?;
@@ -60,10 +83,6 @@ impl RankModel for CudaRank {
             _ => None,
         };
         // Past the collectives: a peer that failed cannot leave this rank waiting forever.
-        let dev = match self.model.device() {
-            candle_core::Device::Cuda(d) => d,
-            _ => return Err(ModelError::Cuda("a GPU rank off the GPU".into())),
-        };
         group.wait(rank, dev)?;
         match (joined, self.sampler.as_mut()) {
             (Some(logits), Some(sampler)) => sampler.sample(&logits, sample),
@@ -120,11 +139,20 @@ impl TensorParallel {
             } else {
                 None
             };
+            let options = model.options();
+            let decode = if DecodeGraphs::supports(&model) && !options.profile {
+                // Graphs only where the collectives queue GPU work alone (NCCL).
+                let graphs = options.decode_graphs && group.in_stream();
+                Some(DecodeGraphs::new(&model, graphs, true)?)
+            } else {
+                None
+            };
             ranks.push(CudaRank {
                 model,
                 pool,
                 group: group.clone(),
                 sampler,
+                decode,
             });
         }
         tracing::info!(

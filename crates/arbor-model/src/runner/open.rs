@@ -140,7 +140,7 @@ pub fn open(path: &Path, device: DeviceSpec, options: &RunnerOptions) -> Result<
             }
             if options.cuda != CudaOptions::default() {
                 return Err(invalid(
-                    "cuda_attention, cuda_gemv, cuda_decode_target_warps, cuda_decode_stage_keys, cuda_profile, cuda_sampling, decode_graphs and tp_one_gpu need device cuda",
+                    "cuda_attention, cuda_gemv, cuda_decode_target_warps, cuda_decode_stage_keys, cuda_profile, cuda_sampling, decode_graphs, tp_one_gpu and tp_runner need device cuda",
                 ));
             }
             if options.gguf_weights.is_some() {
@@ -189,7 +189,7 @@ fn host_sampled<B: LogitsBackend + 'static>(
 #[cfg(feature = "cuda")]
 fn open_cuda(path: &Path, ordinal: usize, options: &RunnerOptions) -> Result<OpenedModel> {
     use super::cuda::{CudaBackend, CudaRunner};
-    if options.tensor_parallel_size > 1 {
+    if options.tensor_parallel_size > 1 || options.cuda.tp_runner {
         return open_cuda_tp(path, ordinal, options);
     }
     if options.cuda.tp_one_gpu {
