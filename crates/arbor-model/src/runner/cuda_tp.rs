@@ -5,9 +5,9 @@
 //!
 //! Decode steps take the decode path ([`DecodeGraphs`]) at the shard's widths, its collectives
 //! recorded in the CUDA graphs under NCCL (launch by launch with the host-staged sums); other
-//! steps the general forward pass. Sampling happens once, on rank 0's GPU ([`CudaTensorParallelRunner`]): the ranks' vocabulary
-//! slices of the logits are gathered there and sampled as on one GPU, and only the tokens come
-//! back. `--cuda-sampling host` samples on the host from the joined logits instead
+//! steps the general forward pass. Sampling happens once, on rank 0's GPU
+//! ([`CudaTensorParallelRunner`]): the ranks' vocabulary slices of the logits are gathered
+//! there and sampled as on one GPU, and only the tokens come back. `--cuda-sampling host` samples on the host from the joined logits instead
 //! ([`super::HostSampledRunner`] over the same [`TensorParallel`]).
 
 use std::collections::BTreeMap;
