@@ -67,6 +67,35 @@ pub struct AttnSeq<'a> {
     pub slots: &'a [u32],
 }
 
+/// Which kernel computes an item: all three give the same bits (the tests check it); the
+/// definition is the plain code the others are checked against, and the one off x86.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Definition,
+    /// `blocked`: AVX2 register blocking (every x86-64-v3 build).
+    Avx2,
+    /// `avx512`: only where the processor has AVX-512 F and VL.
+    Avx512,
+}
+
+impl Kernel {
+    /// The fastest the processor and the build allow (the start-up's kernel choice).
+    fn detect() -> Self {
+        if crate::cpu::kernels::avx512() {
+            Kernel::Avx512
+        } else if cfg!(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma",
+            target_feature = "f16c"
+        )) {
+            Kernel::Avx2
+        } else {
+            Kernel::Definition
+        }
+    }
+}
+
 #[inline]
 fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
@@ -318,6 +347,14 @@ mod avx2 {
 ))]
 mod avx512;
 
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+mod blocked;
+
 /// Below this many query vectors an item scores keys row by row; from it on, through a
 /// transposed K tile (the transposition costs a tile's worth of scattered stores, which only
 /// pays off when many vectors share it). Both compute [`dot8`]'s arithmetic.
@@ -355,15 +392,14 @@ fn attend(
     k: &HeadView,
     v: &HeadView,
     scale: f32,
-    use_avx512: bool,
+    kernel: Kernel,
 ) -> Vec<Option<Partial>> {
     thread_local! {
         /// Score buffers reused across items: a fresh allocation per item costs page faults
         /// and zeroing on every step.
         static SCORES: std::cell::RefCell<(Vec<f32>, Vec<f16>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     }
-    SCORES
-        .with_borrow_mut(|(p, p16)| attend_with(qv, limits, keys, k, v, scale, use_avx512, p, p16))
+    SCORES.with_borrow_mut(|(p, p16)| attend_with(qv, limits, keys, k, v, scale, kernel, p, p16))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -383,7 +419,7 @@ fn attend_with(
     k: &HeadView,
     v: &HeadView,
     scale: f32,
-    use_avx512: bool,
+    kernel: Kernel,
     p: &mut Vec<f32>,
     p16: &mut Vec<f16>,
 ) -> Vec<Option<Partial>> {
@@ -393,10 +429,15 @@ fn attend_with(
         target_feature = "fma",
         target_feature = "f16c"
     ))]
-    if use_avx512 && avx512::supports(k.head_dim) {
-        // SAFETY: `use_avx512` comes from `kernels::avx512()` (or a test that checked
-        // `has_avx512()`), true only when the processor has AVX-512 F and VL.
-        return unsafe { avx512::attend_with(qv, limits, keys, k, v, scale, p) };
+    {
+        if kernel == Kernel::Avx512 && avx512::supports(k.head_dim) {
+            // SAFETY: `Kernel::Avx512` comes from `kernels::avx512()` (or a test that checked
+            // `has_avx512()`), true only when the processor has AVX-512 F and VL.
+            return unsafe { avx512::attend_with(qv, limits, keys, k, v, scale, p) };
+        }
+        if kernel != Kernel::Definition && blocked::supports(k.head_dim) {
+            return blocked::attend_with(qv, limits, keys, k, v, scale, p);
+        }
     }
     let d = k.head_dim;
     let n_vec = limits.len();
@@ -410,6 +451,9 @@ fn attend_with(
     }
     if p16.len() < n_keys {
         p16.resize(n_keys, f16::ZERO);
+    }
+    if n_vec < TRANSPOSE_MIN_VECTORS {
+        row_scores(qv, &ends, (k, k0, n_keys), scale, p);
     }
     for tile in (0..n_keys).step_by(KEY_TILE) {
         let tile_end = (tile + KEY_TILE).min(n_keys);
@@ -426,15 +470,6 @@ fn attend_with(
                     .zip(&dots)
                 {
                     *sc = x * scale;
-                }
-            }
-        } else {
-            k.widen(k0 + tile..k0 + tile_end, &mut tile_buf);
-            for (vi, &limit) in ends.iter().enumerate() {
-                let qrow = &qv[vi * d..(vi + 1) * d];
-                for j in tile..tile_end.min(limit) {
-                    let krow = &tile_buf[(j - tile) * d..(j - tile + 1) * d];
-                    p[vi * n_keys + j] = dot8(qrow, krow) * scale;
                 }
             }
         }
@@ -464,6 +499,31 @@ fn attend_with(
         }
     }
     partials(&ends, stats, &out, d)
+}
+
+/// Scores of a few vectors (a decode's), key row by key row with [`dot8`], scaled, into `p`
+/// (`[n_vec, n_keys]`, each vector up to its end): widening K rows is cheaper than transposing
+/// a tile when few vectors read it.
+fn row_scores(
+    qv: &[f32],
+    ends: &[usize],
+    (k, k0, n_keys): (&HeadView, usize, usize),
+    scale: f32,
+    p: &mut [f32],
+) {
+    let d = k.head_dim;
+    let mut tile_buf = vec![0f32; KEY_TILE * d];
+    for tile in (0..n_keys).step_by(KEY_TILE) {
+        let tile_end = (tile + KEY_TILE).min(n_keys);
+        k.widen(k0 + tile..k0 + tile_end, &mut tile_buf);
+        for (vi, &limit) in ends.iter().enumerate() {
+            let qrow = &qv[vi * d..(vi + 1) * d];
+            for j in tile..tile_end.min(limit) {
+                let krow = &tile_buf[(j - tile) * d..(j - tile + 1) * d];
+                p[vi * n_keys + j] = dot8(qrow, krow) * scale;
+            }
+        }
+    }
 }
 
 /// The keys an item scores (from the segment's start) and each vector's end within them.
@@ -556,11 +616,10 @@ pub fn attention(
     shape: AttnShape,
     out: &mut [f32],
 ) {
-    let use_avx512 = crate::cpu::kernels::avx512();
-    attention_with(q, k_pool, v_pool, seqs, shape, out, use_avx512)
+    attention_with(q, k_pool, v_pool, seqs, shape, out, Kernel::detect())
 }
 
-/// [`attention`] on the AVX-512 kernel or not (`use_avx512` only where the processor has it).
+/// [`attention`] on `kernel` (`Kernel::Avx512` only where the processor has it).
 fn attention_with(
     q: &[f32],
     k_pool: &[f16],
@@ -568,7 +627,7 @@ fn attention_with(
     seqs: &[AttnSeq],
     shape: AttnShape,
     out: &mut [f32],
-    use_avx512: bool,
+    kernel: Kernel,
 ) {
     let AttnShape {
         num_heads,
@@ -636,7 +695,7 @@ fn attention_with(
                 &view(k_pool),
                 &view(v_pool),
                 scale,
-                use_avx512,
+                kernel,
             )
         })
         .collect();
@@ -876,12 +935,30 @@ mod tests {
     /// small chunks and decodes row by row, over scattered slots, for every head size the
     /// kernel takes and one it leaves to AVX2.
     #[test]
-    fn avx512_and_avx2_paths_agree_bit_for_bit() {
-        use rand::{Rng, SeedableRng};
+    fn avx512_kernel_equals_the_definition() {
         if !crate::cpu::kernels::has_avx512() {
-            eprintln!("no AVX-512 on this processor: only the AVX2 path is checked (above)");
+            eprintln!("no AVX-512 on this processor: only the AVX2 kernel is checked");
             return;
         }
+        assert_kernel_equals_the_definition(Kernel::Avx512);
+    }
+
+    #[test]
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    fn blocked_avx2_kernel_equals_the_definition() {
+        assert_kernel_equals_the_definition(Kernel::Avx2);
+    }
+
+    /// `kernel` against [`Kernel::Definition`], bit for bit, on head sizes it takes and one it
+    /// leaves to the definition, GQA groups of 1-4, prefill chunks over one and two segments,
+    /// from position 0, small chunks (row-by-row scores) and decodes, odd vector counts.
+    fn assert_kernel_equals_the_definition(kernel: Kernel) {
+        use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(21);
         let shapes = [
             (9, 3, 64),
@@ -890,6 +967,7 @@ mod tests {
             (6, 2, 16),
             (5, 5, 48),
             (4, 2, 80),
+            (4, 2, 20),
         ];
         for (num_heads, num_kv_heads, head_dim) in shapes {
             let shape = AttnShape {
@@ -934,12 +1012,12 @@ mod tests {
             let q: Vec<f32> = (0..rows * qw)
                 .map(|_| rng.random_range(-2.5..2.5))
                 .collect();
-            let run = |fast: bool| {
+            let run = |kernel: Kernel| {
                 let mut out = vec![0f32; rows * qw];
-                attention_with(&q, &k_pool, &v_pool, &seqs, shape, &mut out, fast);
+                attention_with(&q, &k_pool, &v_pool, &seqs, shape, &mut out, kernel);
                 out
             };
-            let (plain, fast) = (run(false), run(true));
+            let (plain, fast) = (run(Kernel::Definition), run(kernel));
             assert!(plain.iter().all(|x| x.is_finite()) && plain.iter().any(|&x| x != 0.0));
             for (i, (a, b)) in plain.iter().zip(&fast).enumerate() {
                 assert_eq!(
