@@ -323,6 +323,23 @@ impl NcclGroup {
         }
         let (src, read) = input.device_ptr(&stream);
         let (dst, written) = out.device_ptr_mut(&stream);
+        self.enqueue(rank, dev, what, (src, dst), call)?;
+        // The buffers' events record the collective on the stream.
+        drop((read, written));
+        Ok(out)
+    }
+
+    /// `call(send, receive, communicator, stream)` for `rank` on `dev`'s stream, with device
+    /// addresses the caller keeps alive until the stream has run the call.
+    fn enqueue(
+        &self,
+        rank: usize,
+        dev: &CudaDevice,
+        what: &str,
+        (src, dst): (u64, u64),
+        call: impl FnOnce(*const c_void, *mut c_void, NcclComm, *mut c_void) -> NcclResult,
+    ) -> Result<()> {
+        let stream = dev.cuda_stream();
         self.with_comm(rank, what, |c| {
             call(
                 src as *const c_void,
@@ -330,10 +347,7 @@ impl NcclGroup {
                 c,
                 stream.cu_stream() as *mut c_void,
             )
-        })?;
-        // The buffers' events record the collective on the stream.
-        drop((read, written));
-        Ok(out)
+        })
     }
 
     /// `call(communicator)` with `rank`'s communicator, unless the group broke or it was
@@ -457,21 +471,11 @@ impl DeviceAllReduce for NcclGroup {
         }
         let stream = dev.cuda_stream();
         let (ptr, written) = buf.device_ptr_mut(&stream);
-        self.with_comm(rank, "all-reduce", |c| {
+        self.enqueue(rank, dev, "all-reduce", (ptr, ptr), |src, dst, c, s| {
             // Safety: `buf` holds at least `len` bf16 values on this rank's GPU (checked
             // above) and outlives the call, which is ordered on the rank's stream (NCCL allows
             // the input and output to be the same buffer).
-            unsafe {
-                (self.lib.all_reduce)(
-                    ptr as *const c_void,
-                    ptr as *mut c_void,
-                    len,
-                    NCCL_BFLOAT16,
-                    NCCL_SUM,
-                    c,
-                    stream.cu_stream() as *mut c_void,
-                )
-            }
+            unsafe { (self.lib.all_reduce)(src, dst, len, NCCL_BFLOAT16, NCCL_SUM, c, s) }
         })?;
         drop(written);
         Ok(())
@@ -496,19 +500,10 @@ impl DeviceAllReduce for NcclGroup {
         let stream = dev.cuda_stream();
         let (src, read) = send.device_ptr(&stream);
         let (dst, written) = receive.device_ptr_mut(&stream);
-        self.with_comm(rank, "all-gather", |c| {
+        self.enqueue(rank, dev, "all-gather", (src, dst), |src, dst, c, s| {
             // Safety: `send` holds `len` and `receive` `size * len` f32 values on this rank's
             // GPU (checked above); both outlive the call, ordered on the rank's stream.
-            unsafe {
-                (self.lib.all_gather)(
-                    src as *const c_void,
-                    dst as *mut c_void,
-                    len,
-                    NCCL_FLOAT32,
-                    c,
-                    stream.cu_stream() as *mut c_void,
-                )
-            }
+            unsafe { (self.lib.all_gather)(src, dst, len, NCCL_FLOAT32, c, s) }
         })?;
         drop((read, written));
         Ok(())

@@ -1,5 +1,5 @@
-//! The AVX-512 attention kernel: the arithmetic of the AVX2 path in [`super`], element for
-//! element, with more of it per instruction.
+//! The AVX-512 attention kernel: the arithmetic of the definition in [`super`] (and of the
+//! AVX2 kernel, `blocked`), element for element, with more of it per instruction.
 //!
 //! Three places gain:
 //! - **Scores of a prefill chunk** (through a transposed K tile): 16 keys per register instead
@@ -15,14 +15,14 @@
 //! chain followed by the same in-order lane sum, every V sum is the same `fma(p, v, acc)` per
 //! element in key order, and the softmax is the same function (inlined into this
 //! `target_feature` context, where LLVM vectorises it wider; per element it is the same
-//! operations). `tests::avx512_and_avx2_paths_agree_bit_for_bit` checks it.
+//! operations). `tests::avx512_kernel_equals_the_definition` checks it.
 
 use std::arch::x86_64::*;
 
 use half::f16;
 
 use super::avx2::transpose8;
-use super::{extent, partials, HeadView, Partial, KEY_TILE, TRANSPOSE_MIN_VECTORS};
+use super::{partials, HeadView, ItemLayout, Partial, KEY_TILE, TRANSPOSE_MIN_VECTORS};
 
 /// Head sizes this kernel takes: whole 16-float registers, at most 8 of them per vector (the V
 /// sums of a block of vectors live in registers). Others use the AVX2 path.
@@ -52,21 +52,11 @@ pub(super) unsafe fn attend_with(
     debug_assert!(supports(d));
     let n_vec = limits.len();
     let k0 = keys.start;
-    let (n_keys, ends) = extent(limits, &keys);
-    if p.len() < n_vec * n_keys {
-        p.resize(n_vec * n_keys, 0.0);
-    }
-    // Where each key's row starts in the pools (K and V share the layout).
-    let starts: Vec<usize> = (k0..k0 + n_keys)
-        .map(|j| k.slots[j] as usize * k.kv_width + k.head_off)
-        .collect();
-    assert!(
-        starts
-            .iter()
-            .all(|&s| s + d <= k.pool.len() && s + d <= v.pool.len()),
-        "rows lie inside the pools"
-    );
-    assert!(qv.len() >= n_vec * d);
+    let ItemLayout {
+        n_keys,
+        ends,
+        starts,
+    } = ItemLayout::new(qv, limits, &keys, (k, v), p);
 
     // Scores, scaled, into `p` (`[n_vec, n_keys]`, each vector up to its end).
     let mut write = |vi: usize, from: usize, to: usize, dots: &[f32]| {

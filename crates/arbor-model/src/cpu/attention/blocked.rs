@@ -29,7 +29,7 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::avx2::transpose8;
-use super::{extent, partials, HeadView, Partial, KEY_TILE, TRANSPOSE_MIN_VECTORS};
+use super::{partials, row_scores, HeadView, ItemLayout, Partial, KEY_TILE, TRANSPOSE_MIN_VECTORS};
 
 /// Head sizes this kernel takes: whole 8-float registers, at most 16 of them.
 pub(super) fn supports(head_dim: usize) -> bool {
@@ -55,21 +55,11 @@ pub(super) fn attend_with(
     assert!(supports(d));
     let n_vec = limits.len();
     let k0 = keys.start;
-    let (n_keys, ends) = extent(limits, &keys);
-    if p.len() < n_vec * n_keys {
-        p.resize(n_vec * n_keys, 0.0);
-    }
-    // Where each key's row starts in the pools (K and V share the layout).
-    let starts: Vec<usize> = (k0..k0 + n_keys)
-        .map(|j| k.slots[j] as usize * k.kv_width + k.head_off)
-        .collect();
-    assert!(
-        starts
-            .iter()
-            .all(|&s| s + d <= k.pool.len() && s + d <= v.pool.len()),
-        "rows lie inside the pools"
-    );
-    assert!(qv.len() >= n_vec * d);
+    let ItemLayout {
+        n_keys,
+        ends,
+        starts,
+    } = ItemLayout::new(qv, limits, &keys, (k, v), p);
 
     if n_vec >= TRANSPOSE_MIN_VECTORS {
         let mut tile_buf = vec![0f32; KEY_TILE * d];
@@ -102,7 +92,11 @@ pub(super) fn attend_with(
             }
         }
     } else {
-        row_scores(qv, &ends, (k, k0, n_keys), scale, p);
+        // SAFETY (the closure): the build enables AVX2 and FMA; `row_scores` passes a query of
+        // d floats and a tile of KEY_TILE rows of d with `first + 8 <= KEY_TILE`.
+        let dots8 =
+            |q: &[f32], rows: &[f32], first: usize| unsafe { row_dots(q.as_ptr(), d, rows, first) };
+        row_scores(qv, &ends, (k, k0, n_keys), scale, p, dots8);
     }
 
     // SAFETY: the build enables AVX2, FMA and F16C; row i of `p` holds `ends[i]` scores
@@ -141,38 +135,9 @@ pub(super) fn attend_with(
     partials(&ends, stats, &out, d)
 }
 
-/// [`super::row_scores`] eight keys at a time ([`row_dots`]), the same bits.
-fn row_scores(
-    qv: &[f32],
-    ends: &[usize],
-    (k, k0, n_keys): (&HeadView, usize, usize),
-    scale: f32,
-    p: &mut [f32],
-) {
-    let d = k.head_dim;
-    assert!(qv.len() >= ends.len() * d && p.len() >= ends.len() * n_keys);
-    let mut tile_buf = vec![0f32; KEY_TILE * d];
-    for tile in (0..n_keys).step_by(KEY_TILE) {
-        let tile_end = (tile + KEY_TILE).min(n_keys);
-        k.widen(k0 + tile..k0 + tile_end, &mut tile_buf);
-        for (vi, &limit) in ends.iter().enumerate() {
-            let end = tile_end.min(limit);
-            for k8 in (tile..end).step_by(8) {
-                // SAFETY: the build enables AVX2 and FMA; vector vi's d floats lie inside `qv`
-                // (asserted), and the 8 rows from k8 inside the tile buffer (k8 - tile is a
-                // multiple of 8 below KEY_TILE; rows past the tile's keys are read, never
-                // written to `p`).
-                let dots = unsafe { row_dots(qv.as_ptr().add(vi * d), d, &tile_buf, k8 - tile) };
-                for (j, x) in (k8..(k8 + 8).min(end)).zip(dots) {
-                    p[vi * n_keys + j] = x * scale;
-                }
-            }
-        }
-    }
-}
-
 /// One query vector (at `q`, `d` floats) against the 8 widened K rows from row `first` of
-/// `rows` (`[KEY_TILE, d]`): [`super::dot8`] of each. Accumulator `t` holds the 8 lanes of key
+/// `rows` (`[KEY_TILE, d]`): [`super::dot8`] of each (the decode's scores, through
+/// [`super::row_scores`]). Accumulator `t` holds the 8 lanes of key
 /// `t`; an 8x8 transpose puts lane `l` of the 8 keys in one register, and the registers are
 /// added in lane order.
 ///

@@ -453,7 +453,7 @@ fn attend_with(
         p16.resize(n_keys, f16::ZERO);
     }
     if n_vec < TRANSPOSE_MIN_VECTORS {
-        row_scores(qv, &ends, (k, k0, n_keys), scale, p);
+        row_scores(qv, &ends, (k, k0, n_keys), scale, p, dot8_rows);
     }
     for tile in (0..n_keys).step_by(KEY_TILE) {
         let tile_end = (tile + KEY_TILE).min(n_keys);
@@ -501,27 +501,100 @@ fn attend_with(
     partials(&ends, stats, &out, d)
 }
 
-/// Scores of a few vectors (a decode's), key row by key row with [`dot8`], scaled, into `p`
-/// (`[n_vec, n_keys]`, each vector up to its end): widening K rows is cheaper than transposing
-/// a tile when few vectors read it.
+/// Scores of a few vectors (a decode's), key row by key row, scaled, into `p` (`[n_vec,
+/// n_keys]`, each vector up to its end): widening K rows is cheaper than transposing a tile
+/// when few vectors read it. `dots8(q, tile, first)` gives [`dot8`] of the query against the
+/// 8 widened rows from row `first` of the tile (`[KEY_TILE, d]`; rows past the tile's keys
+/// hold stale values, whose scores are not written).
 fn row_scores(
     qv: &[f32],
     ends: &[usize],
     (k, k0, n_keys): (&HeadView, usize, usize),
     scale: f32,
     p: &mut [f32],
+    dots8: impl Fn(&[f32], &[f32], usize) -> [f32; 8],
 ) {
     let d = k.head_dim;
+    assert!(qv.len() >= ends.len() * d && p.len() >= ends.len() * n_keys);
     let mut tile_buf = vec![0f32; KEY_TILE * d];
     for tile in (0..n_keys).step_by(KEY_TILE) {
         let tile_end = (tile + KEY_TILE).min(n_keys);
         k.widen(k0 + tile..k0 + tile_end, &mut tile_buf);
         for (vi, &limit) in ends.iter().enumerate() {
-            let qrow = &qv[vi * d..(vi + 1) * d];
-            for j in tile..tile_end.min(limit) {
-                let krow = &tile_buf[(j - tile) * d..(j - tile + 1) * d];
-                p[vi * n_keys + j] = dot8(qrow, krow) * scale;
+            let end = tile_end.min(limit);
+            for k8 in (tile..end).step_by(8) {
+                let dots = dots8(&qv[vi * d..(vi + 1) * d], &tile_buf, k8 - tile);
+                for (j, x) in (k8..(k8 + 8).min(end)).zip(dots) {
+                    p[vi * n_keys + j] = x * scale;
+                }
             }
+        }
+    }
+}
+
+/// [`dot8`] of `q` against the 8 rows from row `first` of `rows` (`[KEY_TILE, d]`, `first + 8
+/// <= KEY_TILE`).
+fn dot8_rows(q: &[f32], rows: &[f32], first: usize) -> [f32; 8] {
+    let d = q.len();
+    std::array::from_fn(|t| dot8(q, &rows[(first + t) * d..][..d]))
+}
+
+/// What the SIMD kernels set up for an item: the keys it scores and each vector's end
+/// ([`extent`]), `p` sized for `[n_vec, n_keys]` scores, and where each key's row starts in the
+/// pools (K and V share the layout), checked to lie inside both, as the query vectors inside
+/// `qv`.
+#[cfg_attr(
+    not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )),
+    allow(dead_code)
+)]
+struct ItemLayout {
+    n_keys: usize,
+    ends: Vec<usize>,
+    starts: Vec<usize>,
+}
+
+#[cfg_attr(
+    not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )),
+    allow(dead_code)
+)]
+impl ItemLayout {
+    fn new(
+        qv: &[f32],
+        limits: &[usize],
+        keys: &std::ops::Range<usize>,
+        (k, v): (&HeadView, &HeadView),
+        p: &mut Vec<f32>,
+    ) -> Self {
+        let d = k.head_dim;
+        let n_vec = limits.len();
+        let (n_keys, ends) = extent(limits, keys);
+        if p.len() < n_vec * n_keys {
+            p.resize(n_vec * n_keys, 0.0);
+        }
+        let starts: Vec<usize> = (keys.start..keys.start + n_keys)
+            .map(|j| k.slots[j] as usize * k.kv_width + k.head_off)
+            .collect();
+        assert!(
+            starts
+                .iter()
+                .all(|&s| s + d <= k.pool.len() && s + d <= v.pool.len()),
+            "rows lie inside the pools"
+        );
+        assert!(qv.len() >= n_vec * d);
+        Self {
+            n_keys,
+            ends,
+            starts,
         }
     }
 }
