@@ -14,25 +14,36 @@
 /// exponent bits.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split so that k * LN2_HI is exact for |k| < 2^10: 0.693145751953125 (12 significant
-    // bits) and the f32 nearest to the remainder, 1.4286068e-6.
-    const LN2_HI: f32 = f32::from_bits(0x3f31_7200);
-    const LN2_LO: f32 = f32::from_bits(0x35bf_be8e);
-    let x = x.clamp(-87.0, 88.0);
-    let k = (x * LOG2_E).round_ties_even();
+    let x = x.clamp(EXP_MIN, EXP_MAX);
+    let k = (x * std::f32::consts::LOG2_E).round_ties_even();
     let r = k.mul_add(-LN2_LO, k.mul_add(-LN2_HI, x));
-    let mut p: f32 = 1.0 / 5040.0;
-    p = p.mul_add(r, 1.0 / 720.0);
-    p = p.mul_add(r, 1.0 / 120.0);
-    p = p.mul_add(r, 1.0 / 24.0);
-    p = p.mul_add(r, 1.0 / 6.0);
-    p = p.mul_add(r, 0.5);
-    p = p.mul_add(r, 1.0);
-    p = p.mul_add(r, 1.0);
+    let mut p = EXP_TAYLOR[0];
+    for c in &EXP_TAYLOR[1..] {
+        p = p.mul_add(r, *c);
+    }
     let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
     p * scale
 }
+
+/// Where [`exp`] clamps its argument.
+pub const EXP_MIN: f32 = -87.0;
+pub const EXP_MAX: f32 = 88.0;
+/// ln 2 split so that k * LN2_HI is exact for |k| < 2^10: 0.693145751953125 (12 significant
+/// bits) and the f32 nearest to the remainder, 1.4286068e-6.
+pub const LN2_HI: f32 = f32::from_bits(0x3f31_7200);
+pub const LN2_LO: f32 = f32::from_bits(0x35bf_be8e);
+/// The Taylor coefficients of e^r from degree 7 down, in Horner's order. The SIMD kernels'
+/// copies of [`exp`] (`cpu/attention`) take the same constants, so they give the same bits.
+pub const EXP_TAYLOR: [f32; 8] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
 
 /// x * sigmoid(x).
 #[inline(always)]

@@ -22,7 +22,8 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::avx2::transpose8;
-use super::{partials, HeadView, ItemLayout, Partial, KEY_TILE, TRANSPOSE_MIN_VECTORS};
+use super::blocked::ItemLayout;
+use super::{partials, HeadView, Partial, KEY_TILE, TRANSPOSE_MIN_VECTORS};
 
 /// Head sizes this kernel takes: whole 16-float registers, at most 8 of them per vector (the V
 /// sums of a block of vectors live in registers). Others use the AVX2 path.
@@ -276,12 +277,11 @@ unsafe fn finish_softmax(row: &mut [f32], max: f32, done: usize, mut sums: __m25
 /// finite: scores minus their max).
 #[inline(always)]
 unsafe fn exp16(x: __m512) -> __m512 {
+    use crate::cpu::fastmath::{EXP_MAX, EXP_MIN, EXP_TAYLOR, LN2_HI, LN2_LO};
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = f32::from_bits(0x3f31_7200);
-    const LN2_LO: f32 = f32::from_bits(0x35bf_be8e);
     let x = _mm512_min_ps(
-        _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
-        _mm512_set1_ps(88.0),
+        _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN)),
+        _mm512_set1_ps(EXP_MAX),
     );
     let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, _mm512_set1_ps(LOG2_E)),
@@ -291,16 +291,8 @@ unsafe fn exp16(x: __m512) -> __m512 {
         _mm512_set1_ps(-LN2_LO),
         _mm512_fmadd_ps(k, _mm512_set1_ps(-LN2_HI), x),
     );
-    let mut p = _mm512_set1_ps(1.0 / 5040.0);
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
+    let mut p = _mm512_set1_ps(EXP_TAYLOR[0]);
+    for &c in &EXP_TAYLOR[1..] {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
     }
     let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(

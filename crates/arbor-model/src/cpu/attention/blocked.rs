@@ -29,11 +29,53 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::avx2::transpose8;
-use super::{partials, row_scores, HeadView, ItemLayout, Partial, KEY_TILE, TRANSPOSE_MIN_VECTORS};
+use super::{extent, partials, row_scores, HeadView, Partial, KEY_TILE, TRANSPOSE_MIN_VECTORS};
 
 /// Head sizes this kernel takes: whole 8-float registers, at most 16 of them.
 pub(super) fn supports(head_dim: usize) -> bool {
     head_dim.is_multiple_of(8) && head_dim <= 128
+}
+
+/// What the SIMD kernels (this one and `avx512`) set up for an item: the keys it scores and
+/// each vector's end ([`extent`]), `p` sized for `[n_vec, n_keys]` scores, and where each key's
+/// row starts in the pools (K and V share the layout), checked to lie inside both, as the query
+/// vectors inside `qv`.
+pub(super) struct ItemLayout {
+    pub(super) n_keys: usize,
+    pub(super) ends: Vec<usize>,
+    pub(super) starts: Vec<usize>,
+}
+
+impl ItemLayout {
+    pub(super) fn new(
+        qv: &[f32],
+        limits: &[usize],
+        keys: &std::ops::Range<usize>,
+        (k, v): (&HeadView, &HeadView),
+        p: &mut Vec<f32>,
+    ) -> Self {
+        let d = k.head_dim;
+        let n_vec = limits.len();
+        let (n_keys, ends) = extent(limits, keys);
+        if p.len() < n_vec * n_keys {
+            p.resize(n_vec * n_keys, 0.0);
+        }
+        let starts: Vec<usize> = (keys.start..keys.start + n_keys)
+            .map(|j| k.slots[j] as usize * k.kv_width + k.head_off)
+            .collect();
+        assert!(
+            starts
+                .iter()
+                .all(|&s| s + d <= k.pool.len() && s + d <= v.pool.len()),
+            "rows lie inside the pools"
+        );
+        assert!(qv.len() >= n_vec * d);
+        Self {
+            n_keys,
+            ends,
+            starts,
+        }
+    }
 }
 
 /// Query vectors scored and summed together.
@@ -278,12 +320,11 @@ unsafe fn softmax_row(row: &mut [f32]) -> (f32, f64) {
 /// scores minus their max).
 #[inline(always)]
 unsafe fn exp8(x: __m256) -> __m256 {
+    use crate::cpu::fastmath::{EXP_MAX, EXP_MIN, EXP_TAYLOR, LN2_HI, LN2_LO};
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = f32::from_bits(0x3f31_7200);
-    const LN2_LO: f32 = f32::from_bits(0x35bf_be8e);
     let x = _mm256_min_ps(
-        _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
-        _mm256_set1_ps(88.0),
+        _mm256_max_ps(x, _mm256_set1_ps(EXP_MIN)),
+        _mm256_set1_ps(EXP_MAX),
     );
     let k = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
         x,
@@ -294,16 +335,8 @@ unsafe fn exp8(x: __m256) -> __m256 {
         _mm256_set1_ps(-LN2_LO),
         _mm256_fmadd_ps(k, _mm256_set1_ps(-LN2_HI), x),
     );
-    let mut p = _mm256_set1_ps(1.0 / 5040.0);
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
+    let mut p = _mm256_set1_ps(EXP_TAYLOR[0]);
+    for &c in &EXP_TAYLOR[1..] {
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
     }
     let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(

@@ -539,66 +539,6 @@ fn dot8_rows(q: &[f32], rows: &[f32], first: usize) -> [f32; 8] {
     std::array::from_fn(|t| dot8(q, &rows[(first + t) * d..][..d]))
 }
 
-/// What the SIMD kernels set up for an item: the keys it scores and each vector's end
-/// ([`extent`]), `p` sized for `[n_vec, n_keys]` scores, and where each key's row starts in the
-/// pools (K and V share the layout), checked to lie inside both, as the query vectors inside
-/// `qv`.
-#[cfg_attr(
-    not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    )),
-    allow(dead_code)
-)]
-struct ItemLayout {
-    n_keys: usize,
-    ends: Vec<usize>,
-    starts: Vec<usize>,
-}
-
-#[cfg_attr(
-    not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    )),
-    allow(dead_code)
-)]
-impl ItemLayout {
-    fn new(
-        qv: &[f32],
-        limits: &[usize],
-        keys: &std::ops::Range<usize>,
-        (k, v): (&HeadView, &HeadView),
-        p: &mut Vec<f32>,
-    ) -> Self {
-        let d = k.head_dim;
-        let n_vec = limits.len();
-        let (n_keys, ends) = extent(limits, keys);
-        if p.len() < n_vec * n_keys {
-            p.resize(n_vec * n_keys, 0.0);
-        }
-        let starts: Vec<usize> = (keys.start..keys.start + n_keys)
-            .map(|j| k.slots[j] as usize * k.kv_width + k.head_off)
-            .collect();
-        assert!(
-            starts
-                .iter()
-                .all(|&s| s + d <= k.pool.len() && s + d <= v.pool.len()),
-            "rows lie inside the pools"
-        );
-        assert!(qv.len() >= n_vec * d);
-        Self {
-            n_keys,
-            ends,
-            starts,
-        }
-    }
-}
-
 /// The keys an item scores (from the segment's start) and each vector's end within them.
 fn extent(limits: &[usize], keys: &std::ops::Range<usize>) -> (usize, Vec<usize>) {
     let n_keys = limits
