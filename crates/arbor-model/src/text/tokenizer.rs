@@ -138,7 +138,9 @@ impl Tokenizer {
     /// prepended when `add_bos` is set, the model wants it, and the text does not already start
     /// with it (chat templates often write it themselves).
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        // `encode_fast` skips the character offsets, which nothing here reads: the same ids,
+        // about a quarter less time on a long prompt (6.2 against 8.7 ms for 5.8k tokens).
+        let enc = self.inner.encode_fast(text, false).map_err(tok_err)?;
         let mut ids = enc.get_ids().to_vec();
         if add_bos && self.add_bos {
             if let Some(bos) = self.bos_id {
