@@ -11,7 +11,8 @@
 #   sampler    the GPU sampler against the CPU sampler: greedy identical, seeded draws by a
 #              chi-square test (ARBOR_SAMPLER_DRAWS per case, default 200000)
 #   models     the GPU path against the CPU path (tiny fixtures, default model; bf16 and
-#              quantized GGUF weights) and against transformers/PyTorch on this GPU
+#              quantized GGUF weights, the FP8 KV cache) and against transformers/PyTorch on
+#              this GPU
 #   linear     dense bf16 against GGUF block formats, the 8B shape's linear layers by batch
 #   bench      decode by batch size and context, prefill by length (8B shape, bf16); the
 #              tensor-core attention and the CUDA-core one
@@ -77,6 +78,8 @@ if has models; then
             "${HF[@]}" --json "$OUT/check-smollm2.json"
         run check-smollm2-quantized "$BIN" gpu-check --quantized --model "$GGUF" \
             --fixture fixtures/llamacpp_smollm2.json "${HF[@]}" --json "$OUT/check-smollm2-quantized.json"
+        run check-smollm2-kv-fp8 "$BIN" gpu-check --kv-fp8 --model "$GGUF" \
+            --fixture fixtures/llamacpp_smollm2.json --json "$OUT/check-smollm2-kv-fp8.json"
     fi
 fi
 if has linear; then

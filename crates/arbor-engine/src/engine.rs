@@ -172,7 +172,7 @@ impl Engine {
                 "kv_slots must be at least 1".into(),
             ));
         }
-        let per_slot = runner.config().kv_bytes_per_slot();
+        let per_slot = runner.kv_bytes_per_slot();
         tracing::info!(
             "KV pool on {}: {} token slots ({} MiB, {} KiB per token), prefix cache {:?}",
             runner.device_name(),

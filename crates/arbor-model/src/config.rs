@@ -65,9 +65,15 @@ impl ModelConfig {
         self.num_heads * self.head_dim
     }
 
-    /// Bytes of KV memory one token slot takes (f16 K and V for every layer).
+    /// Bytes of KV memory one token slot takes (f16 or bf16 K and V for every layer).
     pub fn kv_bytes_per_slot(&self) -> usize {
-        2 * self.num_layers * self.kv_dim() * std::mem::size_of::<half::f16>()
+        self.kv_bytes_per_slot_of(std::mem::size_of::<half::f16>())
+    }
+
+    /// Bytes of KV memory one token slot takes at `element_bytes` per element (1 for an FP8
+    /// cache).
+    pub fn kv_bytes_per_slot_of(&self, element_bytes: usize) -> usize {
+        2 * self.num_layers * self.kv_dim() * element_bytes
     }
 
     pub fn validate(&self) -> Result<()> {

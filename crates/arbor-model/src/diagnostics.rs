@@ -133,7 +133,7 @@ type KernelShape = (usize, usize, usize, Vec<(usize, usize)>);
 
 #[cfg(feature = "cuda")]
 fn kernel_checks(device: &crate::Device) -> Result<serde_json::Value> {
-    use crate::cuda::{attention_on_host, AttnKernel, CheckSeq};
+    use crate::cuda::{attention_on_host, fp8_rows_values, AttnKernel, CheckSeq, KvCacheDtype};
     let mut rng = 12345u64;
     let mut uniform = move || {
         rng ^= rng << 13;
@@ -195,75 +195,95 @@ fn kernel_checks(device: &crate::Device) -> Result<serde_json::Value> {
         let q: Vec<f32> = (0..rows * heads * d)
             .map(|_| round((uniform() * 4.0 - 2.0) as f32))
             .collect();
-        // Reference in f64, [rows, heads, d].
-        let mut want = vec![0f64; rows * heads * d];
-        let mut row = 0;
-        for s in &seqs {
-            let past = s.slots.len() - s.n_new;
-            for i in 0..s.n_new {
-                let n_keys = past + i + 1;
-                for h in 0..heads {
-                    let kvh = h / (heads / kv_heads);
-                    let qrow = &q[(row * heads + h) * d..(row * heads + h + 1) * d];
-                    let scores: Vec<f64> = s.slots[..n_keys]
-                        .iter()
-                        .map(|&slot| {
-                            let krow = &k[(slot as usize * kv_heads + kvh) * d..][..d];
-                            qrow.iter()
-                                .zip(krow)
-                                .map(|(a, b)| *a as f64 * *b as f64)
-                                .sum::<f64>()
-                                / (d as f64).sqrt()
-                        })
-                        .collect();
-                    let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let w: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
-                    let z: f64 = w.iter().sum();
-                    for c in 0..d {
-                        want[(row * heads + h) * d + c] = s.slots[..n_keys]
+        // Reference in f64, [rows, heads, d], from the pools' values as the kernels read them.
+        let reference = |k: &[f32], v: &[f32]| -> Vec<f64> {
+            let mut want = vec![0f64; rows * heads * d];
+            let mut row = 0;
+            for s in &seqs {
+                let past = s.slots.len() - s.n_new;
+                for i in 0..s.n_new {
+                    let n_keys = past + i + 1;
+                    for h in 0..heads {
+                        let kvh = h / (heads / kv_heads);
+                        let qrow = &q[(row * heads + h) * d..(row * heads + h + 1) * d];
+                        let scores: Vec<f64> = s.slots[..n_keys]
                             .iter()
-                            .zip(&w)
-                            .map(|(&slot, wi)| {
-                                wi * v[(slot as usize * kv_heads + kvh) * d + c] as f64
+                            .map(|&slot| {
+                                let krow = &k[(slot as usize * kv_heads + kvh) * d..][..d];
+                                qrow.iter()
+                                    .zip(krow)
+                                    .map(|(a, b)| *a as f64 * *b as f64)
+                                    .sum::<f64>()
+                                    / (d as f64).sqrt()
                             })
-                            .sum::<f64>()
-                            / z;
+                            .collect();
+                        let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        let w: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
+                        let z: f64 = w.iter().sum();
+                        for c in 0..d {
+                            want[(row * heads + h) * d + c] = s.slots[..n_keys]
+                                .iter()
+                                .zip(&w)
+                                .map(|(&slot, wi)| {
+                                    wi * v[(slot as usize * kv_heads + kvh) * d + c] as f64
+                                })
+                                .sum::<f64>()
+                                / z;
+                        }
                     }
+                    row += 1;
                 }
-                row += 1;
             }
-        }
+            want
+        };
+        let want_bf16 = reference(&k, &v);
+        // An FP8 cache: the values its rows and scales stand for.
+        let want_fp8 = reference(&fp8_rows_values(&k, d), &fp8_rows_values(&v, d));
         let decode_only = seqs.iter().all(|s| s.n_new == 1);
-        let kernels = [AttnKernel::TensorCore, AttnKernel::CudaCore];
-        // (kernel, replayed plan, keys per stage of the tensor-core decode kernel)
-        let variants = kernels
-            .into_iter()
-            .flat_map(|k| [(k, false, 32), (k, true, 16), (k, true, 32), (k, true, 64)]);
-        for (kernel, replayed, stage) in variants
-            .filter(|&(_, replayed, _)| decode_only || !replayed)
-            .filter(|&(k, _, stage)| k == AttnKernel::TensorCore || stage == 32)
+        let kernels = [
+            (AttnKernel::TensorCore, KvCacheDtype::Bf16),
+            (AttnKernel::CudaCore, KvCacheDtype::Bf16),
+            (AttnKernel::TensorCore, KvCacheDtype::Fp8E4m3),
+        ];
+        // (kernel, pool dtype, replayed plan, keys per stage of the tensor-core decode kernel)
+        let variants = kernels.into_iter().flat_map(|(k, t)| {
+            [
+                (k, t, false, 32),
+                (k, t, true, 16),
+                (k, t, true, 32),
+                (k, t, true, 64),
+            ]
+        });
+        for (kernel, dtype, replayed, stage) in variants
+            .filter(|&(_, _, replayed, _)| decode_only || !replayed)
+            .filter(|&(k, _, _, stage)| k == AttnKernel::TensorCore || stage == 32)
         {
             if kernel == AttnKernel::TensorCore && !AttnKernel::tensor_core_fits(heads, kv_heads, d)
             {
                 continue;
             }
+            let want = match dtype {
+                KvCacheDtype::Bf16 => &want_bf16,
+                KvCacheDtype::Fp8E4m3 => &want_fp8,
+            };
             let got = attention_on_host(
-                device, kernel, replayed, stage, &q, &k, &v, &seqs, heads, kv_heads, d,
+                device, kernel, replayed, stage, dtype, &q, &k, &v, &seqs, heads, kv_heads, d,
             )?;
             let worst = got
                 .iter()
-                .zip(&want)
+                .zip(want)
                 .map(|(&g, &w)| (g as f64 - w).abs())
                 .fold(0f64, f64::max);
             // Relative to each output vector's own size: over thousands of random keys an
             // output is an average of many values in [-1, 1], about 1/sqrt(keys) in size, so an
             // absolute bound would pass an output that dropped a whole split of keys. Per
             // (query row, head): |got - want| / |want| (L2 over the head dimension).
-            let worst_rel = worst_relative_l2(&got, &want, d);
+            let worst_rel = worst_relative_l2(&got, want, d);
             let ok = worst_rel < ATTENTION_RELATIVE_BOUND;
             failed += usize::from(!ok);
             cases.push(json!({
-                "kernel": format!("{kernel:?}"), "replayed_plan": replayed,
+                "kernel": format!("{kernel:?}"), "kv_cache_dtype": format!("{dtype:?}"),
+                "replayed_plan": replayed,
                 "decode_stage_keys": stage,
                 "heads": heads, "kv_heads": kv_heads, "head_dim": d, "sequences": seq_shapes,
                 "query_rows": rows, "max_abs_error": worst, "max_relative_error": worst_rel,

@@ -13,6 +13,29 @@ pub enum GgufWeights {
     Quantized,
 }
 
+/// How the GPU's KV pool stores K and V (vLLM's `--kv-cache-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheDtype {
+    /// bf16, as the model computes them.
+    #[default]
+    Bf16,
+    /// FP8 E4M3, one byte an element, without scales (as vLLM's `fp8` when a checkpoint has
+    /// none): half the memory, so twice the cached tokens, and half the bytes a decode step
+    /// reads per token of context. Values are rounded to 3 mantissa bits and saturate at
+    /// +-448; outputs differ from bf16's (docs/CORRECTNESS.md has the measured difference).
+    Fp8E4m3,
+}
+
+impl KvCacheDtype {
+    /// Bytes of one K or V element.
+    pub fn element_bytes(self) -> usize {
+        match self {
+            KvCacheDtype::Bf16 => 2,
+            KvCacheDtype::Fp8E4m3 => 1,
+        }
+    }
+}
+
 /// Default of [`CudaOptions::decode_target_warps`]: decode attention cuts each context into
 /// splits until about this many warps run (see the CUDA backend's launch planning).
 pub const DEFAULT_DECODE_TARGET_WARPS: usize = 4096;
@@ -51,6 +74,8 @@ pub struct CudaOptions {
     /// GPU): the check that its path, with the collectives recorded in its decode graphs,
     /// gives what the one-GPU runner gives, and the A/B of what it costs. Not for serving.
     pub tp_runner: bool,
+    /// How the KV pool stores K and V.
+    pub kv_cache_dtype: KvCacheDtype,
 }
 
 impl Default for CudaOptions {
@@ -65,6 +90,7 @@ impl Default for CudaOptions {
             decode_graphs: true,
             tp_one_gpu: false,
             tp_runner: false,
+            kv_cache_dtype: KvCacheDtype::Bf16,
         }
     }
 }

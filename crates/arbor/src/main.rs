@@ -143,6 +143,12 @@ pub struct ModelArgs {
     /// steps launch by launch (`off`; A/B benchmarks, the outputs are identical).
     #[arg(long, value_enum, default_value = "on")]
     cuda_graphs: OnOff,
+    /// GPU: how the KV cache stores K and V: `auto` (bf16, as the model computes them) or
+    /// `fp8` (FP8 E4M3 without scales, as vLLM's `fp8`: twice the cached tokens in the same
+    /// memory and half the KV bytes read per decode step, at a small cost in fidelity;
+    /// docs/CORRECTNESS.md).
+    #[arg(long, value_enum, default_value = "auto")]
+    kv_cache_dtype: KvCacheDtypeArg,
     /// CPU: `auto` uses the fastest kernels the processor has (AVX-512 where present);
     /// `avx2` keeps to the AVX2 ones (comparisons; the outputs are bit-identical); `ggml`
     /// takes llama.cpp's block-matmul arithmetic (slower; checks against llama.cpp).
@@ -155,6 +161,13 @@ enum CpuKernelsArg {
     Auto,
     Avx2,
     Ggml,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum KvCacheDtypeArg {
+    Auto,
+    #[value(alias = "fp8_e4m3", alias = "fp8-e4m3")]
+    Fp8,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -494,6 +507,10 @@ fn runner_options(args: &ModelArgs) -> RunnerOptions {
             decode_graphs: args.cuda_graphs == OnOff::On,
             tp_one_gpu: args.tp_one_gpu,
             tp_runner: args.tp_runner,
+            kv_cache_dtype: match args.kv_cache_dtype {
+                KvCacheDtypeArg::Auto => arbor_model::runner::KvCacheDtype::Bf16,
+                KvCacheDtypeArg::Fp8 => arbor_model::runner::KvCacheDtype::Fp8E4m3,
+            },
         },
         cpu_kernels: match args.cpu_kernels {
             CpuKernelsArg::Auto => CpuKernels::Auto,
@@ -531,6 +548,7 @@ fn load(args: &ModelArgs) -> Result<(Engine, arbor_model::ChatTemplate)> {
                 ("tensor_parallel_size", "--tensor-parallel-size"),
                 ("tp_one_gpu", "--tp-one-gpu"),
                 ("tp_runner", "--tp-runner"),
+                ("kv_cache_dtype", "--kv-cache-dtype"),
             ]
             .iter()
             .fold(why, |why, (option, flag)| why.replace(option, flag))

@@ -269,6 +269,25 @@ pub fn replayed_decode_plan(
     }
 }
 
+/// One layer's K and V pools, as the attention kernels read them: bf16 elements, or FP8 E4M3
+/// ones with each (slot, KV head)'s K and V scales.
+#[derive(Clone, Copy)]
+pub(crate) struct KvLayer<'a> {
+    pub k: &'a CudaSlice<u8>,
+    pub v: &'a CudaSlice<u8>,
+    /// FP8 pools only.
+    pub scales: Option<(&'a CudaSlice<f32>, &'a CudaSlice<f32>)>,
+}
+
+impl KvLayer<'_> {
+    pub fn dtype(&self) -> KvCacheDtype {
+        match self.scales {
+            Some(_) => KvCacheDtype::Fp8E4m3,
+            None => KvCacheDtype::Bf16,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct AttnDims {
     pub rows: usize,
@@ -313,8 +332,7 @@ impl AttnPartials {
 pub(crate) fn attention(
     dev: &CudaDevice,
     q: &CudaSlice<bf16>,
-    k_pool: &CudaSlice<bf16>,
-    v_pool: &CudaSlice<bf16>,
+    kv: KvLayer,
     lists: &ListViews,
     plan: &AttnPlan,
     dims: AttnDims,
@@ -350,6 +368,12 @@ pub(crate) fn attention(
                 (_, 32) => "arbor_attention_mma_decode_d128_k32",
                 _ => prefill,
             };
+            // The FP8 pool's variants carry a suffix (kernels.cu, ATTENTION_MMA_ALL).
+            let with_dtype = |name: &str| match kv.dtype() {
+                KvCacheDtype::Bf16 => name.to_string(),
+                KvCacheDtype::Fp8E4m3 => format!("{name}_fp8"),
+            };
+            let (prefill, decode) = (with_dtype(prefill), with_dtype(decode));
             let scale_log2 = scale * std::f32::consts::LOG2_E;
             // Decode rows: tiles of one position, a warp per 16 heads of the group; prefill
             // tiles: 64 / group positions, 4 warps.
@@ -373,9 +397,9 @@ pub(crate) fn attention(
                 if n == 0 {
                     continue;
                 }
-                let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+                let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
                 let mut b = func.builder();
-                slot_list_args(&mut b, q, k_pool, v_pool, lists);
+                slot_list_args(&mut b, q, kv, lists);
                 b.arg(row0)
                     .arg(&lists.tile_rows)
                     .arg(&single)
@@ -387,10 +411,15 @@ pub(crate) fn attention(
                     .arg(&splits_i)
                     .arg(&split_len_i)
                     .arg(&scale_log2);
+                match kv.scales {
+                    Some((k_scale, v_scale)) => b.arg(k_scale).arg(v_scale),
+                    // The bf16 variants never read the scale pointers.
+                    None => b.arg(kv.k).arg(kv.v),
+                };
                 let cfg = LaunchConfig {
                     grid_dim: (n as u32, kv_heads as u32, plan.splits as u32),
                     block_dim: (32 * warps as u32, 1, 1),
-                    shared_mem_bytes: 0, // static: 36 KiB at head_dim 128
+                    shared_mem_bytes: 0, // static: at most 36 KiB (64-key bf16 stages, d 128)
                 };
                 // Safety: argument types and order match the kernel's signature; each block
                 // reads its tile's rows of q and its sequence's slot list (checked against the
@@ -400,9 +429,12 @@ pub(crate) fn attention(
                 unsafe { b.launch(cfg) }.w()?;
             }
         }
-        AttnKernel::CudaCore => {
-            cuda_core_attention(dev, q, k_pool, v_pool, lists, plan, dims, parts, scale)?
+        AttnKernel::CudaCore if kv.dtype() != KvCacheDtype::Bf16 => {
+            return Err(ModelError::Cuda(
+                "the CUDA-core attention kernels read bf16 KV pools only".into(),
+            ))
         }
+        AttnKernel::CudaCore => cuda_core_attention(dev, q, kv, lists, plan, dims, parts, scale)?,
     }
     let func = dev.get_or_load_custom_func("arbor_attention_merge", MODULE, PTX)?;
     let mut b = func.builder();
@@ -439,13 +471,12 @@ pub(crate) fn attention(
 pub(crate) fn slot_list_args<'a>(
     b: &mut LaunchArgs<'a>,
     q: &'a CudaSlice<bf16>,
-    k_pool: &'a CudaSlice<bf16>,
-    v_pool: &'a CudaSlice<bf16>,
+    kv: KvLayer<'a>,
     lists: &'a ListViews,
 ) {
     b.arg(q)
-        .arg(k_pool)
-        .arg(v_pool)
+        .arg(kv.k)
+        .arg(kv.v)
         .arg(&lists.flat)
         .arg(&lists.row_offset)
         .arg(&lists.row_keys);
@@ -456,8 +487,7 @@ pub(crate) fn slot_list_args<'a>(
 pub(crate) fn cuda_core_attention(
     dev: &CudaDevice,
     q: &CudaSlice<bf16>,
-    k_pool: &CudaSlice<bf16>,
-    v_pool: &CudaSlice<bf16>,
+    kv: KvLayer,
     lists: &ListViews,
     plan: &AttnPlan,
     dims: AttnDims,
@@ -512,7 +542,7 @@ pub(crate) fn cuda_core_attention(
     for (name, cfg, rows) in launches {
         let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
         let mut b = func.builder();
-        slot_list_args(&mut b, q, k_pool, v_pool, lists);
+        slot_list_args(&mut b, q, kv, lists);
         for r in rows {
             b.arg(r);
         }

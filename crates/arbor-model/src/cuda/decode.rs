@@ -475,7 +475,7 @@ fn forward(
             l,
             rows,
         )?;
-        attention(dev, q, &kv.k[l], &kv.v[l], &views, plan, dims, parts, attn)?;
+        attention(dev, q, kv.layer(l), &views, plan, dims, parts, attn)?;
         linear(attn, &layer.wo, o)?;
         reduce(o)?;
         add_norm(o, &layer.ffn_norm, h)?;

@@ -12,6 +12,8 @@
 // l, l + 32, ... of a head.
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <stdint.h>
 
 #define WARP 32
@@ -51,9 +53,39 @@ __device__ __forceinline__ int row_split_len(int split_len, int n_keys, int n_sp
     return max(stage, (per + stage - 1) / stage * stage);
 }
 
-// One thread per (token, rotated pair or copied element).
+// RoPE on one rotated pair (or a V pair, copied): the pair's elements a, b of its head's row
+// and the values they take. interleaved: pairs (2i, 2i+1) (GGUF Llama); else halves (i, i + D/2)
+// (Hugging Face).
+struct RopePair {
+    int a, b;
+    float x0, x1;
+};
+
+__device__ __forceinline__ RopePair rope_pair(const __nv_bfloat16* __restrict__ qkv,
+                                              const uint32_t* __restrict__ positions,
+                                              const float* __restrict__ cos_t,
+                                              const float* __restrict__ sin_t, int t, int head,
+                                              int i, int H, int KVH, int D, int interleaved) {
+    const int half = D / 2;
+    const __nv_bfloat16* row = qkv + (long)t * (H + 2 * KVH) * D + (long)head * D;
+    RopePair p;
+    p.a = interleaved ? 2 * i : i;
+    p.b = interleaved ? 2 * i + 1 : i + half;
+    p.x0 = __bfloat162float(row[p.a]);
+    p.x1 = __bfloat162float(row[p.b]);
+    if (head < H + KVH) {  // Q and K are rotated
+        const uint32_t pos = positions[t];
+        const float c = cos_t[(long)pos * half + i], s = sin_t[(long)pos * half + i];
+        const float r0 = p.x0 * c - p.x1 * s;
+        const float r1 = p.x0 * s + p.x1 * c;
+        p.x0 = r0;
+        p.x1 = r1;
+    }
+    return p;
+}
+
+// bf16 pools. One thread per (token, rotated pair or copied element).
 // qkv: [T, (H + 2*KVH) * D]; cos/sin: [max_pos, D/2] f32; positions, slots: [T].
-// interleaved: pairs (2i, 2i+1) (GGUF Llama); else halves (i, i + D/2) (Hugging Face).
 extern "C" __global__ void arbor_qkv_rope_write(
     const __nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ positions,
     const uint32_t* __restrict__ slots, const float* __restrict__ cos_t,
@@ -61,27 +93,14 @@ extern "C" __global__ void arbor_qkv_rope_write(
     __nv_bfloat16* __restrict__ k_pool, __nv_bfloat16* __restrict__ v_pool, int T, int H,
     int KVH, int D, int interleaved) {
     const int half = D / 2;
-    const int heads = H + 2 * KVH;
-    const long per_token = (long)heads * half;  // work items per token (pairs)
+    const long per_token = (long)(H + 2 * KVH) * half;  // work items per token (pairs)
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long)T * per_token) return;
     const int t = idx / per_token;
     const int rem = idx % per_token;
     const int head = rem / half;
-    const int i = rem % half;
-    const __nv_bfloat16* row = qkv + (long)t * heads * D + (long)head * D;
-    const int a = interleaved ? 2 * i : i;
-    const int b = interleaved ? 2 * i + 1 : i + half;
-    float x0 = __bfloat162float(row[a]);
-    float x1 = __bfloat162float(row[b]);
-    if (head < H + KVH) {  // Q and K are rotated
-        const uint32_t pos = positions[t];
-        const float c = cos_t[(long)pos * half + i], s = sin_t[(long)pos * half + i];
-        const float r0 = x0 * c - x1 * s;
-        const float r1 = x0 * s + x1 * c;
-        x0 = r0;
-        x1 = r1;
-    }
+    const RopePair p = rope_pair(qkv, positions, cos_t, sin_t, t, head, rem % half, H, KVH, D,
+                                 interleaved);
     __nv_bfloat16* dst;
     if (head < H) {
         dst = q_out + (long)t * H * D + (long)head * D;
@@ -90,8 +109,46 @@ extern "C" __global__ void arbor_qkv_rope_write(
     } else {
         dst = v_pool + (long)slots[t] * KVH * D + (long)(head - H - KVH) * D;
     }
-    dst[a] = __float2bfloat16(x0);
-    dst[b] = __float2bfloat16(x1);
+    dst[p.a] = __float2bfloat16(p.x0);
+    dst[p.b] = __float2bfloat16(p.x1);
+}
+
+// FP8 E4M3 pools: one block per (token, head of Q, K or V), one thread per pair (D / 2
+// threads, a multiple of 32). Each K or V head row is scaled to its own largest magnitude:
+// element = E4M3(x / s) with s = max|x| / 448 (E4M3's largest finite value), and s goes to
+// k_scale / v_scale [slots, KVH]. A scale per token and head keeps every element in E4M3's
+// normal range, where unscaled small heads (the first layer's V, |v| < 2^-6) lost their
+// mantissa bits; it costs 4 bytes per 64-128 (docs/CORRECTNESS.md).
+extern "C" __global__ void arbor_qkv_rope_write_fp8(
+    const __nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ positions,
+    const uint32_t* __restrict__ slots, const float* __restrict__ cos_t,
+    const float* __restrict__ sin_t, __nv_bfloat16* __restrict__ q_out,
+    uint8_t* __restrict__ k_pool, uint8_t* __restrict__ v_pool, float* __restrict__ k_scale,
+    float* __restrict__ v_scale, int T, int H, int KVH, int D, int interleaved) {
+    __shared__ float warp_max[8];
+    const int t = blockIdx.x, head = blockIdx.y, i = threadIdx.x;
+    const RopePair p = rope_pair(qkv, positions, cos_t, sin_t, t, head, i, H, KVH, D, interleaved);
+    if (head < H) {  // block-uniform
+        __nv_bfloat16* dst = q_out + (long)t * H * D + (long)head * D;
+        dst[p.a] = __float2bfloat16(p.x0);
+        dst[p.b] = __float2bfloat16(p.x1);
+        return;
+    }
+    float m = fmaxf(fabsf(p.x0), fabsf(p.x1));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+    if (i % WARP == 0) warp_max[i / WARP] = m;
+    __syncthreads();
+    m = warp_max[0];
+    for (int w = 1; w < (int)blockDim.x / WARP; w++) m = fmaxf(m, warp_max[w]);
+    const float scale = m > 0.f ? m / 448.f : 1.f;
+    const bool is_k = head < H + KVH;
+    const int kvh = is_k ? head - H : head - H - KVH;
+    const long row = (long)slots[t] * KVH + kvh;
+    uint8_t* dst = (is_k ? k_pool : v_pool) + row * D;
+    dst[p.a] = __nv_cvt_float_to_fp8(p.x0 / scale, __NV_SATFINITE, __NV_E4M3);
+    dst[p.b] = __nv_cvt_float_to_fp8(p.x1 / scale, __NV_SATFINITE, __NV_E4M3);
+    if (i == 0) (is_k ? k_scale : v_scale)[row] = scale;
 }
 
 // Decode rows (and any row not in a prefill tile): one warp per (query row, head, split),
@@ -622,18 +679,46 @@ extern "C" __global__ void arbor_silu_mul(const __nv_bfloat16* __restrict__ gate
 // long causal tiles of a prefill do not trail at the end of the grid.
 #define MMA_KT 64
 
+// c += a b, 16x16 by 16x8: bf16 operands, or f16 (F16) for the FP8 cache's path.
+template <bool F16>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                           uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    if constexpr (F16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
 }
 
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
     return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Two FP8 E4M3 values (the low byte first) as two f16s, exactly: one instruction on sm_89+.
+__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two_bytes) {
+    uint32_t r;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(r) : "h"((unsigned short)two_bytes));
+    return r;
+}
+
+// Two bf16s as two f16s (Q for the FP8 path: exact for |x| in f16's normal range).
+__device__ __forceinline__ uint32_t bf16x2_to_f16x2(uint32_t v) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+    return pack_f16x2(f.x, f.y);
 }
 
 __device__ __forceinline__ uint32_t ld_u32(const __nv_bfloat16* p) {
@@ -661,21 +746,38 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                  : "r"(s));
 }
 
-template <int D, int STAGE>
+// KV is the pool's element: bf16, or uint8_t for FP8 E4M3 bytes. The FP8 path stages the
+// bytes as they are (half the traffic and shared memory) and converts each fragment in
+// registers to f16, so its products run as f16 MMAs (Q converted from bf16, P packed as f16):
+// E4M3 -> f16 is exact and one instruction, where E4M3 -> bf16 is not one. V's fragments pair
+// two keys of one dimension, which ldmatrix.trans cannot gather from bytes: four byte loads
+// a fragment pair instead. Each key's K and V scales (arbor_qkv_rope_write_fp8) are staged
+// with the slots: K's multiplies the key's scores, V's the V fragments (f16, per key pair).
+// The bf16 kernels take the scale pointers and never read them.
+template <int D, int STAGE, typename KV>
 __device__ __forceinline__ void attention_mma(
-    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,
-    const __nv_bfloat16* __restrict__ v_pool, const uint32_t* __restrict__ slots,
+    const __nv_bfloat16* __restrict__ q, const KV* __restrict__ k_pool,
+    const KV* __restrict__ v_pool, const uint32_t* __restrict__ slots,
     const uint32_t* __restrict__ row_slot_off, const uint32_t* __restrict__ row_keys,
     const uint32_t* __restrict__ tile_row0, const uint32_t* __restrict__ tile_rows,
     int single_position, float* __restrict__ o_part, float* __restrict__ m_part,
-    float* __restrict__ l_part, int H, int KVH, int n_splits, int split_len, float scale_log2) {
-    constexpr int KS = D + 8;       // ks, vs row stride (bf16 elements)
+    float* __restrict__ l_part, int H, int KVH, int n_splits, int split_len, float scale_log2,
+    const float* __restrict__ k_scale, const float* __restrict__ v_scale) {
+    constexpr bool FP8 = sizeof(KV) == 1;
+    constexpr int ROW_BYTES = D * (int)sizeof(KV);  // one head's K (or V) row in the pool
+    // Staged rows are padded by 16 bytes: every fragment load hits distinct banks, and rows
+    // stay 16-byte aligned for cp.async.
+    constexpr int KSB = ROW_BYTES + 16;  // row stride in bytes
+    constexpr int KS = KSB / 2;         // ... in bf16 elements (the bf16 path)
     constexpr int KC = D / 16;      // 16-dim chunks of a head (k steps of S = Q K^T)
     constexpr int NT = STAGE / 8;  // 8-key tiles of a stage (n tiles of S)
     constexpr int DT = D / 8;       // 8-dim tiles of O
-    __shared__ __align__(16) __nv_bfloat16 ks[STAGE * KS];
-    __shared__ __align__(16) __nv_bfloat16 vs[STAGE * KS];
+    __shared__ __align__(16) uint8_t ks_bytes[STAGE * KSB];
+    __shared__ __align__(16) uint8_t vs_bytes[STAGE * KSB];
     __shared__ uint32_t sl[STAGE];
+    __shared__ float ksc[FP8 ? STAGE : 1], vsc[FP8 ? STAGE : 1];  // the keys' scales (FP8)
+    const __nv_bfloat16* ks = reinterpret_cast<const __nv_bfloat16*>(ks_bytes);
+    const __nv_bfloat16* vs = reinterpret_cast<const __nv_bfloat16*>(vs_bytes);
 
     const int G = H / KVH;
     const int tile = gridDim.x - 1 - blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
@@ -711,6 +813,10 @@ __device__ __forceinline__ void attention_mma(
         qa[kc][1] = valid[1] ? ld_u32(qrow[1] + c) : 0u;
         qa[kc][2] = valid[0] ? ld_u32(qrow[0] + c + 8) : 0u;
         qa[kc][3] = valid[1] ? ld_u32(qrow[1] + c + 8) : 0u;
+        if constexpr (FP8) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) qa[kc][e] = bf16x2_to_f16x2(qa[kc][e]);
+        }
     }
     float o[DT][4];
 #pragma unroll
@@ -719,19 +825,29 @@ __device__ __forceinline__ void attention_mma(
 
     for (int k0 = k_begin; k0 < k_end; k0 += STAGE) {
         __syncthreads();  // the previous stage is consumed
-        for (int i = tid; i < STAGE; i += blockDim.x)
-            sl[i] = k0 + i < k_end ? my_slots[k0 + i] : 0xffffffffu;
+        for (int i = tid; i < STAGE; i += blockDim.x) {
+            const bool live = k0 + i < k_end;
+            const uint32_t slot = live ? my_slots[k0 + i] : 0xffffffffu;
+            sl[i] = slot;
+            if constexpr (FP8) {
+                ksc[i] = live ? k_scale[(long)slot * KVH + kvh] : 0.f;
+                vsc[i] = live ? v_scale[(long)slot * KVH + kvh] : 0.f;
+            }
+        }
         __syncthreads();
         // The stage's K and V rows straight from the pool into shared memory (cp.async: every
         // copy of the stage in flight at once, no registers held, one memory round trip per
         // stage even for a one-warp decode block). Keys past the split are zeros.
-        constexpr int PIECES = STAGE * (D / 8);
+        constexpr int ROW_PIECES = ROW_BYTES / 16;
+        constexpr int PIECES = STAGE * ROW_PIECES;
+        const uint8_t* k_bytes = reinterpret_cast<const uint8_t*>(k_pool);
+        const uint8_t* v_bytes = reinterpret_cast<const uint8_t*>(v_pool);
         for (int i = tid; i < PIECES; i += blockDim.x) {
-            const int j = i / (D / 8), c = (i % (D / 8)) * 8;
+            const int j = i / ROW_PIECES, c = (i % ROW_PIECES) * 16;
             const bool live = sl[j] != 0xffffffffu;
-            const long base = live ? ((long)sl[j] * KVH + kvh) * D + c : 0;
-            cp_async16(&ks[j * KS + c], k_pool + base, live);
-            cp_async16(&vs[j * KS + c], v_pool + base, live);
+            const long base = live ? ((long)sl[j] * KVH + kvh) * ROW_BYTES + c : 0;
+            cp_async16(&ks_bytes[j * KSB + c], k_bytes + base, live);
+            cp_async16(&vs_bytes[j * KSB + c], v_bytes + base, live);
         }
         cp_async_wait_all();
         __syncthreads();
@@ -742,10 +858,20 @@ __device__ __forceinline__ void attention_mma(
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
             s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-            const __nv_bfloat16* kr = ks + (nt * 8 + gid) * KS + 2 * tig;
+            if constexpr (FP8) {
+                const uint8_t* kr = ks_bytes + (nt * 8 + gid) * KSB + 2 * tig;
 #pragma unroll
-            for (int kc = 0; kc < KC; kc++)
-                mma_16816(s[nt], qa[kc], ld_u32(kr + kc * 16), ld_u32(kr + kc * 16 + 8));
+                for (int kc = 0; kc < KC; kc++) {
+                    const uint32_t b0 = *reinterpret_cast<const uint16_t*>(kr + kc * 16);
+                    const uint32_t b1 = *reinterpret_cast<const uint16_t*>(kr + kc * 16 + 8);
+                    mma_16816<true>(s[nt], qa[kc], e4m3x2_to_f16x2(b0), e4m3x2_to_f16x2(b1));
+                }
+            } else {
+                const __nv_bfloat16* kr = ks + (nt * 8 + gid) * KS + 2 * tig;
+#pragma unroll
+                for (int kc = 0; kc < KC; kc++)
+                    mma_16816<false>(s[nt], qa[kc], ld_u32(kr + kc * 16), ld_u32(kr + kc * 16 + 8));
+            }
         }
         // Causal mask and scale; accumulator e of tile nt is (row gid + 8 (e / 2), key
         // nt * 8 + 2 tig + e % 2).
@@ -754,8 +880,9 @@ __device__ __forceinline__ void attention_mma(
         for (int nt = 0; nt < NT; nt++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const int key = k0 + nt * 8 + 2 * tig + (e & 1), ri = e >> 1;
-                const float v = key < n_keys[ri] && key < k_end ? s[nt][e] * scale_log2 : -INFINITY;
+                const int j = nt * 8 + 2 * tig + (e & 1), key = k0 + j, ri = e >> 1;
+                const float sc = FP8 ? ksc[j] * scale_log2 : scale_log2;
+                const float v = key < n_keys[ri] && key < k_end ? s[nt][e] * sc : -INFINITY;
                 s[nt][e] = v;
                 mx[ri] = fmaxf(mx[ri], v);
             }
@@ -792,21 +919,42 @@ __device__ __forceinline__ void attention_mma(
         // O += P V, 16 keys at a time: P's A fragment is two S tiles' accumulators.
 #pragma unroll
         for (int kk = 0; kk < STAGE / 16; kk++) {
+            const auto pack = FP8 ? pack_f16x2 : pack_bf16x2;
             const uint32_t pa[4] = {
-                pack_bf16x2(s[2 * kk][0], s[2 * kk][1]),
-                pack_bf16x2(s[2 * kk][2], s[2 * kk][3]),
-                pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]),
+                pack(s[2 * kk][0], s[2 * kk][1]),
+                pack(s[2 * kk][2], s[2 * kk][3]),
+                pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                pack(s[2 * kk + 1][2], s[2 * kk + 1][3]),
             };
-            // V's B fragments for two 8-dim tiles at once: lanes 0-15 address keys kk * 16 + 0..15
-            // of tile dt, lanes 16-31 the same keys of tile dt + 1.
-            const __nv_bfloat16* vrow = vs + (kk * 16 + (lane & 15)) * KS + (lane >> 4) * 8;
+            if constexpr (FP8) {
+                // Lane (gid, tig) needs keys 2 tig, 2 tig + 1 (b0) and 2 tig + 8, + 9 (b1) of
+                // dimension dt * 8 + gid.
+                const int j = kk * 16 + 2 * tig;
+                const uint8_t* vcol = vs_bytes + j * KSB + gid;
+                const __half2 sc0 = __floats2half2_rn(vsc[j], vsc[j + 1]);
+                const __half2 sc8 = __floats2half2_rn(vsc[j + 8], vsc[j + 9]);
 #pragma unroll
-            for (int dt = 0; dt < DT; dt += 2) {
-                uint32_t vb[4];
-                ldmatrix_x4_trans(vb, vrow + dt * 8);
-                mma_16816(o[dt], pa, vb[0], vb[1]);
-                mma_16816(o[dt + 1], pa, vb[2], vb[3]);
+                for (int dt = 0; dt < DT; dt++) {
+                    const uint8_t* p = vcol + dt * 8;
+                    const uint32_t r0 = (uint32_t)p[0] | (uint32_t)p[KSB] << 8;
+                    const uint32_t r1 = (uint32_t)p[8 * KSB] | (uint32_t)p[9 * KSB] << 8;
+                    uint32_t h0 = e4m3x2_to_f16x2(r0), h1 = e4m3x2_to_f16x2(r1);
+                    const __half2 v0 = __hmul2(*reinterpret_cast<__half2*>(&h0), sc0);
+                    const __half2 v1 = __hmul2(*reinterpret_cast<__half2*>(&h1), sc8);
+                    mma_16816<true>(o[dt], pa, *reinterpret_cast<const uint32_t*>(&v0),
+                                    *reinterpret_cast<const uint32_t*>(&v1));
+                }
+            } else {
+                // V's B fragments for two 8-dim tiles at once: lanes 0-15 address keys
+                // kk * 16 + 0..15 of tile dt, lanes 16-31 the same keys of tile dt + 1.
+                const __nv_bfloat16* vrow = vs + (kk * 16 + (lane & 15)) * KS + (lane >> 4) * 8;
+#pragma unroll
+                for (int dt = 0; dt < DT; dt += 2) {
+                    uint32_t vb[4];
+                    ldmatrix_x4_trans(vb, vrow + dt * 8);
+                    mma_16816<false>(o[dt], pa, vb[0], vb[1]);
+                    mma_16816<false>(o[dt + 1], pa, vb[2], vb[3]);
+                }
             }
         }
     }
@@ -836,25 +984,30 @@ __device__ __forceinline__ void attention_mma(
 // NAME's stages hold STAGE keys: 64 for prefill tiles (4 warps share each stage); decode blocks
 // (usually one warp) take shorter stages, so that more blocks fit an SM's shared memory and
 // their loads overlap each other's arithmetic (a one-warp block waits for its own stage).
-#define ATTENTION_MMA(NAME, D, STAGE)                                                              \
+// KV: the pool's element (the `_fp8` kernels read FP8 E4M3 pools).
+#define ATTENTION_MMA(NAME, D, STAGE, KV)                                                          \
     extern "C" __global__ void __launch_bounds__(128) NAME(                                        \
-        const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,             \
-        const __nv_bfloat16* __restrict__ v_pool, const uint32_t* __restrict__ slots,              \
+        const __nv_bfloat16* __restrict__ q, const KV* __restrict__ k_pool,                        \
+        const KV* __restrict__ v_pool, const uint32_t* __restrict__ slots,                         \
         const uint32_t* __restrict__ row_slot_off, const uint32_t* __restrict__ row_keys,          \
         const uint32_t* __restrict__ tile_row0, const uint32_t* __restrict__ tile_rows,            \
         int single_position, float* __restrict__ o_part, float* __restrict__ m_part,               \
         float* __restrict__ l_part, int H, int KVH, int n_splits, int split_len,                   \
-        float scale_log2) {                                                                        \
-        attention_mma<D, STAGE>(q, k_pool, v_pool, slots, row_slot_off, row_keys, tile_row0,       \
-                             tile_rows, single_position, o_part, m_part, l_part, H, KVH,           \
-                             n_splits, split_len, scale_log2);                                     \
+        float scale_log2, const float* __restrict__ k_scale,                                       \
+        const float* __restrict__ v_scale) {                                                       \
+        attention_mma<D, STAGE, KV>(q, k_pool, v_pool, slots, row_slot_off, row_keys, tile_row0,   \
+                                    tile_rows, single_position, o_part, m_part, l_part, H, KVH,    \
+                                    n_splits, split_len, scale_log2, k_scale, v_scale);            \
     }
-ATTENTION_MMA(arbor_attention_mma_d64, 64, MMA_KT)
-ATTENTION_MMA(arbor_attention_mma_d128, 128, MMA_KT)
-ATTENTION_MMA(arbor_attention_mma_decode_d64_k16, 64, 16)
-ATTENTION_MMA(arbor_attention_mma_decode_d128_k16, 128, 16)
-ATTENTION_MMA(arbor_attention_mma_decode_d64_k32, 64, 32)
-ATTENTION_MMA(arbor_attention_mma_decode_d128_k32, 128, 32)
+#define ATTENTION_MMA_ALL(SUFFIX, KV)                                                              \
+    ATTENTION_MMA(arbor_attention_mma_d64##SUFFIX, 64, MMA_KT, KV)                                 \
+    ATTENTION_MMA(arbor_attention_mma_d128##SUFFIX, 128, MMA_KT, KV)                               \
+    ATTENTION_MMA(arbor_attention_mma_decode_d64_k16##SUFFIX, 64, 16, KV)                          \
+    ATTENTION_MMA(arbor_attention_mma_decode_d128_k16##SUFFIX, 128, 16, KV)                        \
+    ATTENTION_MMA(arbor_attention_mma_decode_d64_k32##SUFFIX, 64, 32, KV)                          \
+    ATTENTION_MMA(arbor_attention_mma_decode_d128_k32##SUFFIX, 128, 32, KV)
+ATTENTION_MMA_ALL(, __nv_bfloat16)
+ATTENTION_MMA_ALL(_fp8, uint8_t)
 
 // ---------------------------------------------------------------------------------------------
 // y [M, N] = x [M, K] W^T for a few rows, W [N, K] bf16 row-major: an experiment kept behind

@@ -11,8 +11,9 @@
 //!  x += o Wo (fused with the next RMSNorm);  gu = h Wgate_up;  act = silu_mul(gu);  x += act Wdown
 //! ```
 //!
-//! The KV pool is one bf16 buffer per layer for K and one for V, `[slots, kv_heads, head_dim]`,
-//! owned here (not candle tensors) because the kernels write into it in place. Attention runs
+//! The KV pool is one buffer per layer for K and one for V, `[slots, kv_heads, head_dim]`, of
+//! bf16 or, with [`KvCacheDtype::Fp8E4m3`], FP8 E4M3 bytes (only the tensor-core kernels read
+//! those), owned here (not candle tensors) because the kernels write into it in place. Attention runs
 //! on the tensor-core kernel where the head shape allows ([`AttnKernel`]), else on the CUDA-core
 //! kernels; both write per-split partial results that one merge kernel combines.
 //!
@@ -129,7 +130,7 @@ fn cuda_device(device: &Device) -> Result<&CudaDevice> {
     }
 }
 
-pub use crate::options::{CudaOptions, GgufWeights};
+pub use crate::options::{CudaOptions, GgufWeights, KvCacheDtype};
 
 #[derive(Debug)]
 pub struct CudaLayer {
@@ -167,23 +168,56 @@ pub struct CudaLlama {
 
 /// K and V of every slot, per layer, on the GPU, plus one scratch slot past the last that no
 /// sequence owns: the padding rows of a decode bucket write and read it ([`DecodeGraphs`]).
+/// The buffers are bytes: bf16 elements or FP8 E4M3 ones, as `dtype` says; each kernel takes
+/// the element type of its variant. An FP8 pool also holds each (slot, KV head)'s K and V
+/// scale, f32 `[slots, kv_heads]` per layer (kernels.cu, `arbor_qkv_rope_write_fp8`).
 pub struct CudaKvPool {
-    k: Vec<CudaSlice<bf16>>,
-    v: Vec<CudaSlice<bf16>>,
+    k: Vec<CudaSlice<u8>>,
+    v: Vec<CudaSlice<u8>>,
+    /// Per layer (K, V) scales; empty for bf16.
+    scales: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
+    dtype: KvCacheDtype,
     num_slots: usize,
 }
 
 impl CudaKvPool {
+    /// A pool in the model's [`CudaOptions::kv_cache_dtype`].
     pub fn new(model: &CudaLlama, num_slots: usize) -> Result<Self> {
         let dev = cuda_device(&model.device)?;
-        let n = (num_slots + 1) * model.shard.kv_dim(&model.config);
+        let dtype = model.options.kv_cache_dtype;
+        let n = (num_slots + 1) * model.shard.kv_dim(&model.config) * dtype.element_bytes();
+        let heads = (num_slots + 1) * model.shard.num_kv_heads();
         let mut k = Vec::new();
         let mut v = Vec::new();
+        let mut scales = Vec::new();
         for _ in 0..model.config.num_layers {
-            k.push(dev.alloc_zeros::<bf16>(n).map_err(cuda_err)?);
-            v.push(dev.alloc_zeros::<bf16>(n).map_err(cuda_err)?);
+            k.push(dev.alloc_zeros::<u8>(n).map_err(cuda_err)?);
+            v.push(dev.alloc_zeros::<u8>(n).map_err(cuda_err)?);
+            if dtype == KvCacheDtype::Fp8E4m3 {
+                let zeros = || dev.alloc_zeros::<f32>(heads).map_err(cuda_err);
+                scales.push((zeros()?, zeros()?));
+            }
         }
-        Ok(Self { k, v, num_slots })
+        Ok(Self {
+            k,
+            v,
+            scales,
+            dtype,
+            num_slots,
+        })
+    }
+
+    pub fn dtype(&self) -> KvCacheDtype {
+        self.dtype
+    }
+
+    /// Layer `l`'s pools, for the attention kernels.
+    pub(crate) fn layer(&self, l: usize) -> KvLayer<'_> {
+        KvLayer {
+            k: &self.k[l],
+            v: &self.v[l],
+            scales: self.scales.get(l).map(|(k, v)| (k, v)),
+        }
     }
 
     pub fn num_slots(&self) -> usize {
@@ -232,6 +266,23 @@ impl CudaLlama {
                 "the CUDA kernels need an even head_dim up to 256, got {}",
                 config.head_dim
             )));
+        }
+        if options.kv_cache_dtype == KvCacheDtype::Fp8E4m3 {
+            // Only the tensor-core kernels read FP8 pools.
+            let fits = shards.iter().all(|s| {
+                AttnKernel::tensor_core_fits(s.num_heads(), s.num_kv_heads(), config.head_dim)
+            });
+            if options.force_cuda_core_attention || !fits {
+                return Err(ModelError::InvalidOption(format!(
+                    "kv_cache_dtype fp8 needs the tensor-core attention: head_dim 64 or 128 and at \
+                     most {} query heads per KV head (this model: head_dim {}, {} heads, {} KV \
+                     heads), and cuda_attention auto",
+                    attention::MMA_BLOCK_ROWS,
+                    config.head_dim,
+                    config.num_heads,
+                    config.num_kv_heads
+                )));
+            }
         }
         let n = shards.len();
         // Per rank: the weights `ws` stacked into one linear layer on the rank's device.
@@ -345,6 +396,18 @@ impl CudaLlama {
 
     pub fn options(&self) -> &CudaOptions {
         &self.options
+    }
+
+    /// Bytes of this rank's KV pool one token slot takes, over every layer (an FP8 pool's
+    /// per-head scales included).
+    pub fn kv_bytes_per_slot(&self) -> usize {
+        let dtype = self.options.kv_cache_dtype;
+        let scales = match dtype {
+            KvCacheDtype::Bf16 => 0,
+            KvCacheDtype::Fp8E4m3 => self.shard.num_kv_heads() * 4,
+        };
+        let per_layer = self.shard.kv_dim(&self.config) * dtype.element_bytes() + scales;
+        2 * self.config.num_layers * per_layer
     }
 
     /// Bytes of GPU memory free now (after the weights): the KV pool's budget.
@@ -526,9 +589,15 @@ impl CudaLlama {
             prof.mark("qkv_rope_write");
             // Safety: the merge kernel writes every element.
             let mut attn = unsafe { dev.alloc::<bf16>(t * nh * d) }?;
-            let (k_pool, v_pool) = (&kv.k[l], &kv.v[l]);
             attention(
-                dev, &q, k_pool, v_pool, &views, &plan, dims, &mut parts, &mut attn,
+                dev,
+                &q,
+                kv.layer(l),
+                &views,
+                &plan,
+                dims,
+                &mut parts,
+                &mut attn,
             )?;
             prof.mark("attention");
             let attn = wrap(attn, dev, (t, nh * d));
@@ -624,7 +693,13 @@ impl CudaLlama {
         let interleaved = i32::from(cfg.rope_style == RopeStyle::Interleaved);
         let (ti, nhi, nkvi, di) = (rows as i32, nh as i32, nkv as i32, d as i32);
         let pairs = rows * (nh + 2 * nkv) * (d / 2);
-        let func = dev.get_or_load_custom_func("arbor_qkv_rope_write", MODULE, PTX)?;
+        let fp8 = kv.dtype == KvCacheDtype::Fp8E4m3;
+        let name = if fp8 {
+            "arbor_qkv_rope_write_fp8"
+        } else {
+            "arbor_qkv_rope_write"
+        };
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
         let mut b = func.builder();
         b.arg(qkv)
             .arg(positions)
@@ -633,16 +708,26 @@ impl CudaLlama {
             .arg(&self.sin)
             .arg(q)
             .arg(&mut kv.k[layer])
-            .arg(&mut kv.v[layer])
-            .arg(&ti)
-            .arg(&nhi)
-            .arg(&nkvi)
-            .arg(&di)
-            .arg(&interleaved);
+            .arg(&mut kv.v[layer]);
+        let cfg = match kv.scales.get_mut(layer) {
+            Some((k_scale, v_scale)) if fp8 => {
+                b.arg(k_scale).arg(v_scale);
+                // A block per (token, head), a thread per pair: d / 2 is 32 or 64 (FP8 pools
+                // are refused at load for other head sizes).
+                LaunchConfig {
+                    grid_dim: (rows as u32, (nh + 2 * nkv) as u32, 1),
+                    block_dim: ((d / 2) as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                }
+            }
+            _ => LaunchConfig::for_num_elems(pairs as u32),
+        };
+        b.arg(&ti).arg(&nhi).arg(&nkvi).arg(&di).arg(&interleaved);
         // Safety: argument types and order match the kernel's signature; the buffers hold the
         // rows read and written (checked above), and every position and slot was checked
-        // against the RoPE tables and the pool before it was uploaded.
-        unsafe { b.launch(LaunchConfig::for_num_elems(pairs as u32)) }.w()?;
+        // against the RoPE tables and the pool before it was uploaded; an FP8 pool has its
+        // scales for every slot and KV head.
+        unsafe { b.launch(cfg) }.w()?;
         Ok(())
     }
 }

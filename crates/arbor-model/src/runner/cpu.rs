@@ -24,7 +24,9 @@ impl CpuBackend {
     pub fn new(model: Arc<Llama>, kv_slots: Option<usize>) -> Self {
         let budget =
             crate::cpu::available_memory_bytes().map(|m| (m as f64 * CPU_KV_MEMORY_SHARE) as usize);
-        let slots = kv_slots.unwrap_or_else(|| super::default_kv_slots(&model.config, budget));
+        let slots = kv_slots.unwrap_or_else(|| {
+            super::default_kv_slots(&model.config, model.config.kv_bytes_per_slot(), budget)
+        });
         let pool = model.new_kv_pool(slots);
         Self { model, pool }
     }

@@ -35,7 +35,9 @@ impl CudaBackend {
         let budget = model
             .free_memory_bytes()
             .map(|m| (m as f64 * GPU_KV_MEMORY_SHARE) as usize);
-        let slots = kv_slots.unwrap_or_else(|| super::default_kv_slots(&model.config, budget));
+        let per_slot = model.kv_bytes_per_slot();
+        let slots =
+            kv_slots.unwrap_or_else(|| super::default_kv_slots(&model.config, per_slot, budget));
         let pool = CudaKvPool::new(&model, slots)?;
         Ok(Self { model, pool })
     }
@@ -56,6 +58,10 @@ impl LogitsBackend for CudaBackend {
 
     fn kv_slots(&self) -> usize {
         self.pool.num_slots()
+    }
+
+    fn kv_bytes_per_slot(&self) -> usize {
+        self.model.kv_bytes_per_slot()
     }
 
     fn forward(&mut self, batch: &[SeqStep]) -> Result<Vec<Vec<f32>>> {
@@ -224,6 +230,10 @@ impl ModelRunner for CudaRunner {
 
     fn kv_slots(&self) -> usize {
         self.backend.kv_slots()
+    }
+
+    fn kv_bytes_per_slot(&self) -> usize {
+        self.backend.kv_bytes_per_slot()
     }
 
     fn add_sequence(&mut self, seq: SeqId, spec: SequenceSampling) {

@@ -123,9 +123,11 @@ impl TensorParallel {
                 .min()
                 .flatten()
                 .map(|per_width| per_width * config.kv_dim());
-            super::default_kv_slots(&config, budget)
+            let element = shards[0].options().kv_cache_dtype.element_bytes();
+            super::default_kv_slots(&config, config.kv_bytes_per_slot_of(element), budget)
         });
         let names: Vec<String> = gpus.keys().cloned().collect();
+        let slot_bytes = shards.iter().map(CudaLlama::kv_bytes_per_slot).sum();
         let mut ranks = Vec::with_capacity(size);
         for model in shards {
             let pool = CudaKvPool::new(&model, slots).map_err(|e| {
@@ -160,7 +162,7 @@ impl TensorParallel {
             names.join(", ")
         );
         let name = format!("{} (tensor parallel x{size})", names.join(", "));
-        Self::start(ranks, config, slots, group, name)
+        Self::start(ranks, config, (slots, slot_bytes), group, name)
     }
 }
 
@@ -193,6 +195,10 @@ impl ModelRunner for CudaTensorParallelRunner {
 
     fn kv_slots(&self) -> usize {
         LogitsBackend::kv_slots(&self.ranks)
+    }
+
+    fn kv_bytes_per_slot(&self) -> usize {
+        LogitsBackend::kv_bytes_per_slot(&self.ranks)
     }
 
     fn add_sequence(&mut self, seq: SeqId, spec: SequenceSampling) {

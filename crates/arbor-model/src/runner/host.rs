@@ -25,6 +25,10 @@ pub trait LogitsBackend: Send {
     fn config(&self) -> &ModelConfig;
     fn device_name(&self) -> String;
     fn kv_slots(&self) -> usize;
+    /// Bytes of KV memory one token slot takes (see [`ModelRunner::kv_bytes_per_slot`]).
+    fn kv_bytes_per_slot(&self) -> usize {
+        self.config().kv_bytes_per_slot()
+    }
     fn forward(&mut self, batch: &[SeqStep]) -> Result<Vec<Vec<f32>>>;
     /// Logits of `tokens` from a scratch KV pool of their length.
     fn logits_from_scratch(&self, tokens: &[u32], which: LogitsWanted) -> Result<Vec<Vec<f32>>>;
@@ -191,6 +195,10 @@ impl<B: LogitsBackend> ModelRunner for HostSampledRunner<B> {
 
     fn kv_slots(&self) -> usize {
         self.backend.kv_slots()
+    }
+
+    fn kv_bytes_per_slot(&self) -> usize {
+        self.backend.kv_bytes_per_slot()
     }
 
     fn add_sequence(&mut self, seq: SeqId, spec: SequenceSampling) {

@@ -53,8 +53,8 @@ pub use cpu::CpuBackend;
 pub use cuda::{CudaBackend, CudaRunner};
 pub use host::{HostSampledRunner, LogitsBackend};
 pub use open::{
-    open, CpuKernels, CudaOptions, DeviceSpec, GgufWeights, LoadFormat, OpenedModel, RunnerOptions,
-    DEFAULT_DECODE_STAGE_KEYS, DEFAULT_DECODE_TARGET_WARPS,
+    open, CpuKernels, CudaOptions, DeviceSpec, GgufWeights, KvCacheDtype, LoadFormat, OpenedModel,
+    RunnerOptions, DEFAULT_DECODE_STAGE_KEYS, DEFAULT_DECODE_TARGET_WARPS,
 };
 pub use tp::TensorParallel;
 
@@ -151,6 +151,10 @@ pub trait ModelRunner: Send {
     fn device_name(&self) -> String;
     /// Token slots in the KV pool: slot ids run from 0 to this.
     fn kv_slots(&self) -> usize;
+    /// Bytes of KV memory one token slot takes, over every layer (and rank).
+    fn kv_bytes_per_slot(&self) -> usize {
+        self.config().kv_bytes_per_slot()
+    }
     fn add_sequence(&mut self, seq: SeqId, sampling: SequenceSampling);
     fn remove_sequence(&mut self, seq: SeqId);
     fn step(&mut self, rows: &[StepRow]) -> Result<StepOutput>;
@@ -202,11 +206,16 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// Largest default KV pool, in token slots.
 const KV_POOL_MAX_SLOTS: usize = 1 << 20;
 
-/// The default KV pool for a model: `budget_bytes` of memory (the backend's share: it fills
-/// up with cached prefixes over time, so this is a real budget), at least one full context.
-pub fn default_kv_slots(config: &ModelConfig, budget_bytes: Option<usize>) -> usize {
+/// The default KV pool for a model whose slots take `per_slot` bytes: `budget_bytes` of
+/// memory (the backend's share: it fills up with cached prefixes over time, so this is a real
+/// budget), at least one full context.
+pub fn default_kv_slots(
+    config: &ModelConfig,
+    per_slot: usize,
+    budget_bytes: Option<usize>,
+) -> usize {
     let context = config.max_position_embeddings;
-    let per_slot = config.kv_bytes_per_slot().max(1);
+    let per_slot = per_slot.max(1);
     let budget = budget_bytes.map(|b| b / per_slot).unwrap_or(context);
     budget.clamp(context.min(KV_POOL_MAX_SLOTS), KV_POOL_MAX_SLOTS)
 }

@@ -11,7 +11,8 @@ use super::tp::TensorParallel;
 use super::ModelRunner;
 use crate::error::{ModelError, Result};
 pub use crate::options::{
-    CpuKernels, CudaOptions, GgufWeights, DEFAULT_DECODE_STAGE_KEYS, DEFAULT_DECODE_TARGET_WARPS,
+    CpuKernels, CudaOptions, GgufWeights, KvCacheDtype, DEFAULT_DECODE_STAGE_KEYS,
+    DEFAULT_DECODE_TARGET_WARPS,
 };
 use crate::text::chat::ChatTemplate;
 use crate::text::tokenizer::Tokenizer;
@@ -137,6 +138,11 @@ pub fn open(path: &Path, device: DeviceSpec, options: &RunnerOptions) -> Result<
         DeviceSpec::Cpu => {
             if options.load_format == LoadFormat::Dummy {
                 return Err(invalid("load_format dummy needs device cuda"));
+            }
+            if options.cuda.kv_cache_dtype != KvCacheDtype::Bf16 {
+                return Err(invalid(
+                    "kv_cache_dtype fp8 needs device cuda (the CPU's KV cache is f16)",
+                ));
             }
             if options.cuda != CudaOptions::default() {
                 return Err(invalid(
@@ -444,6 +450,16 @@ mod tests {
                     ..Default::default()
                 },
                 "tp_one_gpu",
+            ),
+            (
+                RunnerOptions {
+                    cuda: CudaOptions {
+                        kv_cache_dtype: KvCacheDtype::Fp8E4m3,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                "kv_cache_dtype fp8 needs device cuda",
             ),
         ];
         for (options, name) in cases {

@@ -220,6 +220,8 @@ pub struct TensorParallel {
     /// The whole model's shape.
     config: ModelConfig,
     kv_slots: usize,
+    /// Over every rank's pool (replicated KV heads count once per rank).
+    kv_bytes_per_slot: usize,
     device_name: String,
     ranks: Vec<Rank>,
     group: Arc<dyn RankGroup>,
@@ -244,7 +246,7 @@ impl TensorParallel {
             let budget = crate::cpu::available_memory_bytes()
                 .map(|m| (m as f64 * super::cpu::CPU_KV_MEMORY_SHARE) as usize)
                 .map(|b| b / ranks_slot.max(1) * config.kv_dim());
-            super::default_kv_slots(&config, budget)
+            super::default_kv_slots(&config, config.kv_bytes_per_slot(), budget)
         });
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads_each = (cores / size).max(1);
@@ -266,15 +268,21 @@ impl TensorParallel {
         }
         tracing::info!("CPU tensor parallelism: {size} ranks of {threads_each} threads each");
         let name = format!("cpu (tensor parallel x{size})");
-        Self::start(ranks, config, slots, group, name)
+        let slot_bytes = ranks
+            .iter()
+            .map(|r| r.model.shard.kv_dim(&config) * 2 * config.num_layers)
+            .sum::<usize>()
+            * std::mem::size_of::<half::f16>();
+        Self::start(ranks, config, (slots, slot_bytes), group, name)
     }
 
     /// Starts one worker thread per rank (given in rank order). `config` is the whole model's,
-    /// `kv_slots` every rank's pool size, `group` the ranks' collectives.
+    /// `kv_slots` every rank's pool size and `kv_bytes_per_slot` what a slot takes over all
+    /// ranks, `group` the ranks' collectives.
     pub(crate) fn start<M: RankModel>(
         models: Vec<M>,
         config: ModelConfig,
-        kv_slots: usize,
+        (kv_slots, kv_bytes_per_slot): (usize, usize),
         group: Arc<dyn RankGroup>,
         device_name: String,
     ) -> Result<Self> {
@@ -302,6 +310,7 @@ impl TensorParallel {
         Ok(Self {
             config,
             kv_slots,
+            kv_bytes_per_slot,
             device_name,
             ranks,
             group,
@@ -435,6 +444,10 @@ impl LogitsBackend for TensorParallel {
         self.kv_slots
     }
 
+    fn kv_bytes_per_slot(&self) -> usize {
+        self.kv_bytes_per_slot
+    }
+
     fn forward(&mut self, batch: &[SeqStep]) -> Result<Vec<Vec<f32>>> {
         // Bad input is the caller's error, found before any rank starts: it breaks nothing.
         self.check(batch, self.kv_slots)?;
@@ -530,7 +543,7 @@ mod tests {
             })
             .collect();
         let config = crate::parallel::tests::config(4, 2, 64, 32);
-        TensorParallel::start(models, config, 16, group, "test".into()).unwrap()
+        TensorParallel::start(models, config, (16, 64), group, "test".into()).unwrap()
     }
 
     fn sample_rows(n: usize) -> SampleBatch {
