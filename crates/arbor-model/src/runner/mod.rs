@@ -203,8 +203,10 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "panic with a non-text payload".into())
 }
 
-/// Largest default KV pool, in token slots.
-const KV_POOL_MAX_SLOTS: usize = 1 << 20;
+/// Largest default KV pool, in token slots (the host keeps 5 bytes a slot: a free list entry
+/// and an in-use flag). 4M: an H200's budget for an 8B model with an FP8 cache is 1.7M slots,
+/// which the 1M of before cut to 64 of its 109 GB.
+const KV_POOL_MAX_SLOTS: usize = 1 << 22;
 
 /// The default KV pool for a model whose slots take `per_slot` bytes: `budget_bytes` of
 /// memory (the backend's share: it fills up with cached prefixes over time, so this is a real
