@@ -133,7 +133,7 @@ type KernelShape = (usize, usize, usize, Vec<(usize, usize)>);
 
 #[cfg(feature = "cuda")]
 fn kernel_checks(device: &crate::Device) -> Result<serde_json::Value> {
-    use crate::cuda::{attention_on_host, fp8_rows_values, AttnKernel, CheckSeq, KvCacheDtype};
+    use crate::cuda::{attention_on_host, round_to_e4m3, AttnKernel, CheckSeq, KvCacheDtype};
     let mut rng = 12345u64;
     let mut uniform = move || {
         rng ^= rng << 13;
@@ -237,8 +237,12 @@ fn kernel_checks(device: &crate::Device) -> Result<serde_json::Value> {
             want
         };
         let want_bf16 = reference(&k, &v);
-        // An FP8 cache: the values its rows and scales stand for.
-        let want_fp8 = reference(&fp8_rows_values(&k, d), &fp8_rows_values(&v, d));
+        // An FP8 cache: the same inputs as the write kernel rounds them.
+        let (k8, v8): (Vec<f32>, Vec<f32>) = (
+            k.iter().map(|&x| round_to_e4m3(x)).collect(),
+            v.iter().map(|&x| round_to_e4m3(x)).collect(),
+        );
+        let want_fp8 = reference(&k8, &v8);
         let decode_only = seqs.iter().all(|s| s.n_new == 1);
         let kernels = [
             (AttnKernel::TensorCore, KvCacheDtype::Bf16),

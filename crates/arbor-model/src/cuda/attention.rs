@@ -269,23 +269,12 @@ pub fn replayed_decode_plan(
     }
 }
 
-/// One layer's K and V pools, as the attention kernels read them: bf16 elements, or FP8 E4M3
-/// ones with each (slot, KV head)'s K and V scales.
+/// One layer's K and V pools (bytes of `dtype` elements), as the attention kernels read them.
 #[derive(Clone, Copy)]
 pub(crate) struct KvLayer<'a> {
     pub k: &'a CudaSlice<u8>,
     pub v: &'a CudaSlice<u8>,
-    /// FP8 pools only.
-    pub scales: Option<(&'a CudaSlice<f32>, &'a CudaSlice<f32>)>,
-}
-
-impl KvLayer<'_> {
-    pub fn dtype(&self) -> KvCacheDtype {
-        match self.scales {
-            Some(_) => KvCacheDtype::Fp8E4m3,
-            None => KvCacheDtype::Bf16,
-        }
-    }
+    pub dtype: KvCacheDtype,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -369,7 +358,7 @@ pub(crate) fn attention(
                 _ => prefill,
             };
             // The FP8 pool's variants carry a suffix (kernels.cu, ATTENTION_MMA_ALL).
-            let with_dtype = |name: &str| match kv.dtype() {
+            let with_dtype = |name: &str| match kv.dtype {
                 KvCacheDtype::Bf16 => name.to_string(),
                 KvCacheDtype::Fp8E4m3 => format!("{name}_fp8"),
             };
@@ -411,11 +400,6 @@ pub(crate) fn attention(
                     .arg(&splits_i)
                     .arg(&split_len_i)
                     .arg(&scale_log2);
-                match kv.scales {
-                    Some((k_scale, v_scale)) => b.arg(k_scale).arg(v_scale),
-                    // The bf16 variants never read the scale pointers.
-                    None => b.arg(kv.k).arg(kv.v),
-                };
                 let cfg = LaunchConfig {
                     grid_dim: (n as u32, kv_heads as u32, plan.splits as u32),
                     block_dim: (32 * warps as u32, 1, 1),
@@ -429,7 +413,7 @@ pub(crate) fn attention(
                 unsafe { b.launch(cfg) }.w()?;
             }
         }
-        AttnKernel::CudaCore if kv.dtype() != KvCacheDtype::Bf16 => {
+        AttnKernel::CudaCore if kv.dtype != KvCacheDtype::Bf16 => {
             return Err(ModelError::Cuda(
                 "the CUDA-core attention kernels read bf16 KV pools only".into(),
             ))

@@ -123,35 +123,13 @@ pub struct CheckSeq {
     pub n_new: usize,
 }
 
-/// `x`'s rows of `d` elements as an FP8 pool holds them (`arbor_qkv_rope_write_fp8`): E4M3
-/// bytes of each row scaled to its largest magnitude, and the row's scale.
-pub fn fp8_rows(x: &[f32], d: usize) -> (Vec<u8>, Vec<f32>) {
-    let mut bytes = Vec::with_capacity(x.len());
-    let mut scales = Vec::with_capacity(x.len() / d);
-    for row in x.chunks(d) {
-        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scale = if max > 0.0 { max / 448.0 } else { 1.0 };
-        bytes.extend(
-            row.iter()
-                .map(|&v| float8::F8E4M3::from_f32(v / scale).to_bits()),
-        );
-        scales.push(scale);
-    }
-    (bytes, scales)
-}
-
-/// The values an FP8 pool made by [`fp8_rows`] stands for.
-pub fn fp8_rows_values(x: &[f32], d: usize) -> Vec<f32> {
-    let (bytes, scales) = fp8_rows(x, d);
-    bytes
-        .iter()
-        .enumerate()
-        .map(|(i, &b)| float8::F8E4M3::from_bits(b).to_f32() * scales[i / d])
-        .collect()
+/// FP8 E4M3's nearest value to `x` (saturating at +-448), as the KV write kernel rounds.
+pub fn round_to_e4m3(x: f32) -> f32 {
+    float8::F8E4M3::from_f32(x).to_f32()
 }
 
 /// Runs the attention kernels on host data (rounded to bf16 on the way in; K and V to FP8
-/// rows with `kv_dtype` FP8, so a reference should use [`fp8_rows_values`]), for checks
+/// E4M3 with `kv_dtype` FP8, so a reference should use [`round_to_e4m3`]'s values), for checks
 /// against a float reference: q `[rows, heads, d]`, pools `[slots, kv_heads, d]`. With
 /// `replayed` (decode rows only), the launch takes the plan a replayed CUDA graph does: fixed
 /// splits, each row cutting its own keys ([`replayed_decode_plan`]). `decode_stage_keys` is
@@ -179,33 +157,25 @@ pub fn attention_on_host(
     };
     let to_bf16 = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
     let q_d = stream.clone_htod(&to_bf16(q)).map_err(cuda_err)?;
-    // The pools as the KV write kernel leaves them: bytes of bf16 elements, or FP8 rows and
-    // their scales.
-    let pool = |x: &[f32]| -> Result<(CudaSlice<u8>, Option<CudaSlice<f32>>)> {
-        let (bytes, scales) = match kv_dtype {
-            KvCacheDtype::Bf16 => (
-                x.iter()
-                    .flat_map(|&v| bf16::from_f32(v).to_bits().to_le_bytes())
-                    .collect(),
-                None,
-            ),
-            KvCacheDtype::Fp8E4m3 => {
-                let (bytes, scales) = fp8_rows(x, head_dim);
-                (bytes, Some(scales))
-            }
-        };
-        let bytes = stream.clone_htod(&bytes).map_err(cuda_err)?;
-        let scales = scales
-            .map(|s| stream.clone_htod(&s).map_err(cuda_err))
-            .transpose()?;
-        Ok((bytes, scales))
+    // The pools as the KV write kernel leaves them: bytes of bf16 or FP8 E4M3 elements.
+    let pool_bytes = |x: &[f32]| -> Vec<u8> {
+        match kv_dtype {
+            KvCacheDtype::Bf16 => x
+                .iter()
+                .flat_map(|&v| bf16::from_f32(v).to_bits().to_le_bytes())
+                .collect(),
+            KvCacheDtype::Fp8E4m3 => x
+                .iter()
+                .map(|&v| float8::F8E4M3::from_f32(v).to_bits())
+                .collect(),
+        }
     };
-    let (k_d, k_scale) = pool(k_pool)?;
-    let (v_d, v_scale) = pool(v_pool)?;
+    let k_d = stream.clone_htod(&pool_bytes(k_pool)).map_err(cuda_err)?;
+    let v_d = stream.clone_htod(&pool_bytes(v_pool)).map_err(cuda_err)?;
     let kv = KvLayer {
         k: &k_d,
         v: &v_d,
-        scales: k_scale.as_ref().zip(v_scale.as_ref()),
+        dtype: kv_dtype,
     };
     let rows: usize = seqs.iter().map(|s| s.n_new).sum();
     let dims = AttnDims {

@@ -53,103 +53,74 @@ __device__ __forceinline__ int row_split_len(int split_len, int n_keys, int n_sp
     return max(stage, (per + stage - 1) / stage * stage);
 }
 
-// RoPE on one rotated pair (or a V pair, copied): the pair's elements a, b of its head's row
-// and the values they take. interleaved: pairs (2i, 2i+1) (GGUF Llama); else halves (i, i + D/2)
-// (Hugging Face).
-struct RopePair {
-    int a, b;
-    float x0, x1;
-};
-
-__device__ __forceinline__ RopePair rope_pair(const __nv_bfloat16* __restrict__ qkv,
-                                              const uint32_t* __restrict__ positions,
-                                              const float* __restrict__ cos_t,
-                                              const float* __restrict__ sin_t, int t, int head,
-                                              int i, int H, int KVH, int D, int interleaved) {
-    const int half = D / 2;
-    const __nv_bfloat16* row = qkv + (long)t * (H + 2 * KVH) * D + (long)head * D;
-    RopePair p;
-    p.a = interleaved ? 2 * i : i;
-    p.b = interleaved ? 2 * i + 1 : i + half;
-    p.x0 = __bfloat162float(row[p.a]);
-    p.x1 = __bfloat162float(row[p.b]);
-    if (head < H + KVH) {  // Q and K are rotated
-        const uint32_t pos = positions[t];
-        const float c = cos_t[(long)pos * half + i], s = sin_t[(long)pos * half + i];
-        const float r0 = p.x0 * c - p.x1 * s;
-        const float r1 = p.x0 * s + p.x1 * c;
-        p.x0 = r0;
-        p.x1 = r1;
-    }
-    return p;
+// One thread per (token, rotated pair or copied element).
+// qkv: [T, (H + 2*KVH) * D]; cos/sin: [max_pos, D/2] f32; positions, slots: [T].
+// interleaved: pairs (2i, 2i+1) (GGUF Llama); else halves (i, i + D/2) (Hugging Face).
+// The pools hold KV elements: bf16, or FP8 E4M3 bytes (rounded to nearest, saturating at
+// +-448, no scale: vLLM's `--kv-cache-dtype fp8` without calibrated scales).
+template <typename KV>
+__device__ __forceinline__ KV to_kv(float x);
+template <>
+__device__ __forceinline__ __nv_bfloat16 to_kv<__nv_bfloat16>(float x) {
+    return __float2bfloat16(x);
+}
+template <>
+__device__ __forceinline__ uint8_t to_kv<uint8_t>(float x) {
+    return __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);
 }
 
-// bf16 pools. One thread per (token, rotated pair or copied element).
-// qkv: [T, (H + 2*KVH) * D]; cos/sin: [max_pos, D/2] f32; positions, slots: [T].
-extern "C" __global__ void arbor_qkv_rope_write(
+template <typename KV>
+__device__ __forceinline__ void qkv_rope_write(
     const __nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ positions,
     const uint32_t* __restrict__ slots, const float* __restrict__ cos_t,
-    const float* __restrict__ sin_t, __nv_bfloat16* __restrict__ q_out,
-    __nv_bfloat16* __restrict__ k_pool, __nv_bfloat16* __restrict__ v_pool, int T, int H,
-    int KVH, int D, int interleaved) {
+    const float* __restrict__ sin_t, __nv_bfloat16* __restrict__ q_out, KV* __restrict__ k_pool,
+    KV* __restrict__ v_pool, int T, int H, int KVH, int D, int interleaved) {
     const int half = D / 2;
-    const long per_token = (long)(H + 2 * KVH) * half;  // work items per token (pairs)
+    const int heads = H + 2 * KVH;
+    const long per_token = (long)heads * half;  // work items per token (pairs)
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long)T * per_token) return;
     const int t = idx / per_token;
     const int rem = idx % per_token;
     const int head = rem / half;
-    const RopePair p = rope_pair(qkv, positions, cos_t, sin_t, t, head, rem % half, H, KVH, D,
-                                 interleaved);
-    __nv_bfloat16* dst;
-    if (head < H) {
-        dst = q_out + (long)t * H * D + (long)head * D;
-    } else if (head < H + KVH) {
-        dst = k_pool + (long)slots[t] * KVH * D + (long)(head - H) * D;
-    } else {
-        dst = v_pool + (long)slots[t] * KVH * D + (long)(head - H - KVH) * D;
+    const int i = rem % half;
+    const __nv_bfloat16* row = qkv + (long)t * heads * D + (long)head * D;
+    const int a = interleaved ? 2 * i : i;
+    const int b = interleaved ? 2 * i + 1 : i + half;
+    float x0 = __bfloat162float(row[a]);
+    float x1 = __bfloat162float(row[b]);
+    if (head < H + KVH) {  // Q and K are rotated
+        const uint32_t pos = positions[t];
+        const float c = cos_t[(long)pos * half + i], s = sin_t[(long)pos * half + i];
+        const float r0 = x0 * c - x1 * s;
+        const float r1 = x0 * s + x1 * c;
+        x0 = r0;
+        x1 = r1;
     }
-    dst[p.a] = __float2bfloat16(p.x0);
-    dst[p.b] = __float2bfloat16(p.x1);
-}
-
-// FP8 E4M3 pools: one block per (token, head of Q, K or V), one thread per pair (D / 2
-// threads, a multiple of 32). Each K or V head row is scaled to its own largest magnitude:
-// element = E4M3(x / s) with s = max|x| / 448 (E4M3's largest finite value), and s goes to
-// k_scale / v_scale [slots, KVH]. A scale per token and head keeps every element in E4M3's
-// normal range, where unscaled small heads (the first layer's V, |v| < 2^-6) lost their
-// mantissa bits; it costs 4 bytes per 64-128 (docs/CORRECTNESS.md).
-extern "C" __global__ void arbor_qkv_rope_write_fp8(
-    const __nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ positions,
-    const uint32_t* __restrict__ slots, const float* __restrict__ cos_t,
-    const float* __restrict__ sin_t, __nv_bfloat16* __restrict__ q_out,
-    uint8_t* __restrict__ k_pool, uint8_t* __restrict__ v_pool, float* __restrict__ k_scale,
-    float* __restrict__ v_scale, int T, int H, int KVH, int D, int interleaved) {
-    __shared__ float warp_max[8];
-    const int t = blockIdx.x, head = blockIdx.y, i = threadIdx.x;
-    const RopePair p = rope_pair(qkv, positions, cos_t, sin_t, t, head, i, H, KVH, D, interleaved);
-    if (head < H) {  // block-uniform
+    if (head < H) {
         __nv_bfloat16* dst = q_out + (long)t * H * D + (long)head * D;
-        dst[p.a] = __float2bfloat16(p.x0);
-        dst[p.b] = __float2bfloat16(p.x1);
+        dst[a] = __float2bfloat16(x0);
+        dst[b] = __float2bfloat16(x1);
         return;
     }
-    float m = fmaxf(fabsf(p.x0), fabsf(p.x1));
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
-    if (i % WARP == 0) warp_max[i / WARP] = m;
-    __syncthreads();
-    m = warp_max[0];
-    for (int w = 1; w < (int)blockDim.x / WARP; w++) m = fmaxf(m, warp_max[w]);
-    const float scale = m > 0.f ? m / 448.f : 1.f;
-    const bool is_k = head < H + KVH;
-    const int kvh = is_k ? head - H : head - H - KVH;
-    const long row = (long)slots[t] * KVH + kvh;
-    uint8_t* dst = (is_k ? k_pool : v_pool) + row * D;
-    dst[p.a] = __nv_cvt_float_to_fp8(p.x0 / scale, __NV_SATFINITE, __NV_E4M3);
-    dst[p.b] = __nv_cvt_float_to_fp8(p.x1 / scale, __NV_SATFINITE, __NV_E4M3);
-    if (i == 0) (is_k ? k_scale : v_scale)[row] = scale;
+    KV* dst = head < H + KVH ? k_pool + (long)slots[t] * KVH * D + (long)(head - H) * D
+                             : v_pool + (long)slots[t] * KVH * D + (long)(head - H - KVH) * D;
+    dst[a] = to_kv<KV>(x0);
+    dst[b] = to_kv<KV>(x1);
 }
+
+#define QKV_ROPE_WRITE(NAME, KV)                                                                \
+    extern "C" __global__ void NAME(                                                            \
+        const __nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ positions,          \
+        const uint32_t* __restrict__ slots, const float* __restrict__ cos_t,                    \
+        const float* __restrict__ sin_t, __nv_bfloat16* __restrict__ q_out,                     \
+        KV* __restrict__ k_pool, KV* __restrict__ v_pool, int T, int H, int KVH, int D,         \
+        int interleaved) {                                                                      \
+        qkv_rope_write<KV>(qkv, positions, slots, cos_t, sin_t, q_out, k_pool, v_pool, T, H,   \
+                           KVH, D, interleaved);                                                \
+    }
+QKV_ROPE_WRITE(arbor_qkv_rope_write, __nv_bfloat16)
+QKV_ROPE_WRITE(arbor_qkv_rope_write_fp8, uint8_t)
 
 // Decode rows (and any row not in a prefill tile): one warp per (query row, head, split),
 // rows[blockIdx.x] naming the row. Row r attends keys [0, row_keys[r]) of the slot list
@@ -751,9 +722,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 // registers to f16, so its products run as f16 MMAs (Q converted from bf16, P packed as f16):
 // E4M3 -> f16 is exact and one instruction, where E4M3 -> bf16 is not one. V's fragments pair
 // two keys of one dimension, which ldmatrix.trans cannot gather from bytes: four byte loads
-// a fragment pair instead. Each key's K and V scales (arbor_qkv_rope_write_fp8) are staged
-// with the slots: K's multiplies the key's scores, V's the V fragments (f16, per key pair).
-// The bf16 kernels take the scale pointers and never read them.
+// a fragment pair instead.
 template <int D, int STAGE, typename KV>
 __device__ __forceinline__ void attention_mma(
     const __nv_bfloat16* __restrict__ q, const KV* __restrict__ k_pool,
@@ -761,8 +730,7 @@ __device__ __forceinline__ void attention_mma(
     const uint32_t* __restrict__ row_slot_off, const uint32_t* __restrict__ row_keys,
     const uint32_t* __restrict__ tile_row0, const uint32_t* __restrict__ tile_rows,
     int single_position, float* __restrict__ o_part, float* __restrict__ m_part,
-    float* __restrict__ l_part, int H, int KVH, int n_splits, int split_len, float scale_log2,
-    const float* __restrict__ k_scale, const float* __restrict__ v_scale) {
+    float* __restrict__ l_part, int H, int KVH, int n_splits, int split_len, float scale_log2) {
     constexpr bool FP8 = sizeof(KV) == 1;
     constexpr int ROW_BYTES = D * (int)sizeof(KV);  // one head's K (or V) row in the pool
     // Staged rows are padded by 16 bytes: every fragment load hits distinct banks, and rows
@@ -775,7 +743,6 @@ __device__ __forceinline__ void attention_mma(
     __shared__ __align__(16) uint8_t ks_bytes[STAGE * KSB];
     __shared__ __align__(16) uint8_t vs_bytes[STAGE * KSB];
     __shared__ uint32_t sl[STAGE];
-    __shared__ float ksc[FP8 ? STAGE : 1], vsc[FP8 ? STAGE : 1];  // the keys' scales (FP8)
     const __nv_bfloat16* ks = reinterpret_cast<const __nv_bfloat16*>(ks_bytes);
     const __nv_bfloat16* vs = reinterpret_cast<const __nv_bfloat16*>(vs_bytes);
 
@@ -825,15 +792,8 @@ __device__ __forceinline__ void attention_mma(
 
     for (int k0 = k_begin; k0 < k_end; k0 += STAGE) {
         __syncthreads();  // the previous stage is consumed
-        for (int i = tid; i < STAGE; i += blockDim.x) {
-            const bool live = k0 + i < k_end;
-            const uint32_t slot = live ? my_slots[k0 + i] : 0xffffffffu;
-            sl[i] = slot;
-            if constexpr (FP8) {
-                ksc[i] = live ? k_scale[(long)slot * KVH + kvh] : 0.f;
-                vsc[i] = live ? v_scale[(long)slot * KVH + kvh] : 0.f;
-            }
-        }
+        for (int i = tid; i < STAGE; i += blockDim.x)
+            sl[i] = k0 + i < k_end ? my_slots[k0 + i] : 0xffffffffu;
         __syncthreads();
         // The stage's K and V rows straight from the pool into shared memory (cp.async: every
         // copy of the stage in flight at once, no registers held, one memory round trip per
@@ -880,9 +840,8 @@ __device__ __forceinline__ void attention_mma(
         for (int nt = 0; nt < NT; nt++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const int j = nt * 8 + 2 * tig + (e & 1), key = k0 + j, ri = e >> 1;
-                const float sc = FP8 ? ksc[j] * scale_log2 : scale_log2;
-                const float v = key < n_keys[ri] && key < k_end ? s[nt][e] * sc : -INFINITY;
+                const int key = k0 + nt * 8 + 2 * tig + (e & 1), ri = e >> 1;
+                const float v = key < n_keys[ri] && key < k_end ? s[nt][e] * scale_log2 : -INFINITY;
                 s[nt][e] = v;
                 mx[ri] = fmaxf(mx[ri], v);
             }
@@ -929,20 +888,13 @@ __device__ __forceinline__ void attention_mma(
             if constexpr (FP8) {
                 // Lane (gid, tig) needs keys 2 tig, 2 tig + 1 (b0) and 2 tig + 8, + 9 (b1) of
                 // dimension dt * 8 + gid.
-                const int j = kk * 16 + 2 * tig;
-                const uint8_t* vcol = vs_bytes + j * KSB + gid;
-                const __half2 sc0 = __floats2half2_rn(vsc[j], vsc[j + 1]);
-                const __half2 sc8 = __floats2half2_rn(vsc[j + 8], vsc[j + 9]);
+                const uint8_t* vcol = vs_bytes + (kk * 16 + 2 * tig) * KSB + gid;
 #pragma unroll
                 for (int dt = 0; dt < DT; dt++) {
                     const uint8_t* p = vcol + dt * 8;
-                    const uint32_t r0 = (uint32_t)p[0] | (uint32_t)p[KSB] << 8;
-                    const uint32_t r1 = (uint32_t)p[8 * KSB] | (uint32_t)p[9 * KSB] << 8;
-                    uint32_t h0 = e4m3x2_to_f16x2(r0), h1 = e4m3x2_to_f16x2(r1);
-                    const __half2 v0 = __hmul2(*reinterpret_cast<__half2*>(&h0), sc0);
-                    const __half2 v1 = __hmul2(*reinterpret_cast<__half2*>(&h1), sc8);
-                    mma_16816<true>(o[dt], pa, *reinterpret_cast<const uint32_t*>(&v0),
-                                    *reinterpret_cast<const uint32_t*>(&v1));
+                    const uint32_t b0 = (uint32_t)p[0] | (uint32_t)p[KSB] << 8;
+                    const uint32_t b1 = (uint32_t)p[8 * KSB] | (uint32_t)p[9 * KSB] << 8;
+                    mma_16816<true>(o[dt], pa, e4m3x2_to_f16x2(b0), e4m3x2_to_f16x2(b1));
                 }
             } else {
                 // V's B fragments for two 8-dim tiles at once: lanes 0-15 address keys
@@ -993,11 +945,10 @@ __device__ __forceinline__ void attention_mma(
         const uint32_t* __restrict__ tile_row0, const uint32_t* __restrict__ tile_rows,            \
         int single_position, float* __restrict__ o_part, float* __restrict__ m_part,               \
         float* __restrict__ l_part, int H, int KVH, int n_splits, int split_len,                   \
-        float scale_log2, const float* __restrict__ k_scale,                                       \
-        const float* __restrict__ v_scale) {                                                       \
+        float scale_log2) {                                                                        \
         attention_mma<D, STAGE, KV>(q, k_pool, v_pool, slots, row_slot_off, row_keys, tile_row0,   \
                                     tile_rows, single_position, o_part, m_part, l_part, H, KVH,    \
-                                    n_splits, split_len, scale_log2, k_scale, v_scale);            \
+                                    n_splits, split_len, scale_log2);                              \
     }
 #define ATTENTION_MMA_ALL(SUFFIX, KV)                                                              \
     ATTENTION_MMA(arbor_attention_mma_d64##SUFFIX, 64, MMA_KT, KV)                                 \

@@ -169,13 +169,10 @@ pub struct CudaLlama {
 /// K and V of every slot, per layer, on the GPU, plus one scratch slot past the last that no
 /// sequence owns: the padding rows of a decode bucket write and read it ([`DecodeGraphs`]).
 /// The buffers are bytes: bf16 elements or FP8 E4M3 ones, as `dtype` says; each kernel takes
-/// the element type of its variant. An FP8 pool also holds each (slot, KV head)'s K and V
-/// scale, f32 `[slots, kv_heads]` per layer (kernels.cu, `arbor_qkv_rope_write_fp8`).
+/// the element type of its variant.
 pub struct CudaKvPool {
     k: Vec<CudaSlice<u8>>,
     v: Vec<CudaSlice<u8>>,
-    /// Per layer (K, V) scales; empty for bf16.
-    scales: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
     dtype: KvCacheDtype,
     num_slots: usize,
 }
@@ -186,22 +183,15 @@ impl CudaKvPool {
         let dev = cuda_device(&model.device)?;
         let dtype = model.options.kv_cache_dtype;
         let n = (num_slots + 1) * model.shard.kv_dim(&model.config) * dtype.element_bytes();
-        let heads = (num_slots + 1) * model.shard.num_kv_heads();
         let mut k = Vec::new();
         let mut v = Vec::new();
-        let mut scales = Vec::new();
         for _ in 0..model.config.num_layers {
             k.push(dev.alloc_zeros::<u8>(n).map_err(cuda_err)?);
             v.push(dev.alloc_zeros::<u8>(n).map_err(cuda_err)?);
-            if dtype == KvCacheDtype::Fp8E4m3 {
-                let zeros = || dev.alloc_zeros::<f32>(heads).map_err(cuda_err);
-                scales.push((zeros()?, zeros()?));
-            }
         }
         Ok(Self {
             k,
             v,
-            scales,
             dtype,
             num_slots,
         })
@@ -216,7 +206,7 @@ impl CudaKvPool {
         KvLayer {
             k: &self.k[l],
             v: &self.v[l],
-            scales: self.scales.get(l).map(|(k, v)| (k, v)),
+            dtype: self.dtype,
         }
     }
 
@@ -398,16 +388,10 @@ impl CudaLlama {
         &self.options
     }
 
-    /// Bytes of this rank's KV pool one token slot takes, over every layer (an FP8 pool's
-    /// per-head scales included).
+    /// Bytes of this rank's KV pool one token slot takes, over every layer.
     pub fn kv_bytes_per_slot(&self) -> usize {
-        let dtype = self.options.kv_cache_dtype;
-        let scales = match dtype {
-            KvCacheDtype::Bf16 => 0,
-            KvCacheDtype::Fp8E4m3 => self.shard.num_kv_heads() * 4,
-        };
-        let per_layer = self.shard.kv_dim(&self.config) * dtype.element_bytes() + scales;
-        2 * self.config.num_layers * per_layer
+        let element = self.options.kv_cache_dtype.element_bytes();
+        2 * self.config.num_layers * self.shard.kv_dim(&self.config) * element
     }
 
     /// Bytes of GPU memory free now (after the weights): the KV pool's budget.
@@ -693,11 +677,9 @@ impl CudaLlama {
         let interleaved = i32::from(cfg.rope_style == RopeStyle::Interleaved);
         let (ti, nhi, nkvi, di) = (rows as i32, nh as i32, nkv as i32, d as i32);
         let pairs = rows * (nh + 2 * nkv) * (d / 2);
-        let fp8 = kv.dtype == KvCacheDtype::Fp8E4m3;
-        let name = if fp8 {
-            "arbor_qkv_rope_write_fp8"
-        } else {
-            "arbor_qkv_rope_write"
+        let name = match kv.dtype {
+            KvCacheDtype::Bf16 => "arbor_qkv_rope_write",
+            KvCacheDtype::Fp8E4m3 => "arbor_qkv_rope_write_fp8",
         };
         let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
         let mut b = func.builder();
@@ -708,26 +690,16 @@ impl CudaLlama {
             .arg(&self.sin)
             .arg(q)
             .arg(&mut kv.k[layer])
-            .arg(&mut kv.v[layer]);
-        let cfg = match kv.scales.get_mut(layer) {
-            Some((k_scale, v_scale)) if fp8 => {
-                b.arg(k_scale).arg(v_scale);
-                // A block per (token, head), a thread per pair: d / 2 is 32 or 64 (FP8 pools
-                // are refused at load for other head sizes).
-                LaunchConfig {
-                    grid_dim: (rows as u32, (nh + 2 * nkv) as u32, 1),
-                    block_dim: ((d / 2) as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                }
-            }
-            _ => LaunchConfig::for_num_elems(pairs as u32),
-        };
-        b.arg(&ti).arg(&nhi).arg(&nkvi).arg(&di).arg(&interleaved);
+            .arg(&mut kv.v[layer])
+            .arg(&ti)
+            .arg(&nhi)
+            .arg(&nkvi)
+            .arg(&di)
+            .arg(&interleaved);
         // Safety: argument types and order match the kernel's signature; the buffers hold the
         // rows read and written (checked above), and every position and slot was checked
-        // against the RoPE tables and the pool before it was uploaded; an FP8 pool has its
-        // scales for every slot and KV head.
-        unsafe { b.launch(cfg) }.w()?;
+        // against the RoPE tables and the pool before it was uploaded.
+        unsafe { b.launch(LaunchConfig::for_num_elems(pairs as u32)) }.w()?;
         Ok(())
     }
 }
