@@ -82,6 +82,12 @@ impl Shard {
         self.kv_heads.len() * c.head_dim
     }
 
+    /// Bytes of this rank's KV pool one token slot takes over every layer, at
+    /// `element_bytes` per element.
+    pub fn kv_bytes_per_slot(&self, c: &ModelConfig, element_bytes: usize) -> usize {
+        2 * c.num_layers * self.kv_dim(c) * element_bytes
+    }
+
     /// Rows of the Q projection (and its bias) this rank holds.
     pub fn q_rows(&self, c: &ModelConfig) -> Range<usize> {
         self.heads.start * c.head_dim..self.heads.end * c.head_dim

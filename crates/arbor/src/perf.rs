@@ -426,25 +426,18 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
     for p in &prompts {
         let c = cpu_engine.generate(request(p.clone(), a.tokens), |_| {})?;
         let g = gpu_engine.generate(request(p.clone(), a.tokens), |_| {})?;
-        let common = c
-            .tokens
-            .iter()
-            .zip(&g.tokens)
-            .take_while(|(x, y)| x == y)
-            .count();
         // Logits at the prompt's last position, from fresh KV (no cache) on each backend.
         let lc = last_logits(&cpu_engine, p)?;
         let lg = last_logits(&gpu_engine, p)?;
-        let (max_abs, scale, rel) = logit_gap(&lc, &lg);
-        let top1 = arbor_model::sampling::argmax(&lc) == arbor_model::sampling::argmax(&lg);
-        worst_rel = worst_rel.max(rel);
-        same_top1 += usize::from(top1);
-        same_all += usize::from(common == c.tokens.len().min(g.tokens.len()));
-        gpu_results.push((g.tokens.clone(), lg.clone()));
+        let gap = prompt_gap((&c.tokens, &lc), (&g.tokens, &lg));
+        worst_rel = worst_rel.max(gap.relative);
+        same_top1 += usize::from(gap.same_top1);
+        same_all += usize::from(gap.identical);
+        gpu_results.push((g.tokens, lg));
         rows.push(json!({
-            "prompt_tokens": p.len(), "max_abs_diff": max_abs, "max_abs_logit": scale,
-            "relative": rel, "same_top1": top1, "greedy_common_prefix": common,
-            "greedy_tokens": c.tokens.len(),
+            "prompt_tokens": p.len(), "max_abs_diff": gap.max_abs, "max_abs_logit": gap.scale,
+            "relative": gap.relative, "same_top1": gap.same_top1,
+            "greedy_common_prefix": gap.common, "greedy_tokens": c.tokens.len(),
         }));
     }
     // Decode steps replayed as CUDA graphs against the same padded steps launch by launch:
@@ -493,22 +486,13 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
         for (p, (fp8_tokens, fp8_logits)) in prompts.iter().zip(&gpu_results) {
             let b = bf16.generate(request(p.clone(), a.tokens), |_| {})?;
             let lb = last_logits(&bf16, p)?;
-            let (_, _, rel) = logit_gap(&lb, fp8_logits);
-            let same =
-                arbor_model::sampling::argmax(&lb) == arbor_model::sampling::argmax(fp8_logits);
-            let common = b
-                .tokens
-                .iter()
-                .zip(fp8_tokens)
-                .take_while(|(x, y)| x == y)
-                .count();
-            worst = worst.max(rel);
-            top1 += usize::from(same);
-            identical += usize::from(common == b.tokens.len().min(fp8_tokens.len()));
-            rows.push(
-                json!({"prompt_tokens": p.len(), "relative": rel, "same_top1": same,
-                "greedy_common_prefix": common, "greedy_tokens": b.tokens.len()}),
-            );
+            let gap = prompt_gap((&b.tokens, &lb), (fp8_tokens, fp8_logits));
+            worst = worst.max(gap.relative);
+            top1 += usize::from(gap.same_top1);
+            identical += usize::from(gap.identical);
+            rows.push(json!({"prompt_tokens": p.len(), "relative": gap.relative,
+                "same_top1": gap.same_top1, "greedy_common_prefix": gap.common,
+                "greedy_tokens": b.tokens.len()}));
         }
         Some(
             json!({"worst_relative_logit_difference": worst, "same_top1": top1,
@@ -740,6 +724,40 @@ fn logit_gap(want: &[f32], got: &[f32]) -> (f32, f32, f64) {
     (max_abs, scale, f64::from(max_abs / scale))
 }
 
+/// One prompt on two paths: `got`'s last-position logits and greedy tokens against `want`'s.
+struct PromptGap {
+    max_abs: f32,
+    /// The largest |logit| of `want`.
+    scale: f32,
+    relative: f64,
+    same_top1: bool,
+    /// Greedy tokens the two share from the start.
+    common: usize,
+    /// Whether the shorter continuation is a prefix of the other.
+    identical: bool,
+}
+
+fn prompt_gap(
+    (want_tokens, want_logits): (&[u32], &[f32]),
+    (got_tokens, got_logits): (&[u32], &[f32]),
+) -> PromptGap {
+    let (max_abs, scale, relative) = logit_gap(want_logits, got_logits);
+    let common = want_tokens
+        .iter()
+        .zip(got_tokens)
+        .take_while(|(x, y)| x == y)
+        .count();
+    PromptGap {
+        max_abs,
+        scale,
+        relative,
+        same_top1: arbor_model::sampling::argmax(want_logits)
+            == arbor_model::sampling::argmax(got_logits),
+        common,
+        identical: common == want_tokens.len().min(got_tokens.len()),
+    }
+}
+
 /// Greedy continuations of every prompt, all in flight at once on `engine`.
 fn greedy_together(
     engine: &mut arbor_engine::Engine,
@@ -835,25 +853,14 @@ fn against_hf_reference(
                 logits.len()
             );
         }
-        let max_abs = logits
-            .iter()
-            .zip(&theirs)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        let scale = theirs
-            .iter()
-            .map(|x| x.abs())
-            .fold(0f32, f32::max)
-            .max(1e-6);
-        let rel = f64::from(max_abs / scale);
-        let top1 = arbor_model::sampling::argmax(logits) == arbor_model::sampling::argmax(&theirs);
-        let common = tokens.iter().zip(&want).take_while(|(x, y)| x == y).count();
-        worst_rel = worst_rel.max(rel);
-        same_top1 += usize::from(top1);
-        same_greedy += usize::from(common == want.len().min(tokens.len()));
+        let gap = prompt_gap((&want, &theirs), (tokens, logits));
+        worst_rel = worst_rel.max(gap.relative);
+        same_top1 += usize::from(gap.same_top1);
+        same_greedy += usize::from(gap.identical);
         rows.push(json!({
-            "prompt_tokens": ids.len(), "max_abs_diff": max_abs, "relative": rel,
-            "same_top1": top1, "greedy_common_prefix": common, "greedy_tokens": want.len(),
+            "prompt_tokens": ids.len(), "max_abs_diff": gap.max_abs, "relative": gap.relative,
+            "same_top1": gap.same_top1, "greedy_common_prefix": gap.common,
+            "greedy_tokens": want.len(),
         }));
     }
     Ok(json!({

@@ -346,23 +346,7 @@ pub(crate) fn attention(
     let group = heads / kv_heads;
     match plan.kernel {
         AttnKernel::TensorCore => {
-            let prefill = match head_dim {
-                64 => "arbor_attention_mma_d64",
-                _ => "arbor_attention_mma_d128",
-            };
-            let decode = match (head_dim, plan.decode_stage) {
-                (64, 16) => "arbor_attention_mma_decode_d64_k16",
-                (64, 32) => "arbor_attention_mma_decode_d64_k32",
-                (_, 16) => "arbor_attention_mma_decode_d128_k16",
-                (_, 32) => "arbor_attention_mma_decode_d128_k32",
-                _ => prefill,
-            };
-            // The FP8 pool's variants carry a suffix (kernels.cu, ATTENTION_MMA_ALL).
-            let with_dtype = |name: &str| match kv.dtype {
-                KvCacheDtype::Bf16 => name.to_string(),
-                KvCacheDtype::Fp8E4m3 => format!("{name}_fp8"),
-            };
-            let (prefill, decode) = (with_dtype(prefill), with_dtype(decode));
+            let (prefill, decode) = tensor_core_kernels(head_dim, plan.decode_stage, kv.dtype);
             let scale_log2 = scale * std::f32::consts::LOG2_E;
             // Decode rows: tiles of one position, a warp per 16 heads of the group; prefill
             // tiles: 64 / group positions, 4 warps.
@@ -386,7 +370,7 @@ pub(crate) fn attention(
                 if n == 0 {
                     continue;
                 }
-                let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+                let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
                 let mut b = func.builder();
                 slot_list_args(&mut b, q, kv, lists);
                 b.arg(row0)
@@ -448,6 +432,36 @@ pub(crate) fn attention(
     // split and one partial sum per thread.
     unsafe { b.launch(cfg) }.w()?;
     Ok(())
+}
+
+/// The tensor-core kernels' names for a head size, decode stage and pool element: (prefill
+/// tiles, decode rows); a 64-key decode stage runs on the prefill variant. The FP8 variants
+/// carry a suffix (kernels.cu, `ATTENTION_MMA_ALL`). Static names: no string is built per
+/// launch.
+fn tensor_core_kernels(
+    head_dim: usize,
+    decode_stage: usize,
+    dtype: KvCacheDtype,
+) -> (&'static str, &'static str) {
+    use KvCacheDtype::{Bf16, Fp8E4m3};
+    let prefill = match (head_dim, dtype) {
+        (64, Bf16) => "arbor_attention_mma_d64",
+        (64, Fp8E4m3) => "arbor_attention_mma_d64_fp8",
+        (_, Bf16) => "arbor_attention_mma_d128",
+        (_, Fp8E4m3) => "arbor_attention_mma_d128_fp8",
+    };
+    let decode = match (head_dim, decode_stage, dtype) {
+        (64, 16, Bf16) => "arbor_attention_mma_decode_d64_k16",
+        (64, 32, Bf16) => "arbor_attention_mma_decode_d64_k32",
+        (_, 16, Bf16) => "arbor_attention_mma_decode_d128_k16",
+        (_, 32, Bf16) => "arbor_attention_mma_decode_d128_k32",
+        (64, 16, Fp8E4m3) => "arbor_attention_mma_decode_d64_k16_fp8",
+        (64, 32, Fp8E4m3) => "arbor_attention_mma_decode_d64_k32_fp8",
+        (_, 16, Fp8E4m3) => "arbor_attention_mma_decode_d128_k16_fp8",
+        (_, 32, Fp8E4m3) => "arbor_attention_mma_decode_d128_k32_fp8",
+        _ => prefill,
+    };
+    (prefill, decode)
 }
 
 /// The arguments every attention kernel takes first: q, the layer's K and V pools, and the

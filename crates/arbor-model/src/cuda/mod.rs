@@ -391,7 +391,7 @@ impl CudaLlama {
     /// Bytes of this rank's KV pool one token slot takes, over every layer.
     pub fn kv_bytes_per_slot(&self) -> usize {
         let element = self.options.kv_cache_dtype.element_bytes();
-        2 * self.config.num_layers * self.shard.kv_dim(&self.config) * element
+        self.shard.kv_bytes_per_slot(&self.config, element)
     }
 
     /// Bytes of GPU memory free now (after the weights): the KV pool's budget.

@@ -268,11 +268,11 @@ impl TensorParallel {
         }
         tracing::info!("CPU tensor parallelism: {size} ranks of {threads_each} threads each");
         let name = format!("cpu (tensor parallel x{size})");
+        let f16 = std::mem::size_of::<half::f16>();
         let slot_bytes = ranks
             .iter()
-            .map(|r| r.model.shard.kv_dim(&config) * 2 * config.num_layers)
-            .sum::<usize>()
-            * std::mem::size_of::<half::f16>();
+            .map(|r| r.model.shard.kv_bytes_per_slot(&config, f16))
+            .sum();
         Self::start(ranks, config, (slots, slot_bytes), group, name)
     }
 
