@@ -16,19 +16,21 @@
 //! An error from the runner's step is returned from [`Engine::step`]: the caller treats it as
 //! the engine's failure.
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Instant;
 
 use arbor_cache::{BlockCache, KvEvent, KvManager, NoCache, PrefixCache, RadixCache, SeqKv};
 use arbor_model::{
-    panic_message, FaultInjector, FaultSite, IncrementalDecoder, ModelConfig, ModelRunner,
-    SequenceSampling, StepRow, Tokenizer,
+    panic_message, FaultInjector, FaultSite, IncrementalDecoder, Launched, ModelConfig,
+    ModelRunner, RowOutcome, SequenceSampling, StepOutput, StepRow, Tokenizer,
 };
 
 use crate::error::EngineError;
 use crate::output::{advance_with_token, finished_event, Flush};
 use crate::request::{Completion, Event, FinishReason, Request, RequestId, Timing};
-use crate::scheduler::{Scheduler, Sequence};
-use crate::step_cost::StepCostModel;
+use crate::scheduler::{Scheduler, Sequence, StepPlan};
+use crate::step_cost::{StepCostModel, StepShape};
 use crate::stop::StopMatcher;
 
 /// Default tokens per step: big enough that prefill matmuls reuse each unpacked weight block
@@ -63,6 +65,26 @@ impl PrefixCacheMode {
     }
 }
 
+/// Host work overlapped with the device's (SGLang's overlap scheduler, vLLM's async
+/// scheduling). With overlap, while step N runs on the device the host plans step N+1 (its
+/// decode rows for the tokens step N is sampling), and as soon as step N's tokens are back it
+/// launches step N+1 and only then detokenizes step N's tokens, checks stop strings and sends
+/// the events. The device waits only for the launch itself.
+///
+/// What it costs: a request that a stop string ends has its token after the stop computed
+/// once for nothing (a stop token ends it before the launch), and requests whose next row
+/// needs their last token first (a structured-output mask, repetition / presence / frequency
+/// penalties) make steps run one at a time while they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overlap {
+    /// Where the runner's launch returns before its device finishes (the GPU runner).
+    #[default]
+    Auto,
+    /// Always, even over a runner whose steps run at launch (tests of the logic on the CPU).
+    On,
+    Off,
+}
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub prefix_cache: PrefixCacheMode,
@@ -74,6 +96,9 @@ pub struct EngineConfig {
     /// step is predicted to take at most this long (bounding the time between tokens when long
     /// prompts arrive), on top of `max_batch_tokens`. `None`: the token budget alone.
     pub max_step_time: Option<std::time::Duration>,
+    /// Whether the host plans and launches the next step before it turns the last one's
+    /// tokens into text (see [`Overlap`]).
+    pub overlap: Overlap,
     /// Test-only fault injection (see [`FaultInjector`]); `None` in every real configuration.
     /// The engine calls it before each forward pass and detokenization, and hands it to the
     /// runner for sampling.
@@ -88,6 +113,7 @@ impl Default for EngineConfig {
             max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
             max_running: 64,
             max_step_time: None,
+            overlap: Overlap::Auto,
             fault_injector: None,
         }
     }
@@ -128,8 +154,23 @@ pub struct SlotUsage {
     pub held_by_requests: usize,
 }
 
-/// How a sampled sequence ends: the reason, what happens to held-back text, the error.
-type Ending = (FinishReason, Flush, Option<String>);
+/// A launched step not yet collected: which sequences it samples, and its output when the
+/// runner finished it at launch.
+struct InFlight {
+    /// The sampling rows' sequences, in row order (the order of the runner's outcomes).
+    sampling: Vec<RequestId>,
+    /// Sampling rows whose constraint failed before the launch: their outcome is this error.
+    constraint_errors: Vec<(RequestId, String)>,
+    output: Option<StepOutput>,
+    started: Instant,
+    shape: StepShape,
+}
+
+/// A collected step: each sampled row's outcome, its token already appended to its sequence.
+struct Collected {
+    rows: Vec<(RequestId, RowOutcome)>,
+    forward_seconds: f64,
+}
 
 /// What one step did, for logs and benchmarks.
 #[derive(Debug, Clone, Copy, Default)]
@@ -155,6 +196,8 @@ pub struct Engine {
     steps: u64,
     /// Learned step times, for [`EngineConfig::max_step_time`].
     step_cost: StepCostModel,
+    /// The step launched and not yet collected (see [`Overlap`]).
+    in_flight: Option<InFlight>,
 }
 
 impl Engine {
@@ -196,6 +239,7 @@ impl Engine {
             next_id: 0,
             steps: 0,
             step_cost: StepCostModel::default(),
+            in_flight: None,
         })
     }
 
@@ -282,7 +326,8 @@ impl Engine {
     }
 
     pub fn has_work(&self) -> bool {
-        !self.scheduler.waiting.is_empty()
+        self.in_flight.is_some()
+            || !self.scheduler.waiting.is_empty()
             || !self.scheduler.running.is_empty()
             || !self.scheduler.warming.is_empty()
     }
@@ -375,6 +420,8 @@ impl Engine {
             },
             constraint: None,
             warm: true,
+            in_flight: false,
+            needs_last_token: false,
         });
         Ok(())
     }
@@ -382,6 +429,18 @@ impl Engine {
     /// Cancels every request (shutdown, or a step that failed): their slots are freed and a
     /// `Finished` event with [`FinishReason::Cancelled`] is returned for each.
     pub fn cancel_all(&mut self) -> Vec<Event> {
+        if let Some(flight) = self.in_flight.take() {
+            // Its tokens are dropped with their requests; a runner that fails here is failing
+            // already.
+            if flight.output.is_none() {
+                let _ = self.runner.collect();
+            }
+            for &id in &flight.sampling {
+                if let Some(s) = self.scheduler.running.iter_mut().find(|s| s.id == id) {
+                    s.in_flight = false;
+                }
+            }
+        }
         for mut seq in std::mem::take(&mut self.scheduler.warming) {
             self.runner.remove_sequence(seq.id);
             Scheduler::release(&mut seq);
@@ -469,6 +528,12 @@ impl Engine {
             set.sort_unstable();
             set.dedup();
         }
+        // Masks and output penalties read the last token before the next launch.
+        let p = &req.sampling;
+        let needs_last_token = req.constraint.is_some()
+            || p.repetition_penalty != 1.0
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0;
         self.runner.add_sequence(
             id,
             SequenceSampling {
@@ -502,6 +567,8 @@ impl Engine {
             },
             constraint,
             warm: false,
+            in_flight: false,
+            needs_last_token,
         });
         Ok(id)
     }
@@ -512,12 +579,38 @@ impl Engine {
         Some(self.finish(seq, FinishReason::Cancelled, Flush::Drop, None))
     }
 
-    /// Runs one batched step.
+    /// Runs one batched step. With overlap ([`Overlap`]), the call plans step N+1, waits for
+    /// step N's tokens, launches step N+1 and turns step N's tokens into events while it runs;
+    /// the events returned are step N's. Without, it plans, runs and processes one step.
     pub fn step(&mut self) -> Result<(Vec<Event>, StepStats), EngineError> {
+        let overlap = self.overlap_now();
+        if !overlap {
+            if let Some(flight) = self.in_flight.take() {
+                // The next step cannot be planned before this one's tokens are back.
+                let collected = self.collect(flight, None)?;
+                let stats = StepStats {
+                    forward_seconds: collected.forward_seconds,
+                    ..Default::default()
+                };
+                return Ok((self.process(collected), stats));
+            }
+        }
         let limit = self.config.max_step_time.map(|t| t.as_secs_f64());
-        let plan = self
+        let mut plan = self
             .scheduler
             .schedule(limit.map(|l| (&mut self.step_cost, l)));
+        // The step in flight: its tokens join their sequences before the next step launches
+        // (rows planned for them take those tokens as input).
+        let previous = match self.in_flight.take() {
+            Some(flight) => match self.collect(flight, Some(&mut plan)) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    self.scheduler.undo(&plan);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
         let warm_tokens = plan
             .rows
             .iter()
@@ -529,11 +622,52 @@ impl Engine {
             decode_tokens: plan.decode_tokens,
             warm_tokens,
             preempted: plan.preempted,
-            forward_seconds: 0.0,
+            forward_seconds: previous.as_ref().map_or(0.0, |c| c.forward_seconds),
         };
-        if plan.rows.is_empty() {
-            return Ok((Vec::new(), stats));
+        if !plan.rows.is_empty() {
+            self.launch(&plan)?;
+            // Computed prefills go into the prefix cache now: whatever reads them later runs
+            // after this step on the device.
+            self.scheduler.commit_prefills(&plan);
         }
+        let mut events = previous.map(|c| self.process(c)).unwrap_or_default();
+        if !overlap {
+            if let Some(flight) = self.in_flight.take() {
+                let collected = self.collect(flight, None)?;
+                stats.forward_seconds = collected.forward_seconds;
+                events.extend(self.process(collected));
+            }
+        }
+        // Warm-ups whose tokens are all computed end silently: their KV stays in the cache.
+        while let Some(i) = self.scheduler.running.iter().position(Sequence::warmed) {
+            let mut seq = self.scheduler.running.swap_remove(i);
+            Scheduler::release(&mut seq);
+            self.runner.remove_sequence(seq.id);
+        }
+        Ok((events, stats))
+    }
+
+    /// Whether this step may be planned while the previous one runs: the runner works
+    /// asynchronously (or [`Overlap::On`]), and no request needs its last token on the host
+    /// before its next row launches (a constraint's mask, penalties over its output).
+    fn overlap_now(&self) -> bool {
+        let allowed = match self.config.overlap {
+            Overlap::Auto => self.runner.overlaps(),
+            Overlap::On => true,
+            Overlap::Off => false,
+        };
+        allowed
+            && !self
+                .scheduler
+                .running
+                .iter()
+                .chain(&self.scheduler.waiting)
+                .any(|s| s.needs_last_token)
+    }
+
+    /// Launches a planned step: constraint masks, the runner's rows, and the record of what
+    /// it samples. On failure the plan's slots are given back.
+    fn launch(&mut self, plan: &StepPlan) -> Result<(), EngineError> {
         // Structured output: the tokens each constrained sampling row may draw. A constraint
         // that fails fails its request alone (its row runs unconstrained; its token is dropped).
         // Masks take a fraction of a millisecond each on the host: rows in parallel.
@@ -558,7 +692,7 @@ impl Engine {
                 .err()
                 .map(|e| (i, format!("the output constraint failed: {e}")))
         };
-        let mut constraint_errors: Vec<(usize, String)> = if constrained.len() > 1 {
+        let constraint_errors: Vec<(usize, String)> = if constrained.len() > 1 {
             use rayon::prelude::*;
             constrained.into_par_iter().filter_map(fill).collect()
         } else {
@@ -599,39 +733,123 @@ impl Engine {
         }
         self.steps += 1;
         let started = std::time::Instant::now();
-        let output = match self.runner.step(&rows) {
-            Ok(output) => output,
+        let launched = match self.runner.launch(&rows) {
+            Ok(launched) => launched,
             Err(e) => {
                 // Give the step's slots back so that state stays consistent, then report.
                 drop(rows);
-                self.scheduler.undo(&plan);
+                self.scheduler.undo(plan);
                 return Err(e.into());
             }
         };
-        stats.forward_seconds = output.forward_seconds;
+        let running = &mut self.scheduler.running;
+        let constraint_errors = constraint_errors
+            .into_iter()
+            .map(|(i, e)| (running[i].id, e))
+            .collect();
+        let sampling = sampling
+            .into_iter()
+            .map(|i| {
+                running[i].in_flight = true;
+                running[i].id
+            })
+            .collect();
+        self.in_flight = Some(InFlight {
+            sampling,
+            constraint_errors,
+            output: match launched {
+                Launched::Done(output) => Some(output),
+                Launched::Running => None,
+            },
+            started,
+            shape: plan.shape,
+        });
+        Ok(())
+    }
+
+    /// Waits for the step in flight and appends each sampled token to its sequence (those that
+    /// ended meanwhile are skipped). With `next` (the plan of the step about to launch), a
+    /// sequence whose token ends it (a stop token) or whose row failed loses its row there.
+    fn collect(
+        &mut self,
+        flight: InFlight,
+        mut next: Option<&mut StepPlan>,
+    ) -> Result<Collected, EngineError> {
+        let InFlight {
+            sampling,
+            mut constraint_errors,
+            output,
+            started,
+            shape,
+        } = flight;
+        let output = match output {
+            Some(output) => output,
+            None => self.runner.collect()?,
+        };
         // The runner's whole step (forward pass and sampling) is what the decodes wait for.
         self.step_cost
-            .observe(plan.shape, started.elapsed().as_secs_f64());
+            .observe(shape, started.elapsed().as_secs_f64());
         if output.sampled.len() != sampling.len() {
-            self.scheduler.undo(&plan);
             return Err(EngineError::RequestFailed(format!(
                 "the runner returned {} sampled rows for {} requested",
                 output.sampled.len(),
                 sampling.len()
             )));
         }
-        self.scheduler.commit_prefills(&plan);
-
-        let mut events = Vec::new();
-        // (index into running, reason, text released at the end, error)
-        let mut finished: Vec<(usize, FinishReason, Flush, Option<String>)> = Vec::new();
-        let faults = self.config.fault_injector.as_ref();
-        for (i, outcome) in sampling.into_iter().zip(output.sampled) {
-            let s = &mut self.scheduler.running[i];
-            let outcome = match constraint_errors.iter().position(|(j, _)| *j == i) {
+        let running = &self.scheduler.running;
+        let index: HashMap<RequestId, usize> = if next.is_some() || sampling.len() > 8 {
+            running.iter().enumerate().map(|(i, s)| (s.id, i)).collect()
+        } else {
+            HashMap::new()
+        };
+        let mut rows = Vec::with_capacity(sampling.len());
+        for (id, outcome) in sampling.into_iter().zip(output.sampled) {
+            let found = if index.is_empty() {
+                self.scheduler.running.iter().position(|s| s.id == id)
+            } else {
+                index.get(&id).copied()
+            };
+            // Cancelled, or ended by the token before (a stop string) while this step ran.
+            let Some(i) = found else { continue };
+            let outcome = match constraint_errors.iter().position(|(j, _)| *j == id) {
                 Some(k) => Err(constraint_errors.swap_remove(k).1),
                 None => outcome,
             };
+            let s = &mut self.scheduler.running[i];
+            s.in_flight = false;
+            let ends = match &outcome {
+                Ok(sampled) => {
+                    s.tokens.push(sampled.token);
+                    s.timing.first_token_at.get_or_insert_with(Instant::now);
+                    s.stop_set.binary_search(&sampled.token).is_ok()
+                }
+                Err(_) => true,
+            };
+            if ends {
+                if let Some(plan) = next.as_deref_mut() {
+                    self.scheduler.drop_row(plan, i);
+                }
+            }
+            rows.push((id, outcome));
+        }
+        Ok(Collected {
+            rows,
+            forward_seconds: output.forward_seconds,
+        })
+    }
+
+    /// Turns collected tokens into events: constraints, detokenizing, stop strings, lengths;
+    /// finished requests end here.
+    fn process(&mut self, collected: Collected) -> Vec<Event> {
+        let mut events = Vec::with_capacity(collected.rows.len());
+        // (index into running, reason, text released at the end, error)
+        let mut finished: Vec<(usize, FinishReason, Flush, Option<String>)> = Vec::new();
+        let faults = self.config.fault_injector.as_ref();
+        for (id, outcome) in collected.rows {
+            let Some(i) = self.scheduler.running.iter().position(|s| s.id == id) else {
+                continue;
+            };
+            let s = &mut self.scheduler.running[i];
             // A fault while handling one request (sampling, detokenizing, a stop check, its
             // constraint) ends that request with an error; the others in the step go on.
             let outcome = outcome.and_then(|sampled| {
@@ -673,29 +891,13 @@ impl Engine {
                 }
             }
         }
-        // Remove finished sequences back to front so indices stay valid. Warm-ups whose
-        // tokens are all computed end silently: their KV stays in the cache.
-        let mut ended: Vec<(usize, Option<Ending>)> = finished
-            .into_iter()
-            .map(|(i, reason, flush, error)| (i, Some((reason, flush, error))))
-            .collect();
-        ended.extend(
-            (0..self.scheduler.running.len())
-                .filter(|&i| self.scheduler.running[i].warmed())
-                .map(|i| (i, None)),
-        );
-        ended.sort_by_key(|f| std::cmp::Reverse(f.0));
-        for (i, end) in ended {
-            let mut seq = self.scheduler.running.swap_remove(i);
-            match end {
-                Some((reason, flush, error)) => events.push(self.finish(seq, reason, flush, error)),
-                None => {
-                    Scheduler::release(&mut seq);
-                    self.runner.remove_sequence(seq.id);
-                }
-            }
+        // Remove finished sequences back to front so indices stay valid.
+        finished.sort_by_key(|f| std::cmp::Reverse(f.0));
+        for (i, reason, flush, error) in finished {
+            let seq = self.scheduler.running.swap_remove(i);
+            events.push(self.finish(seq, reason, flush, error));
         }
-        Ok((events, stats))
+        events
     }
 
     /// Ends a sequence: its KV is released (computed tokens into the prefix cache), its
@@ -782,6 +984,7 @@ mod tests {
             max_batch_tokens: 16,
             max_running: 4,
             max_step_time: Some(std::time::Duration::from_millis(50)),
+            overlap: super::Overlap::Auto,
             fault_injector: None,
         };
         assert!(good.validate().is_ok());

@@ -24,7 +24,7 @@ pub use arbor_model::{
     panic_message, FaultInjector, FaultSite, Sampler, SamplingParams, TokenLogprob,
 };
 pub use engine::{
-    Engine, EngineConfig, PrefixCacheMode, SlotUsage, StepStats, DEFAULT_MAX_BATCH_TOKENS,
+    Engine, EngineConfig, Overlap, PrefixCacheMode, SlotUsage, StepStats, DEFAULT_MAX_BATCH_TOKENS,
 };
 pub use error::EngineError;
 pub use request::{

@@ -1,6 +1,7 @@
-//! Output processing: what a sampled token means for its request. The token joins the
-//! sequence, is detokenized incrementally, checked against stop tokens, stop strings and the
-//! length limit, and becomes an [`Event`]; a request that ends gets its `Finished` event.
+//! Output processing: what a sampled token means for its request. The token (appended to the
+//! sequence when its step was collected) is detokenized incrementally, checked against stop
+//! tokens, stop strings and the length limit, and becomes an [`Event`]; a request that ends
+//! gets its `Finished` event.
 
 use std::time::Instant;
 
@@ -19,7 +20,8 @@ pub(crate) enum Flush {
     Drop,
 }
 
-/// Appends a sampled token to a sequence: its event, and how the request ends if it does.
+/// A sampled token already appended to its sequence: its event, and how the request ends
+/// if it does.
 pub(crate) fn advance_with_token(
     s: &mut Sequence,
     tokenizer: &Tokenizer,
@@ -27,8 +29,7 @@ pub(crate) fn advance_with_token(
     logprob: Option<TokenLogprob>,
     faults: Option<&FaultInjector>,
 ) -> Result<(Event, Option<(FinishReason, Flush)>), String> {
-    s.tokens.push(token);
-    s.timing.first_token_at.get_or_insert_with(Instant::now);
+    debug_assert_eq!(s.tokens.last(), Some(&token));
     if s.stop_set.binary_search(&token).is_ok() {
         let event = Event::Token {
             id: s.id,

@@ -93,6 +93,13 @@ pub(crate) struct Sequence {
     /// A history warm-up ([`crate::Engine::warm_prefix`]): its tokens are computed into the
     /// prefix cache and nothing is sampled. It runs only on capacity no request wants.
     pub warm: bool,
+    /// The step in flight samples this sequence's next token: it is not in `tokens` yet, and
+    /// the next step's plan may already give it its decode row (the token joins before that
+    /// step launches). Such a sequence is never preempted.
+    pub in_flight: bool,
+    /// Its next row needs the last token before launch (a constraint's mask, penalties over
+    /// the output): while it runs, steps are not planned ahead.
+    pub needs_last_token: bool,
 }
 
 impl Sequence {
@@ -103,12 +110,17 @@ impl Sequence {
     pub fn computed(&self) -> usize {
         self.kv.as_ref().map_or(0, SeqKv::len)
     }
+    /// Tokens known, or being sampled, whose K/V is not computed.
     fn pending(&self) -> usize {
-        self.tokens.len() - self.computed()
+        self.tokens.len() + usize::from(self.in_flight) - self.computed()
+    }
+    /// The token in flight is its last: it ends when that token comes back.
+    fn ending(&self) -> bool {
+        self.in_flight && self.generated() + 1 >= self.max_new
     }
     /// Generating: only the last sampled token is new.
     fn decoding(&self) -> bool {
-        !self.warm && self.pending() == 1 && self.computed() >= self.prompt_len
+        !self.warm && !self.ending() && self.pending() == 1 && self.computed() >= self.prompt_len
     }
     /// A warm-up whose every token is computed: it is done.
     pub fn warmed(&self) -> bool {
@@ -166,13 +178,15 @@ impl Scheduler {
     pub fn schedule(&mut self, mut time_limit: Option<(&mut StepCostModel, f64)>) -> StepPlan {
         self.admit();
         let mut plan = StepPlan::default();
-        // Decodes need one slot each; preempt the youngest requests until they fit.
+        // Decodes need one slot each; preempt the youngest requests until they fit. (A request
+        // whose token is in flight is not preempted: it waits a step instead, and is a
+        // candidate again once its token is back.)
         loop {
             let decodes = self.running.iter().filter(|s| s.decoding()).count();
-            if decodes <= self.kv.available() || self.running.len() <= 1 {
+            if decodes <= self.kv.available() || self.running.len() <= 1 || !self.preempt_youngest()
+            {
                 break;
             }
-            self.preempt_youngest();
             plan.preempted += 1;
         }
         let mut budget = self.max_batch_tokens;
@@ -203,7 +217,7 @@ impl Scheduler {
                 // Without a step time budget, any work beside a warm-up would wait for it.
                 break;
             }
-            if !s.decoding() && s.pending() > 0 {
+            if !s.decoding() && !s.in_flight && s.pending() > 0 {
                 let mut n = s.pending().min(budget).min(memory);
                 if s.warm {
                     n = n.min(MAX_WARM_CHUNK);
@@ -231,9 +245,8 @@ impl Scheduler {
             }
         }
         if plan.rows.is_empty() {
-            if self.running.len() > 1 {
+            if self.running.len() > 1 && self.preempt_youngest() {
                 // Everyone is stuck on memory: free the youngest for the others.
-                self.preempt_youngest();
                 plan.preempted += 1;
             }
             return plan;
@@ -257,6 +270,23 @@ impl Scheduler {
             if let Some(kv) = self.running[i].kv.as_mut() {
                 kv.truncate(kv.len() - n);
             }
+        }
+    }
+
+    /// Takes sequence `i`'s row out of a plan not launched yet (its token in flight ended it,
+    /// or failed), giving back the slot grown for it.
+    pub fn drop_row(&mut self, plan: &mut StepPlan, i: usize) {
+        let Some(at) = plan.rows.iter().position(|&(j, _)| j == i) else {
+            return;
+        };
+        let (_, n) = plan.rows.remove(at);
+        if let Some(kv) = self.running[i].kv.as_mut() {
+            kv.truncate(kv.len() - n);
+        }
+        if n == 1 && plan.decode_tokens > 0 {
+            plan.decode_tokens -= 1;
+        } else {
+            plan.prefill_tokens -= n.min(plan.prefill_tokens);
         }
     }
 
@@ -291,7 +321,11 @@ impl Scheduler {
     /// Gives up a sequence's KV: its computed tokens go into the prefix cache (or their slots
     /// back to the pool) and its lock on the matched prefix is released.
     pub fn release(seq: &mut Sequence) {
-        if let Some(kv) = seq.kv.take() {
+        if let Some(mut kv) = seq.kv.take() {
+            // A slot grown for a token that never came (a failed step) holds nothing.
+            if kv.len() > seq.tokens.len() {
+                kv.truncate(seq.tokens.len());
+            }
             let n = kv.len();
             kv.release(&seq.tokens[..n]);
         }
@@ -388,19 +422,21 @@ impl Scheduler {
     }
 
     /// Sends the youngest running request back to the front of the queue, its computed
-    /// tokens kept in the cache for a cheap resume.
-    fn preempt_youngest(&mut self) {
+    /// tokens kept in the cache for a cheap resume; false when every running request has a
+    /// token in flight.
+    fn preempt_youngest(&mut self) -> bool {
         // Warm-ups first: no one waits on them.
         let Some(i) = (0..self.running.len())
+            .filter(|&i| !self.running[i].in_flight)
             .max_by_key(|&i| (self.running[i].warm, self.running[i].admitted_at))
         else {
-            return;
+            return false;
         };
         let mut seq = self.running.swap_remove(i);
         Self::release(&mut seq);
         if seq.warm {
             self.warming.push_front(seq);
-            return;
+            return true;
         }
         tracing::debug!(
             id = seq.id,
@@ -408,6 +444,7 @@ impl Scheduler {
             "preempted for KV memory"
         );
         self.waiting.push_front(seq);
+        true
     }
 
     /// Cache-aware admission order (SGLang's longest-prefix-match policy): requests whose

@@ -173,10 +173,23 @@ impl SeqSamplingState {
         })
     }
 
-    /// Records a drawn token: the next draw uses the next counter.
+    /// Records a drawn token: the next draw uses the next counter ([`Self::begin_draw`] and
+    /// [`Self::count_output`] in one).
     pub fn observe(&mut self, token: u32) {
+        self.begin_draw();
+        self.count_output(token);
+    }
+
+    /// A draw was packed (its counter used): the next one uses the next counter, and it counts
+    /// toward `min_tokens`. Called when the row is launched, so that a step launched before
+    /// this one's token is back draws fresh numbers.
+    pub fn begin_draw(&mut self) {
         self.draws += 1;
         self.generated += 1;
+    }
+
+    /// The drawn token, for the penalties (which therefore need it before the next launch).
+    pub fn count_output(&mut self, token: u32) {
         if self.counts_output {
             *self.output_counts.entry(token).or_insert(0) += 1;
         }

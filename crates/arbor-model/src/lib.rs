@@ -38,8 +38,8 @@ pub use cpu::kv_pool::KvPool;
 pub use cpu::llama::Llama;
 pub use error::{ModelError, Result};
 pub use runner::{
-    open, panic_message, DeviceSpec, FaultInjector, FaultSite, ModelRunner, OpenedModel,
-    RunnerOptions, Sampled, SeqId, SequenceSampling, StepOutput, StepRow,
+    open, panic_message, DeviceSpec, FaultInjector, FaultSite, Launched, ModelRunner, OpenedModel,
+    RowOutcome, RunnerOptions, Sampled, SeqId, SequenceSampling, StepOutput, StepRow,
 };
 pub use sampling::{InvalidParam, Sampler, SamplingParams, TokenLogprob};
 pub use step::{LogitsWanted, SeqStep};

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use arbor_engine::{
-    Engine, EngineConfig, PrefixCacheMode, Request, SamplingParams, StopConditions,
+    Engine, EngineConfig, Overlap, PrefixCacheMode, Request, SamplingParams, StopConditions,
 };
 use arbor_model::runner::{CpuKernels, CudaOptions, GgufWeights, RunnerOptions};
 use arbor_model::ChatMessage;
@@ -83,6 +83,12 @@ pub struct ModelArgs {
     /// `--max-batch-tokens` alone.
     #[arg(long)]
     max_step_ms: Option<f64>,
+    /// Plan and launch the next step while the device runs this one, and turn this one's
+    /// tokens into text while the next runs (SGLang's overlap scheduler, vLLM's async
+    /// scheduling). `auto`: on the GPU, not on the CPU (where a step's launch is its whole
+    /// run, so there is nothing to overlap).
+    #[arg(long, value_enum, default_value = "auto")]
+    overlap: OverlapArg,
     /// Where the model runs: `cpu`, or `cuda` / `cuda:N` (a build with the `cuda` feature:
     /// scripts/cuda/build.sh).
     #[arg(long, default_value = "cpu", env = "ARBOR_DEVICE")]
@@ -203,6 +209,13 @@ enum LoadFormat {
 /// `cpu`, `cuda` or `cuda:N`, with the flag's name in the error.
 fn parse_device(s: &str) -> Result<arbor_model::DeviceSpec> {
     s.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OverlapArg {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -474,6 +487,11 @@ fn engine_config(args: &ModelArgs) -> Result<EngineConfig> {
             PrefixCacheArg::Radix => PrefixCacheMode::Radix,
             PrefixCacheArg::Blocks => PrefixCacheMode::Blocks,
             PrefixCacheArg::Off => PrefixCacheMode::Off,
+        },
+        overlap: match args.overlap {
+            OverlapArg::Auto => Overlap::Auto,
+            OverlapArg::On => Overlap::On,
+            OverlapArg::Off => Overlap::Off,
         },
         ..Default::default()
     };

@@ -455,6 +455,8 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
         // Each linear-layer choice for one-row steps (cuBLAS, Arbor's GEMV launched as a
         // programmatic dependent), graphs on and off.
         let mut identical = Vec::new();
+        // The default engine's tokens (graphs, cuBLAS for one row, steps overlapped).
+        let mut default_tokens = Vec::new();
         for gemv in [false, true] {
             let mut runs = Vec::new();
             for decode_graphs in [true, false] {
@@ -472,10 +474,35 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
                 ));
             }
             identical.push(same);
+            if !gemv {
+                default_tokens = runs.swap_remove(0);
+            }
+        }
+        // Steps one at a time against overlapped (the host planning step N+1 while step N
+        // runs): only when the host does its work may change, never a token.
+        let opened = arbor_model::open(&path, device, &graph_options(true, false))?;
+        let one_at_a_time = EngineConfig {
+            overlap: arbor_engine::Overlap::Off,
+            ..Default::default()
+        };
+        let mut engine = Engine::new(opened.runner, opened.tokenizer, one_at_a_time)?;
+        let serial = all_at_once(&mut engine, &prompts, a.tokens)?;
+        let same_overlap = serial
+            .iter()
+            .zip(&default_tokens)
+            .filter(|(x, y)| x == y)
+            .count();
+        if same_overlap != prompts.len() {
+            failures_early.push(format!(
+                "overlapped steps differ from steps one at a time on {} of {} prompts",
+                prompts.len() - same_overlap,
+                prompts.len()
+            ));
         }
         json!({
             "prompts": prompts.len(), "identical_with_and_without_graphs": identical[0],
             "identical_with_and_without_graphs_one_row_gemv": identical[1],
+            "identical_with_and_without_overlap": same_overlap,
         })
     };
     // An FP8 cache against the GPU's bf16 one: what the cache's rounding alone changes.

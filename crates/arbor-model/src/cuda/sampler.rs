@@ -37,6 +37,10 @@ pub struct GpuSampler {
     probs: Option<CudaSlice<f32>>,
     out: Option<CudaSlice<u32>>,
     out_host: Option<PinnedHostSlice<u32>>,
+    /// The vocabulary of a launch whose results are on their way into `out_host`, and its
+    /// rows' log-probability requests (reused each step).
+    launched: Option<usize>,
+    launched_top_n: Vec<Option<usize>>,
 }
 
 /// `slot` holding at least `n` elements, reallocated (to the next power of two) when smaller.
@@ -65,31 +69,59 @@ impl GpuSampler {
             probs: None,
             out: None,
             out_host: None,
+            launched: None,
+            launched_top_n: Vec::new(),
         })
     }
 
     /// Samples `batch` from `logits` (`[rows, vocab]` f32 on this sampler's GPU); one result per
     /// pushed row, in order.
     pub fn sample(&mut self, logits: &Tensor, batch: &SampleBatch) -> Result<Vec<SampledRow>> {
+        self.launch(logits, batch)?;
+        self.collect_rows()
+    }
+
+    /// [`GpuSampler::sample`] without the wait: see [`GpuSampler::launch_rows`].
+    pub fn launch(&mut self, logits: &Tensor, batch: &SampleBatch) -> Result<()> {
         let (logit_rows, vocab) = logits.dims2()?;
         if logits.dtype() != DType::F32 {
             return Err(ModelError::Cuda("the sampler reads f32 logits".into()));
         }
         let (st, lay) = logits.storage_and_layout();
         let logits_s = slice_of::<f32>(&st, lay)?;
-        self.sample_rows(&logits_s, (logit_rows, vocab), batch)
+        self.launch_rows(&logits_s, (logit_rows, vocab), batch)
     }
 
     /// [`GpuSampler::sample`] from `logit_rows` rows of `vocab` f32 logits in a device buffer.
     pub fn sample_rows(
         &mut self,
         logits_s: &CudaView<f32>,
-        (logit_rows, vocab): (usize, usize),
+        dims: (usize, usize),
         batch: &SampleBatch,
     ) -> Result<Vec<SampledRow>> {
+        self.launch_rows(logits_s, dims, batch)?;
+        self.collect_rows()
+    }
+
+    /// Queues [`GpuSampler::sample_rows`]'s work on the stream and returns without waiting:
+    /// [`GpuSampler::collect_rows`] waits and reads the results. The logits must stay where
+    /// they are until then (stream order protects them from later kernels, not from a free).
+    pub fn launch_rows(
+        &mut self,
+        logits_s: &CudaView<f32>,
+        (logit_rows, vocab): (usize, usize),
+        batch: &SampleBatch,
+    ) -> Result<()> {
+        if self.launched.is_some() {
+            return Err(ModelError::Cuda(
+                "a sampling launch is not collected yet".into(),
+            ));
+        }
         let n = batch.len();
+        self.launched_top_n.clear();
         if n == 0 {
-            return Ok(Vec::new());
+            self.launched = Some(vocab);
+            return Ok(());
         }
         if logits_s.len() < logit_rows * vocab {
             return Err(ModelError::Cuda("fewer logits than rows x vocab".into()));
@@ -154,12 +186,33 @@ impl GpuSampler {
                 .memcpy_dtoh(&out.slice(..n * OUT_WORDS), &mut dst[..n * OUT_WORDS])
                 .map_err(cuda_err)?;
         }
+        self.launched_top_n.extend_from_slice(batch.top_n());
+        self.launched = Some(vocab);
+        Ok(())
+    }
+
+    /// Waits for the last [`GpuSampler::launch_rows`] and returns its rows' results, in order.
+    pub fn collect_rows(&mut self) -> Result<Vec<SampledRow>> {
+        let vocab = self
+            .launched
+            .take()
+            .ok_or_else(|| ModelError::Cuda("no sampling launch to collect".into()))?;
+        let top_n = &self.launched_top_n;
+        let n = top_n.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let dev = cuda_device(&self.device)?;
         // The copy into page-locked memory is asynchronous.
-        stream.synchronize().map_err(cuda_err)?;
+        dev.cuda_stream().synchronize().map_err(cuda_err)?;
+        let out_host = self
+            .out_host
+            .as_ref()
+            .ok_or_else(|| ModelError::Cuda("sampler output buffer missing".into()))?;
         let results = out_host.as_slice().map_err(cuda_err)?;
-        Ok(results
+        Ok(results[..n * OUT_WORDS]
             .chunks_exact(OUT_WORDS)
-            .zip(batch.top_n())
+            .zip(top_n)
             .map(|(r, top_n)| {
                 let token = r[0];
                 let logprob = top_n.map(|k| TokenLogprob {

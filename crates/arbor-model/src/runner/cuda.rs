@@ -9,14 +9,14 @@ use std::time::Instant;
 
 use super::host::LogitsBackend;
 use super::{
-    panic_message, FaultInjector, FaultSite, ModelRunner, RowOutcome, Sampled, SeqId,
+    panic_message, FaultInjector, FaultSite, Launched, ModelRunner, RowOutcome, Sampled, SeqId,
     SequenceSampling, StepOutput, StepRow,
 };
 use crate::config::ModelConfig;
 use crate::cuda::{
     CudaKvPool, CudaLlama, DecodeGraphs, GpuSampler, SampleBatch, SampledRow, SeqSamplingState,
 };
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::step::{LogitsWanted, SeqStep};
 
 /// Share of the GPU memory free after loading the weights that the default KV pool takes: the
@@ -93,6 +93,18 @@ pub struct CudaRunner {
     /// do not run there (GGUF blocks kept quantized) or phases are profiled.
     decode: Option<DecodeGraphs>,
     sampling: DeviceSampling,
+    /// The step launched and not yet collected.
+    running: Option<RunningStep>,
+}
+
+/// A launched step: what its collect needs once the GPU is done.
+struct RunningStep {
+    prepared: PreparedRows,
+    /// Whether the sampler was launched (some row samples).
+    sampling: bool,
+    /// The general path's logits, kept alive until the sampler has read them.
+    _logits: Option<candle_core::Tensor>,
+    started: Instant,
 }
 
 struct DeviceSeq {
@@ -134,12 +146,13 @@ impl DeviceSampling {
     }
 
     /// Packs the rows of `rows` that sample into `self.batch`, logit row by logit row.
+    /// Each packed row uses its sequence's next draw (see [`SeqSamplingState::begin_draw`]).
     pub(crate) fn prepare(&mut self, rows: &[StepRow], vocab: usize) -> PreparedRows {
         let mut outcomes: Vec<Option<RowOutcome>> = Vec::new();
         let mut launched: Vec<(usize, SeqId)> = Vec::new();
         self.batch.clear();
         for (logit_row, r) in rows.iter().filter(|r| r.sample).enumerate() {
-            let Some(state) = self.seqs.get(&r.seq) else {
+            let Some(state) = self.seqs.get_mut(&r.seq) else {
                 outcomes.push(Some(Err(format!(
                     "sequence {} was never added to the runner",
                     r.seq
@@ -166,6 +179,7 @@ impl DeviceSampling {
                 state.spec.logprobs,
                 r.allowed.map(|m| (m, vocab)),
             );
+            state.state.begin_draw();
             launched.push((outcomes.len(), r.seq));
             outcomes.push(None);
         }
@@ -184,8 +198,9 @@ impl DeviceSampling {
         } = prepared;
         if let Some(sampled) = sampled {
             for ((at, seq), (token, logprob)) in launched.into_iter().zip(sampled) {
+                // A sequence removed while its step ran is gone: its token is dropped above.
                 if let Some(seq) = self.seqs.get_mut(&seq) {
-                    seq.state.observe(token);
+                    seq.state.count_output(token);
                 }
                 outcomes[at] = Some(Ok(Sampled { token, logprob }));
             }
@@ -215,6 +230,7 @@ impl CudaRunner {
             sampler,
             decode,
             sampling: DeviceSampling::default(),
+            running: None,
         })
     }
 }
@@ -245,6 +261,19 @@ impl ModelRunner for CudaRunner {
     }
 
     fn step(&mut self, rows: &[StepRow]) -> Result<StepOutput> {
+        self.launch(rows)?;
+        self.collect()
+    }
+
+    /// Queues the forward pass and the sampling on the GPU's stream, and the copy of the
+    /// sampled tokens into page-locked memory, then returns: nothing here waits for the GPU
+    /// (the graph path's metadata goes up from page-locked memory, asynchronously).
+    fn launch(&mut self, rows: &[StepRow]) -> Result<Launched> {
+        if self.running.is_some() {
+            return Err(ModelError::Cuda(
+                "a step was launched before the previous one was collected".into(),
+            ));
+        }
         let batch: Vec<SeqStep> = rows.iter().map(StepRow::seq_step).collect();
         let started = Instant::now();
         let vocab = self.backend.config().vocab_size;
@@ -262,19 +291,49 @@ impl ModelRunner for CudaRunner {
         };
         let prepared = self.sampling.prepare(rows, vocab);
         let batch = &self.sampling.batch;
-        let sampled = match (&decoded, &logits) {
-            _ if batch.is_empty() => None,
-            (Some(view), _) => Some(self.sampler.sample_rows(view, (rows.len(), vocab), batch)?),
-            (None, Some(logits)) => Some(self.sampler.sample(logits, batch)?),
-            (None, None) => None,
+        let sampling = match (&decoded, &logits) {
+            _ if batch.is_empty() => false,
+            (Some(view), _) => {
+                self.sampler.launch_rows(view, (rows.len(), vocab), batch)?;
+                true
+            }
+            (None, Some(logits)) => {
+                self.sampler.launch(logits, batch)?;
+                true
+            }
+            (None, None) => false,
         };
-        let sampled = self.sampling.finish(prepared, sampled);
-        // Everything above ran on the GPU and waited for it: the forward pass and sampling.
-        let forward_seconds = started.elapsed().as_secs_f64();
+        self.running = Some(RunningStep {
+            prepared,
+            sampling,
+            _logits: logits,
+            started,
+        });
+        Ok(Launched::Running)
+    }
+
+    fn collect(&mut self) -> Result<StepOutput> {
+        let step = self
+            .running
+            .take()
+            .ok_or_else(|| ModelError::Cuda("no step is running".into()))?;
+        let sampled = if step.sampling {
+            Some(self.sampler.collect_rows()?)
+        } else {
+            None
+        };
+        let sampled = self.sampling.finish(step.prepared, sampled);
+        // From the launch to the sampled tokens' arrival: the forward pass and sampling, and
+        // whatever the host did meanwhile.
+        let forward_seconds = step.started.elapsed().as_secs_f64();
         Ok(StepOutput {
             sampled,
             forward_seconds,
         })
+    }
+
+    fn overlaps(&self) -> bool {
+        true
     }
 
     fn logits_from_scratch(&self, tokens: &[u32], which: LogitsWanted) -> Result<Vec<Vec<f32>>> {

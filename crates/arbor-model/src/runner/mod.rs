@@ -122,6 +122,16 @@ pub struct StepOutput {
     pub forward_seconds: f64,
 }
 
+/// What [`ModelRunner::launch`] did with a step.
+#[derive(Debug)]
+pub enum Launched {
+    /// The step ran to the end (a runner whose steps wait for their device).
+    Done(StepOutput),
+    /// The step is running on the device; [`ModelRunner::collect`] waits for it and returns
+    /// its output.
+    Running,
+}
+
 /// How a sequence's next tokens are drawn, registered once per request.
 #[derive(Debug, Clone)]
 pub struct SequenceSampling {
@@ -158,6 +168,25 @@ pub trait ModelRunner: Send {
     fn add_sequence(&mut self, seq: SeqId, sampling: SequenceSampling);
     fn remove_sequence(&mut self, seq: SeqId);
     fn step(&mut self, rows: &[StepRow]) -> Result<StepOutput>;
+    /// Starts a step; a runner whose device works asynchronously returns before the device
+    /// finishes ([`Launched::Running`]), so that the host prepares the next step meanwhile.
+    /// Launches and collects alternate: at most one step is running. The rows' data is
+    /// consumed by the time this returns.
+    fn launch(&mut self, rows: &[StepRow]) -> Result<Launched> {
+        self.step(rows).map(Launched::Done)
+    }
+    /// Waits for the step [`ModelRunner::launch`] left running and returns its output (what
+    /// [`ModelRunner::step`] would have). Its `forward_seconds` is from the launch to the
+    /// device's end, host work in between included.
+    fn collect(&mut self) -> Result<StepOutput> {
+        Err(crate::ModelError::BadBatch("no step is running".into()))
+    }
+    /// Whether [`ModelRunner::launch`] returns while the device works: then the engine plans
+    /// and launches step N+1 as soon as step N's tokens are back, and turns step N's tokens
+    /// into text while step N+1 runs (see `arbor_engine::Overlap`).
+    fn overlaps(&self) -> bool {
+        false
+    }
     /// Diagnostics: the logits of `tokens` computed from scratch in a scratch KV pool (the
     /// runner's own pool is untouched), for comparing backends with each other and with
     /// reference implementations.
