@@ -36,10 +36,6 @@ impl KvCacheDtype {
     }
 }
 
-/// Default of [`CudaOptions::decode_target_warps`]: decode attention cuts each context into
-/// splits until about this many warps run (see the CUDA backend's launch planning).
-pub const DEFAULT_DECODE_TARGET_WARPS: usize = 4096;
-
 /// Default of [`CudaOptions::decode_stage_keys`].
 pub const DEFAULT_DECODE_STAGE_KEYS: usize = 32;
 
@@ -52,8 +48,9 @@ pub struct CudaOptions {
     /// One-row linear layers through Arbor's GEMV kernel instead of cuBLAS (in decode steps
     /// launched as programmatic dependents: 4-5% faster at batch 1 on the H200).
     pub gemv_for_one_row: bool,
-    /// Decode attention splits each context until about this many warps run.
-    pub decode_target_warps: usize,
+    /// Decode attention splits each context until about this many warps run; `None`: the
+    /// measured rule (`cuda::attention::DecodeTuning::target_warps`).
+    pub decode_target_warps: Option<usize>,
     /// Keys per shared-memory stage of the tensor-core decode kernel: 16, 32 or 64 (shorter
     /// stages fit more blocks on an SM).
     pub decode_stage_keys: usize,
@@ -83,7 +80,7 @@ impl Default for CudaOptions {
         Self {
             force_cuda_core_attention: false,
             gemv_for_one_row: true,
-            decode_target_warps: DEFAULT_DECODE_TARGET_WARPS,
+            decode_target_warps: None,
             decode_stage_keys: DEFAULT_DECODE_STAGE_KEYS,
             profile: false,
             host_sampling: false,

@@ -131,9 +131,11 @@ pub struct ModelArgs {
     /// steps launched as programmatic dependents) or cuBLAS (`off`; A/B benchmarks).
     #[arg(long, value_enum, default_value = "on")]
     cuda_gemv: OnOff,
-    /// GPU: decode attention cuts each context into splits until about this many warps run.
-    #[arg(long, default_value_t = arbor_model::runner::DEFAULT_DECODE_TARGET_WARPS)]
-    cuda_decode_target_warps: usize,
+    /// GPU: decode attention cuts each context into splits until about this many warps run
+    /// (default: about one wave of resident blocks for a bf16 cache, four times that for FP8
+    /// or where one split a row already exceeds a wave; docs/BENCHMARKS.md).
+    #[arg(long)]
+    cuda_decode_target_warps: Option<usize>,
     /// GPU: keys per shared-memory stage of the tensor-core decode attention (16, 32, 64).
     #[arg(long, default_value_t = arbor_model::runner::DEFAULT_DECODE_STAGE_KEYS)]
     cuda_decode_stage_keys: usize,

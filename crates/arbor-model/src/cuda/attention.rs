@@ -64,15 +64,44 @@ impl AttnKernel {
 /// [`CudaOptions::decode_stage_keys`]).
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeTuning {
-    pub target_warps: usize,
+    /// Set: split until about this many warps run, whatever the step.
+    pub fixed_target_warps: Option<usize>,
     pub stage_keys: usize,
+    pub kv_dtype: KvCacheDtype,
 }
+
+/// About one wave of the tensor-core decode kernel's one-warp blocks on an H200 (165
+/// registers a thread leave room for 12 a SM, 1,584 on 132 SMs), with room to spare.
+const ONE_WAVE_WARPS: usize = 1024;
+
+/// Several waves: where one wave is not enough.
+const MANY_WAVES_WARPS: usize = 4096;
 
 impl DecodeTuning {
     pub fn of(options: &CudaOptions) -> Self {
         Self {
-            target_warps: options.decode_target_warps,
+            fixed_target_warps: options.decode_target_warps,
             stage_keys: options.decode_stage_keys,
+            kv_dtype: options.kv_cache_dtype,
+        }
+    }
+
+    /// Warps to split a decode step's keys into, for a step whose every row takes
+    /// `warps_per_split` warps per split. Decode steps cut each context into splits that run
+    /// in parallel and are merged (flash-decoding). Measured on the H200 (docs/BENCHMARKS.md,
+    /// "decode attention splits"): with a bf16 cache, as many splits as fit in about one
+    /// wave of blocks beat 4x as many by 1-4% from batch 8 to 128 (a second, partial wave and
+    /// the merge of more partial results cost more than the extra parallelism gives) and tie
+    /// at batch 1; where one split a row is already more than a wave (batch 256), two splits
+    /// beat one. The FP8 kernel converts every fragment and loads V a byte at a time: it
+    /// wants more warps in flight, and 4x as many won by 3% at batch 64 over 2k tokens.
+    pub fn target_warps(&self, warps_per_split: usize) -> usize {
+        if let Some(t) = self.fixed_target_warps {
+            return t;
+        }
+        match self.kv_dtype {
+            KvCacheDtype::Bf16 if warps_per_split <= ONE_WAVE_WARPS => ONE_WAVE_WARPS,
+            _ => MANY_WAVES_WARPS,
         }
     }
 }
@@ -153,13 +182,7 @@ impl SlotLists {
             }
         }
         let max_keys = keys.iter().copied().max().unwrap_or(1) as usize;
-        let split_len = split_len(
-            kernel,
-            dims,
-            (decode.len(), tile0.len()),
-            max_keys,
-            tuning.target_warps,
-        );
+        let split_len = split_len(kernel, dims, (decode.len(), tile0.len()), max_keys, tuning);
         let plan = AttnPlan {
             kernel,
             decode_stage: tuning.stage_keys,
@@ -199,35 +222,29 @@ impl SlotLists {
     }
 }
 
-/// Keys per split of one step (see [`DECODE_TARGET_WARPS`], [`PREFILL_TARGET_BLOCKS`]).
+/// Keys per split of one step (see [`DecodeTuning::target_warps`], [`PREFILL_TARGET_BLOCKS`]).
 pub(crate) fn split_len(
     kernel: AttnKernel,
     dims: AttnDims,
     (n_decode, n_tiles): (usize, usize),
     max_keys: usize,
-    decode_target_warps: usize,
+    tuning: DecodeTuning,
 ) -> usize {
+    let decode_warps = decode_warps(kernel, dims, n_decode);
+    let decode_target_warps = tuning.target_warps(decode_warps);
     // Splits for `units` parallel pieces of work to reach `target`, in whole stages of `stage` keys.
     let fit = |target: usize, units: usize, stage: usize| {
         let splits = (target / units.max(1)).clamp(1, max_keys.div_ceil(stage));
         max_keys.div_ceil(splits).next_multiple_of(stage)
     };
     match (kernel, n_tiles) {
-        (AttnKernel::TensorCore, 0) => fit(
-            decode_target_warps,
-            decode_warps(kernel, dims, n_decode),
-            MMA_KEYS,
-        ),
+        (AttnKernel::TensorCore, 0) => fit(decode_target_warps, decode_warps, MMA_KEYS),
         (AttnKernel::TensorCore, _) => fit(
             PREFILL_TARGET_BLOCKS,
             (n_tiles + n_decode) * dims.kv_heads,
             MMA_KEYS,
         ),
-        (AttnKernel::CudaCore, 0) => fit(
-            decode_target_warps,
-            decode_warps(kernel, dims, n_decode),
-            32,
-        ),
+        (AttnKernel::CudaCore, 0) => fit(decode_target_warps, decode_warps, 32),
         (AttnKernel::CudaCore, _) => SPLIT_LEN_PREFILL,
     }
 }
@@ -257,8 +274,8 @@ pub fn replayed_decode_plan(
         AttnKernel::TensorCore => MMA_KEYS,
         AttnKernel::CudaCore => 32,
     };
-    let splits = (tuning.target_warps / decode_warps(kernel, dims, rows).max(1))
-        .clamp(1, max_keys.div_ceil(stage).max(1));
+    let warps = decode_warps(kernel, dims, rows).max(1);
+    let splits = (tuning.target_warps(warps) / warps).clamp(1, max_keys.div_ceil(stage).max(1));
     AttnPlan {
         kernel,
         decode_stage: tuning.stage_keys,

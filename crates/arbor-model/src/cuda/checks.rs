@@ -153,6 +153,7 @@ pub fn attention_on_host(
     let stream = dev.cuda_stream();
     let tuning = DecodeTuning {
         stage_keys: decode_stage_keys,
+        kv_dtype,
         ..DecodeTuning::of(&CudaOptions::default())
     };
     let to_bf16 = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();

@@ -77,14 +77,6 @@ pub use self::sampler::{
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/arbor_kernels.ptx"));
 const MODULE: &str = "arbor_kernels";
-/// Decode steps cut each context into splits that run in parallel and are merged
-/// (flash-decoding), as many as it takes to give the GPU about this many warps: one sequence
-/// of 512 tokens needs short splits (128-key splits left the first kernel latency-bound at
-/// 100 us a layer on the H200), while 64 sequences fill the GPU with one split each (and many
-/// splits would cost more in partial results and merging than they save). Set per model with
-/// [`CudaOptions::decode_target_warps`] (benchmarking).
-pub const DECODE_TARGET_WARPS: usize = crate::options::DEFAULT_DECODE_TARGET_WARPS;
-
 fn cuda_err(e: impl std::fmt::Display) -> ModelError {
     ModelError::Cuda(e.to_string())
 }

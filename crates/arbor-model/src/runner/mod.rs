@@ -54,7 +54,7 @@ pub use cuda::{CudaBackend, CudaRunner};
 pub use host::{HostSampledRunner, LogitsBackend};
 pub use open::{
     open, CpuKernels, CudaOptions, DeviceSpec, GgufWeights, KvCacheDtype, LoadFormat, OpenedModel,
-    RunnerOptions, DEFAULT_DECODE_STAGE_KEYS, DEFAULT_DECODE_TARGET_WARPS,
+    RunnerOptions, DEFAULT_DECODE_STAGE_KEYS,
 };
 pub use tp::TensorParallel;
 

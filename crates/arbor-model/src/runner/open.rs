@@ -12,7 +12,6 @@ use super::ModelRunner;
 use crate::error::{ModelError, Result};
 pub use crate::options::{
     CpuKernels, CudaOptions, GgufWeights, KvCacheDtype, DEFAULT_DECODE_STAGE_KEYS,
-    DEFAULT_DECODE_TARGET_WARPS,
 };
 use crate::text::chat::ChatTemplate;
 use crate::text::tokenizer::Tokenizer;
@@ -120,7 +119,7 @@ pub fn open(path: &Path, device: DeviceSpec, options: &RunnerOptions) -> Result<
     if options.kv_slots == Some(0) {
         return Err(invalid("kv_slots must be at least 1"));
     }
-    if options.cuda.decode_target_warps == 0 {
+    if options.cuda.decode_target_warps == Some(0) {
         return Err(invalid("cuda_decode_target_warps must be at least 1"));
     }
     if ![16, 32, 64].contains(&options.cuda.decode_stage_keys) {
@@ -406,7 +405,7 @@ mod tests {
             (
                 RunnerOptions {
                     cuda: CudaOptions {
-                        decode_target_warps: 0,
+                        decode_target_warps: Some(0),
                         ..Default::default()
                     },
                     ..Default::default()
