@@ -9,13 +9,12 @@
 //! what the step computes. The fake model's outputs depend on every (token, position) behind
 //! a sequence's slots, so a wrong slot, a stale token or a slot reused too early shows up.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arbor_engine::fake::{self, FakeBackend, FakeModel};
 use arbor_engine::{
-    Engine, EngineConfig, Event, FinishReason, Overlap, PrefixCacheMode, Request, RequestId,
+    Engine, EngineConfig, FinishReason, Overlap, PrefixCacheMode, Request, RequestId,
     SamplingParams,
 };
 use arbor_model::runner::HostSampledRunner;
@@ -24,6 +23,9 @@ use arbor_model::{
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+mod common;
+use common::{Outcome, Traffic};
 
 /// One row, owned: what a device keeps of a launched step.
 struct OwnedRow {
@@ -142,23 +144,6 @@ fn config(overlap: Overlap, max_batch_tokens: usize, max_running: usize) -> Engi
     }
 }
 
-type Outcome = (Vec<u32>, FinishReason);
-
-fn gather(
-    events: Vec<Event>,
-    tokens: &mut HashMap<RequestId, Vec<u32>>,
-    done: &mut HashMap<RequestId, Outcome>,
-) {
-    for ev in events {
-        match ev {
-            Event::Token { id, token, .. } => tokens.entry(id).or_default().push(token),
-            Event::Finished { id, reason, .. } => {
-                done.insert(id, (tokens.remove(&id).unwrap_or_default(), reason));
-            }
-        }
-    }
-}
-
 /// The request alone, steps one at a time, no cache, on the plain fake runner.
 fn alone(req: &Request) -> Outcome {
     let (runner, tokenizer, _) = fake::runner(FakeModel::default());
@@ -169,11 +154,11 @@ fn alone(req: &Request) -> Outcome {
     };
     let mut e = Engine::new(Box::new(runner), tokenizer, cfg).unwrap();
     let id = e.add_request(req.clone()).unwrap();
-    let (mut tokens, mut done) = (HashMap::new(), HashMap::new());
+    let mut t = Traffic::default();
     while e.has_work() {
-        gather(e.step().unwrap().0, &mut tokens, &mut done);
+        t.take(e.step().unwrap().0);
     }
-    done.remove(&id).unwrap()
+    t.done.remove(&id).unwrap()
 }
 
 /// A request of every kind that meets the overlap: greedy, seeded draws, stop strings and
@@ -210,6 +195,7 @@ fn random_request(rng: &mut StdRng, prompt: Vec<u32>, i: u64) -> Request {
 /// every request that was not cancelled still gives exactly its own output.
 #[test]
 fn overlapped_steps_keep_every_output_and_every_slot() {
+    let mut total_preempted = 0;
     for seed in 0..8u64 {
         let mut rng = StdRng::seed_from_u64(2000 + seed);
         let system: Vec<u32> = (0..100).map(|_| rng.random_range(10..128)).collect();
@@ -230,42 +216,19 @@ fn overlapped_steps_keep_every_output_and_every_slot() {
                 rng.random_range(2..12),
             ),
         );
-        let (mut next, mut ids, mut cancelled) = (0, HashMap::new(), Vec::new());
-        let (mut tokens, mut got) = (HashMap::new(), HashMap::new());
-        let (mut overlapped_calls, mut preempted) = (0, 0);
-        let mut steps = 0;
-        while next < reqs.len() || e.has_work() {
+        let mut traffic = Traffic::default();
+        let (mut overlapped_calls, mut steps) = (0, 0);
+        let prompts: Vec<Vec<u32>> = reqs.iter().map(|r| r.prompt.clone()).collect();
+        while traffic.next < reqs.len() || e.has_work() {
             steps += 1;
             assert!(
                 steps < 100_000,
                 "seed {seed}: the engine stopped making progress"
             );
-            if next < reqs.len() && rng.random_bool(0.4) {
-                ids.insert(e.add_request(reqs[next].clone()).unwrap(), next);
-                next += 1;
-            }
-            if rng.random_bool(0.1) {
-                let base = &reqs[rng.random_range(0..reqs.len())].prompt;
-                let mut warm = base[..rng.random_range(1..=base.len())].to_vec();
-                warm.extend((0..rng.random_range(0..30)).map(|_| rng.random_range(10..128)));
-                e.warm_prefix(0, warm).unwrap();
-            }
-            if rng.random_bool(0.05) {
-                let live: Vec<RequestId> = ids
-                    .keys()
-                    .copied()
-                    .filter(|id| !got.contains_key(id))
-                    .collect();
-                if let Some(&id) = live.get(rng.random_range(0..live.len().max(1))) {
-                    if let Some(ev) = e.cancel(id) {
-                        cancelled.push(id);
-                        gather(vec![ev], &mut tokens, &mut got);
-                    }
-                }
-            }
+            traffic.before_step(&mut rng, &mut e, &reqs, &prompts, 30);
             let (events, stats) = e.step().unwrap();
-            preempted += stats.preempted;
-            gather(events, &mut tokens, &mut got);
+            total_preempted += stats.preempted;
+            traffic.take(events);
             let (l, c) = (
                 calls.launches.load(Ordering::SeqCst),
                 calls.collects.load(Ordering::SeqCst),
@@ -275,18 +238,7 @@ fn overlapped_steps_keep_every_output_and_every_slot() {
             let u = e.slot_usage();
             assert_eq!(u.free + u.cached + u.held_by_requests, u.total, "{u:?}");
         }
-        assert_eq!(got.len(), reqs.len());
-        for (id, &i) in &ids {
-            if cancelled.contains(id) {
-                assert!(
-                    want[i].0.starts_with(&got[id].0),
-                    "seed {seed}, request {i}"
-                );
-            } else {
-                assert_eq!(got[id], want[i], "seed {seed}, request {i}");
-            }
-        }
-        eprintln!("seed {seed}: {preempted} preempted, {overlapped_calls} overlapped");
+        traffic.check(&want, &format!("seed {seed}"));
         let stopped = want.iter().filter(|w| w.1 == FinishReason::Stop).count();
         assert!(stopped > 0, "seed {seed}: no request stopped early");
         assert!(
@@ -296,6 +248,7 @@ fn overlapped_steps_keep_every_output_and_every_slot() {
         let u = e.slot_usage();
         assert_eq!((u.held_by_requests, u.free + u.cached), (0, u.total));
     }
+    assert!(total_preempted > 0, "no seed ran the pool out");
 }
 
 /// One step is in flight between calls exactly while the overlap may run: on (auto, over a
@@ -314,15 +267,15 @@ fn the_overlap_runs_only_where_it_may() {
     ] {
         let (mut e, calls) = deferred_engine(4096, config(overlap, 512, 8));
         let id = e.add_request(req.clone()).unwrap();
-        let (mut tokens, mut got) = (HashMap::new(), HashMap::new());
+        let mut t = Traffic::default();
         let mut in_flight_after = Vec::new();
         while e.has_work() {
-            gather(e.step().unwrap().0, &mut tokens, &mut got);
+            t.take(e.step().unwrap().0);
             let l = calls.launches.load(Ordering::SeqCst);
             let c = calls.collects.load(Ordering::SeqCst);
             in_flight_after.push(l - c);
         }
-        assert_eq!(got.remove(&id).unwrap(), alone(req), "{overlap:?}");
+        assert_eq!(t.done.remove(&id).unwrap(), alone(req), "{overlap:?}");
         // Every call but the last leaves a step running with the overlap; none without.
         let running = in_flight_after.iter().filter(|&&n| n == 1).count();
         if expect_in_flight {
@@ -359,20 +312,20 @@ fn memory_running_out_mid_flight_preempts_without_losing_a_token() {
         .iter()
         .map(|r| e.add_request(r.clone()).unwrap())
         .collect();
-    let (mut tokens, mut got) = (HashMap::new(), HashMap::new());
+    let mut t = Traffic::default();
     let (mut preempted, mut steps) = (0, 0);
     while e.has_work() {
         steps += 1;
         assert!(steps < 10_000, "the engine stopped making progress");
         let (events, stats) = e.step().unwrap();
         preempted += stats.preempted;
-        gather(events, &mut tokens, &mut got);
+        t.take(events);
         let u = e.slot_usage();
         assert_eq!(u.free + u.cached + u.held_by_requests, u.total, "{u:?}");
     }
     assert!(preempted > 0, "the pool never ran out");
     assert!(calls.launches.load(Ordering::SeqCst) > 40);
     for (i, id) in ids.iter().enumerate() {
-        assert_eq!(got[id], want[i], "request {i}");
+        assert_eq!(t.done[id], want[i], "request {i}");
     }
 }

@@ -18,6 +18,9 @@ use arbor_engine::{
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+mod common;
+use common::Traffic;
+
 fn engine(kv_slots: usize, config: EngineConfig) -> (Engine, Arc<FakeControls>) {
     let (runner, tokenizer, controls) = fake::runner(FakeModel {
         kv_slots,
@@ -52,7 +55,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, seed: Option<u64>) -> Request {
     r
 }
 
-type Outcome = (Vec<u32>, FinishReason);
+use common::Outcome;
 
 /// Every KV slot is in exactly one place: free, cached (evictable) or held by a request.
 fn assert_conserved(e: &Engine) {
@@ -392,49 +395,14 @@ fn random_arrivals_and_cancels_never_lose_a_slot_or_change_an_output() {
                 rng.random_range(2..12),
             ),
         );
-        let mut next = 0;
-        let mut ids: HashMap<RequestId, usize> = HashMap::new();
-        let mut cancelled = Vec::new();
-        let mut tokens = HashMap::new();
-        let mut got = HashMap::new();
-        while next < reqs.len() || e.has_work() {
-            if next < reqs.len() && rng.random_bool(0.4) {
-                ids.insert(e.add_request(reqs[next].clone()).unwrap(), next);
-                next += 1;
-            }
-            if rng.random_bool(0.1) {
-                // A history warm-up: part of some prompt with a rewritten tail, as a chat
-                // template renders the next turn. It must never change an output.
-                let base = &prompts[rng.random_range(0..prompts.len())];
-                let mut warm = base[..rng.random_range(1..=base.len())].to_vec();
-                warm.extend((0..rng.random_range(0..40)).map(|_| rng.random_range(10..128)));
-                e.warm_prefix(0, warm).unwrap();
-            }
-            if rng.random_bool(0.05) {
-                let live: Vec<RequestId> = ids
-                    .keys()
-                    .copied()
-                    .filter(|id| !got.contains_key(id))
-                    .collect();
-                if let Some(&id) = live.get(rng.random_range(0..live.len().max(1))) {
-                    if let Some(ev) = e.cancel(id) {
-                        cancelled.push(id);
-                        collect(vec![ev], &mut tokens, &mut got);
-                    }
-                }
-            }
+        let mut traffic = Traffic::default();
+        while traffic.next < reqs.len() || e.has_work() {
+            traffic.before_step(&mut rng, &mut e, &reqs, &prompts, 40);
             let (events, _) = e.step().unwrap();
             assert_conserved(&e);
-            collect(events, &mut tokens, &mut got);
+            traffic.take(events);
         }
-        assert_eq!(got.len(), reqs.len());
-        for (id, &i) in &ids {
-            if cancelled.contains(id) {
-                assert!(want[i].0.starts_with(&got[id].0));
-            } else {
-                assert_eq!(got[id], want[i], "seed {seed}, request {i}");
-            }
-        }
+        traffic.check(&want, &format!("seed {seed}"));
         let u = e.slot_usage();
         assert_eq!((u.held_by_requests, u.free + u.cached), (0, u.total));
     }
