@@ -3,10 +3,11 @@
 //! - Q4_0, Q4_1, Q8_0 (and Q5_0/Q5_1, re-quantized to Q8_0 at load): Arbor's batch-invariant
 //!   block kernel ([`crate::cpu::qmatmul`]), the same arithmetic as llama.cpp, for prefill and
 //!   decode alike. candle 0.11's Q4_1/Q5_x dot products are scalar loops (shared/cpu/README.md).
-//! - K-quants: candle's quantized matmul (AVX2 dot products). Each row is computed on its own,
-//!   but candle picks a different (repacked) kernel for Q6_K when there is more than one row, so
-//!   K-quant models are batch-invariant only up to the last bits; an own K-quant kernel would
-//!   close that.
+//! - K-quants: the same block kernel, Q4_K as Q4_1 blocks of the same 4-bit values and the
+//!   others re-quantized to Q8_0 ([`crate::cpu::qmatmul::kquants`]). candle's K-quant kernels
+//!   are not batch-invariant (Q6_K switches to a repacked kernel for several rows), which
+//!   would let the prefix cache change a K-quant model's outputs in the last bits.
+//! - Anything else GGUF holds: candle's quantized matmul.
 //! - F32/F16/BF16 (Hugging Face folders): f32 weights through Arbor's batch-invariant dense
 //!   kernel ([`crate::cpu::dense`]).
 //!
@@ -19,7 +20,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::cpu::dense::DenseMatrix;
-use crate::cpu::qmatmul::{BlockFormat, BlockMatrix};
+use crate::cpu::qmatmul::{kquants, BlockFormat, BlockMatrix};
 use crate::error::Result;
 
 #[derive(Debug, Clone)]
@@ -69,9 +70,19 @@ impl Linear {
             GgmlDType::Q4_0 => blocks(BlockFormat::Q4_0, &q)?.map(Kernel::Blocks),
             GgmlDType::Q4_1 => blocks(BlockFormat::Q4_1, &q)?.map(Kernel::Blocks),
             GgmlDType::Q8_0 => blocks(BlockFormat::Q8_0, &q)?.map(Kernel::Blocks),
-            GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
-                // 8 bits hold 5-bit values with room to spare: the re-quantization error is far
-                // below the source's own.
+            // The same 4-bit values in Q4_1 blocks (crate::cpu::qmatmul::kquants).
+            GgmlDType::Q4K => kquants::q4k_to_q4_1(&q.data()?)
+                .and_then(|b| BlockMatrix::from_gguf_bytes(BlockFormat::Q4_1, out_dim, in_dim, &b))
+                .map(Kernel::Blocks),
+            GgmlDType::Q5_0
+            | GgmlDType::Q5_1
+            | GgmlDType::Q2K
+            | GgmlDType::Q3K
+            | GgmlDType::Q5K
+            | GgmlDType::Q6K
+            | GgmlDType::Q8K => {
+                // 8 bits hold 2- to 6-bit values with room to spare: the re-quantization error
+                // is far below the source's own.
                 let q8 = QTensor::quantize(&q.dequantize(device)?, GgmlDType::Q8_0)?;
                 blocks(BlockFormat::Q8_0, &q8)?.map(Kernel::Blocks)
             }
@@ -174,6 +185,55 @@ impl FusedLinear {
                     }
                 }
                 Ok(outs)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pseudo-random values in [-1, 1).
+    fn values(n: usize, mut seed: u64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// A K-quant layer gives a row the same output bits alone and inside a batch (so a prompt's
+    /// K/V does not depend on its chunking or neighbours, and the prefix cache never changes an
+    /// output), and stays close to its dequantized weights.
+    #[test]
+    fn k_quant_layers_are_batch_invariant_and_close_to_their_weights() {
+        let (out_dim, in_dim, batch) = (64, 512, 5);
+        let w =
+            Tensor::from_vec(values(out_dim * in_dim, 7), (out_dim, in_dim), &Device::Cpu).unwrap();
+        let x = values(batch * in_dim, 11);
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let dense = Linear::from_dense(q.dequantize(&Device::Cpu).unwrap(), None).unwrap();
+            let layer = Linear::from_qtensor(q, None, &Device::Cpu).unwrap();
+            assert!(matches!(layer.kernel, Kernel::Blocks(_)), "{dtype:?}");
+            let together = layer.forward_vec(&x, batch).unwrap();
+            let reference = dense.forward_vec(&x, batch).unwrap();
+            let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
+            for r in 0..batch {
+                let alone = layer
+                    .forward_vec(&x[r * in_dim..(r + 1) * in_dim], 1)
+                    .unwrap();
+                let row = &together[r * out_dim..(r + 1) * out_dim];
+                assert_eq!(alone, row, "{dtype:?}, row {r}: alone against batched");
+                // The activations' 8-bit quantization (and Q6_K's re-quantization) move each
+                // output by a fraction of a percent of the largest.
+                for (a, b) in row.iter().zip(&reference[r * out_dim..(r + 1) * out_dim]) {
+                    assert!((a - b).abs() <= 0.01 * scale, "{dtype:?}: {a} against {b}");
+                }
             }
         }
     }

@@ -44,6 +44,7 @@ use rayon::prelude::*;
 use crate::cpu::columns::TILE_COLS;
 
 mod ggml;
+pub mod kquants;
 mod tiles;
 
 pub const QK: usize = 32;
