@@ -166,9 +166,11 @@ struct InFlight {
     shape: StepShape,
 }
 
-/// A collected step: each sampled row's outcome, its token already appended to its sequence.
+/// A collected step: each sampled row's outcome, its token already appended to its sequence,
+/// by index into `running` (valid until the step's processing: a launch and its prefill
+/// commits in between leave `running` as it is).
 struct Collected {
-    rows: Vec<(RequestId, RowOutcome)>,
+    rows: Vec<(usize, RowOutcome)>,
     forward_seconds: f64,
 }
 
@@ -796,21 +798,13 @@ impl Engine {
                 sampling.len()
             )));
         }
-        let running = &self.scheduler.running;
-        let index: HashMap<RequestId, usize> = if next.is_some() || sampling.len() > 8 {
-            running.iter().enumerate().map(|(i, s)| (s.id, i)).collect()
-        } else {
-            HashMap::new()
-        };
+        let index: HashMap<RequestId, usize> = (self.scheduler.running.iter().enumerate())
+            .map(|(i, s)| (s.id, i))
+            .collect();
         let mut rows = Vec::with_capacity(sampling.len());
         for (id, outcome) in sampling.into_iter().zip(output.sampled) {
-            let found = if index.is_empty() {
-                self.scheduler.running.iter().position(|s| s.id == id)
-            } else {
-                index.get(&id).copied()
-            };
             // Cancelled, or ended by the token before (a stop string) while this step ran.
-            let Some(i) = found else { continue };
+            let Some(&i) = index.get(&id) else { continue };
             let outcome = match constraint_errors.iter().position(|(j, _)| *j == id) {
                 Some(k) => Err(constraint_errors.swap_remove(k).1),
                 None => outcome,
@@ -827,10 +821,10 @@ impl Engine {
             };
             if ends {
                 if let Some(plan) = next.as_deref_mut() {
-                    self.scheduler.drop_row(plan, i);
+                    self.scheduler.drop_decode_row(plan, i);
                 }
             }
-            rows.push((id, outcome));
+            rows.push((i, outcome));
         }
         Ok(Collected {
             rows,
@@ -845,10 +839,7 @@ impl Engine {
         // (index into running, reason, text released at the end, error)
         let mut finished: Vec<(usize, FinishReason, Flush, Option<String>)> = Vec::new();
         let faults = self.config.fault_injector.as_ref();
-        for (id, outcome) in collected.rows {
-            let Some(i) = self.scheduler.running.iter().position(|s| s.id == id) else {
-                continue;
-            };
+        for (i, outcome) in collected.rows {
             let s = &mut self.scheduler.running[i];
             // A fault while handling one request (sampling, detokenizing, a stop check, its
             // constraint) ends that request with an error; the others in the step go on.

@@ -273,21 +273,19 @@ impl Scheduler {
         }
     }
 
-    /// Takes sequence `i`'s row out of a plan not launched yet (its token in flight ended it,
-    /// or failed), giving back the slot grown for it.
-    pub fn drop_row(&mut self, plan: &mut StepPlan, i: usize) {
+    /// Takes sequence `i`'s decode row out of a plan not launched yet (the token it had in
+    /// flight ended it, or failed), giving back the slot grown for it. A sequence with a token
+    /// in flight is planned only as a decode (see `schedule`).
+    pub fn drop_decode_row(&mut self, plan: &mut StepPlan, i: usize) {
         let Some(at) = plan.rows.iter().position(|&(j, _)| j == i) else {
             return;
         };
         let (_, n) = plan.rows.remove(at);
+        debug_assert_eq!(n, 1, "a sequence with a token in flight decodes");
         if let Some(kv) = self.running[i].kv.as_mut() {
             kv.truncate(kv.len() - n);
         }
-        if n == 1 && plan.decode_tokens > 0 {
-            plan.decode_tokens -= 1;
-        } else {
-            plan.prefill_tokens -= n.min(plan.prefill_tokens);
-        }
+        plan.decode_tokens -= n;
     }
 
     /// After a step: prefill chunks go into the prefix cache at once, for requests arriving
