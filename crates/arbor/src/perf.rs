@@ -502,7 +502,7 @@ pub fn gpu_check(a: GpuCheckArgs) -> Result<()> {
         json!({
             "prompts": prompts.len(), "identical_with_and_without_graphs": identical[0],
             "identical_with_and_without_graphs_one_row_gemv": identical[1],
-            "identical_with_and_without_overlap": same_overlap,
+            "identical_with_and_without_overlap": same_overlap, "overlap_runs": 2 * prompts.len(),
         })
     };
     // An FP8 cache against the GPU's bf16 one: what the cache's rounding alone changes.
@@ -685,6 +685,31 @@ fn tp_check(a: &GpuCheckArgs, ordinal: usize, size: usize) -> Result<()> {
             "worst relative logit difference {worst_rel:.4} exceeds {TP_RELATIVE_BOUND}"
         ));
     }
+    // The ranks' steps one at a time against overlapped (the default, above): only when the
+    // engine's thread does its work may change, never a token. Greedy as above, then seeded
+    // sampling with ragged ends (`all_at_once`), on engines with the same history. Loaded
+    // after the TP=1 engine is gone, so that three copies of a large shape never share a GPU.
+    drop(whole_engine);
+    let overlapped = all_at_once(&mut split_engine, &prompts, a.tokens)?;
+    let (serial_greedy, serial_seeded) = {
+        let opened = arbor_model::open(&path, device, &options(size, true))?;
+        let one_at_a_time = EngineConfig {
+            overlap: arbor_engine::Overlap::Off,
+            ..Default::default()
+        };
+        let mut engine = Engine::new(opened.runner, opened.tokenizer, one_at_a_time)?;
+        let greedy = greedy_together(&mut engine, &prompts, a.tokens)?;
+        (greedy, all_at_once(&mut engine, &prompts, a.tokens)?)
+    };
+    let same = |x: &[Vec<u32>], y: &[Vec<u32>]| x.iter().zip(y).filter(|(x, y)| x == y).count();
+    let same_overlap = same(&serial_greedy, &got) + same(&serial_seeded, &overlapped);
+    if same_overlap != 2 * prompts.len() {
+        failures.push(format!(
+            "overlapped steps differ from steps one at a time on {} of {} runs",
+            2 * prompts.len() - same_overlap,
+            2 * prompts.len()
+        ));
+    }
     // One rank sums nothing: the same kernels on the same weights, so the same bits.
     if size == 1 && (worst_rel != 0.0 || identical != prompts.len()) {
         failures.push(format!(
@@ -699,6 +724,7 @@ fn tp_check(a: &GpuCheckArgs, ordinal: usize, size: usize) -> Result<()> {
         "ranks_on_one_gpu": one_gpu, "device": split_engine.runner().device_name(),
         "prompts": prompts.len(), "worst_relative_logit_difference": worst_rel,
         "bound": TP_RELATIVE_BOUND, "greedy_tokens": a.tokens, "greedy_identical": identical,
+        "identical_with_and_without_overlap": same_overlap, "overlap_runs": 2 * prompts.len(),
         "diverged": near_ties, "rows": rows, "failures": failures,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);

@@ -14,10 +14,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::cuda::{DeviceSampling, GPU_KV_MEMORY_SHARE};
+use super::cuda::{DeviceSampling, PreparedRows, GPU_KV_MEMORY_SHARE};
 use super::host::LogitsBackend;
-use super::tp::{RankModel, SampledRow, TensorParallel};
-use super::{FaultInjector, ModelRunner, SeqId, SequenceSampling, StepOutput, StepRow};
+use super::tp::{RankModel, RunningSampled, SampledRow, TensorParallel};
+use super::{FaultInjector, Launched, ModelRunner, SeqId, SequenceSampling, StepOutput, StepRow};
 use crate::config::ModelConfig;
 use crate::cuda::{CudaKvPool, CudaLlama, DecodeGraphs, DeviceAllReduce, GpuSampler, SampleBatch};
 use crate::error::{ModelError, Result};
@@ -169,10 +169,22 @@ impl TensorParallel {
 /// Tensor parallelism on GPUs as a [`ModelRunner`] that samples on rank 0's GPU: the host
 /// keeps each sequence's sampling state and packs a step's sampling rows
 /// ([`DeviceSampling`], as [`super::CudaRunner`] does), rank 0 samples them from the gathered
-/// logits, and only the tokens come back.
+/// logits, and only the tokens come back. A step's launch hands it to the rank threads and
+/// returns, so the engine's thread turns the previous step's tokens into text and plans the
+/// next while the ranks run it (as on one GPU: [`ModelRunner::overlaps`]).
 pub struct CudaTensorParallelRunner {
     ranks: TensorParallel,
     sampling: DeviceSampling,
+    running: Option<RunningStep>,
+}
+
+/// A step the ranks are running, and what its collection needs.
+struct RunningStep {
+    ranks: RunningSampled,
+    prepared: PreparedRows,
+    /// Whether any row samples (otherwise rank 0 gathers no logits).
+    sampling: bool,
+    started: Instant,
 }
 
 impl CudaTensorParallelRunner {
@@ -180,6 +192,7 @@ impl CudaTensorParallelRunner {
         Self {
             ranks,
             sampling: DeviceSampling::default(),
+            running: None,
         }
     }
 }
@@ -210,19 +223,50 @@ impl ModelRunner for CudaTensorParallelRunner {
     }
 
     fn step(&mut self, rows: &[StepRow]) -> Result<StepOutput> {
+        self.launch(rows)?;
+        self.collect()
+    }
+
+    fn launch(&mut self, rows: &[StepRow]) -> Result<Launched> {
+        if self.running.is_some() {
+            return Err(ModelError::Cuda(
+                "a step was launched before the previous one was collected".into(),
+            ));
+        }
         let batch: Vec<SeqStep> = rows.iter().map(StepRow::seq_step).collect();
         let started = Instant::now();
         let vocab = self.ranks.config().vocab_size;
         let prepared = self.sampling.prepare(rows, vocab);
         let sample = std::mem::take(&mut self.sampling.batch);
-        let launched = !sample.is_empty();
-        let (sampled, sample) = self.ranks.step_sampled(&batch, sample)?;
+        let sampling = !sample.is_empty();
+        let ranks = self.ranks.launch_sampled(&batch, sample)?;
+        self.running = Some(RunningStep {
+            ranks,
+            prepared,
+            sampling,
+            started,
+        });
+        Ok(Launched::Running)
+    }
+
+    fn collect(&mut self) -> Result<StepOutput> {
+        let step = self
+            .running
+            .take()
+            .ok_or_else(|| ModelError::Cuda("no step is running".into()))?;
+        let (sampled, sample) = self.ranks.collect_sampled(step.ranks)?;
         self.sampling.batch = sample;
-        let sampled = self.sampling.finish(prepared, launched.then_some(sampled));
+        let sampled = self
+            .sampling
+            .finish(step.prepared, step.sampling.then_some(sampled));
         Ok(StepOutput {
             sampled,
-            forward_seconds: started.elapsed().as_secs_f64(),
+            forward_seconds: step.started.elapsed().as_secs_f64(),
         })
+    }
+
+    fn overlaps(&self) -> bool {
+        true
     }
 
     fn logits_from_scratch(&self, tokens: &[u32], which: LogitsWanted) -> Result<Vec<Vec<f32>>> {

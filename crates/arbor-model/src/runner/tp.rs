@@ -96,6 +96,14 @@ enum RankOutput {
 
 type Reply = Result<RankOutput>;
 
+/// A sampled step the ranks are running ([`TensorParallel::launch_sampled`]).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct RunningSampled {
+    replies: Vec<Receiver<Reply>>,
+    /// Shared with the ranks until they answer; then the caller takes it back for reuse.
+    sample: Arc<SampleBatch>,
+}
+
 /// A sampled row: its token and, when asked, log-probabilities.
 pub(crate) type SampledRow = (u32, Option<TokenLogprob>);
 
@@ -322,6 +330,15 @@ impl TensorParallel {
 
     /// Sends `job` to every rank; their answers in rank order.
     fn run_job(&self, make: impl Fn() -> Job) -> Result<Vec<RankOutput>> {
+        let replies = self.send_job(make)?;
+        self.await_job(replies)
+    }
+
+    /// Sends `job` to every rank and returns without waiting: each rank's reply channel, in
+    /// rank order, for [`Self::await_job`].
+    fn send_job(&self, make: impl Fn() -> Job) -> Result<Vec<Receiver<Reply>>> {
+        // Every rank must queue the jobs in one order. Each job has its own reply channels, so
+        // only the sending is serialised: a job may queue behind one still running.
         let _one_at_a_time = self.dispatch.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(why) = self.group.aborted() {
             return Err(ModelError::RankFailed(why));
@@ -341,6 +358,12 @@ impl TensorParallel {
             }
             replies.push(rx);
         }
+        Ok(replies)
+    }
+
+    /// Every rank's answer to a job [`Self::send_job`] sent, in rank order, or the first
+    /// failure.
+    fn await_job(&self, replies: Vec<Receiver<Reply>>) -> Result<Vec<RankOutput>> {
         let mut slices = Vec::with_capacity(replies.len());
         let mut failure = None;
         for (r, rx) in replies.into_iter().enumerate() {
@@ -384,17 +407,44 @@ impl TensorParallel {
 
     /// One step whose logits never leave the GPUs: rank 0 samples `sample`'s rows (packed by
     /// the caller in logit-row order). Gives the sampled rows and the batch back (its buffers
-    /// are reused).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    /// are reused). The runner launches and collects separately; this is both at once.
+    #[cfg(test)]
     pub(crate) fn step_sampled(
         &self,
         batch: &[SeqStep],
         sample: SampleBatch,
     ) -> Result<(Vec<SampledRow>, SampleBatch)> {
+        let running = self.launch_sampled(batch, sample)?;
+        self.collect_sampled(running)
+    }
+
+    /// [`Self::step_sampled`]'s first half: checks the batch and hands it to the ranks, then
+    /// returns while they run it, so that the caller's thread can prepare the next step.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn launch_sampled(
+        &self,
+        batch: &[SeqStep],
+        sample: SampleBatch,
+    ) -> Result<RunningSampled> {
+        // Bad input is the caller's error, found before any rank starts: it breaks nothing.
         self.check(batch, self.kv_slots)?;
         let owned = Arc::new(OwnedBatch::new(batch));
         let sample = Arc::new(sample);
-        let result = self.run_job(|| Job::StepSampled(owned.clone(), sample.clone()));
+        let replies = self.send_job(|| Job::StepSampled(owned.clone(), sample.clone()))?;
+        Ok(RunningSampled { replies, sample })
+    }
+
+    /// [`Self::step_sampled`]'s second half: every rank's answer to the step
+    /// [`Self::launch_sampled`] handed them.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn collect_sampled(
+        &self,
+        running: RunningSampled,
+    ) -> Result<(Vec<SampledRow>, SampleBatch)> {
+        let RunningSampled { replies, sample } = running;
+        let result = self.await_job(replies);
+        // Counted once the ranks are done with the step: a rank's fault hook sees the count of
+        // the steps before its own, with or without overlap.
         self.steps.fetch_add(1, Ordering::SeqCst);
         let sampled = match result?.into_iter().next() {
             Some(RankOutput::Sampled(rows)) => rows,
@@ -476,8 +526,8 @@ impl LogitsBackend for TensorParallel {
 
 impl Drop for TensorParallel {
     fn drop(&mut self) {
-        // Closing the job channels ends the workers' loops; no job is in flight (run_job
-        // waits for every reply).
+        // Closing the job channels ends the workers' loops once they have answered the jobs
+        // queued (a launched step nobody collects included: its reply goes nowhere).
         for rank in &mut self.ranks {
             rank.jobs.take();
         }
@@ -503,6 +553,16 @@ mod tests {
         rank: usize,
         fails: bool,
         group: Arc<HostAllReduce>,
+        /// Where set, a sampled step starts only once the test opens it (or fails after 10 s).
+        gate: Option<Arc<Gate>>,
+    }
+
+    /// A door the test opens: `(open, its condition)`.
+    type Gate = (Mutex<bool>, std::sync::Condvar);
+
+    fn open(gate: &Gate) {
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
     }
 
     impl RankModel for CountingRank {
@@ -526,6 +586,16 @@ mod tests {
             if self.fails {
                 return Err(ModelError::Cuda("out of memory".into()));
             }
+            if let Some(gate) = &self.gate {
+                let wait = std::time::Duration::from_secs(10);
+                let open = gate.0.lock().unwrap();
+                let (open, _) = gate.1.wait_timeout_while(open, wait, |o| !*o).unwrap();
+                if !*open {
+                    return Err(ModelError::Cuda(
+                        "the step ran before its launch returned".into(),
+                    ));
+                }
+            }
             let mut x = [1.0f32 + self.rank as f32];
             self.group.sum(self.rank, &mut x)?;
             let rows = if self.rank == 0 { sample.len() } else { 0 };
@@ -534,12 +604,17 @@ mod tests {
     }
 
     fn ranks(size: usize, failing: Option<usize>) -> TensorParallel {
+        gated_ranks(size, failing, None)
+    }
+
+    fn gated_ranks(size: usize, failing: Option<usize>, gate: Option<Arc<Gate>>) -> TensorParallel {
         let group = Arc::new(HostAllReduce::new(size));
         let models = (0..size)
             .map(|rank| CountingRank {
                 rank,
                 fails: failing == Some(rank),
                 group: group.clone(),
+                gate: gate.clone(),
             })
             .collect();
         let config = crate::parallel::tests::config(4, 2, 64, 32);
@@ -584,6 +659,46 @@ mod tests {
         }];
         assert!(tp.step_sampled(&bad, sample_rows(1)).is_err());
         assert!(tp.step_sampled(&steps, sample_rows(2)).is_ok());
+    }
+
+    #[test]
+    fn a_launched_step_runs_while_the_caller_works_and_later_jobs_queue_behind_it() {
+        let gate = Arc::new(Gate::default());
+        let tp = gated_ranks(2, None, Some(gate.clone()));
+        let step = [SeqStep {
+            tokens: &[5],
+            slots: &[0],
+            logits: LogitsWanted::Last,
+        }];
+        // The ranks hold the step until the gate opens: a launch that waited for them would
+        // make them fail it.
+        let running = tp.launch_sampled(&step, sample_rows(3)).unwrap();
+        open(&gate);
+        // A job sent while the step runs goes to every rank after it: no deadlock, and the
+        // step's all-reduce still pairs up.
+        let scratch = tp.logits_from_scratch(&[5], LogitsWanted::Last).unwrap();
+        assert_eq!(
+            scratch,
+            vec![vec![0.0, 1.0]],
+            "rank 0's slice, then rank 1's"
+        );
+        let (sampled, back) = tp.collect_sampled(running).unwrap();
+        let tokens: Vec<u32> = sampled.iter().map(|r| r.0).collect();
+        assert_eq!(
+            tokens,
+            vec![3, 4, 5],
+            "1 + 2 from the two ranks, plus the row"
+        );
+        assert_eq!(back.len(), 3);
+        // A launch refused for bad input leaves nothing running and breaks nothing.
+        let bad = [SeqStep {
+            tokens: &[99],
+            slots: &[0],
+            logits: LogitsWanted::Last,
+        }];
+        assert!(tp.launch_sampled(&bad, sample_rows(1)).is_err());
+        let again = tp.launch_sampled(&step, sample_rows(1)).unwrap();
+        assert_eq!(tp.collect_sampled(again).unwrap().0[0].0, 3);
     }
 
     #[test]
