@@ -3,8 +3,9 @@
 //! - Q4_0, Q4_1, Q8_0 (and Q5_0/Q5_1, re-quantized to Q8_0 at load): Arbor's batch-invariant
 //!   block kernel ([`crate::cpu::qmatmul`]), the same arithmetic as llama.cpp, for prefill and
 //!   decode alike. candle 0.11's Q4_1/Q5_x dot products are scalar loops (shared/cpu/README.md).
-//! - K-quants: the same block kernel, Q4_K as Q4_1 blocks of the same 4-bit values and the
-//!   others re-quantized to Q8_0 ([`crate::cpu::qmatmul::kquants`]). candle's K-quant kernels
+//! - K-quants: the same block kernel, Q4_K as Q4_1 blocks of the same 4-bit values, Q6_K as
+//!   Q6K blocks of the same 6-bit values and scales, the others re-quantized to Q8_0
+//!   ([`crate::cpu::qmatmul::kquants`]). candle's K-quant kernels
 //!   are not batch-invariant (Q6_K switches to a repacked kernel for several rows), which
 //!   would let the prefix cache change a K-quant model's outputs in the last bits.
 //! - Anything else GGUF holds: candle's quantized matmul.
@@ -20,7 +21,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::cpu::dense::DenseMatrix;
-use crate::cpu::qmatmul::{kquants, BlockFormat, BlockMatrix};
+use crate::cpu::qmatmul::{kquants, BlockFormat, BlockMatrix, Layout};
 use crate::error::Result;
 
 #[derive(Debug, Clone)]
@@ -74,6 +75,14 @@ impl Linear {
             GgmlDType::Q4K => kquants::q4k_to_q4_1(&q.data()?)
                 .and_then(|b| BlockMatrix::from_gguf_bytes(BlockFormat::Q4_1, out_dim, in_dim, &b))
                 .map(Kernel::Blocks),
+            // Every weight as the file has it, in 32-weight blocks (tiled kernels only).
+            GgmlDType::Q6K if Layout::selected() == Layout::Tiles => {
+                kquants::q6k_to_blocks(&q.data()?)
+                    .and_then(|b| {
+                        BlockMatrix::from_gguf_bytes(BlockFormat::Q6K, out_dim, in_dim, &b)
+                    })
+                    .map(Kernel::Blocks)
+            }
             GgmlDType::Q5_0
             | GgmlDType::Q5_1
             | GgmlDType::Q2K

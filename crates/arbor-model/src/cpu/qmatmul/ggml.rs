@@ -37,10 +37,13 @@ pub(super) fn dot_rows(
         target_feature = "avx2",
         target_feature = "fma"
     )))]
-    {
-        for (r, o) in out.iter_mut().enumerate() {
-            *o = definition(format, w, &acts[r * nb..(r + 1) * nb]);
-        }
+    scalar_rows(format, w, acts, nb, out)
+}
+
+/// [`definition`] for each activation row.
+fn scalar_rows(format: BlockFormat, w: &[u8], acts: &[ActBlock], nb: usize, out: &mut [f32]) {
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = definition(format, w, &acts[r * nb..(r + 1) * nb]);
     }
 }
 
@@ -109,6 +112,8 @@ mod avx2 {
             (BlockFormat::Q8_0, 2) => dot_tile::<2, Q80>(w, acts, nb, out),
             (BlockFormat::Q8_0, 3) => dot_tile::<3, Q80>(w, acts, nb, out),
             (BlockFormat::Q8_0, _) => dot_tile::<4, Q80>(w, acts, nb, out),
+            // No matrix of the row layout holds Q6K (`BlockMatrix::with_layout` refuses it).
+            (BlockFormat::Q6K, _) => super::scalar_rows(format, w, acts, nb, out),
         }
     }
 

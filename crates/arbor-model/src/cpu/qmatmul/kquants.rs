@@ -11,14 +11,26 @@
 //!   and a 6-bit integer needs up to 17 significant bits): a relative error under 2^-11 in a
 //!   block's scale, far below the 4-bit quantization's own. Same size in memory (5 bits a
 //!   weight against 4.5).
+//! - **Q6_K becomes Q6K blocks** (see [`super`]): each 32-weight piece of a super-block keeps
+//!   the super-block's f16 `d`, its two 16-weight sub-blocks' i8 scales and its 6-bit values,
+//!   so every weight is exactly the file's. 7 bits a weight against the file's 6.56 (Q8_0,
+//!   what it was before, takes 8.5). Under `--cpu-kernels ggml` (no tiles) it is still Q8_0.
 //! - **Every other K-quant becomes Q8_0** (dequantized, then quantized per 32 weights, as Q5_0
-//!   and Q5_1 are): 8 bits hold 2- to 6-bit values with room to spare (for Q6_K the added
-//!   rounding is at most an eighth of its own step).
+//!   and Q5_1 are): 8 bits hold 2- to 5-bit values with room to spare.
 //!
 //! Q4_K's block, as ggml writes it (144 bytes):
 //! ```text
 //!   d:f16 dmin:f16 | scales[12]: 8 six-bit scales and 8 six-bit mins | qs[128]
 //!   weights 64c..64c+32: low nibbles of qs[32c..32c+32]; 64c+32..64c+64: their high nibbles
+//! ```
+//! Q6_K's (210 bytes), weight `d·sc[i/16]·(q − 32)` with `q` 0..63:
+//! ```text
+//!   ql[128] | qh[64] | sc:i8[16] | d:f16
+//!   in half n (weights 128n..128n+128), l in 0..32, ql' = ql[64n..], qh' = qh[32n..]:
+//!   weight l:      low nibble of ql'[l]     | bits 0-1 of qh'[l] << 4
+//!   weight l+32:   low nibble of ql'[l+32]  | bits 2-3 of qh'[l] << 4
+//!   weight l+64:   high nibble of ql'[l]    | bits 4-5 of qh'[l] << 4
+//!   weight l+96:   high nibble of ql'[l+32] | bits 6-7 of qh'[l] << 4
 //! ```
 
 use half::f16;
@@ -27,6 +39,9 @@ use half::f16;
 const QK_K: usize = 256;
 const Q4K_BLOCK_BYTES: usize = 144;
 const Q4_1_BLOCK_BYTES: usize = 20;
+const Q6K_BLOCK_BYTES: usize = 210;
+/// Bytes of one of Arbor's 32-weight Q6K blocks ([`super::BlockFormat::Q6K`]).
+const Q6K_PIECE_BYTES: usize = 28;
 
 /// Sub-block `j`'s 6-bit scale and min (ggml's `get_scale_min_k4`).
 fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
@@ -64,6 +79,52 @@ pub fn q4k_to_q4_1(bytes: &[u8]) -> Option<Vec<u8>> {
                 for l in 0..16 {
                     out.push(nibble(q[l]) | (nibble(q[l + 16]) << 4));
                 }
+            }
+        }
+    }
+    Some(out)
+}
+
+/// The 6-bit value (0..63) of each of a Q6_K super-block's 256 weights.
+fn q6k_values(b: &[u8]) -> [u8; QK_K] {
+    let (ql, qh) = (&b[..128], &b[128..192]);
+    let mut q = [0u8; QK_K];
+    for n in 0..2 {
+        let (ql, qh) = (&ql[64 * n..], &qh[32 * n..]);
+        let y = &mut q[128 * n..128 * n + 128];
+        for l in 0..32 {
+            y[l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+            y[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+            y[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+            y[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+        }
+    }
+    q
+}
+
+/// Q6_K blocks (a whole tensor's bytes) as Arbor's Q6K blocks of the same weights, 8 per
+/// super-block; `None` when the bytes are not whole Q6_K blocks.
+pub fn q6k_to_blocks(bytes: &[u8]) -> Option<Vec<u8>> {
+    if !bytes.len().is_multiple_of(Q6K_BLOCK_BYTES) {
+        return None;
+    }
+    let blocks = bytes.len() / Q6K_BLOCK_BYTES;
+    let mut out = Vec::with_capacity(blocks * (QK_K / 32) * Q6K_PIECE_BYTES);
+    for b in bytes.chunks_exact(Q6K_BLOCK_BYTES) {
+        let q = q6k_values(b);
+        let (scales, d) = (&b[192..208], &b[208..210]);
+        for (piece, q) in q.chunks_exact(32).enumerate() {
+            out.extend_from_slice(d);
+            out.extend_from_slice(&scales[2 * piece..2 * piece + 2]);
+            // ql as Q4_1's: element e in byte e % 16, low nibble for e < 16.
+            out.extend((0..16).map(|l| (q[l] & 0xF) | ((q[l + 16] & 0xF) << 4)));
+            // qh byte 4h + k: the high bits of elements 16h + 4m + k at bit 2m, m in 0..4.
+            for h in 0..2 {
+                out.extend((0..4).map(|k| {
+                    (0..4).fold(0u8, |byte, m| {
+                        byte | ((q[16 * h + 4 * m + k] >> 4) << (2 * m))
+                    })
+                }));
             }
         }
     }
@@ -142,5 +203,56 @@ mod tests {
     fn bytes_that_are_not_whole_blocks_are_refused() {
         assert!(q4k_to_q4_1(&[0u8; Q4K_BLOCK_BYTES + 1]).is_none());
         assert_eq!(q4k_to_q4_1(&[]).unwrap().len(), 0);
+        assert!(q6k_to_blocks(&[0u8; Q6K_BLOCK_BYTES - 1]).is_none());
+        assert_eq!(q6k_to_blocks(&[]).unwrap().len(), 0);
+    }
+
+    /// Every weight of a Q6_K tensor (quantized by candle, as ggml does) read back from the
+    /// Q6K blocks through the block matrix is the file's own, to the last bit of ggml's
+    /// `d·sc·(q − 32)`: the blocks keep every value and scale.
+    #[test]
+    fn q6k_blocks_keep_every_weight_exactly() {
+        use crate::cpu::qmatmul::{BlockFormat, BlockMatrix, Layout};
+        let (rows, cols) = (20, 768);
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let u = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                // Sub-blocks of very different spreads, so the i8 scales span their range.
+                u * [0.01, 0.5, 3.0, 0.05][i / 16 % 4]
+            })
+            .collect();
+        let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::Q6K).unwrap();
+        let want = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let blocks = q6k_to_blocks(&q.data().unwrap()).unwrap();
+        assert_eq!(blocks.len(), rows * cols / 32 * Q6K_PIECE_BYTES);
+        let w =
+            BlockMatrix::with_layout(BlockFormat::Q6K, rows, cols, &blocks, Layout::Tiles).unwrap();
+        let mut row = vec![0f32; cols];
+        let mut nonzero = 0;
+        for r in 0..rows {
+            w.dequantize_row(r, &mut row);
+            for (c, (&got, &want)) in row.iter().zip(&want[r * cols..]).enumerate() {
+                // ggml computes (d·sc)·(q − 32) in f32, the block kernels d·(sc·(q − 32)): the
+                // same exact product, each rounded once.
+                let exact = f64::from(want);
+                assert!(
+                    (f64::from(got) - exact).abs() <= exact.abs() * 2f64.powi(-23),
+                    "row {r}, weight {c}: {got} against {want}"
+                );
+                nonzero += usize::from(want != 0.0);
+            }
+        }
+        assert!(nonzero > rows * cols / 2, "the tensor is mostly zeros");
     }
 }

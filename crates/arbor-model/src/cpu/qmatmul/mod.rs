@@ -1,4 +1,5 @@
-//! Batch-invariant matmul on 32-wide GGUF blocks (Q4_0, Q4_1, Q8_0), CPU.
+//! Batch-invariant matmul on 32-wide GGUF blocks (Q4_0, Q4_1, Q8_0, and Q6_K's values in
+//! 32-wide blocks), CPU.
 //!
 //! `y = x · Wᵀ` with `W` kept in its GGUF block format (the same bytes, rearranged) and each
 //! row of `x` quantized to 8 bits per 32-block (ggml's `quantize_row_q8_0` / `_q8_1`), then
@@ -30,12 +31,22 @@
 //!   Q4_0 (18 B): d:f16 | qs[16]          element e: (qs[e%16] >> 4*(e/16)) & 15, value d*(q-8)
 //!   Q4_1 (20 B): d:f16 m:f16 | qs[16]    element e as above, value d*q + m
 //!   Q8_0 (34 B): d:f16 | qs:i8[32]       value d*q
+//!   Q6K  (28 B): d:f16 sc:i8[2] | ql[16] | qh[8]
+//!                element e: q = nibble of ql as Q4's | 2 bits of qh[4*(e/16) + e%4] at
+//!                bit 2*((e%16)/4), shifted to bits 4-5; value d*sc[e/16]*(q-32)
 //! ```
+//! Q6K is not a GGUF block: it is a Q6_K super-block's values cut into its eight 32-weight
+//! pieces ([`kquants::q6k_to_blocks`]), each keeping the super-block's `d` and its two 16-weight
+//! sub-blocks' integer scales, so nothing is rounded. Its integer block sum is
+//! `sc0·Σ(q−32)x + sc1·Σ(q−32)x` over the two halves, still exact in i32. It exists in the
+//! tiled layout only (the ggml definition is llama.cpp's, which has no such block).
 //! The tiled layout, per tile of 16 columns and block (the same byte count as 16 blocks):
 //! ```text
 //!   d:f16[16] | m:f16[16] (Q4_1) | groups of 64 bytes: column j's 4 quant bytes at 4j
 //!   Q4_0/Q4_1: 4 groups, group g = qs[4g..4g+4] (low nibbles: elements 4g.., high: 16+4g..)
 //!   Q8_0:      8 groups, group g = qs[4g..4g+4] stored as q + 128 (unsigned for vpdpbusd)
+//!   Q6K:       d:f16[16] | sc0:i8[16] sc1:i8[16] | 4 nibble groups as Q4 | 2 groups of 64
+//!              bytes, h = 0, 1: column j's qh[4h..4h+4] at 4j (the high bits of half h)
 //! ```
 
 use half::f16;
@@ -54,6 +65,8 @@ pub enum BlockFormat {
     Q4_0,
     Q4_1,
     Q8_0,
+    /// Q6_K's values in 32-weight blocks (module docs); tiled layout only.
+    Q6K,
 }
 
 impl BlockFormat {
@@ -63,22 +76,29 @@ impl BlockFormat {
             BlockFormat::Q4_0 => 18,
             BlockFormat::Q4_1 => 20,
             BlockFormat::Q8_0 => 34,
+            BlockFormat::Q6K => 28,
         }
     }
 
-    /// Offset of the quants in a block.
+    /// Offset of the quants in a block (Q6K: of `ql`).
     fn qs_offset(self) -> usize {
         match self {
             BlockFormat::Q4_0 | BlockFormat::Q8_0 => 2,
-            BlockFormat::Q4_1 => 4,
+            BlockFormat::Q4_1 | BlockFormat::Q6K => 4,
         }
     }
 
-    /// Offset of the quant groups in a tile block (after the scales, and Q4_1's minimums).
+    /// Whether the ggml definition (the file's row layout) exists for the format.
+    fn has_rows_layout(self) -> bool {
+        self != BlockFormat::Q6K
+    }
+
+    /// Offset of the quant groups in a tile block (after the scales, and Q4_1's minimums or
+    /// Q6K's sub-block scales).
     fn tile_quants_offset(self) -> usize {
         match self {
             BlockFormat::Q4_0 | BlockFormat::Q8_0 => 2 * TILE_COLS,
-            BlockFormat::Q4_1 => 4 * TILE_COLS,
+            BlockFormat::Q4_1 | BlockFormat::Q6K => 4 * TILE_COLS,
         }
     }
 
@@ -89,6 +109,7 @@ impl BlockFormat {
             BlockFormat::Q4_0 => 8,
             BlockFormat::Q4_1 => 0,
             BlockFormat::Q8_0 => 128,
+            BlockFormat::Q6K => 32,
         }
     }
 
@@ -160,24 +181,33 @@ impl WeightBlock<'_> {
         f16_at(self.bytes, 2)
     }
     /// The quant of element `e`: unsigned 0..15 for the 4-bit formats (Q4_0's -8 bias is
-    /// applied by the caller), signed for Q8_0.
+    /// applied by the caller), 0..63 for Q6K, signed for Q8_0.
     #[inline]
     fn quant(&self, format: BlockFormat, e: usize) -> i32 {
         let qs = &self.bytes[format.qs_offset()..];
+        let nibble = if e < 16 {
+            qs[e] & 0x0F
+        } else {
+            qs[e - 16] >> 4
+        };
         match format {
             BlockFormat::Q8_0 => qs[e] as i8 as i32,
-            _ if e < 16 => (qs[e] & 0x0F) as i32,
-            _ => (qs[e - 16] >> 4) as i32,
+            BlockFormat::Q6K => {
+                let high = (qs[16 + 4 * (e / 16) + e % 4] >> (2 * ((e % 16) / 4))) & 3;
+                (nibble | (high << 4)) as i32
+            }
+            _ => nibble as i32,
         }
     }
-    /// The integer weight of element `e` (Q4_0's bias applied).
+    /// The integer weight of element `e` (Q4_0's and Q6K's bias applied, and Q6K's sub-block
+    /// scale): the block's value is `d` times it (plus Q4_1's `m`).
     #[inline]
     fn weight(&self, format: BlockFormat, e: usize) -> i32 {
         let q = self.quant(format, e);
-        if format == BlockFormat::Q4_0 {
-            q - 8
-        } else {
-            q
+        match format {
+            BlockFormat::Q4_0 => q - 8,
+            BlockFormat::Q6K => i32::from(self.bytes[2 + e / 16] as i8) * (q - 32),
+            _ => q,
         }
     }
 }
@@ -193,9 +223,16 @@ fn tile_rows<R: AsRef<[u8]>>(format: BlockFormat, cols: usize, rows: &[R]) -> Ve
         for (b, src) in row.as_ref().chunks_exact(bb).enumerate() {
             let dst = &mut data[(t * nb + b) * tbb..(t * nb + b + 1) * tbb];
             dst[2 * j..2 * j + 2].copy_from_slice(&src[..2]);
-            if format == BlockFormat::Q4_1 {
-                dst[2 * TILE_COLS + 2 * j..2 * TILE_COLS + 2 * j + 2].copy_from_slice(&src[2..4]);
+            match format {
+                BlockFormat::Q4_1 => dst[2 * TILE_COLS + 2 * j..2 * TILE_COLS + 2 * j + 2]
+                    .copy_from_slice(&src[2..4]),
+                BlockFormat::Q6K => {
+                    dst[2 * TILE_COLS + j] = src[2];
+                    dst[3 * TILE_COLS + j] = src[3];
+                }
+                _ => {}
             }
+            // Q6K's ql and then qh, as groups 0-3 and 4-5.
             let qs = &src[format.qs_offset()..];
             for (g, four) in qs.chunks_exact(4).enumerate() {
                 let at = qa + g * 64 + 4 * j;
@@ -235,6 +272,7 @@ impl BlockMatrix {
         if cols == 0
             || !cols.is_multiple_of(QK)
             || data.len() != rows * cols / QK * format.block_bytes()
+            || (layout == Layout::Rows && !format.has_rows_layout())
         {
             return None;
         }
@@ -299,11 +337,21 @@ impl BlockMatrix {
                 for blk in tile.chunks_exact(f.tile_block_bytes()) {
                     let start = row.len();
                     row.extend_from_slice(&blk[2 * j..2 * j + 2]);
-                    if f == BlockFormat::Q4_1 {
-                        let m = 2 * TILE_COLS + 2 * j;
-                        row.extend_from_slice(&blk[m..m + 2]);
+                    match f {
+                        BlockFormat::Q4_1 => {
+                            let m = 2 * TILE_COLS + 2 * j;
+                            row.extend_from_slice(&blk[m..m + 2]);
+                        }
+                        BlockFormat::Q6K => {
+                            row.extend([blk[2 * TILE_COLS + j], blk[3 * TILE_COLS + j]]);
+                        }
+                        _ => {}
                     }
-                    let groups = if f == BlockFormat::Q8_0 { 8 } else { 4 };
+                    let groups = match f {
+                        BlockFormat::Q8_0 => 8,
+                        BlockFormat::Q6K => 6,
+                        _ => 4,
+                    };
                     for g in 0..groups {
                         let at = f.tile_quants_offset() + g * 64 + 4 * j;
                         row.extend(blk[at..at + 4].iter().map(|&q| {
@@ -357,7 +405,7 @@ impl BlockMatrix {
                 let q = w.weight(self.format, e) as f32;
                 out[bi * QK + e] = match self.format {
                     BlockFormat::Q4_1 => w.d() * q + w.m(),
-                    BlockFormat::Q4_0 | BlockFormat::Q8_0 => w.d() * q,
+                    BlockFormat::Q4_0 | BlockFormat::Q8_0 | BlockFormat::Q6K => w.d() * q,
                 };
             }
         }
@@ -400,14 +448,26 @@ impl BlockMatrix {
 }
 
 /// An activation block quantized to 8 bits (ggml's Q8_0, or Q8_1 with `s = d * Σq`).
-/// `d` and `s` hold the f16-rounded values ggml stores; `sum` is `Σq`, exact.
+/// `d` and `s` hold the f16-rounded values ggml stores; `halves` the exact sums of the quants
+/// of each half, packed (Q6K's two sub-blocks take a bias each), so that a block stays 44
+/// bytes: measured, 48 made the other formats' prefill slower.
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct ActBlock {
     qs: [i8; 32],
     d: f32,
     s: f32,
-    sum: i32,
+    /// `Σq` over elements 0-15 in the low 16 bits (two's complement), over 16-31 in the high
+    /// 16: each at most 16·127 in magnitude.
+    halves: i32,
+}
+
+impl ActBlock {
+    /// `Σq` over the block, exact.
+    #[inline(always)]
+    fn sum(&self) -> i32 {
+        self.halves as i16 as i32 + (self.halves >> 16)
+    }
 }
 
 /// ggml's AVX2 `quantize_row_q8_0` / `quantize_row_q8_1`: scale by `127 / max|x|`, round half to
@@ -418,14 +478,19 @@ fn quantize_row(x: &[f32], with_sum: bool) -> impl Iterator<Item = ActBlock> + '
         let amax = block_amax(chunk);
         let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        let (qs, sum) = round_block(chunk, id);
+        let (qs, sum, first) = round_block(chunk, id);
         let d16 = f16::from_f32(d).to_f32();
         let s = if with_sum {
             f16::from_f32(d * sum as f32).to_f32()
         } else {
             0.0
         };
-        ActBlock { qs, d: d16, s, sum }
+        ActBlock {
+            qs,
+            d: d16,
+            s,
+            halves: (first & 0xFFFF) | ((sum - first) << 16),
+        }
     })
 }
 
@@ -451,10 +516,10 @@ fn block_amax(x: &[f32; QK]) -> f32 {
     x.iter().fold(0f32, |a, &v| a.max(v.abs()))
 }
 
-/// `round_ties_even(x * id)` as i8 for a block, and the sum of the quants. `|x * id| <= 127`
-/// by the choice of `id`, so the conversions never saturate.
+/// `round_ties_even(x * id)` as i8 for a block, the sum of the quants and the sum of the
+/// first 16. `|x * id| <= 127` by the choice of `id`, so the conversions never saturate.
 #[inline]
-fn round_block(x: &[f32; QK], id: f32) -> ([i8; QK], i32) {
+fn round_block(x: &[f32; QK], id: f32) -> ([i8; QK], i32, i32) {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
     // SAFETY: AVX2 is enabled for the whole build; the loads read the 32 floats of `x` and the
     // store writes the 32 bytes of `qs`.
@@ -465,9 +530,11 @@ fn round_block(x: &[f32; QK], id: f32) -> ([i8; QK], i32) {
         let q: [__m256i; 4] = std::array::from_fn(|i| {
             _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(8 * i)), scale))
         });
-        let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let (first, second) = (_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
         let mut lanes = [0i32; 8];
-        _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, sum);
+        _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, first);
+        let half_sum: i32 = lanes.iter().sum();
+        _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, second);
         // packs work within 128-bit halves; the permutation restores element order.
         let packed = _mm256_packs_epi16(
             _mm256_packs_epi32(q[0], q[1]),
@@ -477,17 +544,16 @@ fn round_block(x: &[f32; QK], id: f32) -> ([i8; QK], i32) {
             _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         let mut qs = [0i8; QK];
         _mm256_storeu_si256(qs.as_mut_ptr() as *mut __m256i, ordered);
-        (qs, lanes.iter().sum())
+        (qs, half_sum + lanes.iter().sum::<i32>(), half_sum)
     }
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
     {
         let mut qs = [0i8; QK];
-        let mut sum = 0i32;
         for (q, &v) in qs.iter_mut().zip(x) {
             *q = (v * id).round_ties_even() as i8;
-            sum += *q as i32;
         }
-        (qs, sum)
+        let sum = |qs: &[i8]| qs.iter().map(|&q| q as i32).sum::<i32>();
+        (qs, sum(&qs), sum(&qs[..QK / 2]))
     }
 }
 
@@ -527,10 +593,23 @@ mod tests {
         let mut data = Vec::new();
         for _ in 0..rows * cols / QK {
             data.extend(f16::from_f32(rng.random_range(0.001..0.05)).to_le_bytes());
-            if format == BlockFormat::Q4_1 {
-                data.extend(f16::from_f32(rng.random_range(-0.2..0.2)).to_le_bytes());
+            match format {
+                BlockFormat::Q4_1 => {
+                    data.extend(f16::from_f32(rng.random_range(-0.2..0.2)).to_le_bytes())
+                }
+                // Sub-block scales over the whole i8 range, -128 and 127 included.
+                BlockFormat::Q6K => data.extend((0..2).map(|_| match rng.random_range(0..8) {
+                    0 => 0x80,
+                    1 => 0x7F,
+                    _ => rng.random::<u8>(),
+                })),
+                _ => {}
             }
-            let n = if format == BlockFormat::Q8_0 { 32 } else { 16 };
+            let n = match format {
+                BlockFormat::Q8_0 => 32,
+                BlockFormat::Q6K => 24,
+                _ => 16,
+            };
             data.extend((0..n).map(|i| match format {
                 BlockFormat::Q8_0 if extreme && i % 7 == 0 => {
                     if rng.random::<bool>() {
@@ -552,8 +631,20 @@ mod tests {
             .collect()
     }
 
-    const FORMATS: [BlockFormat; 3] = [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0];
-    const LAYOUTS: [Layout; 2] = [Layout::Tiles, Layout::Rows];
+    const FORMATS: [BlockFormat; 4] = [
+        BlockFormat::Q4_0,
+        BlockFormat::Q4_1,
+        BlockFormat::Q8_0,
+        BlockFormat::Q6K,
+    ];
+
+    /// The layouts `format` exists in.
+    fn layouts(format: BlockFormat) -> Vec<Layout> {
+        [Layout::Tiles, Layout::Rows]
+            .into_iter()
+            .filter(|&l| l == Layout::Tiles || format.has_rows_layout())
+            .collect()
+    }
 
     /// The vectorised rounding of activations against `round_ties_even`, ties and extremes
     /// included.
@@ -578,7 +669,7 @@ mod tests {
             } else {
                 0.0
             };
-            let (qs, sum) = round_block(&x, id);
+            let (qs, sum, half_sum) = round_block(&x, id);
             if case % 100 == 0 {
                 let mut with_nan = x;
                 with_nan[case % QK] = f32::NAN;
@@ -588,6 +679,7 @@ mod tests {
             let want: Vec<i8> = x.iter().map(|v| (v * id).round_ties_even() as i8).collect();
             assert_eq!(qs.to_vec(), want, "case {case}");
             assert_eq!(sum, want.iter().map(|&q| q as i32).sum::<i32>());
+            assert_eq!(half_sum, want[..16].iter().map(|&q| q as i32).sum::<i32>());
         }
     }
 
@@ -598,7 +690,7 @@ mod tests {
     fn matmul_equals_its_definition_bit_for_bit() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         for format in FORMATS {
-            for layout in LAYOUTS {
+            for layout in layouts(format) {
                 // 41 rows: split by rows, with a partial slab and a partial row tile.
                 let (n, k, m) = (37, 160, 41);
                 let bytes = random_gguf(format, n, k, true, &mut rng);
@@ -694,7 +786,7 @@ mod tests {
     #[test]
     fn tiled_and_ggml_definitions_differ_only_in_rounding() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        for format in FORMATS {
+        for format in FORMATS.into_iter().filter(|f| f.has_rows_layout()) {
             let (n, k, m) = (40, 576, 6);
             let bytes = random_gguf(format, n, k, false, &mut rng);
             let tiled = BlockMatrix::with_layout(format, n, k, &bytes, Layout::Tiles).unwrap();
@@ -728,7 +820,7 @@ mod tests {
     fn matmul_is_close_to_the_dequantized_product() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         for format in FORMATS {
-            for layout in LAYOUTS {
+            for layout in layouts(format) {
                 let (n, k, m) = (37, 96, 5);
                 let bytes = random_gguf(format, n, k, false, &mut rng);
                 let w = BlockMatrix::with_layout(format, n, k, &bytes, layout).unwrap();
@@ -757,7 +849,7 @@ mod tests {
     fn rows_do_not_depend_on_the_batch() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(2);
         for format in FORMATS {
-            for layout in LAYOUTS {
+            for layout in layouts(format) {
                 let bytes = random_gguf(format, 300, 64, false, &mut rng);
                 let w = BlockMatrix::with_layout(format, 300, 64, &bytes, layout).unwrap();
                 // Beyond the row count where tasks split rows instead of columns.

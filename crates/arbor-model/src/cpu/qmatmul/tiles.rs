@@ -8,6 +8,10 @@
 //!   and the signed activations, starting from `-bias·Σx`;
 //! - AVX2: the same sums from `maddubs` + `madd` on two halves of 8 columns (Q8_0 with the
 //!   signs moved onto the activations, as `maddubs` would overflow on `q + 128`).
+//!
+//! Q6K has an AVX2 kernel only (its 6-bit values rebuilt from a nibble and two high bits, the
+//! two sub-blocks summed apart and combined by their integer scales); AVX-512 processors run it
+//! too, with the same bits.
 
 use super::{ActBlock, BlockFormat};
 use crate::cpu::columns::{TILE_COLS, TILE_ROWS};
@@ -39,7 +43,7 @@ pub(super) fn dot_tile(
         target_feature = "fma"
     ))]
     {
-        if vnni {
+        if vnni && format != BlockFormat::Q6K {
             debug_assert!(crate::cpu::kernels::has_vnni());
             // SAFETY: `vnni` comes from `kernels::vnni()`, true only where the processor has
             // AVX-512 F, BW, VL and VNNI; the shapes are asserted above.
@@ -70,6 +74,15 @@ fn tile_weight(format: BlockFormat, blk: &[u8], j: usize, e: usize) -> i32 {
     let qa = format.tile_quants_offset();
     match format {
         BlockFormat::Q8_0 => (blk[qa + e / 4 * 64 + 4 * j + e % 4] ^ 0x80) as i8 as i32,
+        BlockFormat::Q6K => {
+            let (half, k) = (e / 16, e % 4);
+            let byte = blk[qa + (e % 16) / 4 * 64 + 4 * j + k];
+            let nibble = if e < 16 { byte & 0x0F } else { byte >> 4 };
+            let high = (blk[qa + 256 + half * 64 + 4 * j + k] >> (2 * ((e % 16) / 4))) & 3;
+            let q = i32::from(nibble | (high << 4));
+            let scale = blk[(2 + half) * TILE_COLS + j] as i8;
+            i32::from(scale) * (q - format.tile_bias())
+        }
         _ => {
             let byte = blk[qa + (e % 16) / 4 * 64 + 4 * j + e % 4];
             let q = if e < 16 { byte & 0x0F } else { byte >> 4 } as i32;
@@ -127,7 +140,8 @@ const fn format_of(f: u8) -> BlockFormat {
     match f {
         0 => BlockFormat::Q4_0,
         1 => BlockFormat::Q4_1,
-        _ => BlockFormat::Q8_0,
+        2 => BlockFormat::Q8_0,
+        _ => BlockFormat::Q6K,
     }
 }
 
@@ -171,6 +185,8 @@ pub(super) mod avx512 {
             BlockFormat::Q4_0 => by_rows!(0),
             BlockFormat::Q4_1 => by_rows!(1),
             BlockFormat::Q8_0 => by_rows!(2),
+            // No VNNI kernel for Q6K (`tiles::dot_tile` never sends it here): the AVX2 one.
+            BlockFormat::Q6K => super::avx2::dot_tile(format, tile, acts, nb, rows, out),
         }
     }
 
@@ -213,7 +229,7 @@ pub(super) mod avx512 {
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let ab = acts.get_unchecked(r * nb + b);
                 let qs = ab.qs.as_ptr() as *const i32;
-                let mut isum = _mm512_set1_epi32(-bias * ab.sum);
+                let mut isum = _mm512_set1_epi32(-bias * ab.sum());
                 for (g, wg) in w.iter().enumerate() {
                     let x = _mm512_set1_epi32(qs.add(g).read_unaligned());
                     isum = _mm512_dpbusd_epi32(isum, *wg, x);
@@ -254,6 +270,9 @@ pub(super) mod avx2 {
     ) {
         assert!((1..=TILE_ROWS).contains(&rows) && acts.len() == rows * nb);
         assert_eq!(tile.len(), nb * format.tile_block_bytes());
+        if format == BlockFormat::Q6K {
+            return dot_tile_q6k(tile, acts, nb, &mut out[..rows]);
+        }
         for r0 in (0..rows).step_by(PASS_ROWS) {
             let n = PASS_ROWS.min(rows - r0);
             let a = &acts[r0 * nb..(r0 + n) * nb];
@@ -265,6 +284,129 @@ pub(super) mod avx2 {
                 (BlockFormat::Q4_1, _) => rows_tile::<2, 1>(tile, a, nb, o),
                 (BlockFormat::Q8_0, 1) => rows_tile::<1, 2>(tile, a, nb, o),
                 (BlockFormat::Q8_0, _) => rows_tile::<2, 2>(tile, a, nb, o),
+                // Taken whole, above; correct in passes too.
+                (BlockFormat::Q6K, _) => dot_tile_q6k(tile, a, nb, o),
+            }
+        }
+    }
+
+    /// Q6K over every row of the tile at once (its weights take more work to unpack than the
+    /// other formats', so they are unpacked once per block for all rows), kept out of line so
+    /// that the other formats' kernels are compiled as they were without it.
+    #[inline(never)]
+    fn dot_tile_q6k(tile: &[u8], acts: &[ActBlock], nb: usize, out: &mut [[f32; TILE_COLS]]) {
+        match out.len() {
+            1 => rows_tile_q6k::<1>(tile, acts, nb, out),
+            2 => rows_tile_q6k::<2>(tile, acts, nb, out),
+            3 => rows_tile_q6k::<3>(tile, acts, nb, out),
+            4 => rows_tile_q6k::<4>(tile, acts, nb, out),
+            5 => rows_tile_q6k::<5>(tile, acts, nb, out),
+            6 => rows_tile_q6k::<6>(tile, acts, nb, out),
+            7 => rows_tile_q6k::<7>(tile, acts, nb, out),
+            _ => rows_tile_q6k::<8>(tile, acts, nb, out),
+        }
+    }
+
+    /// Q6K's tile kernel: per half of 8 columns, each nibble group joined with its two high
+    /// bits into the unsigned 6-bit quants (0..63, so `maddubs` cannot saturate). Two groups
+    /// of one sub-block are added as i16 (at most 2·16,002 in magnitude) and multiplied by the
+    /// sub-block's scale in the same `madd` that widens them to i32, so both sub-blocks build
+    /// one exact sum, which starts from `-32·(sc0·Σx₀ + sc1·Σx₁)` over the activations' halves.
+    #[inline(always)]
+    fn rows_tile_q6k<const R: usize>(
+        tile: &[u8],
+        acts: &[ActBlock],
+        nb: usize,
+        out: &mut [[f32; TILE_COLS]],
+    ) {
+        let format = BlockFormat::Q6K;
+        let tbb = format.tile_block_bytes();
+        debug_assert!(acts.len() == R * nb && out.len() == R && tile.len() == nb * tbb);
+        debug_assert_eq!(format.tile_bias(), 32);
+        // SAFETY: compiled only when AVX2, FMA and F16C are enabled for the whole build
+        // (`target_feature`), so the intrinsics exist. Tile block `b < nb` spans
+        // `b*tbb..(b+1)*tbb` of `tile` (asserted by the caller); the loads below read its
+        // scales (32 bytes at 0), sub-block scales (8 bytes at 32 + 8h and 48 + 8h), nibble
+        // groups (64 bytes each at 64..320) and high-bit groups (64 each at 320..448 = tbb),
+        // all inside it; activation loads read `acts[r * nb + b]` with `r < R`, inside `acts`.
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            let bits45 = _mm256_set1_epi8(0x30);
+            // Plane g's two high bits (at bit 2g of each byte) moved to bits 4-5.
+            let high = |qh: __m256i, g: usize| {
+                let at45 = match g {
+                    0 => _mm256_slli_epi16::<4>(qh),
+                    1 => _mm256_slli_epi16::<2>(qh),
+                    2 => qh,
+                    _ => _mm256_srli_epi16::<2>(qh),
+                };
+                _mm256_and_si256(at45, bits45)
+            };
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for b in 0..nb {
+                let blk = tile.as_ptr().add(b * tbb);
+                let q = blk.add(format.tile_quants_offset());
+                for h in 0..2 {
+                    let qh0 = _mm256_loadu_si256(q.add(256 + 32 * h) as *const __m256i);
+                    let qh1 = _mm256_loadu_si256(q.add(320 + 32 * h) as *const __m256i);
+                    // The 8 columns' sub-block scales as i16: (sc0, sc0), (sc1, sc1) and
+                    // (sc0, sc1) in each column's 32-bit lane.
+                    let sc0 = _mm_loadl_epi64(blk.add(2 * TILE_COLS + 8 * h) as *const __m128i);
+                    let sc1 = _mm_loadl_epi64(blk.add(3 * TILE_COLS + 8 * h) as *const __m128i);
+                    let sc00 = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(sc0, sc0));
+                    let sc11 = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(sc1, sc1));
+                    let sc01 = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(sc0, sc1));
+                    let mut isum = [_mm256_setzero_si256(); R];
+                    for (r, s) in isum.iter_mut().enumerate() {
+                        let ab = acts.get_unchecked(r * nb + b);
+                        // (Σx₀, Σx₁) as i16 (each at most 16·127): sc0·Σx₀ + sc1·Σx₁, times -32.
+                        let scaled = _mm256_madd_epi16(sc01, _mm256_set1_epi32(ab.halves));
+                        *s = _mm256_sub_epi32(
+                            _mm256_setzero_si256(),
+                            _mm256_slli_epi32::<5>(scaled),
+                        );
+                    }
+                    // The 6-bit quants of both sub-blocks, unpacked once for every row:
+                    // w[s][g] is sub-block s's group g (its elements 4g..4g+3).
+                    let mut w = [[_mm256_setzero_si256(); 4]; 2];
+                    let [w0, w1] = &mut w;
+                    for (g, (lower, upper)) in w0.iter_mut().zip(w1.iter_mut()).enumerate() {
+                        let packed = _mm256_loadu_si256(q.add(64 * g + 32 * h) as *const __m256i);
+                        *lower = _mm256_or_si256(_mm256_and_si256(packed, low), high(qh0, g));
+                        let nibbles = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
+                        *upper = _mm256_or_si256(nibbles, high(qh1, g));
+                    }
+                    for (r, s) in isum.iter_mut().enumerate() {
+                        let qs = acts.get_unchecked(r * nb + b).qs.as_ptr() as *const i32;
+                        let x = |e4: usize| _mm256_set1_epi32(qs.add(e4).read_unaligned());
+                        for pair in [0, 2] {
+                            // Sub-block 0 takes activations 4g.., sub-block 1 16+4g...
+                            let p0 = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(w[0][pair], x(pair)),
+                                _mm256_maddubs_epi16(w[0][pair + 1], x(pair + 1)),
+                            );
+                            let p1 = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(w[1][pair], x(pair + 4)),
+                                _mm256_maddubs_epi16(w[1][pair + 1], x(pair + 5)),
+                            );
+                            let both = _mm256_add_epi32(
+                                _mm256_madd_epi16(p0, sc00),
+                                _mm256_madd_epi16(p1, sc11),
+                            );
+                            *s = _mm256_add_epi32(*s, both);
+                        }
+                    }
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h) as *const __m128i));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let ab = acts.get_unchecked(r * nb + b);
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(ab.d));
+                        a[h] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum[r]), a[h]);
+                    }
+                }
+            }
+            for (o, a) in out.iter_mut().zip(acc) {
+                _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
+                _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
             }
         }
     }
@@ -297,7 +439,7 @@ pub(super) mod avx2 {
                 let mut isum = [[_mm256_setzero_si256(); 2]; R];
                 if format != BlockFormat::Q8_0 {
                     for (r, s) in isum.iter_mut().enumerate() {
-                        let start = _mm256_set1_epi32(-bias * acts.get_unchecked(r * nb + b).sum);
+                        let start = _mm256_set1_epi32(-bias * acts.get_unchecked(r * nb + b).sum());
                         *s = [start; 2];
                     }
                 }
