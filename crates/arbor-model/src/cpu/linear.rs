@@ -3,9 +3,9 @@
 //! - Q4_0, Q4_1, Q8_0 (and Q5_0/Q5_1, re-quantized to Q8_0 at load): Arbor's batch-invariant
 //!   block kernel ([`crate::cpu::qmatmul`]), the same arithmetic as llama.cpp, for prefill and
 //!   decode alike. candle 0.11's Q4_1/Q5_x dot products are scalar loops (shared/cpu/README.md).
-//! - K-quants: the same block kernel, Q4_K as Q4_1 blocks of the same 4-bit values, Q6_K as
-//!   Q6K blocks of the same 6-bit values and scales, the others re-quantized to Q8_0
-//!   ([`crate::cpu::qmatmul::kquants`]). candle's K-quant kernels
+//! - K-quants: the same block kernel, Q4_K as Q4_1 blocks of the same 4-bit values, Q5_K and
+//!   Q6_K as Q5K and Q6K blocks of the same values and scales (under `--cpu-kernels ggml`, Q8_0),
+//!   Q2_K and Q3_K re-quantized to Q8_0 ([`crate::cpu::qmatmul::kquants`]). candle's K-quant kernels
 //!   are not batch-invariant (Q6_K switches to a repacked kernel for several rows), which
 //!   would let the prefix cache change a K-quant model's outputs in the last bits.
 //! - Anything else GGUF holds: candle's quantized matmul.
@@ -76,11 +76,14 @@ impl Linear {
                 .and_then(|b| BlockMatrix::from_gguf_bytes(BlockFormat::Q4_1, out_dim, in_dim, &b))
                 .map(Kernel::Blocks),
             // Every weight as the file has it, in 32-weight blocks (tiled kernels only).
-            GgmlDType::Q6K if Layout::selected() == Layout::Tiles => {
-                kquants::q6k_to_blocks(&q.data()?)
-                    .and_then(|b| {
-                        BlockMatrix::from_gguf_bytes(BlockFormat::Q6K, out_dim, in_dim, &b)
-                    })
+            GgmlDType::Q6K | GgmlDType::Q5K if Layout::selected() == Layout::Tiles => {
+                let (format, converted) = if q.dtype() == GgmlDType::Q6K {
+                    (BlockFormat::Q6K, kquants::q6k_to_blocks(&q.data()?))
+                } else {
+                    (BlockFormat::Q5K, kquants::q5k_to_blocks(&q.data()?))
+                };
+                converted
+                    .and_then(|b| BlockMatrix::from_gguf_bytes(format, out_dim, in_dim, &b))
                     .map(Kernel::Blocks)
             }
             GgmlDType::Q5_0
@@ -238,8 +241,8 @@ mod tests {
                     .unwrap();
                 let row = &together[r * out_dim..(r + 1) * out_dim];
                 assert_eq!(alone, row, "{dtype:?}, row {r}: alone against batched");
-                // The activations' 8-bit quantization (and Q6_K's re-quantization) move each
-                // output by a fraction of a percent of the largest.
+                // The activations' 8-bit quantization moves each output by a fraction of a
+                // percent of the largest.
                 for (a, b) in row.iter().zip(&reference[r * out_dim..(r + 1) * out_dim]) {
                     assert!((a - b).abs() <= 0.01 * scale, "{dtype:?}: {a} against {b}");
                 }

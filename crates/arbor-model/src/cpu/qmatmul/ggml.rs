@@ -74,7 +74,7 @@ pub(super) fn definition(format: BlockFormat, w: &[u8], a: &[ActBlock]) -> f32 {
             *acc_lane = dd.mul_add(isum as f32, *acc_lane);
         }
         if format == BlockFormat::Q4_1 {
-            summs += wb.m() * ab.s;
+            summs += wb.min(format) * ab.s;
         }
     }
     hsum8(&acc) + summs
@@ -112,8 +112,10 @@ mod avx2 {
             (BlockFormat::Q8_0, 2) => dot_tile::<2, Q80>(w, acts, nb, out),
             (BlockFormat::Q8_0, 3) => dot_tile::<3, Q80>(w, acts, nb, out),
             (BlockFormat::Q8_0, _) => dot_tile::<4, Q80>(w, acts, nb, out),
-            // No matrix of the row layout holds Q6K (`BlockMatrix::with_layout` refuses it).
-            (BlockFormat::Q6K, _) => super::scalar_rows(format, w, acts, nb, out),
+            // No matrix of the row layout holds these (`BlockMatrix::with_layout` refuses them).
+            (BlockFormat::Q6K | BlockFormat::Q5K, _) => {
+                super::scalar_rows(format, w, acts, nb, out)
+            }
         }
     }
 

@@ -15,13 +15,23 @@
 //!   the super-block's f16 `d`, its two 16-weight sub-blocks' i8 scales and its 6-bit values,
 //!   so every weight is exactly the file's. 7 bits a weight against the file's 6.56 (Q8_0,
 //!   what it was before, takes 8.5). Under `--cpu-kernels ggml` (no tiles) it is still Q8_0.
+//! - **Q5_K becomes Q5K blocks** likewise: each 32-weight sub-block keeps the super-block's f16
+//!   `d` and `dmin`, its 6-bit scale and min and its 5-bit values, 6.5 bits a weight (the file:
+//!   5.5; Q8_0, before: 8.5), every weight exactly the file's.
 //! - **Every other K-quant becomes Q8_0** (dequantized, then quantized per 32 weights, as Q5_0
-//!   and Q5_1 are): 8 bits hold 2- to 5-bit values with room to spare.
+//!   and Q5_1 are): 8 bits hold 2- to 3-bit values with room to spare.
 //!
 //! Q4_K's block, as ggml writes it (144 bytes):
 //! ```text
 //!   d:f16 dmin:f16 | scales[12]: 8 six-bit scales and 8 six-bit mins | qs[128]
 //!   weights 64c..64c+32: low nibbles of qs[32c..32c+32]; 64c+32..64c+64: their high nibbles
+//! ```
+//! Q5_K's (176 bytes), weight `d·sc·q − dmin·m` with `q` 0..31, sub-block `s` = weights
+//! 32s..32s+32:
+//! ```text
+//!   d:f16 dmin:f16 | scales[12] as Q4_K's | qh[32] | qs[128]
+//!   weight 64c+l (l < 32): low nibble of qs[32c+l] | bit 2c of qh[l] << 4
+//!   weight 64c+32+l:       high nibble of qs[32c+l] | bit 2c+1 of qh[l] << 4
 //! ```
 //! Q6_K's (210 bytes), weight `d·sc[i/16]·(q − 32)` with `q` 0..63:
 //! ```text
@@ -40,6 +50,9 @@ const QK_K: usize = 256;
 const Q4K_BLOCK_BYTES: usize = 144;
 const Q4_1_BLOCK_BYTES: usize = 20;
 const Q6K_BLOCK_BYTES: usize = 210;
+const Q5K_BLOCK_BYTES: usize = 176;
+/// Bytes of one of Arbor's 32-weight Q5K blocks ([`super::BlockFormat::Q5K`]).
+const Q5K_PIECE_BYTES: usize = 26;
 /// Bytes of one of Arbor's 32-weight Q6K blocks ([`super::BlockFormat::Q6K`]).
 const Q6K_PIECE_BYTES: usize = 28;
 
@@ -80,6 +93,47 @@ pub fn q4k_to_q4_1(bytes: &[u8]) -> Option<Vec<u8>> {
                     out.push(nibble(q[l]) | (nibble(q[l + 16]) << 4));
                 }
             }
+        }
+    }
+    Some(out)
+}
+
+/// Q5_K blocks (a whole tensor's bytes) as Arbor's Q5K blocks of the same weights, 8 per
+/// super-block; `None` when the bytes are not whole Q5_K blocks.
+pub fn q5k_to_blocks(bytes: &[u8]) -> Option<Vec<u8>> {
+    if !bytes.len().is_multiple_of(Q5K_BLOCK_BYTES) {
+        return None;
+    }
+    let blocks = bytes.len() / Q5K_BLOCK_BYTES;
+    let mut out = Vec::with_capacity(blocks * (QK_K / 32) * Q5K_PIECE_BYTES);
+    for b in bytes.chunks_exact(Q5K_BLOCK_BYTES) {
+        let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..]);
+        for sub in 0..QK_K / 32 {
+            let (chunk, upper) = (sub / 2, sub % 2 == 1);
+            // The sub-block's 5-bit values, in order.
+            let q: Vec<u8> = (0..32)
+                .map(|l| {
+                    let byte = qs[32 * chunk + l];
+                    let nibble = if upper { byte >> 4 } else { byte & 0xF };
+                    nibble | (((qh[l] >> sub) & 1) << 4)
+                })
+                .collect();
+            let (sc, m) = scale_min_k4(sub, scales);
+            out.extend_from_slice(&b[..4]);
+            out.extend([sc, m]);
+            // ql as Q4_1's: element e in byte e % 16, low nibble for e < 16.
+            out.extend((0..16).map(|l| (q[l] & 0xF) | ((q[l + 16] & 0xF) << 4)));
+            // qh byte k: bit p holds element 4p + k (p < 4) or 16 + 4(p - 4) + k.
+            out.extend((0..4).map(|k| {
+                (0..8).fold(0u8, |byte, p| {
+                    let e = if p < 4 {
+                        4 * p + k
+                    } else {
+                        16 + 4 * (p - 4) + k
+                    };
+                    byte | ((q[e] >> 4) << p)
+                })
+            }));
         }
     }
     Some(out)
@@ -205,28 +259,42 @@ mod tests {
         assert_eq!(q4k_to_q4_1(&[]).unwrap().len(), 0);
         assert!(q6k_to_blocks(&[0u8; Q6K_BLOCK_BYTES - 1]).is_none());
         assert_eq!(q6k_to_blocks(&[]).unwrap().len(), 0);
+        assert!(q5k_to_blocks(&[0u8; Q5K_BLOCK_BYTES + 3]).is_none());
+        assert_eq!(q5k_to_blocks(&[]).unwrap().len(), 0);
     }
 
-    /// Every weight of a Q6_K tensor (quantized by candle, as ggml does) read back from the
-    /// Q6K blocks through the block matrix is the file's own, to the last bit of ggml's
-    /// `d·sc·(q − 32)`: the blocks keep every value and scale.
-    #[test]
-    fn q6k_blocks_keep_every_weight_exactly() {
-        use crate::cpu::qmatmul::{BlockFormat, BlockMatrix, Layout};
-        let (rows, cols) = (20, 768);
-        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-        let values: Vec<f32> = (0..rows * cols)
+    /// Weights of several spreads and offsets, so that scales and mins use their bits.
+    fn spread_values(n: usize, mut seed: u64) -> Vec<f32> {
+        (0..n)
             .map(|i| {
                 seed ^= seed << 13;
                 seed ^= seed >> 7;
                 seed ^= seed << 17;
                 let u = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                // Sub-blocks of very different spreads, so the i8 scales span their range.
-                u * [0.01, 0.5, 3.0, 0.05][i / 16 % 4]
+                u * [0.01, 0.5, 3.0, 0.05][i / 16 % 4] + if i % 3 == 0 { 0.1 } else { -0.05 }
             })
-            .collect();
-        let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&t, GgmlDType::Q6K).unwrap();
+            .collect()
+    }
+
+    /// A K-quant tensor (quantized by candle, as ggml does) converted by `convert` into
+    /// `format` blocks and read back through the block matrix: every weight must equal ggml's
+    /// own dequantization of the file. ggml rounds `(d·sc)·q` where the blocks round
+    /// `d·(sc·q)`: the same exact product (an f16 times a small integer is exact in f32).
+    fn assert_exact(
+        dtype: GgmlDType,
+        convert: fn(&[u8]) -> Option<Vec<u8>>,
+        format: crate::cpu::qmatmul::BlockFormat,
+        piece_bytes: usize,
+    ) {
+        use crate::cpu::qmatmul::{BlockMatrix, Layout};
+        let (rows, cols) = (20, 768);
+        let t = Tensor::from_vec(
+            spread_values(rows * cols, 0x9E37_79B9),
+            (rows, cols),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let q = QTensor::quantize(&t, dtype).unwrap();
         let want = q
             .dequantize(&Device::Cpu)
             .unwrap()
@@ -234,25 +302,42 @@ mod tests {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        let blocks = q6k_to_blocks(&q.data().unwrap()).unwrap();
-        assert_eq!(blocks.len(), rows * cols / 32 * Q6K_PIECE_BYTES);
-        let w =
-            BlockMatrix::with_layout(BlockFormat::Q6K, rows, cols, &blocks, Layout::Tiles).unwrap();
+        let blocks = convert(&q.data().unwrap()).unwrap();
+        assert_eq!(blocks.len(), rows * cols / 32 * piece_bytes);
+        let w = BlockMatrix::with_layout(format, rows, cols, &blocks, Layout::Tiles).unwrap();
         let mut row = vec![0f32; cols];
-        let mut nonzero = 0;
+        let mut distinct = std::collections::BTreeSet::new();
         for r in 0..rows {
             w.dequantize_row(r, &mut row);
             for (c, (&got, &want)) in row.iter().zip(&want[r * cols..]).enumerate() {
-                // ggml computes (d·sc)·(q − 32) in f32, the block kernels d·(sc·(q − 32)): the
-                // same exact product, each rounded once.
-                let exact = f64::from(want);
+                // Equal as numbers: a zero weight's sign follows `d` here and `d·sc` there.
                 assert!(
-                    (f64::from(got) - exact).abs() <= exact.abs() * 2f64.powi(-23),
-                    "row {r}, weight {c}: {got} against {want}"
+                    got == want,
+                    "{dtype:?} row {r}, weight {c}: {got} against {want}"
                 );
-                nonzero += usize::from(want != 0.0);
+                distinct.insert(want.to_bits());
             }
         }
-        assert!(nonzero > rows * cols / 2, "the tensor is mostly zeros");
+        assert!(
+            distinct.len() > 1000,
+            "{dtype:?}: too few distinct weights to test"
+        );
+    }
+
+    #[test]
+    fn q6k_and_q5k_blocks_keep_every_weight_exactly() {
+        use crate::cpu::qmatmul::BlockFormat;
+        assert_exact(
+            GgmlDType::Q6K,
+            q6k_to_blocks,
+            BlockFormat::Q6K,
+            Q6K_PIECE_BYTES,
+        );
+        assert_exact(
+            GgmlDType::Q5K,
+            q5k_to_blocks,
+            BlockFormat::Q5K,
+            Q5K_PIECE_BYTES,
+        );
     }
 }

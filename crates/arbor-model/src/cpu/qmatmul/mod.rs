@@ -1,5 +1,5 @@
-//! Batch-invariant matmul on 32-wide GGUF blocks (Q4_0, Q4_1, Q8_0, and Q6_K's values in
-//! 32-wide blocks), CPU.
+//! Batch-invariant matmul on 32-wide GGUF blocks (Q4_0, Q4_1, Q8_0, and Q5_K's and Q6_K's
+//! values in 32-wide blocks), CPU.
 //!
 //! `y = x · Wᵀ` with `W` kept in its GGUF block format (the same bytes, rearranged) and each
 //! row of `x` quantized to 8 bits per 32-block (ggml's `quantize_row_q8_0` / `_q8_1`), then
@@ -35,11 +35,17 @@
 //!                element e: q = nibble of ql as Q4's | 2 bits of qh[4*(e/16) + e%4] at
 //!                bit 2*((e%16)/4), shifted to bits 4-5; value d*sc[e/16]*(q-32)
 //! ```
-//! Q6K is not a GGUF block: it is a Q6_K super-block's values cut into its eight 32-weight
-//! pieces ([`kquants::q6k_to_blocks`]), each keeping the super-block's `d` and its two 16-weight
-//! sub-blocks' integer scales, so nothing is rounded. Its integer block sum is
-//! `sc0·Σ(q−32)x + sc1·Σ(q−32)x` over the two halves, still exact in i32. It exists in the
-//! tiled layout only (the ggml definition is llama.cpp's, which has no such block).
+//!   Q5K  (26 B): d:f16 dmin:f16 sc:u8 m:u8 | ql[16] | qh[4]
+//!                element e: q = nibble of ql as Q4's | bit p of qh[e%4] at bit 4, where
+//!                p = (e%16)/4 + 4*(e/16); value d*sc*q - dmin*m
+//!
+//! Q6K and Q5K are not GGUF blocks: they are a K-quant super-block's values cut into its eight
+//! 32-weight pieces ([`kquants::q6k_to_blocks`], [`kquants::q5k_to_blocks`]), each keeping the
+//! super-block's f16 factors and its sub-blocks' integer scales (and mins), so nothing is
+//! rounded. Q6K's integer block sum is `sc0·Σ(q−32)x + sc1·Σ(q−32)x` over its two 16-weight
+//! halves, Q5K's `sc·Σqx` with Q4_1's `m·s` term for `m = −dmin·m` (exact in f32): exact in
+//! i32 as the others. They exist in the tiled layout only (the ggml definition is llama.cpp's,
+//! which has no such blocks).
 //! The tiled layout, per tile of 16 columns and block (the same byte count as 16 blocks):
 //! ```text
 //!   d:f16[16] | m:f16[16] (Q4_1) | groups of 64 bytes: column j's 4 quant bytes at 4j
@@ -47,6 +53,8 @@
 //!   Q8_0:      8 groups, group g = qs[4g..4g+4] stored as q + 128 (unsigned for vpdpbusd)
 //!   Q6K:       d:f16[16] | sc0:i8[16] sc1:i8[16] | 4 nibble groups as Q4 | 2 groups of 64
 //!              bytes, h = 0, 1: column j's qh[4h..4h+4] at 4j (the high bits of half h)
+//!   Q5K:       d:f16[16] | dmin:f16[16] | sc:u8[16] m:u8[16] | 4 nibble groups as Q4 | one
+//!              group of 64 bytes: column j's qh[0..4] at 4j
 //! ```
 
 use half::f16;
@@ -67,6 +75,8 @@ pub enum BlockFormat {
     Q8_0,
     /// Q6_K's values in 32-weight blocks (module docs); tiled layout only.
     Q6K,
+    /// Q5_K's values in 32-weight blocks (module docs); tiled layout only.
+    Q5K,
 }
 
 impl BlockFormat {
@@ -77,6 +87,7 @@ impl BlockFormat {
             BlockFormat::Q4_1 => 20,
             BlockFormat::Q8_0 => 34,
             BlockFormat::Q6K => 28,
+            BlockFormat::Q5K => 26,
         }
     }
 
@@ -85,12 +96,18 @@ impl BlockFormat {
         match self {
             BlockFormat::Q4_0 | BlockFormat::Q8_0 => 2,
             BlockFormat::Q4_1 | BlockFormat::Q6K => 4,
+            BlockFormat::Q5K => 6,
         }
     }
 
     /// Whether the ggml definition (the file's row layout) exists for the format.
     fn has_rows_layout(self) -> bool {
-        self != BlockFormat::Q6K
+        !matches!(self, BlockFormat::Q6K | BlockFormat::Q5K)
+    }
+
+    /// Whether a block adds a minimum times the activations' sum (`m·s`).
+    fn has_min(self) -> bool {
+        matches!(self, BlockFormat::Q4_1 | BlockFormat::Q5K)
     }
 
     /// Offset of the quant groups in a tile block (after the scales, and Q4_1's minimums or
@@ -99,6 +116,7 @@ impl BlockFormat {
         match self {
             BlockFormat::Q4_0 | BlockFormat::Q8_0 => 2 * TILE_COLS,
             BlockFormat::Q4_1 | BlockFormat::Q6K => 4 * TILE_COLS,
+            BlockFormat::Q5K => 6 * TILE_COLS,
         }
     }
 
@@ -107,7 +125,7 @@ impl BlockFormat {
     fn tile_bias(self) -> i32 {
         match self {
             BlockFormat::Q4_0 => 8,
-            BlockFormat::Q4_1 => 0,
+            BlockFormat::Q4_1 | BlockFormat::Q5K => 0,
             BlockFormat::Q8_0 => 128,
             BlockFormat::Q6K => 32,
         }
@@ -176,9 +194,13 @@ impl WeightBlock<'_> {
     fn d(&self) -> f32 {
         f16_at(self.bytes, 0)
     }
+    /// The term a block adds per unit of the activations' sum (formats with a minimum).
     #[inline]
-    fn m(&self) -> f32 {
-        f16_at(self.bytes, 2)
+    fn min(&self, format: BlockFormat) -> f32 {
+        match format {
+            BlockFormat::Q5K => -(f16_at(self.bytes, 2) * f32::from(self.bytes[5])),
+            _ => f16_at(self.bytes, 2),
+        }
     }
     /// The quant of element `e`: unsigned 0..15 for the 4-bit formats (Q4_0's -8 bias is
     /// applied by the caller), 0..63 for Q6K, signed for Q8_0.
@@ -196,6 +218,10 @@ impl WeightBlock<'_> {
                 let high = (qs[16 + 4 * (e / 16) + e % 4] >> (2 * ((e % 16) / 4))) & 3;
                 (nibble | (high << 4)) as i32
             }
+            BlockFormat::Q5K => {
+                let high = (qs[16 + e % 4] >> ((e % 16) / 4 + 4 * (e / 16))) & 1;
+                (nibble | (high << 4)) as i32
+            }
             _ => nibble as i32,
         }
     }
@@ -207,6 +233,7 @@ impl WeightBlock<'_> {
         match format {
             BlockFormat::Q4_0 => q - 8,
             BlockFormat::Q6K => i32::from(self.bytes[2 + e / 16] as i8) * (q - 32),
+            BlockFormat::Q5K => i32::from(self.bytes[4]) * q,
             _ => q,
         }
     }
@@ -229,6 +256,12 @@ fn tile_rows<R: AsRef<[u8]>>(format: BlockFormat, cols: usize, rows: &[R]) -> Ve
                 BlockFormat::Q6K => {
                     dst[2 * TILE_COLS + j] = src[2];
                     dst[3 * TILE_COLS + j] = src[3];
+                }
+                BlockFormat::Q5K => {
+                    dst[2 * TILE_COLS + 2 * j..2 * TILE_COLS + 2 * j + 2]
+                        .copy_from_slice(&src[2..4]);
+                    dst[4 * TILE_COLS + j] = src[4];
+                    dst[5 * TILE_COLS + j] = src[5];
                 }
                 _ => {}
             }
@@ -345,11 +378,17 @@ impl BlockMatrix {
                         BlockFormat::Q6K => {
                             row.extend([blk[2 * TILE_COLS + j], blk[3 * TILE_COLS + j]]);
                         }
+                        BlockFormat::Q5K => {
+                            let m = 2 * TILE_COLS + 2 * j;
+                            row.extend_from_slice(&blk[m..m + 2]);
+                            row.extend([blk[4 * TILE_COLS + j], blk[5 * TILE_COLS + j]]);
+                        }
                         _ => {}
                     }
                     let groups = match f {
                         BlockFormat::Q8_0 => 8,
                         BlockFormat::Q6K => 6,
+                        BlockFormat::Q5K => 5,
                         _ => 4,
                     };
                     for g in 0..groups {
@@ -404,7 +443,7 @@ impl BlockMatrix {
             for e in 0..QK {
                 let q = w.weight(self.format, e) as f32;
                 out[bi * QK + e] = match self.format {
-                    BlockFormat::Q4_1 => w.d() * q + w.m(),
+                    BlockFormat::Q4_1 | BlockFormat::Q5K => w.d() * q + w.min(self.format),
                     BlockFormat::Q4_0 | BlockFormat::Q8_0 | BlockFormat::Q6K => w.d() * q,
                 };
             }
@@ -419,7 +458,7 @@ impl BlockMatrix {
             "activation shape does not match the weight"
         );
         let nb = self.cols / QK;
-        let with_sum = self.format == BlockFormat::Q4_1;
+        let with_sum = self.format.has_min();
         let acts: Vec<ActBlock> = if m > 1 {
             x.par_chunks(self.cols)
                 .flat_map_iter(|row| quantize_row(row, with_sum))
@@ -568,8 +607,8 @@ fn dot_tiled_definition(format: BlockFormat, w: &[u8], a: &[ActBlock]) -> f32 {
             .map(|e| wb.weight(format, e) * ab.qs[e] as i32)
             .sum();
         acc = (wb.d() * ab.d).mul_add(isum as f32, acc);
-        if format == BlockFormat::Q4_1 {
-            acc = wb.m().mul_add(ab.s, acc);
+        if format.has_min() {
+            acc = wb.min(format).mul_add(ab.s, acc);
         }
     }
     acc
@@ -603,11 +642,20 @@ mod tests {
                     1 => 0x7F,
                     _ => rng.random::<u8>(),
                 })),
+                // dmin, then a 6-bit scale and min (63 included).
+                BlockFormat::Q5K => {
+                    data.extend(f16::from_f32(rng.random_range(0.0..0.01)).to_le_bytes());
+                    data.extend((0..2).map(|_| match rng.random_range(0..6) {
+                        0 => 63,
+                        _ => rng.random_range(0..64u8),
+                    }));
+                }
                 _ => {}
             }
             let n = match format {
                 BlockFormat::Q8_0 => 32,
                 BlockFormat::Q6K => 24,
+                BlockFormat::Q5K => 20,
                 _ => 16,
             };
             data.extend((0..n).map(|i| match format {
@@ -627,15 +675,16 @@ mod tests {
 
     fn acts_of(x: &[f32], k: usize, format: BlockFormat) -> Vec<ActBlock> {
         x.chunks(k)
-            .flat_map(|r| quantize_row(r, format == BlockFormat::Q4_1))
+            .flat_map(|r| quantize_row(r, format.has_min()))
             .collect()
     }
 
-    const FORMATS: [BlockFormat; 4] = [
+    const FORMATS: [BlockFormat; 5] = [
         BlockFormat::Q4_0,
         BlockFormat::Q4_1,
         BlockFormat::Q8_0,
         BlockFormat::Q6K,
+        BlockFormat::Q5K,
     ];
 
     /// The layouts `format` exists in.

@@ -9,9 +9,9 @@
 //! - AVX2: the same sums from `maddubs` + `madd` on two halves of 8 columns (Q8_0 with the
 //!   signs moved onto the activations, as `maddubs` would overflow on `q + 128`).
 //!
-//! Q6K has an AVX2 kernel only (its 6-bit values rebuilt from a nibble and two high bits, the
-//! two sub-blocks summed apart and combined by their integer scales); AVX-512 processors run it
-//! too, with the same bits.
+//! Q6K and Q5K have AVX2 kernels only (their values rebuilt from a nibble and high bits once
+//! per tile block for all rows, the sub-block scales applied in the `madd` that widens the
+//! sums); AVX-512 processors run them too, with the same bits.
 
 use super::{ActBlock, BlockFormat};
 use crate::cpu::columns::{TILE_COLS, TILE_ROWS};
@@ -43,7 +43,7 @@ pub(super) fn dot_tile(
         target_feature = "fma"
     ))]
     {
-        if vnni && format != BlockFormat::Q6K {
+        if vnni && !matches!(format, BlockFormat::Q6K | BlockFormat::Q5K) {
             debug_assert!(crate::cpu::kernels::has_vnni());
             // SAFETY: `vnni` comes from `kernels::vnni()`, true only where the processor has
             // AVX-512 F, BW, VL and VNNI; the shapes are asserted above.
@@ -83,6 +83,13 @@ fn tile_weight(format: BlockFormat, blk: &[u8], j: usize, e: usize) -> i32 {
             let scale = blk[(2 + half) * TILE_COLS + j] as i8;
             i32::from(scale) * (q - format.tile_bias())
         }
+        BlockFormat::Q5K => {
+            let k = e % 4;
+            let byte = blk[qa + (e % 16) / 4 * 64 + 4 * j + k];
+            let nibble = if e < 16 { byte & 0x0F } else { byte >> 4 };
+            let high = (blk[qa + 256 + 4 * j + k] >> ((e % 16) / 4 + 4 * (e / 16))) & 1;
+            i32::from(blk[4 * TILE_COLS + j]) * i32::from(nibble | (high << 4))
+        }
         _ => {
             let byte = blk[qa + (e % 16) / 4 * 64 + 4 * j + e % 4];
             let q = if e < 16 { byte & 0x0F } else { byte >> 4 } as i32;
@@ -121,8 +128,14 @@ pub(super) fn scalar(
                     .sum();
                 let d = super::f16_at(blk, 2 * j);
                 acc = (d * ab.d).mul_add(isum as f32, acc);
-                if format == BlockFormat::Q4_1 {
-                    acc = super::f16_at(blk, 2 * TILE_COLS + 2 * j).mul_add(ab.s, acc);
+                let min = super::f16_at(blk, 2 * TILE_COLS + 2 * j);
+                match format {
+                    BlockFormat::Q4_1 => acc = min.mul_add(ab.s, acc),
+                    BlockFormat::Q5K => {
+                        let m = f32::from(blk[5 * TILE_COLS + j]);
+                        acc = (-(min * m)).mul_add(ab.s, acc);
+                    }
+                    _ => {}
                 }
             }
             *o = acc;
@@ -185,8 +198,10 @@ pub(super) mod avx512 {
             BlockFormat::Q4_0 => by_rows!(0),
             BlockFormat::Q4_1 => by_rows!(1),
             BlockFormat::Q8_0 => by_rows!(2),
-            // No VNNI kernel for Q6K (`tiles::dot_tile` never sends it here): the AVX2 one.
-            BlockFormat::Q6K => super::avx2::dot_tile(format, tile, acts, nb, rows, out),
+            // No VNNI kernels for these (`tiles::dot_tile` never sends them here): AVX2's.
+            BlockFormat::Q6K | BlockFormat::Q5K => {
+                super::avx2::dot_tile(format, tile, acts, nb, rows, out)
+            }
         }
     }
 
@@ -270,8 +285,10 @@ pub(super) mod avx2 {
     ) {
         assert!((1..=TILE_ROWS).contains(&rows) && acts.len() == rows * nb);
         assert_eq!(tile.len(), nb * format.tile_block_bytes());
-        if format == BlockFormat::Q6K {
-            return dot_tile_q6k(tile, acts, nb, &mut out[..rows]);
+        match format {
+            BlockFormat::Q6K => return dot_tile_q6k(tile, acts, nb, &mut out[..rows]),
+            BlockFormat::Q5K => return dot_tile_q5k(tile, acts, nb, &mut out[..rows]),
+            _ => {}
         }
         for r0 in (0..rows).step_by(PASS_ROWS) {
             let n = PASS_ROWS.min(rows - r0);
@@ -286,6 +303,124 @@ pub(super) mod avx2 {
                 (BlockFormat::Q8_0, _) => rows_tile::<2, 2>(tile, a, nb, o),
                 // Taken whole, above; correct in passes too.
                 (BlockFormat::Q6K, _) => dot_tile_q6k(tile, a, nb, o),
+                (BlockFormat::Q5K, _) => dot_tile_q5k(tile, a, nb, o),
+            }
+        }
+    }
+
+    /// Q5K over every row of the tile at once, as [`dot_tile_q6k`].
+    #[inline(never)]
+    fn dot_tile_q5k(tile: &[u8], acts: &[ActBlock], nb: usize, out: &mut [[f32; TILE_COLS]]) {
+        match out.len() {
+            1 => rows_tile_q5k::<1>(tile, acts, nb, out),
+            2 => rows_tile_q5k::<2>(tile, acts, nb, out),
+            3 => rows_tile_q5k::<3>(tile, acts, nb, out),
+            4 => rows_tile_q5k::<4>(tile, acts, nb, out),
+            5 => rows_tile_q5k::<5>(tile, acts, nb, out),
+            6 => rows_tile_q5k::<6>(tile, acts, nb, out),
+            7 => rows_tile_q5k::<7>(tile, acts, nb, out),
+            _ => rows_tile_q5k::<8>(tile, acts, nb, out),
+        }
+    }
+
+    /// Q5K's tile kernel: per half of 8 columns, each nibble group joined with its high bit
+    /// into the unsigned 5-bit quants (0..31); the four groups of one half of the block are
+    /// added as i16 (at most 4·7,874 in magnitude) and multiplied by the block's scale in the
+    /// `madd` that widens them, then the float terms of the definition: `d·d_x·isum`, then
+    /// `−dmin·m·s`.
+    #[inline(always)]
+    fn rows_tile_q5k<const R: usize>(
+        tile: &[u8],
+        acts: &[ActBlock],
+        nb: usize,
+        out: &mut [[f32; TILE_COLS]],
+    ) {
+        let format = BlockFormat::Q5K;
+        let tbb = format.tile_block_bytes();
+        debug_assert!(acts.len() == R * nb && out.len() == R && tile.len() == nb * tbb);
+        // SAFETY: compiled only when AVX2, FMA and F16C are enabled for the whole build
+        // (`target_feature`), so the intrinsics exist. Tile block `b < nb` spans
+        // `b*tbb..(b+1)*tbb` of `tile` (asserted by the caller); the loads below read its
+        // scales and dmins (16 bytes at 16h and 32 + 16h), block scales and mins (8 bytes at
+        // 64 + 8h and 80 + 8h), nibble groups (64 bytes each at 96..352) and high bits (64 at
+        // 352..416 = tbb), all inside it; activation loads read `acts[r * nb + b]` with
+        // `r < R`, inside `acts`.
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            let bit4 = _mm256_set1_epi8(0x10);
+            let sign = _mm256_set1_ps(-0.0);
+            // Plane p's high bit (bit p of each byte) moved to bit 4.
+            let high = |qh: __m256i, p: usize| {
+                let at4 = match p {
+                    0 => _mm256_slli_epi16::<4>(qh),
+                    1 => _mm256_slli_epi16::<3>(qh),
+                    2 => _mm256_slli_epi16::<2>(qh),
+                    3 => _mm256_slli_epi16::<1>(qh),
+                    4 => qh,
+                    5 => _mm256_srli_epi16::<1>(qh),
+                    6 => _mm256_srli_epi16::<2>(qh),
+                    _ => _mm256_srli_epi16::<3>(qh),
+                };
+                _mm256_and_si256(at4, bit4)
+            };
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for b in 0..nb {
+                let blk = tile.as_ptr().add(b * tbb);
+                let q = blk.add(format.tile_quants_offset());
+                for h in 0..2 {
+                    let qh = _mm256_loadu_si256(q.add(256 + 32 * h) as *const __m256i);
+                    // The 8 columns' block scales as the i16 pair (sc, sc) of each lane.
+                    let sc = _mm_loadl_epi64(blk.add(4 * TILE_COLS + 8 * h) as *const __m128i);
+                    let sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(sc, sc));
+                    let m = _mm_loadl_epi64(blk.add(5 * TILE_COLS + 8 * h) as *const __m128i);
+                    let dmin = _mm_loadu_si128(blk.add(2 * TILE_COLS + 16 * h) as *const __m128i);
+                    let min = _mm256_xor_ps(
+                        _mm256_mul_ps(
+                            _mm256_cvtph_ps(dmin),
+                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m)),
+                        ),
+                        sign,
+                    );
+                    // The 5-bit quants of the block's halves, unpacked once for every row:
+                    // w[0][g] elements 4g..4g+3, w[1][g] elements 16+4g...
+                    let mut w = [[_mm256_setzero_si256(); 4]; 2];
+                    let [w0, w1] = &mut w;
+                    for (g, (lower, upper)) in w0.iter_mut().zip(w1.iter_mut()).enumerate() {
+                        let packed = _mm256_loadu_si256(q.add(64 * g + 32 * h) as *const __m256i);
+                        *lower = _mm256_or_si256(_mm256_and_si256(packed, low), high(qh, g));
+                        let nibbles = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
+                        *upper = _mm256_or_si256(nibbles, high(qh, g + 4));
+                    }
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h) as *const __m128i));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let ab = acts.get_unchecked(r * nb + b);
+                        let qs = ab.qs.as_ptr() as *const i32;
+                        let x = |e4: usize| _mm256_set1_epi32(qs.add(e4).read_unaligned());
+                        let half = |ws: &[__m256i; 4], at: usize| {
+                            _mm256_add_epi16(
+                                _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(ws[0], x(at)),
+                                    _mm256_maddubs_epi16(ws[1], x(at + 1)),
+                                ),
+                                _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(ws[2], x(at + 2)),
+                                    _mm256_maddubs_epi16(ws[3], x(at + 3)),
+                                ),
+                            )
+                        };
+                        let isum = _mm256_add_epi32(
+                            _mm256_madd_epi16(half(&w[0], 0), sc),
+                            _mm256_madd_epi16(half(&w[1], 4), sc),
+                        );
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(ab.d));
+                        a[h] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), a[h]);
+                        a[h] = _mm256_fmadd_ps(min, _mm256_set1_ps(ab.s), a[h]);
+                    }
+                }
+            }
+            for (o, a) in out.iter_mut().zip(acc) {
+                _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
+                _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
             }
         }
     }
