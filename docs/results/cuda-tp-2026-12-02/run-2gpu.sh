@@ -7,7 +7,7 @@
 #    Llama-3.1-8B's shape.
 # 2. Llama-3.1-70B's shape at TP=2: decode at batch 1, 8, 32, 64 (512-token contexts), batch 1
 #    and 64 with CUDA graphs off (the collectives recorded in the graphs against launched one by
-#    one), then with --cuda-profile for the all-reduce's share of a step (phases summed over
+#    one) and with the overlap off (steps one at a time against overlapped), then with --cuda-profile for the all-reduce's share of a step (phases summed over
 #    ranks; profiling runs the general pass).
 # 3. The reference workload on the 70B shape at TP=2 (SmolLM2's tokenizer: ~6,900-token context).
 # 4. Llama-3.1-8B's shape, TP=2 against TP=1 in the same call: batch-1 latency, batch-64 throughput.
@@ -30,6 +30,8 @@ $B "${E[@]}" --model configs/llama-3.1-70b.json -tp 2 --kv-slots 100000 --batch 
 echo "70b tp2 rc=$? $((SECONDS-t0))s"; grep -E "^decode" $R/bench-70b-tp2.log
 $B "${E[@]}" --model configs/llama-3.1-70b.json -tp 2 --kv-slots 100000 --batch 1,64 --cuda-graphs off --json $R/bench-70b-tp2-nographs.json > $R/bench-70b-tp2-nographs.log 2>&1
 echo "70b tp2 graphs off rc=$?"; grep -E "^decode" $R/bench-70b-tp2-nographs.log
+$B "${E[@]}" --model configs/llama-3.1-70b.json -tp 2 --kv-slots 100000 --batch 1,64 --overlap off --json $R/bench-70b-tp2-serial.json > $R/bench-70b-tp2-serial.log 2>&1
+echo "70b tp2 overlap off rc=$?"; grep -E "^decode" $R/bench-70b-tp2-serial.log
 $B "${E[@]}" --model configs/llama-3.1-70b.json -tp 2 --kv-slots 100000 --batch 1,64 --cuda-profile > $R/profile-70b-tp2.log 2>&1
 echo "70b tp2 profile rc=$?"; grep -iE "all_reduce|decode" $R/profile-70b-tp2.log | head -12
 S=()
