@@ -207,28 +207,8 @@ mod tests {
 
     #[test]
     fn q4k_as_q4_1_keeps_every_weight_to_the_rounding_of_its_block_scale() {
-        // Weights of several spreads and offsets, so scales and mins use their 6 bits.
         let (rows, cols) = (6, 512);
-        let mut seed = 0x2545_F491_4F6C_DD1Du64;
-        let values: Vec<f32> = (0..rows * cols)
-            .map(|i| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                let u = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                let spread = [0.02, 0.3, 1.0, 4.0][i / 64 % 4];
-                u * spread + if i % 3 == 0 { 0.1 } else { -0.05 }
-            })
-            .collect();
-        let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&t, GgmlDType::Q4K).unwrap();
-        let want = q
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let (q, want) = quantized(GgmlDType::Q4K, rows, cols);
         let q4_1 = q4k_to_q4_1(&q.data().unwrap()).unwrap();
         assert_eq!(q4_1.len(), rows * cols / 32 * Q4_1_BLOCK_BYTES);
         let got = dequantize_q4_1(&q4_1);
@@ -276,6 +256,22 @@ mod tests {
             .collect()
     }
 
+    /// A `[rows, cols]` tensor of [`spread_values`] quantized to `dtype` by candle (as ggml
+    /// does), and ggml's dequantization of it.
+    fn quantized(dtype: GgmlDType, rows: usize, cols: usize) -> (QTensor, Vec<f32>) {
+        let values = spread_values(rows * cols, 0x9E37_79B9);
+        let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, dtype).unwrap();
+        let want = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        (q, want)
+    }
+
     /// A K-quant tensor (quantized by candle, as ggml does) converted by `convert` into
     /// `format` blocks and read back through the block matrix: every weight must equal ggml's
     /// own dequantization of the file. ggml rounds `(d·sc)·q` where the blocks round
@@ -288,20 +284,7 @@ mod tests {
     ) {
         use crate::cpu::qmatmul::{BlockMatrix, Layout};
         let (rows, cols) = (20, 768);
-        let t = Tensor::from_vec(
-            spread_values(rows * cols, 0x9E37_79B9),
-            (rows, cols),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let q = QTensor::quantize(&t, dtype).unwrap();
-        let want = q
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let (q, want) = quantized(dtype, rows, cols);
         let blocks = convert(&q.data().unwrap()).unwrap();
         assert_eq!(blocks.len(), rows * cols / 32 * piece_bytes);
         let w = BlockMatrix::with_layout(format, rows, cols, &blocks, Layout::Tiles).unwrap();
