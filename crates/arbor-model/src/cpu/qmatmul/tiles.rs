@@ -156,8 +156,7 @@ const fn format_of(f: u8) -> BlockFormat {
     match f {
         0 => BlockFormat::Q4_0,
         1 => BlockFormat::Q4_1,
-        2 => BlockFormat::Q8_0,
-        _ => BlockFormat::Q6K,
+        _ => BlockFormat::Q8_0,
     }
 }
 
@@ -274,6 +273,23 @@ pub(super) mod avx2 {
     use super::{format_of, ActBlock, BlockFormat, TILE_COLS, TILE_ROWS};
     use std::arch::x86_64::*;
 
+    /// `$kernel::<R, ...>($args)` with `R` the constant equal to `$rows` (1 to 8): a constant
+    /// row count keeps every accumulator in a register.
+    macro_rules! with_const_rows {
+        ($rows:expr, $kernel:ident $(, $f:literal)?; $($arg:expr),*) => {
+            match $rows {
+                1 => $kernel::<1 $(, $f)?>($($arg),*),
+                2 => $kernel::<2 $(, $f)?>($($arg),*),
+                3 => $kernel::<3 $(, $f)?>($($arg),*),
+                4 => $kernel::<4 $(, $f)?>($($arg),*),
+                5 => $kernel::<5 $(, $f)?>($($arg),*),
+                6 => $kernel::<6 $(, $f)?>($($arg),*),
+                7 => $kernel::<7 $(, $f)?>($($arg),*),
+                _ => $kernel::<8 $(, $f)?>($($arg),*),
+            }
+        };
+    }
+
     pub(crate) fn dot_tile(
         format: BlockFormat,
         tile: &[u8],
@@ -289,7 +305,7 @@ pub(super) mod avx2 {
             BlockFormat::Q6K => dot_tile_q6k(tile, acts, nb, out),
             BlockFormat::Q5K => dot_tile_q5k(tile, acts, nb, out),
             BlockFormat::Q4_0 | BlockFormat::Q4_1 => dot_tile_q4(format, tile, acts, nb, out),
-            // One row streams its weights through the passes' kernel: faster there (measured).
+            // One row streams its weights (`q8_one_row`): faster there than preparing them (measured).
             BlockFormat::Q8_0 if rows == 1 => q8_one_row(tile, acts, nb, &mut out[0]),
             BlockFormat::Q8_0 => dot_tile_q8(tile, acts, nb, out),
         }
@@ -300,16 +316,7 @@ pub(super) mod avx2 {
     /// pass: this measured 1.2-1.45x faster at 64 rows).
     #[inline(never)]
     fn dot_tile_q8(tile: &[u8], acts: &[ActBlock], nb: usize, out: &mut [[f32; TILE_COLS]]) {
-        match out.len() {
-            1 => rows_tile_q8::<1>(tile, acts, nb, out),
-            2 => rows_tile_q8::<2>(tile, acts, nb, out),
-            3 => rows_tile_q8::<3>(tile, acts, nb, out),
-            4 => rows_tile_q8::<4>(tile, acts, nb, out),
-            5 => rows_tile_q8::<5>(tile, acts, nb, out),
-            6 => rows_tile_q8::<6>(tile, acts, nb, out),
-            7 => rows_tile_q8::<7>(tile, acts, nb, out),
-            _ => rows_tile_q8::<8>(tile, acts, nb, out),
-        }
+        with_const_rows!(out.len(), rows_tile_q8; tile, acts, nb, out)
     }
 
     /// Q8_0's tile kernel: per half of 8 columns, the signed quants (stored `q + 128`) and their
@@ -378,24 +385,10 @@ pub(super) mod avx2 {
         nb: usize,
         out: &mut [[f32; TILE_COLS]],
     ) {
-        macro_rules! by_rows {
-            ($f:literal) => {
-                match out.len() {
-                    1 => rows_tile_q4::<1, $f>(tile, acts, nb, out),
-                    2 => rows_tile_q4::<2, $f>(tile, acts, nb, out),
-                    3 => rows_tile_q4::<3, $f>(tile, acts, nb, out),
-                    4 => rows_tile_q4::<4, $f>(tile, acts, nb, out),
-                    5 => rows_tile_q4::<5, $f>(tile, acts, nb, out),
-                    6 => rows_tile_q4::<6, $f>(tile, acts, nb, out),
-                    7 => rows_tile_q4::<7, $f>(tile, acts, nb, out),
-                    _ => rows_tile_q4::<8, $f>(tile, acts, nb, out),
-                }
-            };
-        }
         if format == BlockFormat::Q4_1 {
-            by_rows!(1)
+            with_const_rows!(out.len(), rows_tile_q4, 1; tile, acts, nb, out)
         } else {
-            by_rows!(0)
+            with_const_rows!(out.len(), rows_tile_q4, 0; tile, acts, nb, out)
         }
     }
 
@@ -472,16 +465,7 @@ pub(super) mod avx2 {
     /// Q5K over every row of the tile at once, as [`dot_tile_q6k`].
     #[inline(never)]
     fn dot_tile_q5k(tile: &[u8], acts: &[ActBlock], nb: usize, out: &mut [[f32; TILE_COLS]]) {
-        match out.len() {
-            1 => rows_tile_q5k::<1>(tile, acts, nb, out),
-            2 => rows_tile_q5k::<2>(tile, acts, nb, out),
-            3 => rows_tile_q5k::<3>(tile, acts, nb, out),
-            4 => rows_tile_q5k::<4>(tile, acts, nb, out),
-            5 => rows_tile_q5k::<5>(tile, acts, nb, out),
-            6 => rows_tile_q5k::<6>(tile, acts, nb, out),
-            7 => rows_tile_q5k::<7>(tile, acts, nb, out),
-            _ => rows_tile_q5k::<8>(tile, acts, nb, out),
-        }
+        with_const_rows!(out.len(), rows_tile_q5k; tile, acts, nb, out)
     }
 
     /// Q5K's tile kernel: per half of 8 columns, each nibble group joined with its high bit
@@ -591,16 +575,7 @@ pub(super) mod avx2 {
     /// that the other formats' kernels are compiled as they were without it.
     #[inline(never)]
     fn dot_tile_q6k(tile: &[u8], acts: &[ActBlock], nb: usize, out: &mut [[f32; TILE_COLS]]) {
-        match out.len() {
-            1 => rows_tile_q6k::<1>(tile, acts, nb, out),
-            2 => rows_tile_q6k::<2>(tile, acts, nb, out),
-            3 => rows_tile_q6k::<3>(tile, acts, nb, out),
-            4 => rows_tile_q6k::<4>(tile, acts, nb, out),
-            5 => rows_tile_q6k::<5>(tile, acts, nb, out),
-            6 => rows_tile_q6k::<6>(tile, acts, nb, out),
-            7 => rows_tile_q6k::<7>(tile, acts, nb, out),
-            _ => rows_tile_q6k::<8>(tile, acts, nb, out),
-        }
+        with_const_rows!(out.len(), rows_tile_q6k; tile, acts, nb, out)
     }
 
     /// Q6K's tile kernel: per half of 8 columns, each nibble group joined with its two high
